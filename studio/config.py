@@ -1,0 +1,65 @@
+"""Paths and settings of one studio process: one dataclass, overridden by flags and env."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class StudioConfig:
+    root: Path = ROOT
+    # user folders, scanned at start and on refresh
+    models_dir: Path = ROOT / "models"
+    loras_dir: Path = ROOT / "loras"
+    embeddings_dir: Path = ROOT / "embeddings"
+    outputs_dir: Path = ROOT / "outputs"
+    presets_dir: Path = ROOT / "presets"
+    # shipped data: model configs for offline single-file loading, templates
+    assets_dir: Path = ROOT / "assets"
+    # files we derive once and reuse (the CLIP tokenizer built from open_clip's BPE file)
+    cache_dir: Path = ROOT / ".cache"
+    # "auto" picks cuda, then mps, then cpu
+    device: str = "auto"
+    # "auto": fp16 on CUDA/MPS, fp32 on CPU; or "fp16", "bf16", "fp32"
+    precision: str = "auto"
+    # memory options users know from A1111/diffusers
+    attention_slicing: bool = False
+    vae_tiling: bool = False
+    cpu_offload: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, **overrides) -> StudioConfig:
+        """Defaults, then STUDIO_* environment variables, then explicit overrides."""
+        cfg = cls()
+        home = os.environ.get("STUDIO_HOME")
+        if home:
+            cfg = cfg.with_home(Path(home))
+        env = {
+            "device": os.environ.get("STUDIO_DEVICE"),
+            "precision": os.environ.get("STUDIO_PRECISION"),
+        }
+        cfg = replace(cfg, **{k: v for k, v in env.items() if v})
+        return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+    def with_home(self, home: Path) -> StudioConfig:
+        """The same settings with every user folder under `home` (tests use a tmp dir)."""
+        home = Path(home)
+        return replace(
+            self,
+            models_dir=home / "models",
+            loras_dir=home / "loras",
+            embeddings_dir=home / "embeddings",
+            outputs_dir=home / "outputs",
+            presets_dir=home / "presets",
+            cache_dir=home / ".cache",
+        )
+
+    def ensure_dirs(self) -> None:
+        for d in (self.models_dir, self.loras_dir, self.embeddings_dir, self.outputs_dir,
+                  self.presets_dir, self.cache_dir):
+            d.mkdir(parents=True, exist_ok=True)
