@@ -50,6 +50,8 @@ def _tokenizer(family: str) -> CLIPTokenizer:
         unk_token=EOS,
         pad_token=PAD_TOKEN[family],
         model_max_length=77,
+        # SD 2.x pads with "!": keep a typed "!" an ordinary character, as open_clip does
+        split_special_tokens=family == "sd2",
     )
 
 

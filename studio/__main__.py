@@ -1,0 +1,169 @@
+"""Command line: `python -m studio generate|info|convert|models ...` (same engine and files as the UI)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+from studio import samplers
+
+
+def _progress_printer(label: str):
+    """A one-line progress bar with ETA on stderr (tqdm), closed when the work ends."""
+    from tqdm import tqdm
+
+    bar = {"bar": None}
+
+    def update(done: int, total: int, info: str = "") -> None:
+        if bar["bar"] is None:
+            bar["bar"] = tqdm(total=total, desc=label, unit="step", file=sys.stderr, leave=False)
+        bar["bar"].total = total
+        bar["bar"].n = done
+        bar["bar"].set_postfix_str(info, refresh=False)
+        bar["bar"].refresh()
+
+    def close() -> None:
+        if bar["bar"] is not None:
+            bar["bar"].close()
+
+    update.close = close
+    return update
+
+
+def cmd_generate(args) -> int:
+    from studio.config import StudioConfig
+    from studio.generate import GenerateJob, Generator
+    from studio.models import ModelManager
+
+    sampler, schedule = args.sampler, args.schedule
+    if schedule is None:
+        # "DPM++ 2M Karras" (older A1111 naming) carries its schedule inside the name
+        sampler, schedule = samplers.split_legacy_name(sampler)
+    job = GenerateJob(prompt=args.prompt, negative_prompt=args.negative, sampler=sampler, schedule=schedule,
+                      steps=args.steps, cfg_scale=args.cfg, seed=args.seed, width=args.width, height=args.height,
+                      batch_size=args.batch_size, batch_count=args.batch_count)
+    job.validate()  # before loading a model: bad input fails fast
+    cfg = StudioConfig.from_env(device=args.device, precision=args.precision)
+    manager = ModelManager(cfg)
+    manager.load(args.model)
+    if manager.current.is_demo:
+        print("note: demo-tiny has random weights; its images are noise", file=sys.stderr)
+    out = Path(args.out) if args.out else cfg.outputs_dir
+    progress = _progress_printer("generate")
+    cancel = threading.Event()
+    try:
+        result = Generator(manager).run(job, out, on_progress=progress, cancel=cancel)
+    except KeyboardInterrupt:
+        cancel.set()
+        raise
+    finally:
+        progress.close()
+    for image in result.images:
+        print(image.path)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from studio.infotext import parse_infotext, read_image_infotext, to_fields
+
+    text = read_image_infotext(args.image)
+    if text is None:
+        raise ValueError(f"{args.image} carries no generation parameters")
+    print(json.dumps(to_fields(parse_infotext(text)), indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from studio.config import StudioConfig
+    from studio.convert import save_diffusers_folder, save_single_file
+    from studio.models import ModelManager
+
+    cfg = StudioConfig.from_env(device="cpu", precision="fp32")
+    manager = ModelManager(cfg)
+    model = manager.load(args.model)
+    out = Path(args.out)
+    if args.to == "diffusers":
+        path = save_diffusers_folder(model.pipe, out)
+    else:
+        if out.suffix.lower() != ".safetensors":
+            raise ValueError(f"--out must end in .safetensors for a single file, got {out.name}")
+        dtype = {"fp16": "float16", "fp32": None}[args.dtype]
+        import torch
+
+        path = save_single_file(model.pipe, out, model.family, dtype=getattr(torch, dtype) if dtype else None,
+                                metadata={"modelspec.title": model.name})
+    print(path)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from studio.config import StudioConfig
+    from studio.library import list_models
+
+    cfg = StudioConfig.from_env()
+    for entry in list_models(cfg.models_dir):
+        print(f"{entry.name}\t{entry.kind}")
+    print("demo-tiny\tbuilt-in (random weights)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m studio", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate images and print the paths of the PNGs")
+    g.add_argument("--model", default="demo-tiny", help="name in models/, a path, a hub id, or demo-tiny")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--negative", default="", help="negative prompt")
+    g.add_argument("--sampler", default="DPM++ 2M", help=f"one of: {', '.join(samplers.SAMPLERS)}")
+    g.add_argument("--schedule", default=None,
+                   help=f"one of: {', '.join(samplers.SCHEDULE_TYPES)} (default: taken from the sampler "
+                        "name, e.g. 'DPM++ 2M Karras', else Automatic)")
+    g.add_argument("--steps", type=int, default=20)
+    g.add_argument("--cfg", type=float, default=7.0, help="CFG scale")
+    g.add_argument("--seed", type=int, default=-1, help="-1 for random")
+    g.add_argument("--width", type=int, default=512)
+    g.add_argument("--height", type=int, default=512)
+    g.add_argument("--batch-size", type=int, default=1)
+    g.add_argument("--batch-count", type=int, default=1)
+    g.add_argument("--out", default=None, help="output folder (default: outputs/<date>/)")
+    g.add_argument("--device", default=None, help="auto, cuda, mps or cpu")
+    g.add_argument("--precision", default=None, help="auto, fp16, bf16 or fp32")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="print an image's generation parameters as JSON")
+    i.add_argument("image")
+    i.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("convert", help="save a model as a diffusers folder or a single .safetensors file")
+    c.add_argument("--model", required=True)
+    c.add_argument("--to", choices=["diffusers", "single-file"], required=True)
+    c.add_argument("--out", required=True)
+    c.add_argument("--dtype", choices=["fp16", "fp32"], default="fp32", help="single-file weights precision")
+    c.set_defaults(func=cmd_convert)
+
+    m = sub.add_parser("models", help="list the models the studio can load")
+    m.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        # the engine's errors already say what is wrong and what would be right
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())

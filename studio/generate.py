@@ -1,0 +1,204 @@
+"""Text-to-image generation: a typed job, validated up front, run with progress and Stop, saved as PNGs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import threading
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from studio import __version__, samplers
+from studio.atomic import atomic_path
+from studio.infotext import format_infotext, png_info
+from studio.models import LoadedModel, ModelManager
+
+MAX_SEED = 2**32 - 1
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass
+class GenerateJob:
+    prompt: str
+    negative_prompt: str = ""
+    sampler: str = "DPM++ 2M"  # A1111 name (samplers.SAMPLERS)
+    schedule: str = "Karras"  # A1111 schedule type (samplers.SCHEDULE_TYPES)
+    steps: int = 20
+    cfg_scale: float = 7.0
+    seed: int = -1  # -1: a random seed, reported back
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1  # images per denoising pass
+    batch_count: int = 1  # passes one after another
+
+    @classmethod
+    def from_dict(cls, values: dict) -> GenerateJob:
+        """A job from a preset or API dict; unknown keys are an error, not silently dropped."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown generation setting(s) {unknown}; known: {sorted(names)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad value and what would be right. Nothing is corrected."""
+        if not isinstance(self.prompt, str):
+            raise ValueError("prompt must be text")
+        for name in ("steps", "width", "height", "batch_size", "batch_count", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                if isinstance(value, float) and value.is_integer():
+                    setattr(self, name, int(value))  # 20.0 from a slider is 20
+                else:
+                    raise ValueError(f"{name} must be a whole number, got {value!r}")
+        if not 1 <= self.steps <= 150:
+            raise ValueError(f"steps must be between 1 and 150, got {self.steps}")
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            if value % 8 != 0:
+                lo, hi = value - value % 8, value - value % 8 + 8
+                raise ValueError(f"{name} must be a multiple of 8, got {value} (try {lo or 8} or {hi})")
+            if not 64 <= value <= 2048:
+                raise ValueError(f"{name} must be between 64 and 2048, got {value}")
+        if not 1 <= self.batch_size <= 16:
+            raise ValueError(f"batch size must be between 1 and 16, got {self.batch_size}")
+        if not 1 <= self.batch_count <= 100:
+            raise ValueError(f"batch count must be between 1 and 100, got {self.batch_count}")
+        if not isinstance(self.cfg_scale, (int, float)) or not 0 <= self.cfg_scale <= 30:
+            raise ValueError(f"CFG scale must be between 0 and 30, got {self.cfg_scale!r}")
+        if not -1 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {self.seed}")
+        samplers.check(self.sampler, self.schedule)
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    seed: int
+    infotext: str
+    path: Path | None = None
+
+
+@dataclass
+class GenerateResult:
+    images: list[GeneratedImage] = field(default_factory=list)
+    interrupted: bool = False
+    message: str = ""
+
+    @property
+    def first_seed(self) -> int | None:
+        return self.images[0].seed if self.images else None
+
+
+def resolve_seed(seed: int) -> int:
+    return random.randint(0, MAX_SEED) if seed == -1 else seed
+
+
+def initial_latents(pipe, seeds: list[int], width: int, height: int) -> torch.Tensor:
+    """One latent per seed, drawn on the CPU so a seed gives the same image on any device."""
+    shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
+    return torch.stack(noise).to(pipe._execution_device, pipe.unet.dtype)
+
+
+def build_infotext(job: GenerateJob, seed: int, model: LoadedModel, model_hash: str) -> str:
+    params = {
+        "Steps": job.steps,
+        **samplers.infotext_names(job.sampler, job.schedule),
+        "CFG scale": job.cfg_scale,
+        "Seed": seed,
+        "Size": f"{job.width}x{job.height}",
+        "Model hash": model_hash[:10],
+        "Model": model.name,
+        "Version": f"studio {__version__}",
+    }
+    return format_infotext(job.prompt, job.negative_prompt, params)
+
+
+def output_path(outputs_dir: Path, seed: int, when: dt.datetime | None = None) -> Path:
+    """outputs/<YYYY-MM-DD>/<NNNNN>-<seed>.png, numbered after the files already there."""
+    when = when or dt.datetime.now()
+    folder = Path(outputs_dir) / when.strftime("%Y-%m-%d")
+    folder.mkdir(parents=True, exist_ok=True)
+    numbers = [int(p.name.split("-")[0]) for p in folder.glob("*.png") if p.name.split("-")[0].isdigit()]
+    return folder / f"{max(numbers, default=-1) + 1:05d}-{seed}.png"
+
+
+def save_png(image: Image.Image, infotext: str, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=png_info(infotext))
+    return path
+
+
+class Generator:
+    """Runs GenerateJobs on the manager's current model."""
+
+    _save_lock = threading.Lock()
+
+    def __init__(self, manager: ModelManager):
+        self.manager = manager
+
+    def run(self, job: GenerateJob, outputs_dir: Path | None = None, on_progress: ProgressFn | None = None,
+            cancel: threading.Event | None = None) -> GenerateResult:
+        # 1. validate
+        job.validate()
+        model = self.manager.current
+        if model is None:
+            raise RuntimeError("no model is loaded; load one first")
+        with self.manager.lock:
+            pipe = model.pipe
+            model_hash = self.manager.model_hash(model)
+            base_seed = resolve_seed(job.seed)
+            total = job.steps * job.batch_count
+            result = GenerateResult()
+            for batch in range(job.batch_count):
+                # 2. seeds and noise: image i of the whole run uses seed + i, as in A1111
+                seeds = [base_seed + batch * job.batch_size + i for i in range(job.batch_size)]
+                latents = initial_latents(pipe, seeds, job.width, job.height)
+                # 3. sampler (a fresh scheduler per pass: stochastic samplers are seeded per pass)
+                pipe.scheduler = samplers.make_scheduler(job.sampler, job.schedule, dict(pipe.scheduler.config),
+                                                         seed=seeds[0])
+                # 4. denoise, reporting each step and stopping at the next step on cancel
+                done_before = batch * job.steps
+
+                def on_step(p, step, timestep, kwargs, done_before=done_before, batch=batch):
+                    if on_progress:
+                        on_progress(done_before + step + 1, total,
+                                    f"batch {batch + 1}/{job.batch_count}, step {step + 1}/{job.steps}")
+                    if cancel is not None and cancel.is_set():
+                        p._interrupt = True
+                    return {}
+
+                images = pipe(
+                    prompt=[job.prompt] * job.batch_size,
+                    negative_prompt=[job.negative_prompt] * job.batch_size,
+                    num_inference_steps=job.steps,
+                    guidance_scale=job.cfg_scale,
+                    width=job.width,
+                    height=job.height,
+                    latents=latents,
+                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                    callback_on_step_end=on_step,
+                ).images
+                interrupted = bool(getattr(pipe, "_interrupt", False))
+                # 5. save (a stopped pass is shown but not saved: it is unfinished)
+                for image, seed in zip(images, seeds):
+                    info = build_infotext(job, seed, model, model_hash)
+                    item = GeneratedImage(image, seed, info)
+                    if outputs_dir is not None and not interrupted:
+                        with self._save_lock:
+                            item.path = save_png(image, info, output_path(outputs_dir, seed))
+                    result.images.append(item)
+                if interrupted:
+                    result.interrupted = True
+                    result.message = (f"stopped during batch {batch + 1}/{job.batch_count}; "
+                                      "its unfinished images are shown but not saved")
+                    break
+            return result

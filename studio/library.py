@@ -1,0 +1,110 @@
+"""Named files in the user folders (models/, loras/, ...): list them, resolve names safely, hash them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from studio.atomic import write_text
+
+CHECKPOINT_EXTS = (".safetensors", ".ckpt")
+
+
+class UnsafeNameError(ValueError):
+    """A name that would reach outside its folder."""
+
+
+def safe_child(base: Path, name: str) -> Path:
+    """`base/name`, refusing anything that would leave `base`.
+
+    Rejects NUL bytes, absolute paths, drive letters, `..` parts (with / or \\ as separator)
+    and symlinks that resolve outside `base`.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise UnsafeNameError("a name is required")
+    if "\x00" in name:
+        raise UnsafeNameError(f"name contains a NUL byte: {name!r}")
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if name.startswith(("/", "\\")) or (parts and ":" in parts[0]):
+        raise UnsafeNameError(f"name must be relative to {base.name}/, got {name!r}")
+    if any(p == ".." for p in parts):
+        raise UnsafeNameError(f"name must stay inside {base.name}/, got {name!r}")
+    base_resolved = Path(base).resolve()
+    path = base_resolved.joinpath(*parts).resolve()
+    if path != base_resolved and base_resolved not in path.parents:
+        raise UnsafeNameError(f"{name!r} points outside {base.name}/ (symlink?)")
+    return path
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str  # path relative to models/, posix separators: what the dropdown shows
+    path: Path
+    kind: str  # "diffusers" or "single-file"
+
+
+def list_models(models_dir: Path) -> list[ModelEntry]:
+    """Diffusers folders (with model_index.json) and single checkpoint files under `models_dir`."""
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        return []
+    entries: list[ModelEntry] = []
+    for path in sorted(models_dir.rglob("*")):
+        rel = path.relative_to(models_dir)
+        if any(part.startswith(".") for part in rel.parts):
+            continue  # hidden files, our own temporary files
+        if any(parent in {e.path for e in entries if e.kind == "diffusers"} for parent in path.parents):
+            continue  # files inside a diffusers folder are its components, not models
+        if path.is_dir() and (path / "model_index.json").is_file():
+            entries.append(ModelEntry(rel.as_posix(), path, "diffusers"))
+        elif path.is_file() and path.suffix.lower() in CHECKPOINT_EXTS:
+            entries.append(ModelEntry(rel.as_posix(), path, "single-file"))
+    return entries
+
+
+# --- hashes (A1111: "Model hash" is the first 10 hex digits of the file's SHA-256) ---
+
+_hash_lock = threading.Lock()
+
+
+def sha256_file(path: Path, cache_file: Path | None = None) -> str:
+    """SHA-256 of a file, cached by (path, size, mtime) because checkpoints are gigabytes."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache = _read_cache(cache_file)
+    if key in cache:
+        return cache[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    value = digest.hexdigest()
+    if cache_file is not None:
+        with _hash_lock:
+            cache = _read_cache(cache_file)
+            cache[key] = value
+            write_text(cache_file, json.dumps(cache, indent=0))
+    return value
+
+
+def sha256_folder(folder: Path, cache_file: Path | None = None) -> str:
+    """A diffusers folder's hash: SHA-256 over its weight files' hashes, in name order."""
+    digest = hashlib.sha256()
+    for f in sorted(Path(folder).rglob("*")):
+        if f.is_file() and f.suffix in (".safetensors", ".bin"):
+            digest.update(f.relative_to(folder).as_posix().encode())
+            digest.update(sha256_file(f, cache_file).encode())
+    return digest.hexdigest()
+
+
+def _read_cache(cache_file: Path | None) -> dict:
+    if cache_file is None or not Path(cache_file).is_file():
+        return {}
+    try:
+        return json.loads(Path(cache_file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # a damaged cache only costs a re-hash

@@ -1,0 +1,387 @@
+"""The one owner of loaded models: resolve a source, load it offline, place it on a device, offload.
+
+Sources: `demo-tiny`, a diffusers folder, a single SD 1.x / SD 2.x checkpoint in the original
+layout (configs from assets/, tokenizer from open_clip's BPE file), or a Hugging Face repo id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from studio.config import StudioConfig
+from studio.library import list_models, safe_child, sha256_file, sha256_folder
+from studio.tiny import TINY_NAME, build_tiny_pipeline
+from studio.tokenizer import clip_tokenizer
+
+DEFAULT_DOWNLOAD = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# the files of a hub SD repo that the studio needs (fp32 safetensors weights, configs, tokenizer)
+HUB_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*",
+                "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                "text_encoder/model.safetensors"]
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be loaded; the message says why and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    name: str  # what the UI and infotext call it
+    source: str  # "demo", "diffusers", "single-file", "hub"
+    family: str  # "sd1" or "sd2"
+    prediction_type: str  # "epsilon" or "v_prediction"
+    pipe: StableDiffusionPipeline
+    path: Path | None = None
+    hash_: str | None = field(default=None, repr=False)
+
+    @property
+    def is_demo(self) -> bool:
+        return self.source == "demo"
+
+    @property
+    def native_size(self) -> int:
+        return int(self.pipe.unet.config.sample_size) * int(self.pipe.vae_scale_factor)
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    table = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    if precision != "auto":
+        if precision not in table:
+            raise ValueError(f"precision must be auto, fp16, bf16 or fp32, got {precision!r}")
+        if device.type == "cpu" and precision == "fp16":
+            raise ValueError("fp16 is not supported on the CPU; use fp32 or bf16")
+        return table[precision]
+    return torch.float16 if device.type in ("cuda", "mps") else torch.float32
+
+
+# --- reading checkpoints safely -------------------------------------------------------------
+
+
+def read_checkpoint_keys(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Key -> shape of a single-file checkpoint, plus safetensors metadata, without running pickles."""
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path.name} is empty (0 bytes); the download or copy did not finish")
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for a bad header
+            raise ModelLoadError(f"{path.name} is not a valid safetensors file ({e}); it may be truncated") from e
+        return shapes, meta
+    state = load_pickle_checkpoint(path)
+    return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}, {}
+
+
+def load_pickle_checkpoint(path: Path) -> dict:
+    """A .ckpt/.pt state dict through torch.load(weights_only=True): tensors only, never code."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        raise ModelLoadError(
+            f"refused to load {Path(path).name}: it contains Python objects other than tensors "
+            f"(possibly malicious code), so it was not unpickled. Use a .safetensors version. ({e})"
+        ) from e
+    except Exception as e:
+        raise ModelLoadError(f"{Path(path).name} is not a readable checkpoint ({type(e).__name__}: {e})") from e
+    while isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{Path(path).name} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def detect_family(shapes: dict[str, tuple[int, ...]], name: str = "checkpoint") -> str:
+    """'sd1' or 'sd2' from the keys of an original-layout checkpoint; a clear error otherwise."""
+    keys = shapes.keys()
+    if any(k.startswith("conditioner.embedders") for k in keys):
+        raise ModelLoadError(f"{name} is an SDXL checkpoint; the studio supports SD 1.x and SD 2.x for now")
+    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in keys):
+        raise ModelLoadError(f"{name} is a LoRA, not a checkpoint: put it in loras/ and use <lora:name:1> in a prompt")
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        hint = " (it looks like a VAE)" if any(k.startswith(("encoder.", "decoder.")) for k in keys) else ""
+        raise ModelLoadError(f"{name} has no Stable Diffusion UNet (model.diffusion_model.*){hint}")
+    if any(k.startswith("cond_stage_model.model.") for k in keys):
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return "sd1"
+    raise ModelLoadError(f"{name}: the text encoder weights (cond_stage_model.*) are missing or of an unknown kind")
+
+
+def prediction_hint(path: Path, metadata: dict[str, str]) -> str | None:
+    """v-prediction or epsilon from what travels with the file (A1111's sidecar .yaml, our metadata)."""
+    sidecar = Path(path).with_suffix(".yaml")
+    if sidecar.is_file():
+        text = sidecar.read_text(encoding="utf-8", errors="replace")
+        return "v_prediction" if re.search(r"parameterization:\s*['\"]?v['\"]?", text) else "epsilon"
+    arch = metadata.get("modelspec.architecture", "")
+    if arch.endswith("-v") or "v-prediction" in metadata.get("modelspec.prediction_type", ""):
+        return "v_prediction"
+    if arch:
+        return "epsilon"
+    return None
+
+
+@torch.no_grad()
+def probe_v_prediction(unet) -> bool:
+    """True when a UNet predicts v rather than noise.
+
+    At the last timestep a noise predictor returns roughly the input noise, while a v predictor
+    returns about minus the input; so feeding a constant latent shows which one the weights learned.
+    """
+    param = next(unet.parameters())
+    x = torch.full((1, 4, 8, 8), 0.5, device=param.device, dtype=param.dtype)
+    context = torch.zeros((1, 77, unet.config.cross_attention_dim), device=param.device, dtype=param.dtype)
+    out = unet(x, torch.tensor([999], device=param.device), encoder_hidden_states=context).sample
+    return bool((out - x).float().mean() < -1)
+
+
+# --- the owner ---------------------------------------------------------------------------------
+
+
+class ModelManager:
+    """Loads one pipeline at a time and hands it out; every GPU user goes through here."""
+
+    def __init__(self, cfg: StudioConfig):
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.dtype = pick_dtype(self.device, cfg.precision)
+        self.current: LoadedModel | None = None
+        self.memory = {"attention_slicing": cfg.attention_slicing, "vae_tiling": cfg.vae_tiling,
+                       "cpu_offload": cfg.cpu_offload}
+        self.lock = threading.RLock()
+
+    # 1. what can be loaded
+
+    def choices(self) -> list[str]:
+        return [e.name for e in list_models(self.cfg.models_dir)] + [TINY_NAME]
+
+    def has_real_model(self) -> bool:
+        return bool(list_models(self.cfg.models_dir))
+
+    def resolve(self, spec: str) -> tuple[str, Path | None]:
+        """(kind, path) for a model spec: demo-tiny, a name in models/, a path, or a hub id."""
+        spec = (spec or "").strip()
+        if not spec:
+            raise ModelLoadError(f"no model given; choose one of: {', '.join(self.choices())}")
+        if spec == TINY_NAME:
+            return "demo", None
+        candidates = [Path(spec).expanduser()]
+        if not Path(spec).is_absolute():
+            try:
+                candidates.append(safe_child(self.cfg.models_dir, spec))
+            except ValueError:
+                pass
+        for path in candidates:
+            if path.is_dir():
+                if not (path / "model_index.json").is_file():
+                    raise ModelLoadError(f"{spec} is a folder without model_index.json, so not a diffusers model")
+                return "diffusers", path
+            if path.is_file():
+                if path.suffix.lower() not in (".safetensors", ".ckpt", ".pt", ".bin"):
+                    raise ModelLoadError(f"{spec}: unsupported file type {path.suffix!r}; use .safetensors or .ckpt")
+                return "single-file", path
+        if HUB_ID.match(spec) and not spec.endswith((".safetensors", ".ckpt")):
+            return "hub", None
+        raise ModelLoadError(
+            f"model {spec!r} not found. Local models: {', '.join(self.choices())}. "
+            f"Put a .safetensors/.ckpt file or a diffusers folder in {self.cfg.models_dir}."
+        )
+
+    # 2. load
+
+    def load(self, spec: str, on_progress: Callable | None = None) -> LoadedModel:
+        with self.lock:
+            kind, path = self.resolve(spec)
+            if on_progress:
+                on_progress(0, 1, f"loading {spec}")
+            if kind == "demo":
+                model = LoadedModel(TINY_NAME, "demo", "sd1", "epsilon", build_tiny_pipeline("sd1"))
+            elif kind == "diffusers":
+                model = self._load_diffusers(path, spec)
+            elif kind == "single-file":
+                model = self._load_single_file(path, spec)
+            else:
+                model = self._load_diffusers(self.download(spec, on_progress), spec, source="hub")
+            self.unload()
+            self._place(model.pipe)
+            model.pipe.set_progress_bar_config(disable=True)
+            self.current = model
+            if on_progress:
+                on_progress(1, 1, f"loaded {model.name}")
+            return model
+
+    def unload(self) -> None:
+        if self.current is not None:
+            self.current = None
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def _load_diffusers(self, path: Path, spec: str, source: str = "diffusers") -> LoadedModel:
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(
+                path, torch_dtype=self.dtype, local_files_only=True, safety_checker=None,
+                feature_extractor=None, requires_safety_checker=False)
+        except Exception as e:
+            raise ModelLoadError(f"could not load the diffusers folder {spec}: {type(e).__name__}: {e}") from e
+        family = "sd2" if pipe.text_encoder.config.hidden_act == "gelu" else "sd1"
+        pred = pipe.scheduler.config.get("prediction_type", "epsilon")
+        return LoadedModel(Path(spec).name if source != "hub" else spec, source, family, pred, pipe, path)
+
+    def _load_single_file(self, path: Path, spec: str) -> LoadedModel:
+        shapes, meta = read_checkpoint_keys(path)
+        family = detect_family(shapes, path.name)
+        pred = prediction_hint(path, meta)
+        with tempfile.TemporaryDirectory(prefix="studio-config-") as tmp:
+            config_dir = self._config_dir_for(family, pred, meta, Path(tmp))
+            try:
+                pipe = StableDiffusionPipeline.from_single_file(
+                    str(path), config=str(config_dir), local_files_only=True, torch_dtype=self.dtype,
+                    tokenizer=clip_tokenizer(family), safety_checker=None, feature_extractor=None,
+                    requires_safety_checker=False)
+            except ModelLoadError:
+                raise
+            except Exception as e:
+                raise ModelLoadError(
+                    f"could not load {path.name} as an SD {family[-1]}.x checkpoint: {type(e).__name__}: {e}") from e
+        if pred is None and family == "sd2":
+            # no hint travelled with the file: ask the weights (SD 2.x comes in both kinds)
+            pred = "v_prediction" if probe_v_prediction(pipe.unet) else "epsilon"
+            if pred == "epsilon":
+                pipe.unet.register_to_config(sample_size=64)
+            pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, prediction_type=pred)
+        pred = pred or "epsilon"
+        return LoadedModel(path.stem, "single-file", family, pred, pipe, path)
+
+    def _config_dir_for(self, family: str, pred: str | None, meta: dict, tmp: Path) -> Path:
+        """The diffusers config folder for a checkpoint: its own (files we wrote) or one from assets/."""
+        embedded = meta.get("studio.diffusers_config")
+        if embedded:
+            return write_config_dir(json.loads(embedded), tmp)
+        if family == "sd1":
+            return self.cfg.assets_dir / "configs" / "sd1"
+        return self.cfg.assets_dir / "configs" / ("sd2-base" if pred == "epsilon" else "sd2-v")
+
+    def download(self, repo_id: str, on_progress: Callable | None = None) -> Path:
+        """Fetch a hub SD repo into models/<name>; offline, an error that names the local choices."""
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        target = safe_child(self.cfg.models_dir, repo_id.split("/")[-1])
+        if (target / "model_index.json").is_file():
+            return target
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+            raise ModelLoadError(self._offline_message(repo_id))
+        try:
+            snapshot_download(repo_id, local_dir=target, allow_patterns=HUB_PATTERNS)
+        except LocalEntryNotFoundError as e:
+            raise ModelLoadError(self._offline_message(repo_id)) from e
+        except Exception as e:
+            raise ModelLoadError(f"download of {repo_id} failed: {type(e).__name__}: {e}") from e
+        return target
+
+    def _offline_message(self, repo_id: str) -> str:
+        local = [c for c in self.choices()]
+        return (f"cannot download {repo_id}: the Hugging Face hub is not reachable (offline). "
+                f"Local choices: {', '.join(local)}. Or copy a .safetensors checkpoint into {self.cfg.models_dir}.")
+
+    # 3. place and memory options
+
+    def _place(self, pipe: StableDiffusionPipeline) -> None:
+        if self.memory["cpu_offload"] and self.device.type == "cuda":
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device, self.dtype)
+        if self.memory["attention_slicing"]:
+            pipe.enable_attention_slicing()
+        else:
+            pipe.disable_attention_slicing()
+        if self.memory["vae_tiling"]:
+            pipe.vae.enable_tiling()
+        else:
+            pipe.vae.disable_tiling()
+
+    def set_memory_options(self, attention_slicing: bool, vae_tiling: bool, cpu_offload: bool) -> str:
+        with self.lock:
+            offload_changed = cpu_offload != self.memory["cpu_offload"]
+            self.memory = {"attention_slicing": bool(attention_slicing), "vae_tiling": bool(vae_tiling),
+                           "cpu_offload": bool(cpu_offload)}
+            note = ""
+            if cpu_offload and self.device.type != "cuda":
+                note = " (model CPU offload only applies on CUDA; ignored here)"
+            if self.current is not None:
+                if offload_changed and self.current.source != "demo":
+                    # offload hooks cannot be removed cleanly: reload so the setting takes effect
+                    self.load(str(self.current.path) if self.current.path else self.current.name)
+                else:
+                    self._place(self.current.pipe)
+            return "memory options applied" + note
+
+    # 4. identity
+
+    def model_hash(self, model: LoadedModel | None = None) -> str:
+        """Full SHA-256 of the checkpoint (A1111 shows the first 10 hex digits as 'Model hash')."""
+        model = model or self.current
+        if model is None:
+            raise ModelLoadError("no model is loaded")
+        if model.hash_ is None:
+            cache = self.cfg.cache_dir / "hashes.json"
+            if model.source == "single-file":
+                model.hash_ = sha256_file(model.path, cache)
+            elif model.path is not None:
+                model.hash_ = sha256_folder(model.path, cache)
+            else:
+                digest = hashlib.sha256()
+                for k, v in sorted(model.pipe.unet.state_dict().items()):
+                    digest.update(k.encode())
+                    digest.update(v.detach().to("cpu", torch.float32).numpy().tobytes())
+                model.hash_ = digest.hexdigest()
+        return model.hash_
+
+
+def write_config_dir(configs: dict, out: Path) -> Path:
+    """A diffusers config folder (model_index.json + component configs) from a dict of configs."""
+    out = Path(out)
+    index = {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
+             "safety_checker": [None, None], "requires_safety_checker": False,
+             "scheduler": ["diffusers", configs["scheduler"].get("_class_name", "PNDMScheduler")],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    files = {"model_index.json": index, "unet/config.json": configs["unet"], "vae/config.json": configs["vae"],
+             "text_encoder/config.json": configs["text_encoder"],
+             "scheduler/scheduler_config.json": configs["scheduler"]}
+    for rel, obj in files.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(json.dumps(obj), encoding="utf-8")
+    return out

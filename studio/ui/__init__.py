@@ -1,0 +1,58 @@
+"""The Gradio UI: one module per tab, each only wiring widgets to engine functions."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from studio.models import ModelLoadError
+from studio.tiny import TINY_NAME
+from studio.ui import generate_tab, models_tab
+from studio.ui.state import AppState
+
+
+def banner_text(state: AppState) -> str:
+    model = state.manager.current
+    if model is None:
+        return "No model is loaded."
+    if model.is_demo:
+        return "⚠ " + generate_tab.DEMO_BANNER.format(models=state.cfg.models_dir)
+    pred = " · v-prediction" if model.prediction_type == "v_prediction" else ""
+    return f"Loaded **{model.name}** (SD {model.family[-1]}.x{pred}, {model.native_size} px native)"
+
+
+def build_ui(state: AppState) -> gr.Blocks:
+    current = state.manager.current.name if state.manager.current else None
+    with gr.Blocks(title="Studio") as demo:
+        with gr.Row(equal_height=True):
+            model_dd = gr.Dropdown(state.manager.choices(), value=current, label="Model", scale=4,
+                                   elem_id="model")
+            refresh_btn = gr.Button("↻", scale=0, min_width=40)
+        banner = gr.Markdown(banner_text(state), elem_id="model-banner")
+        with gr.Tabs():
+            with gr.Tab("Generate", id="generate"):
+                gen = generate_tab.build(state, model_dd)
+            with gr.Tab("Models", id="models"):
+                models_tab.build(state, model_dd)
+
+        def load(spec, progress=gr.Progress(track_tqdm=True)):
+            progress(0, desc=f"loading {spec}")
+            try:
+                model = state.manager.load(spec)
+            except (ValueError, ModelLoadError) as e:
+                raise gr.Error(str(e)) from e
+            size = model.native_size
+            return banner_text(state), gr.update(value=size), gr.update(value=size)
+
+        model_dd.input(load, model_dd, [banner, gen["width"], gen["height"]], concurrency_id="gpu",
+                       concurrency_limit=1, api_name="load_model")
+        refresh_btn.click(lambda: gr.update(choices=state.manager.choices()), None, model_dd,
+                          api_visibility="private")
+    return demo
+
+
+def startup_model(state: AppState, requested: str | None) -> str:
+    """The model to open with: the one asked for, else the first in models/, else demo-tiny."""
+    if requested:
+        return requested
+    choices = [c for c in state.manager.choices() if c != TINY_NAME]
+    return choices[0] if choices else TINY_NAME

@@ -1,0 +1,164 @@
+"""The Generate tab: prompt and A1111 parameters -> gallery, with progress, Stop, PNG info and presets."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from studio import samplers
+from studio.generate import GenerateJob
+from studio.infotext import parse_infotext, read_image_infotext, to_fields
+from studio.presets import apply_preset, list_presets, save_preset
+from studio.ui.state import AppState
+
+DEMO_BANNER = (
+    "**demo-tiny is loaded: a tiny model with random weights, so its images are noise.** "
+    "It is here to explore the studio. To make real images, copy an SD 1.x/2.x `.safetensors` or `.ckpt` "
+    "file (or a diffusers folder) into `{models}`, then pick it in the Model menu (↻ to refresh)."
+)
+
+
+def job_from_inputs(prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height, batch_size,
+                    batch_count) -> GenerateJob:
+    return GenerateJob(prompt=prompt or "", negative_prompt=negative or "", sampler=sampler, schedule=schedule,
+                       steps=int(steps), cfg_scale=float(cfg_scale), seed=int(seed), width=int(width),
+                       height=int(height), batch_size=int(batch_size), batch_count=int(batch_count))
+
+
+def build(state: AppState, model_dropdown: gr.Dropdown):
+    """Lay out the tab and wire it to the engine. Returns the components other tabs update."""
+    with gr.Row():
+        with gr.Column(scale=3):
+            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="prompt", placeholder="a painting of a lighthouse")
+            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="negative-prompt")
+        with gr.Column(scale=1, min_width=160):
+            generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-btn")
+            stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+    with gr.Row():
+        with gr.Column(scale=2):
+            with gr.Row():
+                sampler = gr.Dropdown(list(samplers.SAMPLERS), value="DPM++ 2M", label="Sampler")
+                schedule = gr.Dropdown(samplers.SCHEDULE_TYPES, value="Karras", label="Schedule type")
+            steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps")
+            with gr.Row():
+                width = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="width")
+                height = gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id="height")
+            with gr.Row():
+                batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count")
+                batch_size = gr.Slider(1, 16, value=1, step=1, label="Batch size")
+            cfg_scale = gr.Slider(0, 30, value=7, step=0.5, label="CFG scale")
+            with gr.Row():
+                seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="seed")
+                random_btn = gr.Button("🎲", scale=0, min_width=40)
+                reuse_btn = gr.Button("♻", scale=0, min_width=40)
+            with gr.Accordion("Presets", open=False):
+                presets = list_presets(state.cfg.presets_dir)
+                preset = gr.Dropdown(list(presets), value=None, label="Preset", elem_id="preset")
+                preset_info = gr.Markdown()
+                with gr.Row():
+                    preset_name = gr.Textbox(label="Save current settings as", scale=3)
+                    save_btn = gr.Button("Save preset", scale=1)
+            with gr.Accordion("PNG info: drop an image from A1111 or the studio", open=False):
+                png_in = gr.Image(type="filepath", label="Image", sources=["upload"], elem_id="png-info")
+                png_text = gr.Textbox(label="Parameters found", lines=4, interactive=False)
+        with gr.Column(scale=3):
+            gallery = gr.Gallery(label="Images", columns=2, height=520, elem_id="gallery", format="png")
+            used_seed = gr.Markdown(elem_id="used-seed")
+            infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False, elem_id="infotext")
+
+    params = [prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height, batch_size, batch_count]
+
+    def run(*values, progress=gr.Progress()):
+        try:
+            job = job_from_inputs(*values)
+            job.validate()
+        except ValueError as e:
+            raise gr.Error(str(e)) from e
+        if state.manager.current is None:
+            raise gr.Error("no model is loaded; pick one in the Model menu")
+        state.cancel.clear()
+        progress((0, job.steps * job.batch_count), desc="starting", unit="steps")
+
+        def on_progress(done, total, info):
+            progress((done, total), desc=info, unit="steps")
+
+        try:
+            result = state.generator.run(job, state.cfg.outputs_dir, on_progress=on_progress, cancel=state.cancel)
+        except (ValueError, RuntimeError) as e:
+            raise gr.Error(str(e)) from e
+        items = [(str(im.path) if im.path else im.image, f"seed {im.seed}") for im in result.images]
+        seeds = ", ".join(str(im.seed) for im in result.images[:8])
+        note = f"\n\n⚠ {result.message}" if result.interrupted else ""
+        saved = result.images[0].path.parent if result.images and result.images[0].path else None
+        where = f" · saved to `{saved}`" if saved else ""
+        text = result.images[0].infotext if result.images else ""
+        return items, f"**Seed:** {seeds}{where}{note}", text
+
+    generate_btn.click(run, params, [gallery, used_seed, infotext], concurrency_id="gpu", concurrency_limit=1,
+                       api_name="generate")
+    prompt.submit(run, params, [gallery, used_seed, infotext], concurrency_id="gpu", concurrency_limit=1,
+                  api_visibility="private")
+    stop_btn.click(lambda: state.cancel.set(), None, None, concurrency_limit=None, api_name="stop")
+
+    random_btn.click(lambda: -1, None, seed, api_visibility="private")
+
+    def reuse(text):
+        try:
+            return to_fields(parse_infotext(text))["seed"] if text else -1
+        except (ValueError, KeyError):
+            return -1
+
+    reuse_btn.click(reuse, infotext, seed, api_visibility="private")
+
+    # presets
+    def pick_preset(name, *values):
+        found = list_presets(state.cfg.presets_dir)
+        if name not in found:
+            return (gr.update(),) * 9 + ("",)
+        try:
+            job = apply_preset(job_from_inputs(*values), found[name])
+        except ValueError as e:
+            raise gr.Error(str(e)) from e
+        return (job.sampler, job.schedule, job.steps, job.cfg_scale, job.seed, job.width, job.height,
+                job.batch_size, job.batch_count, found[name].description)
+
+    preset.input(pick_preset, [preset, *params],
+                 [sampler, schedule, steps, cfg_scale, seed, width, height, batch_size, batch_count, preset_info],
+                 api_visibility="private")
+
+    def do_save(name, *values):
+        try:
+            path = save_preset(state.cfg.presets_dir, name, job_from_inputs(*values))
+        except ValueError as e:
+            raise gr.Error(str(e)) from e
+        found = list_presets(state.cfg.presets_dir)
+        return gr.update(choices=list(found), value=name.strip()), f"saved `{path.name}`"
+
+    save_btn.click(do_save, [preset_name, *params], [preset, preset_info], api_visibility="private")
+
+    # PNG info
+    def read_png(path):
+        if not path:
+            return (gr.update(),) * 9 + ("",)
+        try:
+            text = read_image_infotext(path)
+        except ValueError as e:
+            raise gr.Error(str(e)) from e
+        if not text:
+            gr.Warning("this image carries no generation parameters")
+            return (gr.update(),) * 9 + ("(no parameters in this image)",)
+        f = to_fields(parse_infotext(text))
+        sampler_value, schedule_value = f.get("sampler"), f.get("schedule_type", "Automatic")
+        if sampler_value not in samplers.SAMPLERS:
+            gr.Warning(f"sampler {sampler_value!r} is not available here; kept the current one")
+            sampler_value = gr.update()
+        if schedule_value not in samplers.SCHEDULE_TYPES:
+            schedule_value = gr.update()
+        return (f.get("prompt", ""), f.get("negative_prompt", ""), sampler_value, schedule_value,
+                f.get("steps", gr.update()), f.get("cfg_scale", gr.update()), f.get("seed", gr.update()),
+                f.get("width", gr.update()), f.get("height", gr.update()), text)
+
+    png_in.change(read_png, png_in,
+                  [prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height, png_text],
+                  api_visibility="private")
+
+    return {"width": width, "height": height, "gallery": gallery}
