@@ -35,6 +35,19 @@ FIELD_LABELS: dict[str, str] = {
     "model_hash": "Model hash",
     "model": "Model",
 }
+_FIELD_ORDER = (
+    "prompt",
+    "negative_prompt",
+    "steps",
+    "sampler",
+    "schedule_type",
+    "cfg_scale",
+    "seed",
+    "width",
+    "height",
+    "model_hash",
+    "model",
+)
 _CONVERTERS = {"steps": int, "seed": int, "cfg_scale": float}
 
 
@@ -132,7 +145,8 @@ def _split_sampler(sampler: str) -> tuple[str, str | None]:
 def to_fields(parsed: Mapping[str, str]) -> dict[str, Any]:
     """Normalized fields from `parse_infotext`'s result; labels not known here go to "extra".
 
-    Missing fields are None, except schedule_type, which is "Automatic" when neither a "Schedule type"
+    prompt, negative_prompt, schedule_type and extra are always there; other fields only when the text has
+    them (so `fields.get(key, default)` works). schedule_type is "Automatic" when neither a "Schedule type"
     label nor a legacy sampler name ("DPM++ 2M Karras") gives one. A malformed number raises ValueError.
     """
     fields: dict[str, Any] = {
@@ -140,31 +154,30 @@ def to_fields(parsed: Mapping[str, str]) -> dict[str, Any]:
         "negative_prompt": parsed.get("negative_prompt", ""),
     }
     for key, label in FIELD_LABELS.items():
-        if key == "size":
-            continue
         raw = parsed.get(label)
-        if raw is not None and key in _CONVERTERS:
+        if raw is None:
+            continue
+        if key == "size":
+            match = _SIZE_RE.fullmatch(raw)
+            if not match:
+                raise ValueError(f"infotext field 'Size' is not WIDTHxHEIGHT: {raw!r}")
+            fields["width"], fields["height"] = int(match[1]), int(match[2])
+            continue
+        if key in _CONVERTERS:
             try:
                 raw = _CONVERTERS[key](raw)
             except ValueError:
                 raise ValueError(f"infotext field {label!r} is not a number: {raw!r}") from None
         fields[key] = raw
 
-    schedule = fields["schedule_type"]
-    if fields["sampler"] is not None:
+    schedule = fields.get("schedule_type")
+    if "sampler" in fields:
         fields["sampler"], folded = _split_sampler(fields["sampler"])
         # an explicit Schedule type wins over one folded into the sampler name
         if schedule in (None, samplers.AUTOMATIC) and folded:
             schedule = folded
     fields["schedule_type"] = schedule or samplers.AUTOMATIC
-
-    fields["width"] = fields["height"] = None
-    size = parsed.get("Size")
-    if size is not None:
-        match = _SIZE_RE.fullmatch(size)
-        if not match:
-            raise ValueError(f"infotext field 'Size' is not WIDTHxHEIGHT: {size!r}")
-        fields["width"], fields["height"] = int(match[1]), int(match[2])
+    fields = {k: fields[k] for k in _FIELD_ORDER if k in fields}  # A1111's order, for readable JSON
 
     known = {"prompt", "negative_prompt", *FIELD_LABELS.values()}
     fields["extra"] = {k: v for k, v in parsed.items() if k not in known}

@@ -234,6 +234,8 @@ class ModelManager:
                 model = self._load_single_file(path, spec)
             else:
                 model = self._load_diffusers(self.download(spec, on_progress), spec, source="hub")
+            if model.is_demo:
+                model.hash_ = weights_hash(model.pipe.unet)  # before any cast: the same on every device
             self.unload()
             self._place(model.pipe)
             model.pipe.set_progress_bar_config(disable=True)
@@ -322,7 +324,9 @@ class ModelManager:
         if self.memory["cpu_offload"] and self.device.type == "cuda":
             pipe.enable_model_cpu_offload(device=self.device)
         else:
-            pipe.to(self.device, self.dtype)
+            pipe.to(self.device)
+            if pipe.unet.dtype != self.dtype:  # demo-tiny is built in fp32
+                pipe.to(dtype=self.dtype)
         if self.memory["attention_slicing"]:
             pipe.enable_attention_slicing()
         else:
@@ -362,12 +366,17 @@ class ModelManager:
             elif model.path is not None:
                 model.hash_ = sha256_folder(model.path, cache)
             else:
-                digest = hashlib.sha256()
-                for k, v in sorted(model.pipe.unet.state_dict().items()):
-                    digest.update(k.encode())
-                    digest.update(v.detach().to("cpu", torch.float32).numpy().tobytes())
-                model.hash_ = digest.hexdigest()
+                model.hash_ = weights_hash(model.pipe.unet)
         return model.hash_
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """SHA-256 over a module's weights, for models that have no file (demo-tiny)."""
+    digest = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        digest.update(k.encode())
+        digest.update(v.detach().to("cpu", torch.float32).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def write_config_dir(configs: dict, out: Path) -> Path:

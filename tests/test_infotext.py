@@ -249,7 +249,7 @@ def test_round_trip(fields):
     prompt, negative, params = from_fields(fields)
     assert list(params)[:3] == ["Steps", "Sampler", "Schedule type"]
     text = format_infotext(prompt, negative, params)
-    assert to_fields(parse_infotext(text)) == fields
+    assert to_fields(parse_infotext(text)) == {k: v for k, v in fields.items() if v is not None}
     # and the raw labels come back as strings of what was written
     parsed = parse_infotext(text)
     assert (parsed["prompt"], parsed["negative_prompt"]) == (prompt, negative)
@@ -264,6 +264,23 @@ def test_from_fields_order():
         "Lora hashes", "TI hashes", "Version",
     ]  # fmt: skip
     assert format_infotext(*from_fields(fields)) == FORMATS_EXAMPLE
+
+
+def test_missing_fields_are_left_out():
+    fields = to_fields(parse_infotext("a cat\nSteps: 20, CFG scale: 7, Clip skip: 2"))
+    assert fields == {
+        "prompt": "a cat",
+        "negative_prompt": "",
+        "steps": 20,
+        "schedule_type": "Automatic",
+        "cfg_scale": 7.0,
+        "extra": {"Clip skip": "2"},
+    }
+    assert from_fields(fields) == (
+        "a cat",
+        "",
+        {"Steps": 20, "Schedule type": "Automatic", "CFG scale": 7.0, "Clip skip": "2"},
+    )
 
 
 def test_malformed_number_names_the_field():

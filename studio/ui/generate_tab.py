@@ -38,18 +38,19 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
             with gr.Row():
                 sampler = gr.Dropdown(list(samplers.SAMPLERS), value="DPM++ 2M", label="Sampler")
                 schedule = gr.Dropdown(samplers.SCHEDULE_TYPES, value="Karras", label="Schedule type")
-            steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps")
+            steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id="steps")
             with gr.Row():
-                width = gr.Slider(64, 2048, value=512, step=8, label="Width", elem_id="width")
-                height = gr.Slider(64, 2048, value=512, step=8, label="Height", elem_id="height")
+                size = state.manager.current.native_size if state.manager.current else 512
+                width = gr.Slider(64, 2048, value=size, step=8, label="Width", elem_id="width")
+                height = gr.Slider(64, 2048, value=size, step=8, label="Height", elem_id="height")
             with gr.Row():
                 batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count")
                 batch_size = gr.Slider(1, 16, value=1, step=1, label="Batch size")
             cfg_scale = gr.Slider(0, 30, value=7, step=0.5, label="CFG scale")
             with gr.Row():
                 seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="seed")
-                random_btn = gr.Button("🎲", scale=0, min_width=40)
-                reuse_btn = gr.Button("♻", scale=0, min_width=40)
+                random_btn = gr.Button("Random", scale=0, min_width=70)
+                reuse_btn = gr.Button("Reuse", scale=0, min_width=70)
             with gr.Accordion("Presets", open=False):
                 presets = list_presets(state.cfg.presets_dir)
                 preset = gr.Dropdown(list(presets), value=None, label="Preset", elem_id="preset")

@@ -1,0 +1,123 @@
+"""The real app, launched as users launch it: driven in headless Chromium and through gradio_client."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+A1111_TEXT = ("masterpiece, a castle on a hill\nNegative prompt: lowres, bad hands\n"
+              "Steps: 28, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 3344, Size: 512x768, "
+              "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: v1.6.0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """`python app.py` on a free port with a throwaway home; yields (url, home)."""
+    home = tmp_path_factory.mktemp("home")
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(home / "app.log", "w")
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--home", str(home)],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"app exited: {(home / 'app.log').read_text()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("app did not start in 180 s")
+    yield url, home
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian chromium (apt-get install chromium)")
+def test_browser_generate_shows_image(app):
+    from playwright.sync_api import sync_playwright
+
+    url, home = app
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        # with no checkpoint in models/, the studio opened on demo-tiny and says so plainly
+        page.get_by_text("random weights").first.wait_for(timeout=60_000)
+        # demo-tiny's native size (64) was put into the size sliders when it loaded
+        page.locator("#prompt textarea").fill("a lighthouse at dusk")
+        for slider in ("#width", "#height"):
+            box = page.locator(f"{slider} input[type=number]")
+            box.fill("64")
+            box.press("Enter")
+        page.locator("#generate-btn").click()
+        image = page.locator("#gallery img").first
+        image.wait_for(state="visible", timeout=120_000)
+        page.get_by_text("Seed:").first.wait_for(timeout=30_000)
+        page.screenshot(path=str(ARTIFACTS / "generate.png"), full_page=True)
+        infotext = page.locator("#infotext textarea").input_value()
+
+        # dropping an A1111 PNG fills in its parameters
+        from PIL import Image
+
+        from studio.infotext import png_info
+
+        a1111 = home / "from-a1111.png"
+        Image.new("RGB", (64, 64), "white").save(a1111, pnginfo=png_info(A1111_TEXT))
+        page.get_by_text("PNG info").click()
+        page.locator("#png-info input[type=file]").set_input_files(str(a1111))
+        page.wait_for_function(
+            "() => document.querySelector('#prompt textarea').value.startsWith('masterpiece, a castle')",
+            timeout=30_000)
+        negative = page.locator("#negative-prompt textarea").input_value()
+        seed = page.locator("#seed input").input_value()
+        steps = page.locator("#steps input[type=number]").input_value()
+        page.screenshot(path=str(ARTIFACTS / "png-info.png"), full_page=True)
+        browser.close()
+    assert negative == "lowres, bad hands" and seed == "3344" and steps == "28"
+    assert infotext.startswith("a lighthouse at dusk")
+    assert "Size: 64x64" in infotext and "Model: demo-tiny" in infotext
+    saved = list((home / "outputs").rglob("*.png"))
+    assert len(saved) == 1
+
+
+def test_api_generate_and_clear_errors(app):
+    from gradio_client import Client
+
+    url, home = app
+    client = Client(url, verbose=False)
+    args = dict(prompt="a red circle", negative="", sampler="Euler", schedule="Automatic", steps=3, cfg_scale=7,
+                seed=42, width=64, height=64, batch_size=1, batch_count=1)
+    gallery, seed_md, infotext = client.predict(*args.values(), api_name="/generate")
+    assert len(gallery) == 1 and "Seed: 42" in infotext and "42" in seed_md
+    bad = dict(args, width=500)
+    with pytest.raises(Exception, match="width must be a multiple of 8, got 500"):
+        client.predict(*bad.values(), api_name="/generate")
+    # the slider's own range check answers first in the UI and the API
+    with pytest.raises(Exception, match="steps must be between 1 and 150|less than minimum value 1"):
+        client.predict(*dict(args, steps=0).values(), api_name="/generate")
