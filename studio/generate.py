@@ -5,9 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import random
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image
@@ -189,7 +189,7 @@ class Generator:
                 ).images
                 interrupted = bool(getattr(pipe, "_interrupt", False))
                 # 5. save (a stopped pass is shown but not saved: it is unfinished)
-                for image, seed in zip(images, seeds):
+                for image, seed in zip(images, seeds, strict=True):
                     info = build_infotext(job, seed, model, model_hash)
                     item = GeneratedImage(image, seed, info)
                     if outputs_dir is not None and not interrupted:

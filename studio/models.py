@@ -13,9 +13,9 @@ import pickle
 import re
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from diffusers import StableDiffusionPipeline

@@ -147,7 +147,10 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
         if not text:
             gr.Warning("this image carries no generation parameters")
             return (gr.update(),) * 9 + ("(no parameters in this image)",)
-        f = to_fields(parse_infotext(text))
+        try:
+            f = to_fields(parse_infotext(text))
+        except ValueError as e:
+            raise gr.Error(f"could not read this image's parameters: {e}") from e
         sampler_value, schedule_value = f.get("sampler"), f.get("schedule_type", "Automatic")
         if sampler_value not in samplers.SAMPLERS:
             gr.Warning(f"sampler {sampler_value!r} is not available here; kept the current one")
