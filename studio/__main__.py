@@ -87,14 +87,14 @@ def cmd_convert(args) -> int:
     model = manager.load(args.model)
     out = Path(args.out)
     if args.to == "diffusers":
-        path = save_diffusers_folder(model.pipe, out)
+        path = save_diffusers_folder(model.without_loras(), out)
     else:
         if out.suffix.lower() != ".safetensors":
             raise ValueError(f"--out must end in .safetensors for a single file, got {out.name}")
         dtype = {"fp16": "float16", "fp32": None}[args.dtype]
         import torch
 
-        path = save_single_file(model.pipe, out, model.family, dtype=getattr(torch, dtype) if dtype else None,
+        path = save_single_file(model.without_loras(), out, model.family, dtype=getattr(torch, dtype) if dtype else None,
                                 metadata={"modelspec.title": model.name})
     print(path)
     return 0

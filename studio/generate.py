@@ -13,9 +13,13 @@ import torch
 from PIL import Image
 
 from studio import __version__, samplers
+from studio.adapters import ActiveLora
 from studio.atomic import atomic_path
+from studio.conditioning import PromptEncoder, TextualInversion
 from studio.infotext import format_infotext, png_info
 from studio.models import LoadedModel, ModelManager
+from studio.networks import EmbeddingFile, NetworkLibrary
+from studio.prompt_syntax import extract_network_tags
 
 MAX_SEED = 2**32 - 1
 ProgressFn = Callable[[int, int, str], None]
@@ -34,6 +38,7 @@ class GenerateJob:
     height: int = 512
     batch_size: int = 1  # images per denoising pass
     batch_count: int = 1  # passes one after another
+    clip_skip: int = 1  # A1111 "Clip skip": 2 uses the text encoder's penultimate layer
 
     @classmethod
     def from_dict(cls, values: dict) -> GenerateJob:
@@ -73,6 +78,10 @@ class GenerateJob:
             raise ValueError(f"batch count must be between 1 and 100, got {self.batch_count}")
         if not isinstance(self.cfg_scale, (int, float)) or not 0 <= self.cfg_scale <= 30:
             raise ValueError(f"CFG scale must be between 0 and 30, got {self.cfg_scale!r}")
+        if isinstance(self.clip_skip, float) and self.clip_skip.is_integer():
+            self.clip_skip = int(self.clip_skip)
+        if not isinstance(self.clip_skip, int) or not 1 <= self.clip_skip <= 12:
+            raise ValueError(f"clip skip must be between 1 and 12, got {self.clip_skip!r}")
         if not -1 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {self.seed}")
         samplers.check(self.sampler, self.schedule)
@@ -91,6 +100,7 @@ class GenerateResult:
     images: list[GeneratedImage] = field(default_factory=list)
     interrupted: bool = False
     message: str = ""
+    notes: list[str] = field(default_factory=list)  # things the user should know (ignored tags, ...)
 
     @property
     def first_seed(self) -> int | None:
@@ -108,7 +118,8 @@ def initial_latents(pipe, seeds: list[int], width: int, height: int) -> torch.Te
     return torch.stack(noise).to(pipe._execution_device, pipe.unet.dtype)
 
 
-def build_infotext(job: GenerateJob, seed: int, model: LoadedModel, model_hash: str) -> str:
+def build_infotext(job: GenerateJob, seed: int, model: LoadedModel, model_hash: str,
+                   networks: PromptNetworks | None = None) -> str:
     params = {
         "Steps": job.steps,
         **samplers.infotext_names(job.sampler, job.schedule),
@@ -117,8 +128,15 @@ def build_infotext(job: GenerateJob, seed: int, model: LoadedModel, model_hash: 
         "Size": f"{job.width}x{job.height}",
         "Model hash": model_hash[:10],
         "Model": model.name,
-        "Version": f"studio {__version__}",
     }
+    if job.clip_skip > 1:
+        params["Clip skip"] = job.clip_skip
+    if networks is not None:
+        if networks.lora_hashes:
+            params["Lora hashes"] = ", ".join(f"{n}: {h}" for n, h in networks.lora_hashes.items())
+        if networks.ti_hashes:
+            params["TI hashes"] = ", ".join(f"{n}: {h}" for n, h in networks.ti_hashes.items())
+    params["Version"] = f"studio {__version__}"
     return format_infotext(job.prompt, job.negative_prompt, params)
 
 
@@ -137,13 +155,62 @@ def save_png(image: Image.Image, infotext: str, path: Path) -> Path:
     return path
 
 
+@dataclass
+class PromptNetworks:
+    """What a job's prompts use from loras/ and embeddings/, resolved against the loaded model."""
+
+    prompt: str  # the prompt without its <lora:...> tags: what the text encoder sees
+    negative_prompt: str
+    loras: list[ActiveLora] = field(default_factory=list)
+    embeddings: dict[str, TextualInversion] = field(default_factory=dict)  # every usable one, by name
+    embedding_files: dict[str, EmbeddingFile] = field(default_factory=dict)
+    skipped_embeddings: dict[str, str] = field(default_factory=dict)
+    lora_hashes: dict[str, str] = field(default_factory=dict)  # filled in as A1111 writes them
+    ti_hashes: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_networks(job: GenerateJob, library: NetworkLibrary, text_width: int) -> PromptNetworks:
+    """Read the `<lora:...>` tags and find their files; gather the embeddings that fit the model."""
+    prompt, tags = extract_network_tags(job.prompt)
+    negative, negative_tags = extract_network_tags(job.negative_prompt)
+    out = PromptNetworks(prompt, negative)
+    if negative_tags:
+        out.notes.append("network tags in the negative prompt are ignored (A1111 does the same): "
+                         + " ".join(t.text for t in negative_tags))
+    scan = library.loras() if tags else None
+    for tag in tags:
+        if tag.kind != "lora":
+            raise ValueError(f"{tag.text}: '{tag.kind}' networks are not supported; use <lora:name:weight>")
+        lora = library.find_lora(tag.name, scan)
+        out.loras.append(ActiveLora(lora, tag.te, tag.unet))
+        out.lora_hashes[tag.name] = lora.hash
+    found = library.embeddings(expected_dim=text_width)
+    out.skipped_embeddings = found.skipped
+    out.embedding_files = found.found
+    out.embeddings = {name: TextualInversion(name, emb.vectors) for name, emb in found.found.items()}
+    return out
+
+
 class Generator:
     """Runs GenerateJobs on the manager's current model."""
 
     _save_lock = threading.Lock()
 
-    def __init__(self, manager: ModelManager):
+    def __init__(self, manager: ModelManager, networks: NetworkLibrary | None = None):
         self.manager = manager
+        self.networks = networks or NetworkLibrary(manager.cfg.loras_dir, manager.cfg.embeddings_dir)
+
+    def encode(self, job: GenerateJob, model: LoadedModel) -> tuple[torch.Tensor, torch.Tensor, PromptNetworks]:
+        """Apply the job's LoRAs to the model and encode its prompts the A1111 way (weights, long prompts,
+        embeddings). Call with the manager's lock held."""
+        pipe = model.pipe
+        nets = resolve_networks(job, self.networks, pipe.text_encoder.config.hidden_size)
+        model.loras().apply(nets.loras)  # before encoding: a LoRA may change the text encoder
+        encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, nets.embeddings, clip_skip=job.clip_skip)
+        cond, uncond, used = encoder.encode_pair(nets.prompt, nets.negative_prompt)
+        nets.ti_hashes = {name: nets.embedding_files[name].hash for name in used}
+        return cond, uncond, nets
 
     def run(self, job: GenerateJob, outputs_dir: Path | None = None, on_progress: ProgressFn | None = None,
             cancel: threading.Event | None = None) -> GenerateResult:
@@ -155,9 +222,10 @@ class Generator:
         with self.manager.lock:
             pipe = model.pipe
             model_hash = self.manager.model_hash(model)
+            cond, uncond, nets = self.encode(job, model)
             base_seed = resolve_seed(job.seed)
             total = job.steps * job.batch_count
-            result = GenerateResult()
+            result = GenerateResult(notes=nets.notes)
             for batch in range(job.batch_count):
                 # 2. seeds and noise: image i of the whole run uses seed + i, as in A1111
                 seeds = [base_seed + batch * job.batch_size + i for i in range(job.batch_size)]
@@ -177,8 +245,8 @@ class Generator:
                     return {}
 
                 images = pipe(
-                    prompt=[job.prompt] * job.batch_size,
-                    negative_prompt=[job.negative_prompt] * job.batch_size,
+                    prompt_embeds=cond.expand(job.batch_size, -1, -1),
+                    negative_prompt_embeds=uncond.expand(job.batch_size, -1, -1),
                     num_inference_steps=job.steps,
                     guidance_scale=job.cfg_scale,
                     width=job.width,
@@ -190,7 +258,7 @@ class Generator:
                 interrupted = bool(getattr(pipe, "_interrupt", False))
                 # 5. save (a stopped pass is shown but not saved: it is unfinished)
                 for image, seed in zip(images, seeds, strict=True):
-                    info = build_infotext(job, seed, model, model_hash)
+                    info = build_infotext(job, seed, model, model_hash, nets)
                     item = GeneratedImage(image, seed, info)
                     if outputs_dir is not None and not interrupted:
                         with self._save_lock:

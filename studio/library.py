@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickletools
 import threading
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -108,3 +110,43 @@ def _read_cache(cache_file: Path | None) -> dict:
         return json.loads(Path(cache_file).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}  # a damaged cache only costs a re-hash
+
+
+def pickle_globals(path: Path) -> set[str] | None:
+    """The Python globals a pickle (or the pickles inside a torch zip file) would import, read with pickletools,
+    which never executes anything. None when the bytes are not a pickle at all."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                blobs = [z.read(n) for n in z.namelist() if n.endswith(".pkl")]
+        else:
+            blobs = [Path(path).read_bytes()]
+        found: set[str] = set()
+        for blob in blobs:
+            strings: list[str] = []
+            for op, arg, _ in pickletools.genops(blob):
+                if op.name == "GLOBAL":
+                    found.add(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.add(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+        return found
+    except Exception:
+        return None
+
+
+_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "_codecs.encode", "numpy.core.multiarray._reconstruct",
+                         "numpy.dtype", "numpy.ndarray")
+
+
+def unpickling_refusal(path: Path, error: Exception) -> str:
+    """The message for a pickle that torch.load(weights_only=True) would not read: code, or just damage."""
+    name = Path(path).name
+    found = pickle_globals(Path(path))
+    if found is None:
+        return f"{name} is not a readable file (damaged, or not a PyTorch pickle)"
+    risky = sorted(g for g in found if not g.startswith(_SAFE_GLOBAL_PREFIXES))
+    what = f" ({', '.join(risky[:3])})" if risky else ""
+    return (f"refused {name}: it asks to run Python code{what} when opened, so it was not unpickled "
+            "(possibly malicious). Use a .safetensors version of it.")

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
+from studio.adapters import LoraSlot
 from studio.config import StudioConfig
-from studio.library import list_models, safe_child, sha256_file, sha256_folder
+from studio.library import list_models, safe_child, sha256_file, sha256_folder, unpickling_refusal
 from studio.tiny import TINY_NAME, build_tiny_pipeline
 from studio.tokenizer import clip_tokenizer
 
@@ -46,6 +47,18 @@ class LoadedModel:
     pipe: StableDiffusionPipeline
     path: Path | None = None
     hash_: str | None = field(default=None, repr=False)
+    lora_slot: LoraSlot | None = field(default=None, repr=False)  # LoRA adapters loaded into this pipe
+
+    def loras(self) -> LoraSlot:
+        if self.lora_slot is None:
+            self.lora_slot = LoraSlot(self.pipe)
+        return self.lora_slot
+
+    def without_loras(self) -> StableDiffusionPipeline:
+        """The pipe with every LoRA removed: what saving or converting must see."""
+        if self.lora_slot is not None:
+            self.lora_slot.clear()
+        return self.pipe
 
     @property
     def is_demo(self) -> bool:
@@ -109,10 +122,7 @@ def load_pickle_checkpoint(path: Path) -> dict:
                 raise
             state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as e:
-        raise ModelLoadError(
-            f"refused to load {Path(path).name}: it contains Python objects other than tensors "
-            f"(possibly malicious code), so it was not unpickled. Use a .safetensors version. ({e})"
-        ) from e
+        raise ModelLoadError(unpickling_refusal(Path(path), e)) from e
     except Exception as e:
         raise ModelLoadError(f"{Path(path).name} is not a readable checkpoint ({type(e).__name__}: {e})") from e
     while isinstance(state, dict) and "state_dict" in state:

@@ -41,10 +41,13 @@ def build_ui(state: AppState) -> gr.Blocks:
             except (ValueError, ModelLoadError) as e:
                 raise gr.Error(str(e)) from e
             size = model.native_size
-            return banner_text(state), gr.update(value=size), gr.update(value=size)
+            return (banner_text(state), gr.update(value=size), gr.update(value=size),
+                    *gen["networks_refresh"]())
 
-        model_dd.input(load, model_dd, [banner, gen["width"], gen["height"]], concurrency_id="gpu",
-                       concurrency_limit=1, api_name="load_model")
+        model_dd.input(load, model_dd, [banner, gen["width"], gen["height"], *gen["networks_outputs"]],
+                       concurrency_id="gpu", concurrency_limit=1, api_name="load_model")
+        # cards are read when the page opens, so files added while the studio runs show up on reload
+        demo.load(gen["networks_refresh"], None, gen["networks_outputs"], api_visibility="private")
         refresh_btn.click(lambda: gr.update(choices=state.manager.choices()), None, model_dd,
                           api_visibility="private")
     return demo

@@ -7,7 +7,9 @@ import gradio as gr
 from studio import samplers
 from studio.generate import GenerateJob
 from studio.infotext import parse_infotext, read_image_infotext, to_fields
+from studio.networks import restore_lora_names
 from studio.presets import apply_preset, list_presets, save_preset
+from studio.ui import networks_panel
 from studio.ui.state import AppState
 
 DEMO_BANNER = (
@@ -18,10 +20,11 @@ DEMO_BANNER = (
 
 
 def job_from_inputs(prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height, batch_size,
-                    batch_count) -> GenerateJob:
+                    batch_count, clip_skip=1) -> GenerateJob:
     return GenerateJob(prompt=prompt or "", negative_prompt=negative or "", sampler=sampler, schedule=schedule,
                        steps=int(steps), cfg_scale=float(cfg_scale), seed=int(seed), width=int(width),
-                       height=int(height), batch_size=int(batch_size), batch_count=int(batch_count))
+                       height=int(height), batch_size=int(batch_size), batch_count=int(batch_count),
+                       clip_skip=int(clip_skip))
 
 
 def build(state: AppState, model_dropdown: gr.Dropdown):
@@ -46,7 +49,9 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
             with gr.Row():
                 batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count")
                 batch_size = gr.Slider(1, 16, value=1, step=1, label="Batch size")
-            cfg_scale = gr.Slider(0, 30, value=7, step=0.5, label="CFG scale")
+            with gr.Row():
+                cfg_scale = gr.Slider(0, 30, value=7, step=0.5, label="CFG scale", scale=3)
+                clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", scale=1, elem_id="clip-skip")
             with gr.Row():
                 seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="seed")
                 random_btn = gr.Button("Random", scale=0, min_width=70)
@@ -61,12 +66,14 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
             with gr.Accordion("PNG info: drop an image from A1111 or the studio", open=False):
                 png_in = gr.Image(type="filepath", label="Image", sources=["upload"], elem_id="png-info")
                 png_text = gr.Textbox(label="Parameters found", lines=4, interactive=False)
+            networks_refresh, networks_outputs = networks_panel.build(state, prompt)
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Images", columns=2, height=520, elem_id="gallery", format="png")
             used_seed = gr.Markdown(elem_id="used-seed")
             infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False, elem_id="infotext")
 
-    params = [prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height, batch_size, batch_count]
+    params = [prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height, batch_size, batch_count,
+              clip_skip]
 
     def run(*values, progress=gr.Progress()):
         try:
@@ -86,6 +93,8 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
             result = state.generator.run(job, state.cfg.outputs_dir, on_progress=on_progress, cancel=state.cancel)
         except (ValueError, RuntimeError) as e:
             raise gr.Error(str(e)) from e
+        for note in result.notes:
+            gr.Warning(note)
         items = [(str(im.path) if im.path else im.image, f"seed {im.seed}") for im in result.images]
         seeds = ", ".join(str(im.seed) for im in result.images[:8])
         note = f"\n\n⚠ {result.message}" if result.interrupted else ""
@@ -139,14 +148,14 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
     # PNG info
     def read_png(path):
         if not path:
-            return (gr.update(),) * 9 + ("",)
+            return (gr.update(),) * 10 + ("",)
         try:
             text = read_image_infotext(path)
         except ValueError as e:
             raise gr.Error(str(e)) from e
         if not text:
             gr.Warning("this image carries no generation parameters")
-            return (gr.update(),) * 9 + ("(no parameters in this image)",)
+            return (gr.update(),) * 10 + ("(no parameters in this image)",)
         try:
             f = to_fields(parse_infotext(text))
         except ValueError as e:
@@ -157,12 +166,19 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
             sampler_value = gr.update()
         if schedule_value not in samplers.SCHEDULE_TYPES:
             schedule_value = gr.update()
-        return (f.get("prompt", ""), f.get("negative_prompt", ""), sampler_value, schedule_value,
+        restored, notes = restore_lora_names(f.get("prompt", ""), f["extra"].get("Lora hashes", ""),
+                                             state.generator.networks)
+        for note in notes:
+            gr.Info(note)
+        skip = f["extra"].get("Clip skip", "1")
+        return (restored, f.get("negative_prompt", ""), sampler_value, schedule_value,
                 f.get("steps", gr.update()), f.get("cfg_scale", gr.update()), f.get("seed", gr.update()),
-                f.get("width", gr.update()), f.get("height", gr.update()), text)
+                f.get("width", gr.update()), f.get("height", gr.update()),
+                int(skip) if skip.isdigit() else gr.update(), text)
 
     png_in.change(read_png, png_in,
-                  [prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height, png_text],
+                  [prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height, clip_skip, png_text],
                   api_visibility="private")
 
-    return {"width": width, "height": height, "gallery": gallery}
+    return {"width": width, "height": height, "gallery": gallery, "networks_refresh": networks_refresh,
+            "networks_outputs": networks_outputs}

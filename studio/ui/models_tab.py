@@ -84,10 +84,10 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
         progress(0.1, desc="converting")
         try:
             if kind == "diffusers":
-                save_diffusers_folder(model.pipe, target)
+                save_diffusers_folder(model.without_loras(), target)
             else:
                 dtype = torch.float16 if prec == "fp16" else torch.float32
-                save_single_file(model.pipe, target, model.family, dtype=dtype,
+                save_single_file(model.without_loras(), target, model.family, dtype=dtype,
                                  metadata={"modelspec.title": model.name})
         except (ValueError, RuntimeError, OSError) as e:
             raise gr.Error(f"conversion failed: {e}") from e

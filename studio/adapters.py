@@ -1,0 +1,185 @@
+"""LoRAs on a loaded pipeline: kohya files converted to peft layout, loaded as diffusers adapters, weighted per
+prompt (text encoder and UNet separately), and switched off completely when a prompt has none."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from studio.networks import KOHYA_PREFIXES, LoraFile, NetworkFileError, kohya_name
+
+log = logging.getLogger(__name__)
+
+_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+_LYCORIS_MARKERS = ("hada_", "lokr_", "lora_mid", ".dora_scale", "oft_")
+MAX_CACHED_ADAPTERS = 8
+
+
+@dataclass(frozen=True)
+class ActiveLora:
+    file: LoraFile
+    te: float
+    unet: float
+
+
+def _kohya_index(pipe) -> dict[str, tuple[str, str, nn.Module]]:
+    """kohya layer name -> (component, module path, module) for every Linear/Conv2d of UNet and text encoder."""
+    index = {}
+    for component in ("unet", "text_encoder"):
+        model = getattr(pipe, component, None)
+        if model is None:
+            continue
+        for path, module in model.named_modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                path = path.replace(".base_layer", "")  # a module already wrapped by peft keeps its kohya name
+                index.setdefault(kohya_name(component, path), (component, path, module))
+    return index
+
+
+def kohya_to_peft(state_dict: Mapping[str, torch.Tensor], pipe, name: str = "LoRA"
+                  ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """A kohya LoRA as a diffusers/peft state dict (`unet.<module>.lora_A.weight`, …), alpha/rank folded into
+    lora_B so no per-layer alpha needs to travel. Returns (state dict, kohya layer names that match nothing)."""
+    if any(marker in k for k in state_dict for marker in _LYCORIS_MARKERS):
+        raise NetworkFileError(f"{name} is a LyCORIS (LoHa/LoKr/DoRA/Tucker) network; only plain LoRA is supported")
+    index = _kohya_index(pipe)
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in state_dict.items():
+        base = next((key[: -len(s)] for s in _SUFFIXES if key.endswith(s)), None)
+        if base is None or not base.startswith(KOHYA_PREFIXES):
+            raise NetworkFileError(f"{name}: unexpected key {key!r} in a kohya LoRA")
+        layers.setdefault(base, {})[key[len(base):]] = tensor
+    out: dict[str, torch.Tensor] = {}
+    unmatched = []
+    for base, parts in layers.items():
+        if base not in index:
+            unmatched.append(base)
+            continue
+        if ".lora_down.weight" not in parts or ".lora_up.weight" not in parts:
+            raise NetworkFileError(f"{name}: layer {base} lacks lora_down or lora_up")
+        component, path, module = index[base]
+        down, up = parts[".lora_down.weight"].float(), parts[".lora_up.weight"].float()
+        rank = down.shape[0]
+        alpha = float(parts[".alpha"]) if ".alpha" in parts else float(rank)
+        up = up * (alpha / rank)
+        if isinstance(module, nn.Conv2d):
+            down = down.reshape(*down.shape, 1, 1) if down.ndim == 2 else down
+            up = up.reshape(*up.shape, 1, 1) if up.ndim == 2 else up
+        else:
+            down, up = down.flatten(1), up.flatten(1)  # 1x1 conv kernels on a Linear layer
+        want_in = module.in_channels if isinstance(module, nn.Conv2d) else module.in_features
+        want_out = module.out_channels if isinstance(module, nn.Conv2d) else module.out_features
+        if down.shape[1] != want_in or up.shape[0] != want_out:
+            raise NetworkFileError(
+                f"{name}: layer {base} is {down.shape[1]}→{up.shape[0]} but the model's is {want_in}→{want_out}; "
+                "the LoRA was made for another model family")
+        out[f"{component}.{path}.lora_A.weight"] = down.contiguous()
+        out[f"{component}.{path}.lora_B.weight"] = up.contiguous()
+    if not out:
+        raise NetworkFileError(f"{name}: none of its {len(layers)} layers matches this model "
+                               f"(e.g. {next(iter(layers), '?')}); it was made for another model family")
+    return out, unmatched
+
+
+def _is_kohya(state_dict: Mapping) -> bool:
+    return all(k.startswith(KOHYA_PREFIXES) for k in state_dict)
+
+
+@contextmanager
+def _quiet_transformers():
+    # transformers prints a "LOAD REPORT" listing the new adapter's keys as MISSING although diffusers then
+    # fills them in; that table would only alarm users
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            # peft warns about a second adapter in one model; several adapters is what we want
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def adapter_id(lora: LoraFile) -> str:
+    # content-addressed: the same file under two names is loaded once; a changed file gets a new adapter
+    return f"lora_{lora.hash}"
+
+
+class LoraSlot:
+    """The LoRA adapters loaded into one pipeline (owned by its LoadedModel) and which are active."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.loaded: dict[str, LoraFile] = {}  # adapter id -> file, oldest first
+        self.warnings: dict[str, list[str]] = {}
+
+    def _load(self, lora: LoraFile) -> str:
+        key = adapter_id(lora)
+        if key in self.loaded:
+            self.loaded[key] = self.loaded.pop(key)  # most recently used last
+            return key
+        state = lora.state_dict()
+        if _is_kohya(state):
+            state, unmatched = kohya_to_peft(state, self.pipe, lora.path.name)
+            if unmatched:
+                self.warnings[key] = unmatched
+                log.warning("%s: %d layers match nothing in this model: %s", lora.name, len(unmatched),
+                            ", ".join(unmatched[:5]))
+        try:
+            with _quiet_transformers():
+                self.pipe.load_lora_weights(state, adapter_name=key)
+        except Exception as e:
+            self._forget(key)
+            raise NetworkFileError(f"could not apply LoRA {lora.name}: {type(e).__name__}: {e}") from e
+        self.loaded[key] = lora
+        return key
+
+    def _forget(self, key: str) -> None:
+        try:
+            self.pipe.delete_adapters([key])
+        except Exception:  # the adapter may be half-loaded; nothing else to undo
+            pass
+        self.loaded.pop(key, None)
+
+    def apply(self, active: list[ActiveLora]) -> None:
+        """Make exactly these LoRAs active with their weights; with none, every adapter is switched off."""
+        weights: dict[str, dict[str, float]] = {}
+        for item in active:
+            key = self._load(item.file)
+            w = weights.setdefault(key, {"text_encoder": 0.0, "unet": 0.0})
+            w["text_encoder"] += item.te  # the same LoRA twice adds up, as two deltas would
+            w["unet"] += item.unet
+        # evict least recently used adapters that this prompt does not need
+        for key in [k for k in self.loaded if k not in weights][: max(0, len(self.loaded) - MAX_CACHED_ADAPTERS)]:
+            self._forget(key)
+        if not self.loaded:
+            return
+        if not weights:
+            self.pipe.disable_lora()  # peft layers then return the base layer's output untouched
+            return
+        self.pipe.enable_lora()
+        names = list(weights)
+        per_adapter = []
+        for key in names:
+            # diffusers refuses a weight for a component the adapter is not in
+            per_adapter.append({c: v for c, v in weights[key].items() if self._has_part(c, key)})
+        self.pipe.set_adapters(names, per_adapter)
+
+    def _has_part(self, component: str, key: str) -> bool:
+        model = getattr(self.pipe, component, None)
+        return key in (getattr(model, "peft_config", None) or {})
+
+    def clear(self) -> None:
+        """Remove every adapter and the peft wrappers, leaving the plain model (before saving or converting)."""
+        if self.loaded:
+            self.pipe.unload_lora_weights()
+        self.loaded.clear()
+        self.warnings.clear()

@@ -1,0 +1,259 @@
+"""Prompt text to CLIP text-encoder conditioning the AUTOMATIC1111 way: 75-token chunks, emphasis
+weights, BREAK, clip skip and textual-inversion embeddings, without changing the model."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from studio.prompt_syntax import BREAK, parse_attention
+
+CHUNK_LENGTH = 75  # CLIP's 77 positions less BOS and EOS
+# a full chunk moves the words after a comma this close to its end into the next chunk (A1111's default)
+COMMA_BACKTRACK = 20
+COMMA_TOKEN = ",</w>"
+# the token id under an embedding's vectors; the hook overwrites its embedding, so any id works
+PLACEHOLDER_ID = 0
+
+
+@dataclass
+class TextualInversion:
+    name: str
+    vectors: torch.Tensor  # [n_vectors, dim]
+
+
+@dataclass
+class EncodedPrompt:
+    embeds: torch.Tensor  # [1, 77 * n_chunks, dim]
+    used_embeddings: list[str]
+
+
+@dataclass
+class _Chunk:
+    """Up to 75 tokens (no BOS/EOS yet), their weights, and where embeddings' vectors go."""
+
+    tokens: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    fixes: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (offset, vectors)
+
+    def split_off(self, start: int) -> _Chunk:
+        """Remove everything from `start` on and return it as a new chunk."""
+        tail = _Chunk(
+            self.tokens[start:],
+            self.weights[start:],
+            [(offset - start, vectors) for offset, vectors in self.fixes if offset >= start],
+        )
+        del self.tokens[start:], self.weights[start:]
+        self.fixes = [(offset, vectors) for offset, vectors in self.fixes if offset < start]
+        return tail
+
+
+class _Packer:
+    """Packs weighted tokens into chunks with A1111's rules (comma backtrack, BREAK, whole embeddings)."""
+
+    def __init__(self, comma_id: int | None):
+        self.comma_id = comma_id
+        self.chunks: list[_Chunk] = []
+        self.current = _Chunk()
+        self.last_comma = -1
+
+    def close(self) -> None:
+        self.chunks.append(self.current)
+        self.current = _Chunk()
+        self.last_comma = -1
+
+    def make_room(self, token: int) -> None:
+        """Start a new chunk if the current one is full, carrying the words after a nearby comma along."""
+        if len(self.current.tokens) < CHUNK_LENGTH:
+            return
+        near_comma = self.last_comma >= 0 and CHUNK_LENGTH - self.last_comma <= COMMA_BACKTRACK
+        if token == self.comma_id or not near_comma:
+            self.close()
+            return
+        carried = self.current.split_off(self.last_comma + 1)
+        self.close()
+        self.current = carried
+
+    def add_token(self, token: int, weight: float) -> None:
+        self.make_room(token)
+        if token == self.comma_id:
+            self.last_comma = len(self.current.tokens)
+        self.current.tokens.append(token)
+        self.current.weights.append(weight)
+
+    def add_embedding(self, first_token: int, vectors: torch.Tensor, weight: float) -> None:
+        self.make_room(first_token)
+        # an embedding's vectors belong together: never split them over two chunks
+        if len(self.current.tokens) + len(vectors) > CHUNK_LENGTH:
+            self.close()
+        self.current.fixes.append((len(self.current.tokens), vectors))
+        self.current.tokens += [PLACEHOLDER_ID] * len(vectors)
+        self.current.weights += [weight] * len(vectors)
+
+    def finish(self) -> list[_Chunk]:
+        if self.current.tokens or not self.chunks:
+            self.close()
+        return self.chunks
+
+
+def _embedding_lookup(
+    tokenizer, embeddings: Mapping[str, TextualInversion], width: int
+) -> dict[int, list[tuple[list[int], str]]]:
+    """First token id -> (token ids of the name, name), longest name first."""
+    lookup: dict[int, list[tuple[list[int], str]]] = {}
+    for name, embedding in embeddings.items():
+        vectors = embedding.vectors
+        if vectors.ndim != 2 or not 1 <= vectors.shape[0] <= CHUNK_LENGTH:
+            raise ValueError(
+                f"embedding {name!r} must hold 1 to {CHUNK_LENGTH} vectors as [n, dim], got {tuple(vectors.shape)}"
+            )
+        if vectors.shape[1] != width:
+            raise ValueError(
+                f"embedding {name!r} has vectors of width {vectors.shape[1]}, but this model's text encoder "
+                f"needs {width} (it was made for another model family)"
+            )
+        ids = tokenizer(name, add_special_tokens=False).input_ids
+        if not ids:
+            raise ValueError(f"embedding name {name!r} has no tokens")
+        lookup.setdefault(ids[0], []).append((ids, name))
+    for candidates in lookup.values():
+        candidates.sort(key=lambda candidate: len(candidate[0]), reverse=True)
+    return lookup
+
+
+def _match_embedding(
+    lookup: Mapping[int, list[tuple[list[int], str]]], tokens: Sequence[int], position: int
+) -> tuple[list[int], str] | None:
+    for ids, name in lookup.get(tokens[position], ()):
+        if list(tokens[position : position + len(ids)]) == ids:
+            return ids, name
+    return None
+
+
+def apply_emphasis(z: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    """A1111's "Original" emphasis: scale each position by its weight, then restore the chunk's mean."""
+    if all(w == 1.0 for w in weights):
+        return z  # untouched, so unweighted prompts match diffusers bit for bit
+    # in float32: the two means of a float16 chunk would lose most of the correction's precision
+    scaled = z.float()
+    original_mean = scaled.mean()
+    scaled = scaled * torch.tensor(weights, dtype=torch.float32, device=z.device)[None, :, None]
+    scaled = scaled * (original_mean / scaled.mean())
+    return scaled.to(z.dtype)
+
+
+def _inject_hook(fixes: list[tuple[int, torch.Tensor]]):
+    """A forward hook for the token-embedding layer that puts embeddings' vectors at their positions."""
+    # the model may be shared by several UI threads: only touch this thread's forward pass
+    owner = threading.get_ident()
+
+    def hook(module, args, output):
+        if threading.get_ident() != owner:
+            return None
+        output = output.clone()
+        for offset, vectors in fixes:
+            output[0, offset : offset + len(vectors)] = vectors.to(device=output.device, dtype=output.dtype)
+        return output
+
+    return hook
+
+
+def _final_layer_norm(text_encoder) -> torch.nn.Module:
+    # transformers 5 CLIPTextModel holds it directly; older versions under .text_model
+    owner = getattr(text_encoder, "text_model", text_encoder)
+    return owner.final_layer_norm
+
+
+class PromptEncoder:
+    """Encodes A1111-syntax prompts with a CLIPTokenizer + CLIPTextModel pair, one 77-token chunk at a time."""
+
+    def __init__(
+        self,
+        tokenizer,
+        text_encoder,
+        embeddings: Mapping[str, TextualInversion] | None = None,
+        clip_skip: int = 1,
+    ):
+        layers = text_encoder.config.num_hidden_layers
+        if not 1 <= clip_skip <= layers:
+            raise ValueError(f"clip skip must be 1 to {layers} for this text encoder, got {clip_skip}")
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.clip_skip = clip_skip
+        self.embeddings = dict(embeddings or {})
+        width = text_encoder.get_input_embeddings().embedding_dim
+        self._lookup = _embedding_lookup(tokenizer, self.embeddings, width)
+        self._comma_id = tokenizer.get_vocab().get(COMMA_TOKEN)
+
+    def _pack(self, text: str) -> tuple[list[_Chunk], list[str]]:
+        segments = parse_attention(text)
+        token_lists = self.tokenizer(
+            [t for t, _ in segments], add_special_tokens=False, verbose=False
+        ).input_ids
+        packer = _Packer(self._comma_id)
+        used: list[str] = []
+        for (segment, weight), tokens in zip(segments, token_lists, strict=True):
+            if (segment, weight) == BREAK:
+                packer.close()
+                continue
+            position = 0
+            while position < len(tokens):
+                match = _match_embedding(self._lookup, tokens, position)
+                if match is None:
+                    packer.add_token(tokens[position], weight)
+                    position += 1
+                    continue
+                ids, name = match
+                packer.add_embedding(tokens[position], self.embeddings[name].vectors, weight)
+                if name not in used:
+                    used.append(name)
+                position += len(ids)
+        return packer.finish(), used
+
+    def _chunk_ids(self, chunk: _Chunk) -> list[int]:
+        pad = [self.tokenizer.pad_token_id] * (CHUNK_LENGTH - len(chunk.tokens))
+        return [self.tokenizer.bos_token_id, *chunk.tokens, self.tokenizer.eos_token_id, *pad]
+
+    def _encode_chunk(self, chunk: _Chunk) -> torch.Tensor:
+        ids = torch.tensor([self._chunk_ids(chunk)], device=self.text_encoder.device)
+        # BOS sits before the chunk's tokens: shift each embedding's offset by one
+        fixes = [(offset + 1, vectors) for offset, vectors in chunk.fixes]
+        hook = None
+        if fixes:
+            hook = self.text_encoder.get_input_embeddings().register_forward_hook(_inject_hook(fixes))
+        try:
+            if self.clip_skip == 1:
+                z = self.text_encoder(ids).last_hidden_state
+            else:
+                hidden = self.text_encoder(ids, output_hidden_states=True).hidden_states
+                z = _final_layer_norm(self.text_encoder)(hidden[-self.clip_skip])
+        finally:
+            if hook is not None:
+                hook.remove()
+        weights = [1.0, *chunk.weights, 1.0] + [1.0] * (CHUNK_LENGTH - len(chunk.weights))
+        return apply_emphasis(z, weights)
+
+    @torch.no_grad()
+    def encode(self, text: str) -> EncodedPrompt:
+        chunks, used = self._pack(text)
+        embeds = torch.cat([self._encode_chunk(chunk) for chunk in chunks], dim=1)
+        return EncodedPrompt(embeds=embeds, used_embeddings=used)
+
+    def encode_pair(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Prompt and negative conditioning of one length: the shorter gets empty-prompt chunks appended."""
+        cond, uncond = self.encode(prompt), self.encode(negative)
+        length = max(cond.embeds.shape[1], uncond.embeds.shape[1])
+        empty = self.encode("").embeds if cond.embeds.shape[1] != uncond.embeds.shape[1] else None
+        cond_embeds, uncond_embeds = (_pad_with(e.embeds, empty, length) for e in (cond, uncond))
+        used = cond.used_embeddings + [n for n in uncond.used_embeddings if n not in cond.used_embeddings]
+        return cond_embeds, uncond_embeds, used
+
+
+def _pad_with(embeds: torch.Tensor, empty: torch.Tensor | None, length: int) -> torch.Tensor:
+    """`embeds` lengthened to `length` positions with copies of the empty prompt's chunk."""
+    if embeds.shape[1] == length:
+        return embeds
+    return torch.cat([embeds, empty.repeat(1, (length - embeds.shape[1]) // empty.shape[1], 1)], dim=1)

@@ -1,0 +1,579 @@
+"""Shared network files: Textual Inversion embeddings and LoRAs in A1111, kohya and diffusers formats.
+
+Find them by name in embeddings/ and loras/, read them safely (safetensors, or pickles through
+torch.load(weights_only=True) only), hash them the A1111 way, describe them for the UI, and write them back.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import pickle
+import struct
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from studio.atomic import atomic_path
+from studio.library import unpickling_refusal
+
+EMBEDDING_EXTS = (".safetensors", ".pt", ".bin")
+LORA_EXTS = (".safetensors", ".pt", ".ckpt", ".bin")
+PICKLE_EXTS = (".pt", ".ckpt", ".bin", ".pth")
+PREVIEW_SUFFIXES = (".preview.png", ".preview.jpg", ".preview.jpeg", ".preview.webp", ".png", ".jpg", ".webp")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+
+
+class NetworkFileError(ValueError):
+    """A LoRA or embedding file that cannot be used, with the reason."""
+
+
+class UnknownNetworkError(NetworkFileError):
+    """A name in a prompt that matches no file."""
+
+
+# --- reading tensors safely ---
+
+
+def read_tensor_file(path: Path) -> tuple[dict, dict[str, str]]:
+    """(contents, safetensors metadata). Pickles only through torch.load(weights_only=True)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise NetworkFileError(f"{path.name}: cannot read ({e.strerror or e})") from e
+    if size == 0:
+        raise NetworkFileError(f"{path.name} is empty (0 bytes)")
+    if path.suffix.lower() == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                return {k: f.get_tensor(k) for k in f.keys()}, meta
+        except Exception as e:  # safetensors has its own error types for a bad header
+            raise NetworkFileError(f"{path.name} is not a valid safetensors file ({e})") from e
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise NetworkFileError(unpickling_refusal(path, e)) from e
+    except Exception as e:
+        raise NetworkFileError(f"{path.name} is not a readable file ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict):
+        raise NetworkFileError(f"{path.name} holds a {type(data).__name__}, not a dict of tensors")
+    return data, {}
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """safetensors header metadata without reading the tensors ({} for other formats)."""
+    if Path(path).suffix.lower() != ".safetensors":
+        return {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise NetworkFileError(f"{Path(path).name} is not a valid safetensors file ({e})") from e
+
+
+# --- hashes (A1111: LoRA "addnet" hash over the tensor bytes; embeddings over the whole file) ---
+
+_hash_cache: dict[tuple, str] = {}
+_hash_lock = threading.Lock()
+
+
+def _cached_sha256(path: Path, skip_header: bool) -> str:
+    path = Path(path).resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns, skip_header)
+    with _hash_lock:
+        if key in _hash_cache:
+            return _hash_cache[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if skip_header:
+            # safetensors: 8-byte little-endian header length, then the JSON header, then tensor bytes
+            (n,) = struct.unpack("<Q", f.read(8))
+            f.seek(8 + n)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    value = digest.hexdigest()
+    with _hash_lock:
+        _hash_cache[key] = value
+    return value
+
+
+def lora_hash(path: Path) -> str:
+    """A1111's LoRA short hash: 12 hex digits of SHA-256 over a safetensors file's bytes after its header."""
+    return _cached_sha256(path, skip_header=Path(path).suffix.lower() == ".safetensors")[:12]
+
+
+def embedding_hash(path: Path) -> str:
+    """A1111's embedding short hash: 12 hex digits of SHA-256 over the whole file."""
+    return _cached_sha256(path, skip_header=False)[:12]
+
+
+# --- embeddings ---
+
+
+def embedding_vectors(data: Mapping, name: str = "embedding") -> torch.Tensor:
+    """The [n_vectors, dim] tensor of an embedding in any of the formats A1111 reads."""
+    if "string_to_param" in data:  # A1111 .pt
+        params = data["string_to_param"]
+        params = getattr(params, "_parameters", params)
+        if not isinstance(params, Mapping) or len(params) != 1:
+            raise NetworkFileError(f"{name}: 'string_to_param' should hold exactly one tensor")
+        tensor = next(iter(params.values()))
+    elif "emb_params" in data:  # kohya / A1111 safetensors
+        tensor = data["emb_params"]
+    elif "clip_l" in data or "clip_g" in data:
+        raise NetworkFileError(f"{name} is an SDXL embedding (clip_l/clip_g); SD 1.x/2.x models cannot use it")
+    else:
+        tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
+        if len(tensors) != 1:  # diffusers: {token: tensor}
+            raise NetworkFileError(f"{name}: not an embedding (expected one tensor, found keys {sorted(data)[:8]})")
+        tensor = tensors[0]
+    if not isinstance(tensor, torch.Tensor):
+        raise NetworkFileError(f"{name}: the embedding is a {type(tensor).__name__}, not a tensor")
+    tensor = tensor.detach().to("cpu", torch.float32)
+    if tensor.ndim == 1:
+        tensor = tensor.unsqueeze(0)
+    if tensor.ndim != 2 or tensor.shape[0] == 0:
+        raise NetworkFileError(f"{name}: embedding shape {tuple(tensor.shape)} is not [vectors, width]")
+    if not torch.isfinite(tensor).all():
+        raise NetworkFileError(f"{name}: the embedding contains NaN or infinite values")
+    return tensor
+
+
+@dataclass
+class EmbeddingFile:
+    name: str  # the file stem: what prompts use
+    path: Path
+    vectors: torch.Tensor  # [n_vectors, dim], float32 on the CPU
+    info: dict = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @property
+    def hash(self) -> str:
+        return embedding_hash(self.path)
+
+
+def load_embedding(path: Path) -> EmbeddingFile:
+    path = Path(path)
+    data, meta = read_tensor_file(path)
+    vectors = embedding_vectors(data, path.name)
+    info = {"vectors": int(vectors.shape[0]), "width": int(vectors.shape[1])}
+    for key in ("step", "sd_checkpoint", "sd_checkpoint_name", "name"):
+        value = data.get(key, meta.get(key))
+        if value is not None and not isinstance(value, torch.Tensor):
+            info[key] = value
+    info.update({k: v for k, v in meta.items() if k.startswith(("ss_", "modelspec.", "studio."))})
+    return EmbeddingFile(path.stem, path, vectors, info)
+
+
+@dataclass
+class LoraFile:
+    name: str  # the file stem
+    path: Path
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def alias(self) -> str | None:
+        return self.metadata.get("ss_output_name") or None
+
+    @property
+    def hash(self) -> str:
+        return lora_hash(self.path)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        data, _ = read_tensor_file(self.path)
+        check_lora_state_dict(data, self.path.name)
+        return data
+
+
+def check_lora_state_dict(data: Mapping, name: str = "LoRA") -> None:
+    """A kohya (lora_unet_*/lora_te_*) or diffusers/peft (…lora_A/lora_B…) LoRA; a clear error otherwise."""
+    keys = [k for k, v in data.items() if isinstance(v, torch.Tensor)]
+    if not keys:
+        raise NetworkFileError(f"{name} holds no tensors")
+    kohya = all(k.startswith(KOHYA_PREFIXES) for k in keys)
+    peft = any(".lora_A." in k or ".lora.down." in k or "lora_linear_layer" in k for k in keys)
+    if not (kohya or peft):
+        raise NetworkFileError(f"{name} is not a LoRA (keys such as {keys[0]!r} are neither kohya nor diffusers)")
+    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
+        raise NetworkFileError(f"{name} is an SDXL LoRA (two text encoders); SD 1.x/2.x models cannot use it")
+    bad = [k for k in keys if not torch.isfinite(data[k]).all()]
+    if bad:
+        raise NetworkFileError(f"{name}: NaN or infinite values in {bad[0]}")
+
+
+# --- folders ---
+
+
+@dataclass
+class Scan:
+    """What a folder holds: usable files by name, and everything skipped with the reason."""
+
+    found: dict = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # relative path -> reason
+
+
+def _files(folder: Path, exts: tuple[str, ...]) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    root = folder.resolve()
+    out = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or path.suffix.lower() not in exts:
+            continue
+        if not path.is_file():
+            continue
+        if root not in path.resolve().parents:  # a symlink pointing outside the folder
+            continue
+        out.append(path)
+    return out
+
+
+class NetworkLibrary:
+    """Scans loras/ and embeddings/ (cached by size and mtime, so rescans are cheap) and resolves names."""
+
+    def __init__(self, loras_dir: Path, embeddings_dir: Path):
+        self.loras_dir = Path(loras_dir)
+        self.embeddings_dir = Path(embeddings_dir)
+        self._lock = threading.Lock()
+        self._cache: dict[tuple, object] = {}
+
+    def _cached(self, path: Path, kind: str, load):
+        stat = path.stat()
+        key = (kind, str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            if key in self._cache:
+                value = self._cache[key]
+                if isinstance(value, Exception):
+                    raise value
+                return value
+        try:
+            value = load(path)
+        except NetworkFileError as e:
+            value = e
+        with self._lock:
+            self._cache[key] = value
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    def embeddings(self, expected_dim: int | None = None) -> Scan:
+        """Embeddings by file stem. With `expected_dim`, those of another width are skipped with the reason."""
+        scan = Scan()
+        for path in _files(self.embeddings_dir, EMBEDDING_EXTS):
+            rel = path.relative_to(self.embeddings_dir).as_posix()
+            try:
+                emb = self._cached(path, "embedding", load_embedding)
+            except NetworkFileError as e:
+                scan.skipped[rel] = str(e)
+                continue
+            if emb.name in scan.found:
+                scan.skipped[rel] = f"same name as {scan.found[emb.name].path.relative_to(self.embeddings_dir)}"
+            elif expected_dim is not None and emb.dim != expected_dim:
+                scan.skipped[rel] = (f"width {emb.dim} does not fit the loaded model (width {expected_dim}: "
+                                     f"{_family_of_width(emb.dim)} embedding)")
+            else:
+                scan.found[emb.name] = emb
+        return scan
+
+    def loras(self) -> Scan:
+        """LoRAs by file stem. Pickled ones are opened (weights_only) so a hostile file shows as refused."""
+        scan = Scan()
+        for path in _files(self.loras_dir, LORA_EXTS):
+            rel = path.relative_to(self.loras_dir).as_posix()
+            try:
+                lora = self._cached(path, "lora", _load_lora_entry)
+            except NetworkFileError as e:
+                scan.skipped[rel] = str(e)
+                continue
+            if lora.name in scan.found:
+                scan.skipped[rel] = f"same name as {scan.found[lora.name].path.relative_to(self.loras_dir)}"
+            else:
+                scan.found[lora.name] = lora
+        return scan
+
+    def find_lora(self, name: str, scan: Scan | None = None) -> LoraFile:
+        """By file stem, else by the `ss_output_name` alias; an unknown name lists close matches."""
+        scan = scan or self.loras()
+        if name in scan.found:
+            return scan.found[name]
+        by_alias = {lora.alias: lora for lora in scan.found.values() if lora.alias}
+        if name in by_alias:
+            return by_alias[name]
+        raise UnknownNetworkError(_unknown("LoRA", name, [*scan.found, *by_alias], self.loras_dir, scan))
+
+    def find_lora_by_hash(self, short_hash: str, scan: Scan | None = None) -> LoraFile | None:
+        scan = scan or self.loras()
+        return next((lf for lf in scan.found.values() if lf.hash == short_hash.lower()), None)
+
+
+def _load_lora_entry(path: Path) -> LoraFile:
+    if path.suffix.lower() == ".safetensors":
+        meta = read_metadata(path)
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+        check_lora_state_dict({k: torch.zeros(()) for k in keys}, path.name)
+        return LoraFile(path.stem, path, meta)
+    data, _ = read_tensor_file(path)  # refuses hostile pickles at scan time
+    check_lora_state_dict(data, path.name)
+    return LoraFile(path.stem, path, {})
+
+
+def _family_of_width(dim: int) -> str:
+    return {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL"}.get(dim, f"{dim}-wide")
+
+
+def _unknown(kind: str, name: str, known: list[str], folder: Path, scan: Scan) -> str:
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    msg = f"unknown {kind} {name!r}: no file with that name in {folder.name}/"
+    if close:
+        msg += f"; close matches: {', '.join(close)}"
+    elif known:
+        msg += f"; available: {', '.join(sorted(known)[:10])}"
+    refused = [rel for rel in scan.skipped if Path(rel).stem == name]
+    if refused:
+        msg += f" ({refused[0]} exists but was skipped: {scan.skipped[refused[0]]})"
+    return msg
+
+
+# --- describing files for the UI ---
+
+
+def preview_image(path: Path) -> Path | None:
+    """`name.preview.png` (A1111) or `name.png` beside the file."""
+    path = Path(path)
+    for suffix in PREVIEW_SUFFIXES:
+        candidate = path.with_name(path.stem + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _top_tags(tag_frequency: str, n: int = 8) -> list[str]:
+    try:
+        freq = json.loads(tag_frequency)
+    except ValueError:
+        return []
+    counts: dict[str, int] = {}
+    for tags in freq.values() if isinstance(freq, dict) else []:
+        if isinstance(tags, dict):
+            for tag, count in tags.items():
+                counts[tag.strip()] = counts.get(tag.strip(), 0) + int(count)
+    return [t for t, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:n]]
+
+
+def lora_card(lora: LoraFile) -> dict:
+    """Human-facing facts about a LoRA from its kohya `ss_*` / `modelspec.*` metadata."""
+    m = lora.metadata
+    card = {"name": lora.name, "file": lora.path.name}
+    pairs = {
+        "alias": "ss_output_name", "base model": "ss_base_model_version", "trained on": "ss_sd_model_name",
+        "rank": "ss_network_dim", "alpha": "ss_network_alpha", "module": "ss_network_module",
+        "steps": "ss_steps", "epochs": "ss_epoch", "images": "ss_num_train_images",
+        "resolution": "ss_resolution", "learning rate": "ss_learning_rate", "UNet lr": "ss_unet_lr",
+        "text encoder lr": "ss_text_encoder_lr", "scheduler": "ss_lr_scheduler", "optimizer": "ss_optimizer",
+        "seed": "ss_seed", "comment": "ss_training_comment", "architecture": "modelspec.architecture",
+        "title": "modelspec.title", "trigger words": "modelspec.trigger_phrase",
+    }
+    for label, key in pairs.items():
+        if m.get(key) not in (None, "", "None"):
+            card[label] = m[key]
+    if "trigger words" not in card and m.get("ss_tag_frequency"):
+        tags = _top_tags(m["ss_tag_frequency"])
+        if tags:
+            card["frequent tags"] = ", ".join(tags)
+    if "rank" not in card and lora.path.suffix.lower() == ".safetensors":
+        with safe_open(str(lora.path), framework="pt") as f:
+            down = next((k for k in f.keys() if k.endswith(("lora_down.weight", "lora_A.weight"))), None)
+            if down:
+                card["rank"] = str(f.get_slice(down).get_shape()[0])
+    return card
+
+
+def embedding_card(emb: EmbeddingFile) -> dict:
+    card = {"name": emb.name, "file": emb.path.name, "vectors": emb.vectors.shape[0], "width": emb.dim,
+            "for": _family_of_width(emb.dim)}
+    for key in ("step", "sd_checkpoint_name", "modelspec.trigger_phrase", "studio.method"):
+        if key in emb.info:
+            card[key.replace("sd_checkpoint_name", "trained on")] = emb.info[key]
+    return card
+
+
+# --- writing files for sharing ---
+
+EMBEDDING_FORMATS = ("a1111", "diffusers", "a1111-pt")
+
+
+def save_embedding(path: Path, vectors: torch.Tensor, name: str | None = None, fmt: str = "a1111",
+                   step: int | None = None, checkpoint_hash: str = "", checkpoint_name: str = "",
+                   metadata: Mapping[str, str] | None = None) -> Path:
+    """Write an embedding other tools load.
+
+    a1111: `.safetensors` with `emb_params` (A1111 and kohya; diffusers with `token=`);
+    diffusers: `.safetensors` with `{name: tensor}` (diffusers names the token itself; A1111 reads it too);
+    a1111-pt: the legacy A1111 `.pt` dict (loadable with torch.load(weights_only=True)).
+    """
+    path = Path(path)
+    name = name or path.stem
+    vectors = vectors.detach().to("cpu", torch.float32).contiguous()
+    if vectors.ndim == 1:
+        vectors = vectors.unsqueeze(0)
+    if vectors.ndim != 2:
+        raise ValueError(f"an embedding is [vectors, width], got shape {tuple(vectors.shape)}")
+    if fmt not in EMBEDDING_FORMATS:
+        raise ValueError(f"unknown embedding format {fmt!r}; choose one of {', '.join(EMBEDDING_FORMATS)}")
+    meta = {"format": "pt", "name": name, **({"step": str(step)} if step is not None else {}),
+            "sd_checkpoint": checkpoint_hash, "sd_checkpoint_name": checkpoint_name, **(metadata or {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        if fmt == "a1111-pt":
+            torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": name,
+                        "step": int(step or 0), "sd_checkpoint": checkpoint_hash or None,
+                        "sd_checkpoint_name": checkpoint_name or None}, tmp)
+        else:
+            key = "emb_params" if fmt == "a1111" else name
+            save_file({key: vectors}, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+    return path
+
+
+def kohya_name(component: str, module_path: str) -> str:
+    """`lora_unet_…` / `lora_te_…` from a diffusers / transformers module path."""
+    if component == "unet":
+        return "lora_unet_" + module_path.replace(".", "_")
+    if component == "text_encoder":
+        # kohya names follow the classic CLIPTextModel layout, which nests everything under text_model
+        if not module_path.startswith("text_model."):
+            module_path = "text_model." + module_path
+        return "lora_te_" + module_path.replace(".", "_")
+    raise ValueError(f"component must be 'unet' or 'text_encoder', got {component!r}")
+
+
+@dataclass
+class LoraLayer:
+    down: torch.Tensor  # [rank, in] (or a conv kernel [rank, in, kh, kw])
+    up: torch.Tensor  # [out, rank]
+    alpha: float
+
+
+def peft_to_layers(peft_state_dict: Mapping[str, torch.Tensor], alpha: float | Mapping[str, float],
+                   ) -> dict[str, LoraLayer]:
+    """Module path -> LoraLayer from `peft.get_peft_model_state_dict` output (…lora_A.weight / lora_B.weight).
+
+    `alpha` is peft's lora_alpha, one number or a module-path -> alpha map (peft's alpha_pattern)."""
+    layers: dict[str, LoraLayer] = {}
+    for key, tensor in peft_state_dict.items():
+        if ".lora_A." not in key:
+            continue
+        module = key.split(".lora_A.")[0]
+        up_key = key.replace(".lora_A.", ".lora_B.")
+        if up_key not in peft_state_dict:
+            raise ValueError(f"{module}: lora_A without lora_B")
+        a = alpha.get(module, alpha.get("default")) if isinstance(alpha, Mapping) else alpha
+        if a is None:
+            a = tensor.shape[0]
+        layers[module] = LoraLayer(tensor, peft_state_dict[up_key], float(a))
+    return layers
+
+
+def save_kohya_lora(path: Path, unet: Mapping[str, LoraLayer] | None = None,
+                    text_encoder: Mapping[str, LoraLayer] | None = None,
+                    metadata: Mapping[str, str] | None = None, dtype: torch.dtype = torch.float16) -> Path:
+    """A kohya-format LoRA (`lora_unet_*`/`lora_te_*` + `.alpha`), what A1111, ComfyUI and Civitai expect."""
+    tensors: dict[str, torch.Tensor] = {}
+    for component, layers in (("unet", unet or {}), ("text_encoder", text_encoder or {})):
+        for module, layer in layers.items():
+            base = kohya_name(component, module)
+            rank = layer.down.shape[0]
+            if layer.up.shape[1] != rank:
+                raise ValueError(f"{module}: up has rank {layer.up.shape[1]}, down has rank {rank}")
+            tensors[f"{base}.lora_down.weight"] = layer.down.detach().to("cpu", dtype).contiguous()
+            tensors[f"{base}.lora_up.weight"] = layer.up.detach().to("cpu", dtype).contiguous()
+            tensors[f"{base}.alpha"] = torch.tensor(float(layer.alpha), dtype=dtype)
+    if not tensors:
+        raise ValueError("a LoRA needs at least one layer")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    return path
+
+
+def kohya_metadata(*, output_name: str, family: str, rank: int, alpha: float, base_model_name: str = "",
+                   steps: int | None = None, epochs: int | None = None, num_images: int | None = None,
+                   resolution: tuple[int, int] | None = None, learning_rate: float | None = None,
+                   unet_lr: float | None = None, text_encoder_lr: float | None = None,
+                   lr_scheduler: str = "", optimizer: str = "", seed: int | None = None,
+                   trigger_phrase: str = "", tag_frequency: Mapping | None = None, comment: str = "",
+                   extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The `ss_*` and `modelspec.*` metadata kohya's tools and A1111's extra-networks cards read."""
+    version = {"sd1": "sd_v1", "sd2": "sd_v2"}.get(family, family)
+    arch = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora"}.get(family, family)
+    values = {
+        "ss_network_module": "networks.lora", "ss_network_dim": rank, "ss_network_alpha": alpha,
+        "ss_output_name": output_name, "ss_sd_model_name": base_model_name, "ss_base_model_version": version,
+        "ss_v2": family == "sd2", "ss_steps": steps, "ss_epoch": epochs, "ss_num_train_images": num_images,
+        "ss_resolution": f"({resolution[0]}, {resolution[1]})" if resolution else None,
+        "ss_learning_rate": learning_rate, "ss_unet_lr": unet_lr, "ss_text_encoder_lr": text_encoder_lr,
+        "ss_lr_scheduler": lr_scheduler, "ss_optimizer": optimizer, "ss_seed": seed,
+        "ss_training_comment": comment,
+        "ss_tag_frequency": json.dumps(tag_frequency) if tag_frequency else None,
+        "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch, "modelspec.title": output_name,
+        "modelspec.trigger_phrase": trigger_phrase,
+    }
+    out = {k: str(v) for k, v in values.items() if v not in (None, "")}
+    out.update({k: str(v) for k, v in (extra or {}).items()})
+    return out
+
+
+# --- reading A1111's hash fields back ---
+
+
+def parse_hash_field(value: str) -> dict[str, str]:
+    """`"name: 0123456789ab, other: ..."` (Lora hashes / TI hashes) -> {name: hash}."""
+    out = {}
+    for part in (value or "").split(","):
+        name, sep, digest = part.rpartition(":")
+        if sep and name.strip() and digest.strip():
+            out[name.strip()] = digest.strip().lower()
+    return out
+
+
+def restore_lora_names(prompt: str, lora_hashes: str, library: NetworkLibrary) -> tuple[str, list[str]]:
+    """Point the `<lora:name…>` tags of a pasted prompt at local files: a name not found here whose hash matches a
+    local file is renamed to it (the file was renamed or shared under another name). Returns (prompt, notes)."""
+    from studio.prompt_syntax import extract_network_tags
+
+    hashes = parse_hash_field(lora_hashes)
+    if not hashes:
+        return prompt, []
+    scan = library.loras()
+    _, tags = extract_network_tags(prompt)
+    notes = []
+    for tag in tags:
+        if tag.kind != "lora" or tag.name not in hashes:
+            continue
+        try:
+            library.find_lora(tag.name, scan)
+            continue
+        except UnknownNetworkError:
+            pass
+        local = library.find_lora_by_hash(hashes[tag.name], scan)
+        if local is None:
+            notes.append(f"LoRA {tag.name} (hash {hashes[tag.name]}) is not in {library.loras_dir.name}/")
+            continue
+        prompt = prompt.replace(tag.text, tag.text.replace(f":{tag.name}", f":{local.name}", 1), 1)
+        notes.append(f"LoRA {tag.name} found by its hash as {local.name}")
+    return prompt, notes

@@ -1,0 +1,101 @@
+"""Extra networks panel of the Generate tab: cards for every LoRA and embedding, click to insert the tag."""
+
+from __future__ import annotations
+
+import hashlib
+
+import gradio as gr
+from PIL import Image, ImageDraw
+
+from studio.networks import NetworkLibrary, embedding_card, lora_card, preview_image
+from studio.prompt_syntax import format_lora_tag
+from studio.ui.state import AppState
+
+TILE = 160
+
+
+def placeholder_tile(name: str) -> Image.Image:
+    """A coloured tile with the name's initials for files without a preview image."""
+    digest = hashlib.sha256(name.encode()).digest()
+    colour = tuple(60 + b % 140 for b in digest[:3])
+    tile = Image.new("RGB", (TILE, TILE), colour)
+    draw = ImageDraw.Draw(tile)
+    initials = "".join(part[0] for part in name.replace("-", " ").replace("_", " ").split()[:2]).upper() or "?"
+    draw.text((TILE // 2, TILE // 2), initials, fill=(255, 255, 255), anchor="mm", font_size=56)
+    return tile
+
+
+def _cards(library: NetworkLibrary, expected_dim: int | None):
+    """(lora gallery items, lora rows, embedding items, embedding rows, markdown of skipped files)."""
+    loras, embs = library.loras(), library.embeddings(expected_dim)
+    lora_items, lora_rows = [], []
+    for name, lora in sorted(loras.found.items()):
+        card = lora_card(lora)
+        preview = preview_image(lora.path)
+        caption = name + (f" · {card['base model']}" if "base model" in card else "")
+        lora_items.append((str(preview) if preview else placeholder_tile(name), caption))
+        lora_rows.append(card)
+    emb_items, emb_rows = [], []
+    for name, emb in sorted(embs.found.items()):
+        card = embedding_card(emb)
+        preview = preview_image(emb.path)
+        emb_items.append((str(preview) if preview else placeholder_tile(name), f"{name} · {card['vectors']} vec"))
+        emb_rows.append(card)
+    skipped = [f"- `loras/{rel}`: {why}" for rel, why in sorted(loras.skipped.items())]
+    skipped += [f"- `embeddings/{rel}`: {why}" for rel, why in sorted(embs.skipped.items())]
+    note = ("**Skipped or refused:**\n" + "\n".join(skipped)) if skipped else ""
+    return lora_items, lora_rows, emb_items, emb_rows, note
+
+
+def _card_markdown(card: dict) -> str:
+    return "\n".join(f"- **{k}**: {v}" for k, v in card.items())
+
+
+def insert_tag(prompt: str, tag: str) -> str:
+    """Append `tag` to the prompt with one separating space (A1111's card click appends too)."""
+    prompt = prompt or ""
+    if tag in prompt:
+        return prompt
+    return f"{prompt.rstrip()} {tag}".strip() if prompt.strip() else tag
+
+
+def build(state: AppState, prompt: gr.Textbox):
+    """The accordion; returns its refresh function so other events (model load) can refresh it."""
+    with gr.Accordion("LoRAs and embeddings", open=False, elem_id="extra-networks"):
+        with gr.Row():
+            refresh = gr.Button("↻ Refresh", scale=0, min_width=100, elem_id="networks-refresh")
+            weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight for inserted LoRA tags")
+        with gr.Tabs():
+            with gr.Tab("LoRA"):
+                lora_gallery = gr.Gallery(label="LoRAs (click to insert)", columns=6, height=260,
+                                          allow_preview=False, elem_id="lora-cards")
+            with gr.Tab("Embeddings"):
+                emb_gallery = gr.Gallery(label="Embeddings (click to insert)", columns=6, height=260,
+                                         allow_preview=False, elem_id="embedding-cards")
+        details = gr.Markdown(elem_id="network-details")
+        skipped = gr.Markdown(elem_id="networks-skipped")
+        lora_rows = gr.State([])
+        emb_rows = gr.State([])
+
+    def do_refresh():
+        current = state.manager.current
+        dim = current.pipe.text_encoder.config.hidden_size if current else None
+        lora_items, lrows, emb_items, erows, note = _cards(state.generator.networks, dim)
+        empty = (f"No LoRAs or embeddings yet. Put `.safetensors` files in `{state.cfg.loras_dir}` and "
+                 f"`{state.cfg.embeddings_dir}` (a `name.preview.png` beside a file becomes its card picture).")
+        return lora_items, lrows, emb_items, erows, note or ("" if lrows or erows else empty)
+
+    outputs = [lora_gallery, lora_rows, emb_gallery, emb_rows, skipped]
+    refresh.click(do_refresh, None, outputs, api_visibility="private")
+
+    def pick_lora(rows, text, w, evt: gr.SelectData):
+        card = rows[evt.index]
+        return insert_tag(text, format_lora_tag(card["name"], float(w))), _card_markdown(card)
+
+    def pick_embedding(rows, text, evt: gr.SelectData):
+        card = rows[evt.index]
+        return insert_tag(text, card["name"]), _card_markdown(card)
+
+    lora_gallery.select(pick_lora, [lora_rows, prompt, weight], [prompt, details], api_visibility="private")
+    emb_gallery.select(pick_embedding, [emb_rows, prompt], [prompt, details], api_visibility="private")
+    return do_refresh, outputs
