@@ -45,7 +45,7 @@ def cmd_generate(args) -> int:
         sampler, schedule = samplers.split_legacy_name(sampler)
     job = GenerateJob(prompt=args.prompt, negative_prompt=args.negative, sampler=sampler, schedule=schedule,
                       steps=args.steps, cfg_scale=args.cfg, seed=args.seed, width=args.width, height=args.height,
-                      batch_size=args.batch_size, batch_count=args.batch_count)
+                      batch_size=args.batch_size, batch_count=args.batch_count, clip_skip=args.clip_skip)
     job.validate()  # before loading a model: bad input fails fast
     cfg = StudioConfig.from_env(device=args.device, precision=args.precision)
     manager = ModelManager(cfg)
@@ -111,6 +111,23 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_networks(args) -> int:
+    from studio.config import StudioConfig
+    from studio.networks import NetworkLibrary, embedding_card, lora_card
+
+    cfg = StudioConfig.from_env()
+    lib = NetworkLibrary(cfg.loras_dir, cfg.embeddings_dir)
+    loras, embs = lib.loras(), lib.embeddings(args.width)
+    out = {
+        "loras": [{**lora_card(lf), "hash": lf.hash} for lf in loras.found.values()],
+        "embeddings": [{**embedding_card(e), "hash": e.hash} for e in embs.found.values()],
+        "skipped": {**{f"loras/{k}": v for k, v in loras.skipped.items()},
+                    **{f"embeddings/{k}": v for k, v in embs.skipped.items()}},
+    }
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m studio", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, default=512)
     g.add_argument("--batch-size", type=int, default=1)
     g.add_argument("--batch-count", type=int, default=1)
+    g.add_argument("--clip-skip", type=int, default=1, help="1 = last text-encoder layer, 2 = penultimate")
     g.add_argument("--out", default=None, help="output folder (default: outputs/<date>/)")
     g.add_argument("--device", default=None, help="auto, cuda, mps or cpu")
     g.add_argument("--precision", default=None, help="auto, fp16, bf16 or fp32")
@@ -148,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list the models the studio can load")
     m.set_defaults(func=cmd_models)
+
+    n = sub.add_parser("networks", help="list LoRAs and embeddings (with what was skipped and why) as JSON")
+    n.add_argument("--width", type=int, default=None,
+                   help="text-encoder width of the model to check embeddings against (768 SD 1.x, 1024 SD 2.x)")
+    n.set_defaults(func=cmd_networks)
     return parser
 
 

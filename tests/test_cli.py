@@ -98,3 +98,26 @@ def test_help_documents_flags():
                          text=True, timeout=60).stdout
     for flag in ("--sampler", "--schedule", "--steps", "--cfg", "--seed", "--batch-size", "--out"):
         assert flag in out
+
+
+def test_cli_uses_loras_and_embeddings_by_name(home, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    (home / "embeddings").mkdir(parents=True)
+    (home / "loras").mkdir(parents=True)
+    save_file({"emb_params": torch.ones(2, 32)}, str(home / "embeddings" / "glow.safetensors"))
+    layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{layer}.lora_down.weight": torch.ones(2, 32), f"{layer}.lora_up.weight": torch.ones(32, 2),
+               f"{layer}.alpha": torch.tensor(2.0)}, str(home / "loras" / "boost.safetensors"))
+    code, out, err = run(capsys, "networks")
+    assert code == 0, err
+    listing = json.loads(out)
+    assert [e["name"] for e in listing["embeddings"]] == ["glow"] and listing["loras"][0]["name"] == "boost"
+    code, out, err = run(capsys, *GEN[:4], "glow <lora:boost:0.5>", *GEN[5:], "--out", str(tmp_path / "o"))
+    assert code == 0, err
+    code, info, err = run(capsys, "info", out.split()[0])
+    extra = json.loads(info)["extra"]
+    assert extra["Lora hashes"].startswith("boost: ") and extra["TI hashes"].startswith("glow: ")
+    code, out, err = run(capsys, *GEN[:4], "a <lora:bost:1>", *GEN[5:])
+    assert code == 2 and "close matches: boost" in err

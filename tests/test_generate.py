@@ -119,3 +119,20 @@ def test_bad_input_is_refused_with_a_clear_message(generator, changes, message):
 def test_job_from_dict_refuses_unknown_keys():
     with pytest.raises(ValueError, match="sampler_name"):
         GenerateJob.from_dict({"prompt": "x", "sampler_name": "Euler"})
+
+
+def test_prompt_weighting_long_prompts_and_clip_skip_reach_the_image(generator):
+    gen, _ = generator
+    base = pixels(gen.run(job(prompt="a red circle")))[0]
+    weighted = pixels(gen.run(job(prompt="a (red:1.6) circle")))[0]
+    assert not np.array_equal(base, weighted)
+    # brackets are syntax, not text: (word:1) is the plain prompt
+    assert np.array_equal(pixels(gen.run(job(prompt="a (red:1) circle")))[0], base)
+    long_prompt = ", ".join(["a red circle on a blue square"] * 20)  # well over 75 tokens: two or more chunks
+    long_result = gen.run(job(prompt=long_prompt))
+    assert long_result.images[0].image.size == (64, 64)
+    skipped = gen.run(job(prompt="a red circle", clip_skip=2))
+    assert not np.array_equal(pixels(skipped)[0], base)
+    assert to_fields(parse_infotext(skipped.images[0].infotext))["extra"]["Clip skip"] == "2"
+    with pytest.raises(ValueError, match="clip skip"):
+        gen.run(job(clip_skip=0))
