@@ -23,10 +23,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _shared_files(home: Path) -> None:
+    """A kohya LoRA and an embedding for demo-tiny, as users drop them into loras/ and embeddings/."""
+    import torch
+    from safetensors.torch import save_file
+
+    (home / "loras").mkdir(parents=True)
+    (home / "embeddings").mkdir(parents=True)
+    layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    g = torch.Generator().manual_seed(0)
+    save_file({f"{layer}.lora_down.weight": torch.randn(2, 32, generator=g),
+               f"{layer}.lora_up.weight": torch.randn(32, 2, generator=g), f"{layer}.alpha": torch.tensor(2.0)},
+              str(home / "loras" / "inkwash.safetensors"), metadata={"ss_network_dim": "2", "ss_network_alpha": "2"})
+    save_file({"emb_params": torch.randn(1, 32, generator=g)}, str(home / "embeddings" / "glow.safetensors"))
+
+
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     """`python app.py` on a free port with a throwaway home; yields (url, home)."""
     home = tmp_path_factory.mktemp("home")
+    _shared_files(home)
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     log = open(home / "app.log", "w")
@@ -75,6 +91,11 @@ def test_browser_generate_shows_image(app):
             box = page.locator(f"{slider} input[type=number]")
             box.fill("64")
             box.press("Enter")
+        # a LoRA card click appends its tag at the chosen weight
+        page.get_by_text("LoRAs and embeddings").click()
+        page.locator("#lora-cards .thumbnail-item").first.click()
+        page.wait_for_function(
+            "() => document.querySelector('#prompt textarea').value.endsWith('<lora:inkwash:1>')", timeout=30_000)
         page.locator("#generate-btn").click()
         image = page.locator("#gallery img").first
         image.wait_for(state="visible", timeout=120_000)
@@ -100,7 +121,8 @@ def test_browser_generate_shows_image(app):
         page.screenshot(path=str(ARTIFACTS / "png-info.png"), full_page=True)
         browser.close()
     assert negative == "lowres, bad hands" and seed == "3344" and steps == "28"
-    assert infotext.startswith("a lighthouse at dusk")
+    assert infotext.startswith("a lighthouse at dusk <lora:inkwash:1>")
+    assert 'Lora hashes: "inkwash: ' in infotext
     assert "Size: 64x64" in infotext and "Model: demo-tiny" in infotext
     saved = list((home / "outputs").rglob("*.png"))
     assert len(saved) == 1
@@ -112,7 +134,7 @@ def test_api_generate_and_clear_errors(app):
     url, home = app
     client = Client(url, verbose=False)
     args = dict(prompt="a red circle", negative="", sampler="Euler", schedule="Automatic", steps=3, cfg_scale=7,
-                seed=42, width=64, height=64, batch_size=1, batch_count=1)
+                seed=42, width=64, height=64, batch_size=1, batch_count=1, clip_skip=1)
     gallery, seed_md, infotext = client.predict(*args.values(), api_name="/generate")
     assert len(gallery) == 1 and "Seed: 42" in infotext and "42" in seed_md
     bad = dict(args, width=500)

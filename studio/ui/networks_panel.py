@@ -67,11 +67,13 @@ def build(state: AppState, prompt: gr.Textbox):
             weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight for inserted LoRA tags")
         with gr.Tabs():
             with gr.Tab("LoRA"):
-                lora_gallery = gr.Gallery(label="LoRAs (click to insert)", columns=6, height=260,
-                                          allow_preview=False, elem_id="lora-cards")
+                lora_gallery = gr.Gallery(label="LoRAs (click to insert)", columns=5, height=220,
+                                          allow_preview=False, fit_columns=False, object_fit="contain", buttons=[],
+                                          elem_id="lora-cards")
             with gr.Tab("Embeddings"):
-                emb_gallery = gr.Gallery(label="Embeddings (click to insert)", columns=6, height=260,
-                                         allow_preview=False, elem_id="embedding-cards")
+                emb_gallery = gr.Gallery(label="Embeddings (click to insert)", columns=5, height=220,
+                                         allow_preview=False, fit_columns=False, object_fit="contain", buttons=[],
+                                         elem_id="embedding-cards")
         details = gr.Markdown(elem_id="network-details")
         skipped = gr.Markdown(elem_id="networks-skipped")
         lora_rows = gr.State([])
