@@ -143,3 +143,17 @@ def test_api_generate_and_clear_errors(app):
     # the slider's own range check answers first in the UI and the API
     with pytest.raises(Exception, match="steps must be between 1 and 150|less than minimum value 1"):
         client.predict(*dict(args, steps=0).values(), api_name="/generate")
+
+
+def test_api_prompt_expansion_with_demo_tiny(app):
+    from gradio_client import Client
+
+    url, home = app
+    client = Client(url, verbose=False)
+    first = client.predict("a castle on a hill", "demo-tiny", 5, 2, api_name="/expand_prompt")
+    again = client.predict("a castle on a hill", "demo-tiny", 5, 2, api_name="/expand_prompt")
+    assert first == again  # seeded
+    text = first["value"] if isinstance(first, dict) else first  # a Radio update comes back as a dict
+    assert text.startswith("a castle on a hill") and len(text) > len("a castle on a hill")
+    with pytest.raises(Exception, match="not found|not available offline"):
+        client.predict("a castle", "/no/such/folder", 5, 1, api_name="/expand_prompt")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from studio import samplers
+from studio.expand import DEFAULT_EXPANDER, ExpandError, ExpandJob
 from studio.generate import GenerateJob
 from studio.infotext import parse_infotext, read_image_infotext, to_fields
 from studio.networks import restore_lora_names
@@ -67,6 +68,18 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
                 png_in = gr.Image(type="filepath", label="Image", sources=["upload"], elem_id="png-info")
                 png_text = gr.Textbox(label="Parameters found", lines=4, interactive=False)
             networks_refresh, networks_outputs = networks_panel.build(state, prompt)
+            with gr.Accordion("Prompt expansion (GPT-2)", open=False, elem_id="expansion"):
+                gr.Markdown("A GPT-2 model trained on Stable Diffusion prompts continues your prompt with details. "
+                            "Pick a variant, then **Use it**. `demo-tiny` is a tiny offline model (its words are "
+                            "random-ish); the default needs a download once.")
+                with gr.Row():
+                    expander_model = gr.Textbox(value=DEFAULT_EXPANDER, label="Model (hub id, folder, demo-tiny)",
+                                                scale=3, elem_id="expander-model")
+                    expander_seed = gr.Number(value=-1, precision=0, label="Seed", scale=1)
+                    variants = gr.Slider(1, 8, value=3, step=1, label="Variants", scale=1)
+                expand_btn = gr.Button("Expand prompt", elem_id="expand-btn")
+                expansions = gr.Radio([], label="Expansions", elem_id="expansions")
+                use_btn = gr.Button("Use it", elem_id="use-expansion")
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Images", columns=2, height=520, elem_id="gallery", format="png")
             used_seed = gr.Markdown(elem_id="used-seed")
@@ -118,6 +131,21 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
             return -1
 
     reuse_btn.click(reuse, infotext, seed, api_visibility="private")
+
+    # prompt expansion: shown first, used only when the user picks it
+    def expand(text, model_spec, seed_value, n, progress=gr.Progress()):
+        try:
+            job = ExpandJob(prompt=text or "", model=model_spec or "", seed=int(seed_value),
+                            num_variants=int(n)).validate()
+            progress(0, desc=f"loading {job.model}")
+            result = state.get_expander().expand(job)
+        except (ValueError, ExpandError) as e:
+            raise gr.Error(str(e)) from e
+        return gr.update(choices=result.texts, value=result.texts[0], label=f"Expansions (seed {result.seed})")
+
+    expand_btn.click(expand, [prompt, expander_model, expander_seed, variants], expansions, concurrency_id="gpu",
+                     concurrency_limit=1, api_name="expand_prompt")
+    use_btn.click(lambda chosen, current: chosen or current, [expansions, prompt], prompt, api_visibility="private")
 
     # presets
     def pick_preset(name, *values):

@@ -6,7 +6,10 @@ import os
 import threading
 from dataclasses import dataclass, field
 
+import torch
+
 from studio.config import StudioConfig
+from studio.expand import PromptExpander
 from studio.generate import Generator
 from studio.models import ModelManager
 
@@ -18,6 +21,13 @@ class AppState:
     generator: Generator
     # one GPU lane: the Stop button stops whatever generation runs now
     cancel: threading.Event = field(default_factory=threading.Event)
+    expander: PromptExpander | None = None  # the GPT-2 prompt expander, loaded on first use
+
+    def get_expander(self) -> PromptExpander:
+        if self.expander is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.expander = PromptExpander(device=device, cache_dir=self.cfg.cache_dir / "expander")
+        return self.expander
 
     @classmethod
     def create(cls, cfg: StudioConfig) -> AppState:
