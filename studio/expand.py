@@ -1,6 +1,6 @@
 """Prompt expansion: a GPT-2 language model continues a short prompt into a detailed Stable Diffusion prompt.
 
-`demo-tiny` is a tiny GPT-2 built and trained in code (offline, deterministic) for tests and the UI's demo mode.
+`demo-tiny` is a tiny GPT-2 built and trained in code (offline, deterministic) for tests and demo mode.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import re
 import tempfile
 import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from studio.atomic import atomic_dir
 
 DEFAULT_EXPANDER = "Gustavosta/MagicPrompt-Stable-Diffusion"
 TINY_EXPANDER = "demo-tiny"
+TINY_VERSION = 1  # bump when TINY_CORPUS or build_tiny_expander changes
 MAX_SEED = 2**32 - 1  # the range generate.py accepts, so one seed box serves both
 MAX_NEW_TOKENS = 512
 MAX_VARIANTS = 16
@@ -55,7 +57,8 @@ class ExpandJob:
         if not -1 <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {self.seed}")
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
-            raise ValueError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {self.max_new_tokens}")
+            raise ValueError(
+                f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {self.max_new_tokens}")
         if not 0 < self.temperature <= 5:
             raise ValueError(f"temperature must be above 0 and at most 5, got {self.temperature}")
         if self.top_k < 0:
@@ -110,6 +113,21 @@ def clean_expansion(prompt: str, continuation: str, hit_budget: bool) -> str:
     return (head + tail).rstrip(" ,") or head
 
 
+@contextmanager
+def seeded_rng(seed: int, device: torch.device):
+    """Seed the CPU generator (and `device`'s, if CUDA) for a block, restoring every global RNG after it.
+
+    Not torch.manual_seed: it reseeds every CUDA device, a change fork_rng(devices=[]) would not undo.
+    """
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 def resolve_seed(seed: int) -> int:
     return random.randint(0, MAX_SEED) if seed == -1 else seed
 
@@ -135,15 +153,21 @@ class PromptExpander:
             return "demo", None
         path = Path(spec).expanduser()
         if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ExpandError(
+                    f"{spec} is not a model folder (no config.json): an expander folder holds config.json, "
+                    f"the weights and the tokenizer, as written by save_pretrained")
             return "local", path
         if path.exists():
             raise ExpandError(
-                f"{spec} is a file; an expander is a folder holding config.json, the weights and the tokenizer "
-                f"(as written by save_pretrained)")
+                f"{spec} is a file; an expander is a folder holding config.json, the weights and the "
+                f"tokenizer (as written by save_pretrained)")
         if looks_like_path(spec) or not HUB_ID.match(spec):
+            what = "folder" if looks_like_path(spec) else "model"
             raise ExpandError(
-                f"expander folder {spec} not found. Give an existing folder with a GPT-2 model and its tokenizer, "
-                f"a Hugging Face id such as {DEFAULT_EXPANDER}, or '{TINY_EXPANDER}'.")
+                f"expander {what} {spec} not found: no such folder, and not a Hugging Face id (owner/name). "
+                f"Give an existing folder with a GPT-2 model and its tokenizer, a hub id such as "
+                f"{DEFAULT_EXPANDER}, or '{TINY_EXPANDER}'.")
         return "hub", None
 
     def load(self, spec: str, on_progress: ProgressFn | None = None):
@@ -182,14 +206,16 @@ class PromptExpander:
         except OSError as e:
             if local_only and not Path(source).is_dir():
                 raise ExpandError(
-                    f"expander {spec} is not available offline (HF_HUB_OFFLINE=1 and it is not in the Hugging "
-                    f"Face cache). Run once online to download it, or point to a local folder holding the model "
-                    f"(save_pretrained layout), or use '{TINY_EXPANDER}'.") from e
+                    f"expander {spec} is not available offline (HF_HUB_OFFLINE=1, it is not in the Hugging "
+                    f"Face cache and no local folder has that name). Run once online to download it, point "
+                    f"to a local folder holding the model (save_pretrained layout), or use '{TINY_EXPANDER}'."
+                ) from e
             if Path(source).is_dir():
                 raise ExpandError(f"could not load the expander folder {spec}: {e}") from e
             raise ExpandError(f"could not download expander {spec} from the Hugging Face hub: {e}") from e
         except Exception as e:
-            raise ExpandError(f"could not load expander {spec}: {type(e).__name__}: {e}") from e
+            where = "the expander folder" if Path(source).is_dir() else "expander"
+            raise ExpandError(f"could not load {where} {spec}: {type(e).__name__}: {e}") from e
         if not getattr(model, "can_generate", lambda: False)():
             raise ExpandError(f"{spec} is not a text-generation (causal LM) model")
         return tokenizer, model
@@ -199,7 +225,8 @@ class PromptExpander:
             with tempfile.TemporaryDirectory(prefix="studio-expander-") as tmp:
                 folder = build_tiny_expander(Path(tmp) / TINY_EXPANDER)
                 return self._from_pretrained(str(folder), TINY_EXPANDER, local_only=True)
-        folder = self.cache_dir / f"expander-{TINY_EXPANDER}"
+        # versioned: a folder built from an older corpus or recipe is not reused
+        folder = self.cache_dir / f"expander-{TINY_EXPANDER}-v{TINY_VERSION}"
         if not _is_saved_model(folder):
             build_tiny_expander(folder)
         return self._from_pretrained(str(folder), TINY_EXPANDER, local_only=True)
@@ -222,20 +249,20 @@ class PromptExpander:
             seed = resolve_seed(job.seed)
             prompt = " ".join(job.prompt.split())
             ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
-            # a prompt longer than the model's window: its tail is enough context to continue from
-            window = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", 0)
-            if window and ids.shape[1] + job.max_new_tokens > window:
-                ids = ids[:, -max(1, window - job.max_new_tokens):]
+            # fit the model's window: never more new tokens than it holds, and a prompt too long for the
+            # rest is cut to its tail, which is enough context to continue from (the text keeps it all)
+            config = model.config
+            window = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 0)
+            budget = min(job.max_new_tokens, window - 1) if window else job.max_new_tokens
+            if window and ids.shape[1] + budget > window:
+                ids = ids[:, -(window - budget):]
             ids = ids.to(self.device)
             eos = tokenizer.eos_token_id
             texts = []
             for i in range(job.num_variants):
                 if on_progress:
                     on_progress(i, job.num_variants, f"expanding {i + 1}/{job.num_variants}")
-                # forked: expanding must not disturb the global RNG that image generation may rely on
-                devices = [self.device] if self.device.type == "cuda" else []
-                with torch.random.fork_rng(devices=devices), torch.inference_mode():
-                    torch.manual_seed(seed + i)
+                with seeded_rng(seed + i, self.device), torch.inference_mode():
                     out = model.generate(
                         ids,
                         attention_mask=torch.ones_like(ids),
@@ -243,8 +270,8 @@ class PromptExpander:
                         temperature=job.temperature,
                         top_k=job.top_k,
                         top_p=job.top_p,
-                        max_new_tokens=job.max_new_tokens,
-                        min_new_tokens=min(MIN_NEW_TOKENS, job.max_new_tokens),
+                        max_new_tokens=budget,
+                        min_new_tokens=min(MIN_NEW_TOKENS, budget),
                         pad_token_id=tokenizer.pad_token_id,
                         eos_token_id=eos,
                     )
@@ -266,11 +293,14 @@ def _is_saved_model(folder: Path) -> bool:
 TINY_CORPUS = [
     "a portrait of a woman, highly detailed, digital painting, artstation, concept art, sharp focus, "
     "illustration, art by greg rutkowski",
-    "a cat sitting on a windowsill, golden hour, soft lighting, photorealistic, 8k, bokeh, by annie leibovitz",
-    "a futuristic city at night, neon lights, cyberpunk, rain, reflections, octane render, trending on artstation",
+    "a cat sitting on a windowsill, golden hour, soft lighting, photorealistic, 8k, bokeh, "
+    "by annie leibovitz",
+    "a futuristic city at night, neon lights, cyberpunk, rain, reflections, octane render, "
+    "trending on artstation",
     "an old wizard with a long beard, fantasy, intricate, elegant, highly detailed, digital painting, "
     "art by artgerm and alphonse mucha",
-    "a mountain landscape at sunrise, epic composition, volumetric lighting, matte painting, by albert bierstadt",
+    "a mountain landscape at sunrise, epic composition, volumetric lighting, matte painting, "
+    "by albert bierstadt",
     "a cute robot in a garden, pixar style, 3d render, soft colors, unreal engine, cinematic lighting",
     "a dragon flying over a castle, dramatic sky, fantasy art, highly detailed, by frank frazetta",
     "a bowl of fruit on a wooden table, still life, oil painting, chiaroscuro, by caravaggio",
@@ -278,7 +308,8 @@ TINY_CORPUS = [
     "a cozy cabin in a snowy forest, warm light, winter, hyperrealistic, 4k, trending on artstation",
     "a portrait of a man with a beard, studio lighting, 85mm lens, sharp focus, photorealistic, 8k",
     "an astronaut riding a horse on mars, surreal, digital art, vibrant colors, by simon stalenhag",
-    "a steampunk airship above the clouds, brass and copper, intricate details, illustration, by james gurney",
+    "a steampunk airship above the clouds, brass and copper, intricate details, illustration, "
+    "by james gurney",
     "a girl with red hair in a field of flowers, anime style, studio ghibli, soft pastel colors",
     "a haunted house on a hill, moonlight, fog, dark fantasy, eerie atmosphere, by zdzislaw beksinski",
     "a close up of a tiger face, wildlife photography, national geographic, highly detailed fur, 8k",
@@ -303,7 +334,8 @@ def build_tiny_expander(folder: Path | str, seed: int = 0, train_steps: int = 80
     """Build, train briefly and save (save_pretrained layout) a tiny GPT-2 prompt expander; deterministic.
 
     Its byte-level BPE tokenizer is trained on TINY_CORPUS in-process, then the model learns the corpus for
-    `train_steps` full-batch steps, enough for comma-separated, prompt-like continuations. Offline, ~2 s on two CPU cores.
+    `train_steps` full-batch steps, enough for comma-separated, prompt-like continuations. Offline, about
+    2 s on two CPU cores.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -317,7 +349,8 @@ def build_tiny_expander(folder: Path | str, seed: int = 0, train_steps: int = 80
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(TINY_CORPUS, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token=EOT, eos_token=EOT, unk_token=EOT, pad_token=EOT, model_max_length=128)
+        tokenizer_object=bpe, bos_token=EOT, eos_token=EOT, unk_token=EOT, pad_token=EOT,
+        model_max_length=128)
 
     eot = tokenizer.convert_tokens_to_ids(EOT)
     config = GPT2Config(
@@ -330,8 +363,7 @@ def build_tiny_expander(folder: Path | str, seed: int = 0, train_steps: int = 80
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     labels = input_ids.masked_fill(mask == 0, -100)
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, torch.device("cpu")):
         model = GPT2LMHeadModel(config)
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2, weight_decay=0.0)

@@ -76,12 +76,13 @@ def tiny_text_encoder(family: str = "sd1") -> CLIPTextModel:
 
 def build_tiny_pipeline(family: str = "sd1", seed: int = 0) -> StableDiffusionPipeline:
     """The same weights for the same (family, seed), whatever the global RNG state."""
+    # only the CPU generator (the models are built on the CPU): torch.manual_seed would also reseed CUDA
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         unet = tiny_unet(family)
-        torch.manual_seed(seed + 1)
+        torch.default_generator.manual_seed(seed + 1)
         vae = tiny_vae()
-        torch.manual_seed(seed + 2)
+        torch.default_generator.manual_seed(seed + 2)
         text_encoder = tiny_text_encoder(family)
     scheduler = PNDMScheduler(**SD_SCHEDULER)
     pipe = StableDiffusionPipeline(
