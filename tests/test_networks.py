@@ -383,3 +383,43 @@ def test_cards_panel_lists_files_and_inserts_tags(studio):
     assert insert_tag("a cat", "<lora:inkwash:0.8>") == "a cat <lora:inkwash:0.8>"
     assert insert_tag("a cat <lora:inkwash:0.8>", "<lora:inkwash:0.8>") == "a cat <lora:inkwash:0.8>"
     assert insert_tag("", "monet-style") == "monet-style"
+
+
+def test_diffusers_format_lora_file_is_used_by_name(studio):
+    """A LoRA saved by diffusers' own `save_lora_weights` (peft layout) works from loras/ like a kohya one."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    from studio.samplers import make_scheduler
+
+    gen, cfg = studio
+    trained = build_tiny_pipeline("sd1")
+    trained.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"],
+                                        init_lora_weights=False))
+    folder = cfg.loras_dir / "diffusers-run"
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(trained.unet),
+                                              weight_name="sketchy.safetensors")
+    try:
+        ours = image(gen, job("a harbour <lora:sketchy:1>", sampler="DPM++ 2M", schedule="Karras"))
+        trained.scheduler = make_scheduler("DPM++ 2M", "Karras", dict(trained.scheduler.config))
+        assert np.abs(_diffusers_image(trained, "a harbour") - ours).max() <= 1
+        assert np.abs(ours - image(gen, job("a harbour", sampler="DPM++ 2M", schedule="Karras"))).max() > 0
+    finally:
+        (folder / "sketchy.safetensors").unlink()
+
+
+def test_preview_image_beside_the_file_becomes_the_card(studio):
+    from PIL import Image
+
+    from studio.networks import preview_image
+    from studio.ui.networks_panel import _cards
+
+    gen, cfg = studio
+    preview = cfg.loras_dir / "inkwash.preview.png"
+    Image.new("RGB", (8, 8), "red").save(preview)
+    try:
+        assert preview_image(cfg.loras_dir / "inkwash.safetensors") == preview
+        items = _cards(gen.networks, 32)[0]
+        assert items[0][0] == str(preview) and not isinstance(items[1][0], str)  # the other has a drawn tile
+    finally:
+        preview.unlink()
