@@ -1,0 +1,144 @@
+"""Generation on the GPU, studio vs plain diffusers in the same run: 512², 25 steps, DPM++ 2M Karras, CFG 7,
+batch 1 (issue #10 items 1, 3 and 7). Usage: python bench/bench_generate.py [--repeats 5] [--work DIR]"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import build_sd15_folder, environment, median, sync, timed, write_report  # noqa: E402
+
+PROMPT = "a lighthouse on a cliff at dusk, oil painting, highly detailed"
+NEGATIVE = "blurry, lowres"
+STEPS, CFG, SIZE, SEED = 25, 7.0, 512, 1234
+
+
+def unet_flops(unet) -> float:
+    """FLOPs of one CFG step (UNet forward, 64×64 latent, batch 2) from torch's flop counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    latent = torch.randn(2, 4, 64, 64, device="cuda", dtype=unet.dtype)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", dtype=unet.dtype)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(latent, 999, encoder_hidden_states=text)
+    return counter.get_total_flops()
+
+
+def make_kohya_lora(unet, text_encoder, path: Path, rank: int, seed: int) -> Path:
+    """A kohya-format LoRA on every attention projection (UNet) and q/k/v/out (text encoder)."""
+    from safetensors.torch import save_file
+
+    from studio.networks import kohya_name
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for component, model, ends in (("unet", unet, ("to_q", "to_k", "to_v", "to_out.0")),
+                                   ("text_encoder", text_encoder, ("q_proj", "k_proj", "v_proj", "out_proj"))):
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.endswith(ends):
+                base = kohya_name(component, name)
+                tensors[f"{base}.lora_down.weight"] = (torch.randn(rank, module.in_features, generator=g) * 0.01).half()
+                tensors[f"{base}.lora_up.weight"] = (torch.randn(module.out_features, rank, generator=g) * 0.01).half()
+                tensors[f"{base}.alpha"] = torch.tensor(float(rank)).half()
+    save_file(tensors, str(path))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--work", default=None, help="folder for the random model and LoRAs (default: temp)")
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="studio-bench-"))
+    os.environ["STUDIO_HOME"] = str(work / "home")
+
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    from studio.config import StudioConfig
+    from studio.generate import GenerateJob, Generator
+    from studio.models import ModelManager
+
+    folder = build_sd15_folder(work / "sd15-random")
+    results = {"env": environment(), "settings": {"steps": STEPS, "cfg": CFG, "size": SIZE, "sampler":
+                                                  "DPM++ 2M Karras", "batch": 1, "dtype": "fp16"}}
+
+    # every contender resident on the GPU at once, timed round-robin: these runs are launch-bound and the
+    # machine's speed drifts by tens of percent over a minute, so interleaving is what makes ratios fair
+    def plain_pipe():
+        p = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16, safety_checker=None,
+                                                    requires_safety_checker=False).to("cuda")
+        p.set_progress_bar_config(disable=True)
+        p.scheduler = DPMSolverMultistepScheduler.from_config(p.scheduler.config, use_karras_sigmas=True)
+        return p
+
+    plain, plain_lora = plain_pipe(), plain_pipe()
+    flops_step = unet_flops(plain.unet)
+    loras_dir = work / "home" / "loras"
+    loras_dir.mkdir(parents=True, exist_ok=True)
+    a = make_kohya_lora(plain.unet, plain.text_encoder, loras_dir / "style_a.safetensors", 16, 1)
+    b = make_kohya_lora(plain.unet, plain.text_encoder, loras_dir / "style_b.safetensors", 16, 2)
+    plain_lora.load_lora_weights(str(a), adapter_name="a")
+    plain_lora.load_lora_weights(str(b), adapter_name="b")
+    plain_lora.set_adapters(["a", "b"], [0.7, 0.4])
+
+    cfg = StudioConfig.from_env(device="cuda", precision="fp16")
+    manager = ModelManager(cfg)
+    manager.load(str(folder))
+    manager.current.pipe.set_progress_bar_config(disable=True)
+    gen = Generator(manager)
+    job = GenerateJob(prompt=PROMPT, negative_prompt=NEGATIVE, sampler="DPM++ 2M", schedule="Karras", steps=STEPS,
+                      cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE)
+    lora_job = GenerateJob(**{**job.to_dict(), "prompt": PROMPT + " <lora:style_a:0.7> <lora:style_b:0.4>"})
+
+    def call(p):
+        return lambda: p(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
+                         width=SIZE, height=SIZE, generator=torch.Generator("cuda").manual_seed(SEED))
+
+    runs = {"plain": call(plain), "studio": lambda: gen.run(job), "plain_two_loras": call(plain_lora),
+            "studio_two_loras": lambda: gen.run(lora_job)}
+    times = {k: [] for k in runs}
+    activation_peak = {k: 0.0 for k in runs}
+    for key, fn in runs.items():  # warm-up, and each one's own peak above what is resident
+        fn()
+        sync()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        sync()
+        activation_peak[key] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    for _ in range(args.repeats):
+        for key, fn in runs.items():
+            times[key] += timed(fn, 1, warmup=0)
+    weights_gib = sum(p.numel() * p.element_size() for m in (plain.unet, plain.vae, plain.text_encoder)
+                      for p in m.parameters()) / 2**30
+    results["weights_gib"] = weights_gib
+    for key in runs:
+        results[key] = {"s_per_image": median(times[key]), "times": times[key],
+                        "peak_gib": weights_gib + activation_peak[key]}
+        r = results[key]
+        r["steps_per_s"] = STEPS / r["s_per_image"]
+        # UNet work only (the 25 CFG passes dominate; VAE decode and text encoder not counted)
+        r["unet_tflops_per_s"] = flops_step * STEPS / r["s_per_image"] / 1e12
+    results["unet_tflop_per_cfg_step"] = flops_step / 1e12
+    results["ratio_studio_over_plain"] = results["studio"]["s_per_image"] / results["plain"]["s_per_image"]
+    results["ratio_loras_studio_over_plain"] = (results["studio_two_loras"]["s_per_image"]
+                                                / results["plain_two_loras"]["s_per_image"])
+    path = write_report("generate", results)
+    print(f"{'run':<18}{'s/image':>9}{'steps/s':>9}{'peak GiB':>10}{'UNet TFLOP/s':>14}")
+    for key in ("plain", "studio", "plain_two_loras", "studio_two_loras"):
+        r = results[key]
+        print(f"{key:<18}{r['s_per_image']:>9.3f}{r['steps_per_s']:>9.1f}{r['peak_gib']:>10.2f}"
+              f"{r['unet_tflops_per_s']:>14.1f}")
+    print(f"studio/plain: {results['ratio_studio_over_plain']:.3f}; with two LoRAs: "
+          f"{results['ratio_loras_studio_over_plain']:.3f}  -> {path}")
+
+
+if __name__ == "__main__":
+    main()

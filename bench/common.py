@@ -1,0 +1,98 @@
+"""Shared pieces of the GPU benchmarks: an SD 1.5-architecture model with random weights, timers, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from contextlib import contextmanager
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SD1_CONFIGS = ROOT / "assets" / "configs" / "sd1"
+
+
+def build_sd15_folder(folder: Path, seed: int = 0) -> Path:
+    """An SD 1.5-architecture diffusers folder with random weights (speed does not depend on their values)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from studio.tokenizer import clip_tokenizer
+
+    if (folder / "model_index.json").is_file():
+        return folder
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD1_CONFIGS / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD1_CONFIGS / "vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(SD1_CONFIGS / "text_encoder"))
+    scheduler = PNDMScheduler.from_pretrained(SD1_CONFIGS / "scheduler")
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer("sd1"), unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(folder)
+    return folder
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def peak_memory():
+    """Yields a dict that holds `peak_gib` (GPU memory high-water mark inside the block) afterwards."""
+    out = {}
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        yield out
+    finally:
+        sync()
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
+    """Wall-clock seconds of each of `repeats` calls, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def environment() -> dict:
+    import diffusers
+    import transformers
+
+    return {
+        "date": date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_report(name: str, results: dict) -> Path:
+    out = Path(os.environ.get("OUT", ROOT / "bench" / "results"))
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(results, indent=2))
+    return path
