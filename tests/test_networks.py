@@ -141,25 +141,34 @@ def test_text_encoder_and_unet_weights_are_separate(studio):
     assert np.array_equal(image(gen, job("a lighthouse <lora:inkwash:te=0:unet=1>")), unet_only)
 
 
-def test_two_loras_add_their_deltas(studio):
-    """With two LoRAs active, each wrapped layer adds w1·Δ1 + w2·Δ2 to the base output."""
+def test_two_loras_add_their_deltas_and_removal_restores_bit_for_bit(studio):
+    """Active LoRAs are merged into the base weights: W = W0 + 0.7·ΔA + 0.4·ΔB; removing them gives W0 exactly."""
+    from studio.adapters import ActiveLora
+
     gen, _ = studio
     model = gen.manager.current
-    gen.encode(job("x <lora:inkwash:0.7> <lora:paperfold:0.4>"), model)
-    layer = dict(model.pipe.unet.named_modules())["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
-    x = torch.randn(2, layer.in_features, generator=torch.Generator().manual_seed(0))
     slot = model.loras()
-    with torch.no_grad():
-        combined = layer(x)
-        base = layer.base_layer(x)
-        deltas = []
-        for name in ("inkwash", "paperfold"):
-            lora = gen.networks.find_lora(name)
-            slot.apply([__import__("studio.adapters").adapters.ActiveLora(lora, 1.0, 1.0)])
-            deltas.append(layer(x) - base)
-    expected = base + 0.7 * deltas[0] + 0.4 * deltas[1]
-    assert torch.allclose(combined, expected, atol=1e-5)
-    assert not torch.allclose(combined, base, atol=1e-3)
+    ink, paper = gen.networks.find_lora("inkwash"), gen.networks.find_lora("paperfold")
+    layer = dict(model.pipe.unet.named_modules())["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"]
+    te_layer = dict(model.pipe.text_encoder.named_modules())["encoder.layers.0.self_attn.q_proj"]
+
+    def weight(active):
+        slot.apply(active)
+        return layer.get_base_layer().weight.detach().clone(), te_layer.get_base_layer().weight.detach().clone()
+
+    w0, t0 = weight([])
+    wa, ta = weight([ActiveLora(ink, 1.0, 1.0)])
+    wb, tb = weight([ActiveLora(paper, 1.0, 1.0)])
+    w, t = weight([ActiveLora(ink, 0.7, 0.7), ActiveLora(paper, 0.4, 0.4)])
+    assert torch.allclose(w, w0 + 0.7 * (wa - w0) + 0.4 * (wb - w0), atol=1e-6)
+    assert not torch.allclose(w, w0, atol=1e-4)
+    assert torch.allclose(t, t0 + 0.7 * (ta - t0), atol=1e-6) and torch.equal(tb, t0)  # paperfold: UNet only
+    w_after, t_after = weight([])
+    assert torch.equal(w_after, w0) and torch.equal(t_after, t0)
+    # the UNet weight alone moves with unet=, the text encoder's with te=
+    w_u, t_u = weight([ActiveLora(ink, 0.0, 1.0)])
+    assert torch.equal(w_u, wa) and torch.equal(t_u, t0)
+    weight([])
 
 
 def test_unknown_lora_lists_close_matches_and_bad_weight_is_quoted(studio):
