@@ -18,6 +18,8 @@ class StudioConfig:
     embeddings_dir: Path = ROOT / "embeddings"
     outputs_dir: Path = ROOT / "outputs"
     presets_dir: Path = ROOT / "presets"
+    # training datasets the Dataset tab writes (images, captions, dataset.json)
+    datasets_dir: Path = ROOT / "datasets"
     # shipped data: model configs for offline single-file loading, templates
     assets_dir: Path = ROOT / "assets"
     # files we derive once and reuse (the CLIP tokenizer built from open_clip's BPE file)
@@ -56,10 +58,11 @@ class StudioConfig:
             embeddings_dir=home / "embeddings",
             outputs_dir=home / "outputs",
             presets_dir=home / "presets",
+            datasets_dir=home / "datasets",
             cache_dir=home / ".cache",
         )
 
     def ensure_dirs(self) -> None:
         for d in (self.models_dir, self.loras_dir, self.embeddings_dir, self.outputs_dir,
-                  self.presets_dir, self.cache_dir):
+                  self.presets_dir, self.datasets_dir, self.cache_dir):
             d.mkdir(parents=True, exist_ok=True)
