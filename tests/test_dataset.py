@@ -328,3 +328,17 @@ def test_cli_errors_exit_2(tmp_path, capsys, monkeypatch):
     assert main(args + ["--caption", "blip"]) == 2  # not cached, and tests are offline
     err = capsys.readouterr().err
     assert "offline" in err and "demo-tiny" in err and not (tmp_path / "o").exists()
+
+
+def test_uploaded_files_pair_with_their_captions_by_name(tmp_path):
+    """Browser uploads arrive as single files, each in its own temporary folder."""
+    files = []
+    for i, name in enumerate(["cat.png", "cat.txt", "dog.jpg"]):
+        folder = tmp_path / f"upload{i}"
+        folder.mkdir()
+        files.append(folder / name)
+    photo(0).save(files[0])
+    files[1].write_text("a tabby cat")
+    photo(1).save(files[2])
+    curation = ds.import_images(job(*files))
+    assert [(it.source.label, it.caption) for it in curation.items] == [("cat.png", "a tabby cat"), ("dog.jpg", "")]

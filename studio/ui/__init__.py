@@ -6,7 +6,7 @@ import gradio as gr
 
 from studio.models import ModelLoadError
 from studio.tiny import TINY_NAME
-from studio.ui import generate_tab, models_tab
+from studio.ui import dataset_tab, generate_tab, models_tab
 from studio.ui.state import AppState
 
 
@@ -33,6 +33,8 @@ def build_ui(state: AppState) -> gr.Blocks:
                 gen = generate_tab.build(state, model_dd)
             with gr.Tab("Models", id="models"):
                 models_tab.build(state, model_dd)
+            with gr.Tab("Dataset", id="dataset"):
+                dataset_tab.build(state)
 
         def load(spec, progress=gr.Progress(track_tqdm=True)):
             progress(0, desc=f"loading {spec}")
