@@ -10,7 +10,7 @@ import re
 import shutil
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path, PurePosixPath
 
 from PIL import Image, ImageDraw
@@ -254,6 +254,38 @@ def import_images(job: CurateJob, on_progress: ProgressFn | None = None,
     return curation
 
 
+def recrop(curation: Curation, size: int, crop: str, on_progress: ProgressFn | None = None,
+           cancel: threading.Event | None = None) -> bool:
+    """Crop every usable image again at a new size or mode; captions and choices stay, CLIP scores go (the
+    picture changed). All or nothing: a stop leaves the earlier crops. Returns whether it finished."""
+    job = replace(curation.job, size=size, crop=crop)
+    job.validate()
+    todo = curation.usable()
+    fresh: list[tuple[Item, Item | str]] = []
+    for i, item in enumerate(todo):
+        if cancel is not None and cancel.is_set():
+            return False
+        probe = Item(item.source)
+        try:
+            decoded = load_image(item.source, job.min_side, job.max_pixels, job.max_file_mb * 1_000_000,
+                                 prune_gray=job.non_rgb == "prune")
+            prepare(probe, decoded.image, job)
+            fresh.append((item, probe))
+        except SkipImage as e:  # the file changed since the import
+            fresh.append((item, f"{e} (on re-crop)"))
+        if on_progress:
+            on_progress(i + 1, len(todo), f"cropped {item.source.label}")
+    for item, result in fresh:
+        if isinstance(result, str):
+            item.skipped, item.image, item.thumb = result, None, None
+        else:
+            item.crop_box, item.out_size, item.image, item.thumb = (result.crop_box, result.out_size,
+                                                                    result.image, result.thumb)
+        item.clip_score = None
+    curation.job = job
+    return True
+
+
 def assign_names(items: list[Item]) -> None:
     """Output stems from the source names, made unique (cat, cat-2, ...)."""
     taken: set[str] = set()
@@ -368,6 +400,17 @@ def set_caption(curation: Curation, index: int, text: str) -> bool:
         return False
     item.caption, item.caption_source = text, "edited"
     return True
+
+
+def set_kept(curation: Curation, index: int, keep: bool) -> None:
+    """Leave an image out by hand, or take back such a choice (other removals have their own controls)."""
+    item = curation.items[index]
+    if item.skipped:
+        return
+    if not keep and item.kept:
+        item.removed, item.removed_by = "left out by hand", "user"
+    elif keep and item.removed_by == "user":
+        item.removed, item.removed_by = "", ""
 
 
 def score_items(curation: Curation, scorer, on_progress: ProgressFn | None = None,

@@ -342,3 +342,23 @@ def test_uploaded_files_pair_with_their_captions_by_name(tmp_path):
     photo(1).save(files[2])
     curation = ds.import_images(job(*files))
     assert [(it.source.label, it.caption) for it in curation.items] == [("cat.png", "a tabby cat"), ("dog.jpg", "")]
+
+
+def test_recrop_keeps_captions_and_choices(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    salient_scene().save(folder / "scene.png")
+    photo(1, 300, 200).save(folder / "other.png")
+    curation = ds.import_images(job(folder, crop="center"))
+    ds.set_caption(curation, 1, "a red disc on grey")
+    ds.set_kept(curation, 0, False)
+    curation.items[1].clip_score = 0.3
+    assert red_fraction(curation.items[1].image) == 0
+    cancel = threading.Event()
+    cancel.set()
+    assert ds.recrop(curation, 96, "smart", cancel=cancel) is False and curation.items[1].image.size == (64, 64)
+    assert ds.recrop(curation, 96, "smart") is True
+    scene = curation.items[1]
+    assert scene.image.size == (96, 96) and red_fraction(scene.image) > 0.1
+    assert scene.caption == "a red disc on grey" and scene.clip_score is None  # a new picture needs a new score
+    assert curation.items[0].removed == "left out by hand" and curation.job.crop == "smart"

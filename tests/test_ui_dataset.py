@@ -94,9 +94,9 @@ def test_browser_dataset_import_caption_edit_save(app, tmp_path):
         # 2. caption with the tiny built-in BLIP
         pick(page, "ds-captioner", "demo-tiny")
         page.locator("#ds-caption-btn").click()
-        cell = page.locator("#ds-captions [data-testid=cell-1-2]")
+        cell = page.locator("#ds-captions [data-testid=cell-1-3]")
         page.wait_for_function(
-            "() => { const c = document.querySelector('#ds-captions [data-testid=cell-1-2]');"
+            "() => { const c = document.querySelector('#ds-captions [data-testid=cell-1-3]');"
             " return c && c.innerText.trim().length > 0 }", timeout=120_000)
         auto_caption = cell.inner_text().strip()
         edited_file = page.locator("#ds-captions [data-testid=cell-1-1]").inner_text().strip()
@@ -106,8 +106,11 @@ def test_browser_dataset_import_caption_edit_save(app, tmp_path):
         editor.fill(EDITED)
         editor.press("Enter")
         page.wait_for_function(
-            f"() => document.querySelector('#ds-captions [data-testid=cell-1-2]').innerText.includes({EDITED!r})",
+            f"() => document.querySelector('#ds-captions [data-testid=cell-1-3]').innerText.includes({EDITED!r})",
             timeout=10_000)
+        # ... and leave the third image out by hand
+        left_out = page.locator("#ds-captions [data-testid=cell-2-1]").inner_text().strip()
+        page.locator("#ds-captions [data-testid=cell-2-2] input[type=checkbox]").click()
         # 4. CLIP scores with the tiny CLIP; threshold -1 keeps every pair of this random model
         page.get_by_text("CLIP check (seed 001)").click()
         pick(page, "ds-clip-model", "demo-tiny")
@@ -133,7 +136,9 @@ def test_browser_dataset_import_caption_edit_save(app, tmp_path):
     assert str(out) in saved_text
     assert (out / f"{edited_file}.txt").read_text() == EDITED
     manifest = json.loads((out / "dataset.json").read_text())
-    assert len(manifest["images"]) == 3 and {Path(e["source"]).name for e in manifest["skipped"]} == {"broken.jpg"}
+    assert len(manifest["images"]) == 2 and {Path(e["source"]).name for e in manifest["skipped"]} == {"broken.jpg"}
+    assert [(e["file"], e["reason"]) for e in manifest["removed"]] == [(f"{left_out}.png", "left out by hand")]
+    assert not (out / f"{left_out}.png").exists() and "Saved 2 image(s)" in saved_text
     entry = next(e for e in manifest["images"] if e["file"] == f"{edited_file}.png")
     assert entry["caption"] == EDITED and entry["caption_source"] == "edited" and entry["clip_score"] is not None
     others = [e for e in manifest["images"] if e is not entry]
@@ -157,15 +162,20 @@ def test_tab_views_and_choices_round_trip(tmp_path):
     assert [label for _, label in tab.dup_items(curation)] == ["1A in/a.png ✓", "1B in/b.png"]
     rows = tab.dup_rows(curation)
     assert rows == [[1, "in/a.png", "in/b.png", "exact", 1.0, "a"]]
-    assert [r[1] for r in tab.grid_rows(curation)] == ["a", "c"]
+    assert [r[1:3] for r in tab.grid_rows(curation)] == [["a", True], ["c", True], ["b", False]]
     assert tab.grid_rows(curation)[0][0].startswith("![a](data:image/jpeg;base64,")
     rows[0][5] = "B"  # the user keeps the other one
     tab._apply_dup_rows(curation, rows)
     assert [it.name for it in curation.kept()] == ["b", "c"]
     grid = tab.grid_rows(curation)
-    grid[1][2] = "  a red   barn "
+    assert [r[1] for r in grid] == ["b", "c", "a"] and grid[2][5] == "exact duplicate of in/b.png"
+    grid[1][3] = "  a red   barn "
+    grid[0][2] = False  # left out by hand ...
     tab._apply_grid(curation, grid)
     assert curation.items[2].caption == "a red barn" and curation.items[2].caption_source == "edited"
+    assert [it.name for it in curation.kept()] == ["c"] and curation.items[1].removed == "left out by hand"
+    grid[0][2] = True  # ... and taken back
+    tab._apply_grid(curation, grid)
     assert "2** kept of 3" in tab.summary_text(curation)
     assert tab.problem_rows(curation) == [["in/a.png", "removed", "exact duplicate of in/b.png"]]
     curation.items[1].clip_score, curation.items[2].clip_score = 0.3, 0.1

@@ -21,7 +21,7 @@ INTRO = ("Bring 4 to 200 pictures. The studio checks every file, converts what i
          "size and shows each decision; nothing is written until you **Save**, and your files are never changed.")
 CROP_HELP = {"center": "center", "smart": "smart (saliency)", "entropy": "entropy (most detail)",
              "bucket": "bucket (keep aspect ratio)"}
-GRID_HEADERS = ["image", "file", "caption", "CLIP score"]
+GRID_HEADERS = ["image", "file", "keep", "caption", "CLIP score", "note"]
 DUP_HEADERS = ["pair", "A", "B", "kind", "similarity", "keep (a / b / both)"]
 
 
@@ -76,10 +76,10 @@ def build(state: AppState):
             suffix = gr.Textbox(label="Suffix", elem_id="ds-suffix")
             replace = gr.Checkbox(False, label="Replace captions that came with the images or were edited")
         caption_btn = gr.Button("Caption", variant="primary", elem_id="ds-caption-btn")
-        grid = gr.Dataframe(headers=GRID_HEADERS, datatype=["markdown", "str", "str", "number"], type="array",
-                            interactive=True, static_columns=[0, 1, 3], wrap=True, max_height=600,
-                            column_widths=["90px", "140px", "auto", "90px"], elem_id="ds-captions",
-                            label="Captions (double-click a caption to edit it)")
+        grid = gr.Dataframe(headers=GRID_HEADERS, datatype=["markdown", "str", "bool", "str", "number", "str"],
+                            type="array", interactive=True, static_columns=[0, 1, 4, 5], wrap=True, max_height=600,
+                            column_widths=["90px", "130px", "76px", "auto", "80px", "160px"], elem_id="ds-captions",
+                            label="Captions: double-click a caption to edit it; untick keep to leave an image out")
 
     with gr.Accordion("CLIP check (seed 001)", open=False):
         with gr.Row():
@@ -138,6 +138,23 @@ def build(state: AppState):
     import_btn.click(do_import, [source, upload, size, min_side, crop, non_rgb], [session, *views, name, saved],
                      api_visibility="private")
     stop_btn.click(lambda: cancel.set(), None, None, concurrency_limit=None, api_visibility="private")
+
+    def do_recrop(curation, grid_v, size_v, crop_v, progress=gr.Progress()):
+        if curation is None:
+            return (None, *render(None))
+        _apply_grid(curation, grid_v)
+        cancel.clear()
+        try:
+            done = ds.recrop(curation, _int(size_v, "training size"), crop_v, progress_fn(progress, "images"), cancel)
+        except ValueError as e:
+            raise gr.Error(str(e)) from e
+        if not done:
+            gr.Warning("stopped: the earlier crops are kept")
+        return (curation, *render(curation))
+
+    # a new crop mode or size re-crops what was imported, keeping captions and choices
+    crop.input(do_recrop, [session, grid, size, crop], [session, *views], api_visibility="private")
+    size.submit(do_recrop, [session, grid, size, crop], [session, *views], api_visibility="private")
 
     # --- duplicates
     def do_near(curation, rows, grid_v, threshold_v, model, progress=gr.Progress()):
@@ -283,7 +300,9 @@ def dup_rows(curation: ds.Curation) -> list[list]:
 
 
 def grid_rows(curation: ds.Curation) -> list[list]:
-    return [[_thumb_markdown(it), it.name, it.caption, it.clip_score] for it in curation.kept()]
+    """Every usable image: kept ones first, then the ones left out (with why)."""
+    items = curation.kept() + [it for it in curation.usable() if not it.kept]
+    return [[_thumb_markdown(it), it.name, it.kept, it.caption, it.clip_score, it.removed] for it in items]
 
 
 def score_rows(curation: ds.Curation, threshold=None) -> list[list]:
@@ -307,11 +326,14 @@ def _thumb_markdown(item: ds.Item) -> str:
 
 
 def _apply_grid(curation: ds.Curation, rows) -> None:
-    """Take hand edits from the caption grid (rows matched by file name)."""
+    """Take hand edits from the caption grid (rows matched by file name): captions and keep ticks."""
     by_name = {it.name: i for i, it in enumerate(curation.items) if not it.skipped}
     for row in rows or []:
-        if len(row) >= 3 and row[1] in by_name:
-            ds.set_caption(curation, by_name[row[1]], str(row[2] if row[2] is not None else ""))
+        if len(row) < 4 or row[1] not in by_name:
+            continue
+        index = by_name[row[1]]
+        ds.set_caption(curation, index, str(row[3] if row[3] is not None else ""))
+        ds.set_kept(curation, index, row[2] in (True, 1, "true", "True"))
 
 
 def _apply_dup_rows(curation: ds.Curation, rows) -> None:
