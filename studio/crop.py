@@ -97,10 +97,17 @@ def content_box(image: Image.Image, target_w: int, target_h: int, method: str = 
     return left, top, left + box_w, top + box_h
 
 
-def bucket_resolutions(size: int, min_side: int = 256, max_side: int = 1024, step: int = 64) -> list[tuple[int, int]]:
-    """Bucket sizes (w, h) in multiples of `step` whose area is at most size*size (kohya's scheme)."""
+def bucket_resolutions(size: int, min_side: int | None = None, max_side: int | None = None,
+                       step: int | None = None) -> list[tuple[int, int]]:
+    """Bucket sizes (w, h) in multiples of `step` whose area is at most size*size (kohya's scheme).
+
+    Defaults scale with the size: sides from size/2 to 2*size (256..1024 at 512, kohya's defaults), step 64
+    (8 for sizes that are not multiples of 64).
+    """
+    step = step or (64 if size % 64 == 0 else 8)
+    min_side = min_side or max(step, size // 2 // step * step)
+    max_side = max(max_side or 2 * size, size)
     max_area = size * size
-    max_side = max(max_side, size)
     found = {(size, size)}
     w = min_side
     while w <= max_side:

@@ -282,6 +282,9 @@ def recrop(curation: Curation, size: int, crop: str, on_progress: ProgressFn | N
             item.crop_box, item.out_size, item.image, item.thumb = (result.crop_box, result.out_size,
                                                                     result.image, result.thumb)
         item.clip_score = None
+    items = curation.items
+    curation.pairs = [p for p in curation.pairs if not items[p.a].skipped and not items[p.b].skipped]
+    apply_duplicate_choices(curation)
     curation.job = job
     return True
 
