@@ -133,15 +133,16 @@ def cmd_curate(args) -> int:
     from studio.config import StudioConfig
     from studio.dataset import CurateJob, curate
 
-    caption = {"blip": DEFAULT_CAPTIONER, "blip2": "Salesforce/blip2-opt-2.7b"}.get(args.caption, args.caption)
+    aliases = {"blip": DEFAULT_CAPTIONER, "blip2": "Salesforce/blip2-opt-2.7b"}
+    flip = "stored" if args.flip_copies else ("random" if args.flip else "none")
     job = CurateJob(inputs=[Path(p) for p in args.input], output=Path(args.output), name=args.name or "",
                     size=args.size, crop=args.crop, min_side=args.min_side,
-                    max_pixels=int(args.max_megapixels * 1_000_000), non_rgb="prune" if args.prune_gray else "convert",
-                    near_duplicates=args.near_dup, caption_model=caption, caption_prefix=args.prefix,
+                    max_pixels=int(args.max_megapixels * 1_000_000),
+                    non_rgb="prune" if args.prune_gray else "convert", near_duplicates=args.near_dup,
+                    caption_model=aliases.get(args.caption, args.caption), caption_prefix=args.prefix,
                     caption_suffix=args.suffix, keep_captions=not args.replace_captions,
-                    caption_batch=args.caption_batch, clip_model=args.clip_model, clip_threshold=args.clip_filter,
-                    flip="stored" if args.flip_copies else ("random" if args.flip else "none"), flip_p=args.flip_p,
-                    repeats=args.repeats)
+                    caption_batch=args.caption_batch, clip_model=args.clip_model,
+                    clip_threshold=args.clip_filter, flip=flip, flip_p=args.flip_p, repeats=args.repeats)
     job.validate()  # before any model loads
     cfg = StudioConfig.from_env(device=args.device)
     progress = _progress_printer("curate")
@@ -212,13 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text-encoder width of the model to check embeddings against (768 SD 1.x, 1024 SD 2.x)")
     n.set_defaults(func=cmd_networks)
 
-    d = sub.add_parser("curate", help="turn folders, zips or images into a training dataset (writes report.json)")
+    d = sub.add_parser("curate", help="turn folders, zips or images into a training dataset "
+                                      "(writes report.json)")
     d.add_argument("--input", action="append", required=True, metavar="DIR_OR_ZIP",
                    help="a folder, a .zip or an image; repeat for several. Never modified")
     d.add_argument("--output", required=True, metavar="DIR",
-                   help="dataset folder to write (new, empty, or an earlier studio dataset, which is replaced)")
+                   help="dataset folder to write (new, empty, or an earlier studio dataset: replaced)")
     d.add_argument("--name", default=None, help="dataset name (default: the output folder's name)")
-    d.add_argument("--size", type=int, default=512, help="training resolution: 512 (SD 1.x), 768 (SD 2.x 768-v)")
+    d.add_argument("--size", type=int, default=512,
+                   help="training resolution: 512 (SD 1.x), 768 (SD 2.x 768-v)")
     d.add_argument("--crop", choices=["center", "smart", "entropy", "bucket"], default="center",
                    help="smart: content-aware (saliency); entropy: most detail; bucket: keep aspect ratio "
                         "(kohya-style buckets)")
@@ -229,13 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip grayscale images instead of converting them to RGB (seed 004)")
     d.add_argument("--caption", default="none", metavar="none|blip|blip2|MODEL",
                    help="captioner: a BLIP/BLIP-2 hub id or local folder, demo-tiny, or none")
-    d.add_argument("--prefix", default="", help="text put before every caption (a trigger word, 'a painting of')")
+    d.add_argument("--prefix", default="",
+                   help="text put before every caption (a trigger word, 'a painting of')")
     d.add_argument("--suffix", default="", help="text put after every caption")
     d.add_argument("--replace-captions", action="store_true",
                    help="caption images that came with a caption (.txt, .caption, metadata.jsonl) too")
     d.add_argument("--caption-batch", type=int, default=8)
     d.add_argument("--clip-filter", type=float, nargs="?", const=0.2, default=None, metavar="THRESHOLD",
-                   help="remove image-caption pairs whose CLIP score is below THRESHOLD (default 0.2, seed 001)")
+                   help="remove image-caption pairs scoring below THRESHOLD (default 0.2, seed 001)")
     d.add_argument("--clip-model", default="ViT-L-14",
                    help="open_clip model: ViT-L-14 (openai weights), ARCH:TAG, ARCH:/weights/file, "
                         "local-dir:/folder, hf-hub:org/repo, or demo-tiny")

@@ -1,8 +1,5 @@
-"""Automatic captions with BLIP or BLIP-2 (transformers): a hub id, a local folder, or the built-in demo-tiny.
-
-demo-tiny is a BLIP with random weights and a WordPiece tokenizer trained here, saved once under the cache
-folder and loaded through the same `from_pretrained` code as a real model; its captions are gibberish.
-"""
+"""Automatic captions with BLIP or BLIP-2 (transformers): a hub id, a local folder, or demo-tiny (a random
+tiny BLIP saved once under the cache folder and loaded through the same `from_pretrained` code)."""
 
 from __future__ import annotations
 
@@ -69,7 +66,8 @@ class Captioner:
         texts = self.processor.batch_decode(out, skip_special_tokens=True)
         return [" ".join(t.split()) for t in texts]
 
-    def caption_all(self, images: list[Image.Image], batch_size: int = 8, on_progress: ProgressFn | None = None,
+    def caption_all(self, images: list[Image.Image], batch_size: int = 8,
+                    on_progress: ProgressFn | None = None,
                     cancel: threading.Event | None = None) -> list[str | None]:
         """Captions in batches; None for images not reached when `cancel` was set."""
         if batch_size < 1:
@@ -124,8 +122,8 @@ def _load(name: str, source: str, device: torch.device, dtype: torch.dtype) -> C
         raise CaptionerLoadError(_not_found_message(source, local, e)) from e
     classes = {"blip": BlipForConditionalGeneration, "blip-2": Blip2ForConditionalGeneration}
     if config.model_type not in classes:
-        raise CaptionerLoadError(f"{source} is a {config.model_type!r} model; captioning needs BLIP or BLIP-2 "
-                                 f"(for example {DEFAULT_CAPTIONER})")
+        raise CaptionerLoadError(f"{source} is a {config.model_type!r} model; captioning needs BLIP or "
+                                 f"BLIP-2 (for example {DEFAULT_CAPTIONER})")
     try:
         model = classes[config.model_type].from_pretrained(source, local_files_only=only_local, dtype=dtype)
         processor = AutoProcessor.from_pretrained(source, local_files_only=only_local)
@@ -171,17 +169,19 @@ def build_tiny_blip(seed: int = 0):
     trainer = trainers.WordPieceTrainer(vocab_size=160, special_tokens=specials, show_progress=False)
     wordpiece.train_from_iterator(_TINY_CORPUS, trainer)
     wordpiece.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     wordpiece.decoder = decoders.WordPiece()
     # like Salesforce's BLIP tokenizer: BERT WordPiece plus "[DEC]", the token captions start from
     tokenizer = BertTokenizerFast(tokenizer_object=wordpiece, unk_token="[UNK]", pad_token="[PAD]",
-                                  cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]", bos_token="[DEC]",
-                                  model_max_length=64)
+                                  cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+                                  bos_token="[DEC]", model_max_length=64)
     config = BlipConfig(
         vision_config=dict(hidden_size=32, intermediate_size=37, projection_dim=32, num_hidden_layers=2,
                            num_attention_heads=2, image_size=32, patch_size=8, initializer_range=1.0),
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, encoder_hidden_size=32, intermediate_size=37,
-                         projection_dim=32, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, encoder_hidden_size=32,
+                         intermediate_size=37, projection_dim=32, num_hidden_layers=2, num_attention_heads=2,
+                         max_position_embeddings=64,
                          bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
                          eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
                          initializer_range=0.1),
@@ -200,7 +200,7 @@ def build_tiny_blip(seed: int = 0):
 
 def tiny_blip_dir(cache_dir: Path) -> Path:
     """demo-tiny's folder under the cache (written once, atomically), in save_pretrained layout."""
-    folder = Path(cache_dir) / "captioners" / "demo-tiny-blip"
+    folder = Path(cache_dir) / "captioners" / "demo-tiny-blip-v1"  # bump when build_tiny_blip changes
     if not (folder / "config.json").is_file():
         model, processor = build_tiny_blip()
         with atomic_dir(folder) as tmp:

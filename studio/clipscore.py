@@ -1,8 +1,5 @@
-"""CLIP image/text embeddings and image-caption cosine scores with open_clip (dataset checks, evaluation).
-
-Model specs: `ViT-L-14` (its default weights, `openai`), `ARCH:TAG` (`ViT-B-32:laion2b_s34b_b79k`),
-`ARCH:/path/to/weights.safetensors`, `local-dir:/folder`, `hf-hub:org/repo`, or `demo-tiny`.
-"""
+"""CLIP image/text embeddings and image-caption cosines with open_clip, for dataset checks and evaluation.
+Specs: `ViT-L-14` (openai weights), `ARCH:TAG`, `ARCH:/weights`, `local-dir:/dir`, `hf-hub:org/repo`."""
 
 from __future__ import annotations
 
@@ -53,7 +50,8 @@ class CLIPScorer:
             pixels = torch.stack([self.preprocess(im.convert("RGB")) for im in batch]).to(self.device)
             chunks.append(_unit(self.model.encode_image(pixels).float()).cpu())
             if on_progress:
-                on_progress(start + len(batch), len(images), f"embedded {start + len(batch)}/{len(images)} images")
+                done = start + len(batch)
+                on_progress(done, len(images), f"embedded {done}/{len(images)} images")
         return torch.cat(chunks) if chunks else torch.empty(0, self.dim)
 
     @torch.no_grad()
@@ -65,8 +63,8 @@ class CLIPScorer:
             chunks.append(_unit(self.model.encode_text(tokens).float()).cpu())
         return torch.cat(chunks) if chunks else torch.empty(0, self.dim)
 
-    def score(self, images: Sequence[Image.Image], texts: Sequence[str], on_progress: ProgressFn | None = None,
-              cancel: threading.Event | None = None) -> list[float]:
+    def score(self, images: Sequence[Image.Image], texts: Sequence[str],
+              on_progress: ProgressFn | None = None, cancel: threading.Event | None = None) -> list[float]:
         """Cosine similarity of image i with text i (the "CLIP score" seed 001 filters at 0.2)."""
         if len(images) != len(texts):
             raise ValueError(f"need one text per image, got {len(images)} images and {len(texts)} texts")
@@ -104,7 +102,7 @@ def load_clip_scorer(spec: str, cache_dir: Path, device: str = "auto") -> CLIPSc
 
 
 def parse_clip_spec(spec: str) -> tuple[str, str | None]:
-    """'ViT-L-14' -> ('ViT-L-14', 'openai'); 'ViT-B-32:/w.bin' -> ('ViT-B-32', '/w.bin'); schemas pass through."""
+    """'ViT-L-14' -> ('ViT-L-14', 'openai'); 'ViT-B-32:/w.bin' -> ('ViT-B-32', '/w.bin'); schemas as given."""
     if spec.startswith(("local-dir:", "hf-hub:")):
         return spec, None
     arch, _, tag = spec.partition(":")
@@ -119,8 +117,8 @@ def _load(spec: str, cache_dir: Path, device: torch.device) -> CLIPScorer:
     arch, tag = parse_clip_spec(spec)
     if not arch.startswith(("local-dir:", "hf-hub:")):
         if arch not in open_clip.list_models():
-            raise ClipLoadError(f"unknown CLIP architecture {arch!r}; open_clip knows e.g. ViT-B-32, ViT-L-14, "
-                                f"ViT-H-14 (all: open_clip.list_models()), or use {TINY_NAME}")
+            raise ClipLoadError(f"unknown CLIP architecture {arch!r}; open_clip knows e.g. ViT-B-32, "
+                                f"ViT-L-14, ViT-H-14 (all: open_clip.list_models()), or use {TINY_NAME}")
         if tag is None:
             raise ClipLoadError(f"say which weights to use for {arch}, e.g. {arch}:"
                                 f"{(open_clip.list_pretrained_tags_by_model(arch) or ['TAG'])[0]} or "
@@ -164,10 +162,11 @@ def _check_tag_available(arch: str, tag: str) -> None:
 
 def _not_found_message(spec: str, error: Exception | None) -> str:
     if _offline():
-        return (f"CLIP weights for {spec} are not in the local cache and the hub is offline (HF_HUB_OFFLINE=1). "
-                "Give a weights file (e.g. ViT-L-14:/models/clip/open_clip_pytorch_model.bin), a folder "
-                f"(local-dir:/path with open_clip_config.json and weights), or {TINY_NAME} (random weights, for "
-                f"trying the studio); or go online once so that {spec} is downloaded.")
+        return (f"CLIP weights for {spec} are not in the local cache and the hub is offline "
+                "(HF_HUB_OFFLINE=1). Give a weights file (e.g. ViT-L-14:/models/clip/open_clip_model.bin), "
+                "a folder (local-dir:/path with open_clip_config.json and weights), or "
+                f"{TINY_NAME} (random weights, for trying the studio); or go online once so that {spec} is "
+                "downloaded.")
     return f"could not load CLIP model {spec}: {error}"
 
 
@@ -192,16 +191,17 @@ def build_tiny_clip(seed: int = 0) -> torch.nn.Module:
     cfg = TINY_CONFIG
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = open_clip.CLIP(embed_dim=cfg["embed_dim"], vision_cfg=open_clip.CLIPVisionCfg(**cfg["vision_cfg"]),
+        model = open_clip.CLIP(embed_dim=cfg["embed_dim"],
+                               vision_cfg=open_clip.CLIPVisionCfg(**cfg["vision_cfg"]),
                                text_cfg=open_clip.CLIPTextCfg(**cfg["text_cfg"]))
     return model.eval()
 
 
 def tiny_clip_dir(cache_dir: Path) -> Path:
-    """demo-tiny CLIP saved once in open_clip's local-dir layout, so it loads through open_clip's own loader."""
+    """demo-tiny CLIP saved once in open_clip's local-dir layout: it loads through open_clip's own loader."""
     from safetensors.torch import save_file
 
-    folder = Path(cache_dir) / "clip" / "demo-tiny"
+    folder = Path(cache_dir) / "clip" / "demo-tiny-v1"  # bump when TINY_CONFIG or build_tiny_clip changes
     if not (folder / "open_clip_config.json").is_file():
         model = build_tiny_clip()
         with atomic_dir(folder) as tmp:

@@ -1,7 +1,5 @@
-"""Where to crop a training image: center, content-aware (saliency or entropy, with OpenCV), kohya-style buckets.
-
-Pure functions over sizes and pixel arrays; boxes are (left, top, right, bottom) in source pixels.
-"""
+"""Where to crop a training image: center, content-aware (saliency or entropy, with OpenCV), kohya buckets.
+Pure functions over sizes and pixel arrays; boxes are (left, top, right, bottom) in source pixels."""
 
 from __future__ import annotations
 
@@ -46,7 +44,7 @@ def saliency_map(rgb: np.ndarray) -> np.ndarray:
 
 
 def entropy_map(rgb: np.ndarray, cell: int = 8) -> np.ndarray:
-    """Local Shannon entropy of the gray levels (16 bins) in cells of `cell` pixels, upsampled to the image."""
+    """Local Shannon entropy of the gray levels (16 bins) in cells of `cell` px, upsampled to the image."""
     import cv2
 
     gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)

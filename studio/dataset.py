@@ -46,7 +46,7 @@ class CurateJob:
     min_side: int = 256  # shorter side below this: skipped (upscaling that far only blurs)
     max_pixels: int = 64_000_000  # above this: skipped as a possible decompression bomb
     max_file_mb: int = 200  # files larger than this are not read
-    non_rgb: str = "convert"  # grayscale, palette, CMYK, 16-bit, alpha: "convert" to RGB, or "prune" grayscale
+    non_rgb: str = "convert"  # palette, CMYK, 16-bit, alpha...: "convert" to RGB; "prune" drops grayscale
     # 2. duplicates (exact ones are always found; near ones need a CLIP model)
     near_duplicates: float | None = None  # CLIP image cosine at or above which two images are "the same"
     # 3. captions
@@ -82,15 +82,18 @@ class CurateJob:
         if self.min_side < 1:
             raise ValueError(f"minimum side must be at least 1 px, got {self.min_side}")
         if self.max_pixels < self.min_side**2:
-            raise ValueError(f"max pixels ({self.max_pixels}) is below min side squared ({self.min_side ** 2})")
+            raise ValueError(f"max pixels ({self.max_pixels}) is below min side squared "
+                             f"({self.min_side ** 2})")
         if self.max_file_mb < 1:
             raise ValueError(f"max file size must be at least 1 MB, got {self.max_file_mb}")
         if self.non_rgb not in NON_RGB_CHOICES:
-            raise ValueError(f"non-RGB handling must be one of {', '.join(NON_RGB_CHOICES)}, got {self.non_rgb!r}")
+            raise ValueError(f"non-RGB handling must be one of {', '.join(NON_RGB_CHOICES)}, "
+                             f"got {self.non_rgb!r}")
         if self.near_duplicates is not None and not 0 < self.near_duplicates <= 1:
             raise ValueError(f"near-duplicate threshold must be in (0, 1], got {self.near_duplicates}")
         if self.clip_threshold is not None and not -1 <= self.clip_threshold <= 1:
-            raise ValueError(f"CLIP threshold is a cosine in [-1, 1] (0.2 in seed 001), got {self.clip_threshold}")
+            raise ValueError(f"CLIP threshold is a cosine in [-1, 1] (0.2 in seed 001), "
+                             f"got {self.clip_threshold}")
         if self.caption_batch < 1:
             raise ValueError(f"caption batch size must be at least 1, got {self.caption_batch}")
         if self.flip not in FLIP_MODES:
@@ -146,7 +149,8 @@ class Item:
         if self.skipped:
             return {**out, "reason": self.skipped}
         out.update(file=f"{self.name}.png", sha256=self.sha256, original_size=list(self.original_size),
-                   original_mode=self.original_mode, crop={"box": list(self.crop_box)}, size=list(self.out_size),
+                   original_mode=self.original_mode, crop={"box": list(self.crop_box)},
+                   size=list(self.out_size),
                    caption=self.caption, caption_source=self.caption_source, clip_score=self.clip_score,
                    notes=list(self.notes))
         if self.source.repeats:
@@ -329,7 +333,7 @@ def find_exact_duplicates(items: list[Item]) -> list[DuplicatePair]:
 
 def find_near_duplicates(items: list[Item], embeddings, threshold: float,
                          exclude: Iterable[tuple[int, int]] = ()) -> list[DuplicatePair]:
-    """Pairs of usable items whose image embeddings (unit vectors, one row per item) have a cosine >= threshold.
+    """Pairs of usable items whose image embeddings (unit vectors, a row per item) have cosine >= threshold.
 
     `a` is the larger picture (more pixels), which is the one kept unless the user picks the other.
     """
@@ -367,7 +371,8 @@ def apply_duplicate_choices(curation: Curation) -> None:
         keep, drop = (pair.a, pair.b) if pair.keep == "a" else (pair.b, pair.a)
         item = curation.items[drop]
         if item.removed_by in ("", "duplicate") and not item.skipped:
-            what = "exact duplicate" if pair.kind == "exact" else f"near duplicate (CLIP cosine {pair.similarity:.3f})"
+            what = ("exact duplicate" if pair.kind == "exact"
+                    else f"near duplicate (CLIP cosine {pair.similarity:.3f})")
             item.removed, item.removed_by = f"{what} of {curation.items[keep].source.label}", "duplicate"
 
 
@@ -431,7 +436,7 @@ def score_items(curation: Curation, scorer, on_progress: ProgressFn | None = Non
 
 
 def apply_clip_filter(curation: Curation, threshold: float | None) -> list[Item]:
-    """Remove the pairs scoring below `threshold` (re-deciding earlier CLIP removals); returns those removed."""
+    """Remove pairs scoring below `threshold` (re-deciding earlier CLIP removals); returns those removed."""
     for item in curation.items:
         if item.removed_by == "clip":
             item.removed, item.removed_by = "", ""
@@ -473,14 +478,14 @@ def check_output(output: Path, inputs: Iterable[Path]) -> Path:
     for raw in inputs:
         src = Path(raw).expanduser().resolve()
         if output == src or src in output.parents or output in src.parents:
-            raise ValueError(f"the output folder {output} overlaps the input {src}; write the dataset elsewhere "
-                             "(inputs are never modified)")
+            raise ValueError(f"the output folder {output} overlaps the input {src}; write the dataset "
+                             "elsewhere (inputs are never modified)")
     if output.exists():
         if not output.is_dir():
             raise ValueError(f"output {output} exists and is not a folder")
         if any(output.iterdir()) and not (output / MANIFEST).is_file():
-            raise ValueError(f"output folder {output} already holds files that are not a studio dataset; choose a "
-                             "new or empty folder")
+            raise ValueError(f"output folder {output} already holds files that are not a studio dataset; "
+                             "choose a new or empty folder")
     return output
 
 
@@ -529,8 +534,8 @@ def build_manifest(curation: Curation, output: Path) -> dict:
         "images": [it.record() for it in kept],
         "removed": [it.record() for it in curation.items if it.removed and not it.skipped],
         "skipped": [it.record() for it in curation.items if it.skipped],
-        "duplicates": [{**asdict(p), "a": curation.items[p.a].source.label, "b": curation.items[p.b].source.label}
-                       for p in curation.pairs],
+        "duplicates": [{**asdict(p), "a": curation.items[p.a].source.label,
+                        "b": curation.items[p.b].source.label} for p in curation.pairs],
         "interrupted": curation.interrupted,
     }
 
@@ -556,7 +561,8 @@ def dataset_name(job: CurateJob, output: Path | None) -> str:
     return _slug(job.name) or (_slug(Path(output).name) if output else "") or "dataset"
 
 
-def export_kohya(dataset_dir: Path, parent: Path, name: str | None = None, repeats: int | None = None) -> Path:
+def export_kohya(dataset_dir: Path, parent: Path, name: str | None = None,
+                 repeats: int | None = None) -> Path:
     """Copy a studio dataset into kohya's layout: parent/<repeats>_<name>/ with images and .txt captions."""
     dataset_dir = Path(dataset_dir)
     manifest_path = dataset_dir / MANIFEST
@@ -639,5 +645,7 @@ def curate(job: CurateJob, cache_dir: Path, device: str = "auto", on_progress: P
         why = "; ".join(f"{e['source']}: {e['reason']}" for e in (report["skipped"] + report["removed"])[:5])
         raise ValueError(f"no usable images in the input ({len(curation.items)} files looked at). {why}")
     output = write_dataset(curation)
-    kohya = export_kohya(output, kohya_parent, dataset_name(job, output), curation.repeats) if kohya_parent else None
+    kohya = None
+    if kohya_parent is not None:
+        kohya = export_kohya(output, kohya_parent, dataset_name(job, output), curation.repeats)
     return CurateResult(output, curation, build_report(curation), kohya)

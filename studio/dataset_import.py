@@ -1,6 +1,5 @@
-"""Reading training images: folders, zips and uploaded files scanned (with sidecar captions and kohya repeats),
-each file checked, decoded and turned into an upright RGB image, or refused with the reason.
-"""
+"""Reading training images: folders, zips and uploads scanned (with sidecar captions and kohya repeats),
+each file checked, decoded and turned into an upright RGB image, or refused with the reason."""
 
 from __future__ import annotations
 
@@ -145,7 +144,8 @@ def _scan_zip(path: Path, max_bytes: int) -> list[tuple[Source, str]]:
 def is_zip_slip(name: str) -> bool:
     """A zip member name that would land outside the folder it is extracted into."""
     parts = PurePosixPath(name.replace("\\", "/")).parts
-    return name.startswith(("/", "\\")) or ".." in parts or (bool(parts) and ":" in parts[0]) or "\x00" in name
+    absolute = name.startswith(("/", "\\")) or (bool(parts) and ":" in parts[0])
+    return absolute or ".." in parts or "\x00" in name
 
 
 def _is_sidecar(name: str) -> bool:
@@ -244,8 +244,8 @@ def load_image(source: Source, min_side: int, max_pixels: int, max_bytes: int,
             raise SkipImage(f"{im.format} images are not supported; use PNG, JPEG, WebP, BMP, TIFF or GIF")
         width, height = im.size
         if width * height > max_pixels:
-            raise SkipImage(f"oversized: {width}x{height} = {width * height / 1e6:.1f} megapixels, over the limit "
-                            f"of {max_pixels / 1e6:.1f} (a possible decompression bomb); not decoded")
+            raise SkipImage(f"oversized: {width}x{height} = {width * height / 1e6:.1f} megapixels, over the "
+                            f"limit of {max_pixels / 1e6:.1f} (a possible decompression bomb); not decoded")
         frames = getattr(im, "n_frames", 1)
         if frames > 1:
             notes.append(f"{frames} frames: the first one used")

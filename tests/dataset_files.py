@@ -44,11 +44,13 @@ def photo(seed: int, width: int = 96, height: int = 80) -> Image.Image:
 def png_header_only(path: Path, width: int, height: int) -> None:
     """A tiny PNG whose header claims width x height: a decompression bomb, never to be decoded."""
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    Path(path).write_bytes(data)
+    idat = zlib.compress(b"\0" * 64)
+    signature = b"\x89PNG\r\n\x1a\n"
+    Path(path).write_bytes(signature + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
 
 
 def make_mixed_folder(folder: Path) -> Path:
@@ -71,7 +73,8 @@ def make_mixed_folder(folder: Path) -> Path:
     photo(11).convert("CMYK").save(folder / "cmyk.jpg")
     deep = np.random.default_rng(12).integers(0, 65535, (80, 96), dtype=np.uint16)
     Image.fromarray(deep).save(folder / "gray16.png")
-    cv2.imwrite(str(folder / "rgb16.png"), np.random.default_rng(13).integers(0, 65535, (80, 96, 3), dtype=np.uint16))
+    deep_rgb = np.random.default_rng(13).integers(0, 65535, (80, 96, 3), dtype=np.uint16)
+    cv2.imwrite(str(folder / "rgb16.png"), deep_rgb)  # PIL cannot write 48-bit PNGs
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise to display
     photo(14, 96, 80).save(folder / "rotated.jpg", exif=exif)
@@ -90,5 +93,6 @@ def make_mixed_folder(folder: Path) -> Path:
 
 def tree_digest(folder: Path) -> dict[str, tuple[str, int]]:
     """Every file under `folder` -> (sha256, mtime_ns): equal before and after means untouched."""
-    return {p.relative_to(folder).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    return {p.relative_to(folder).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(),
+                                               p.stat().st_mtime_ns) for p in files}

@@ -1,4 +1,4 @@
-"""Captioning (BLIP / BLIP-2 through transformers) and CLIP scoring (open_clip) with tiny seeded models, offline."""
+"""Captioning (BLIP / BLIP-2, transformers) and CLIP scoring (open_clip) with tiny seeded models, offline."""
 
 from __future__ import annotations
 
@@ -104,8 +104,9 @@ def test_hub_captioner_offline_names_the_local_alternatives(cache_dir):
 def test_a_model_that_is_not_blip_is_refused(tmp_path, cache_dir):
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
-                                 vocab_size=50)).save_pretrained(tmp_path / "clip-text")
+    config = CLIPTextConfig(hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+                            vocab_size=50)
+    CLIPTextModel(config).save_pretrained(tmp_path / "clip-text")
     with pytest.raises(CaptionerLoadError, match="captioning needs BLIP or BLIP-2"):
         load_captioner(str(tmp_path / "clip-text"), cache_dir, device="cpu")
 
@@ -125,21 +126,23 @@ def test_tiny_blip2_folder_captions(tmp_path, cache_dir):
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(["a painting of a cat on a table", "a photo of a dog in the park"], trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(["a painting of a cat on a table", "a photo of a dog in the park"], trainer)
     tok = GPT2TokenizerFast(tokenizer_object=bpe, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
                             unk_token="</s>")
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    text = OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=37, num_attention_heads=2,
-                     max_position_embeddings=64, word_embed_proj_dim=32, bos_token_id=tok.bos_token_id,
-                     eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    text = OPTConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, ffn_dim=37,
+                     num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32,
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id)
     config = Blip2Config(
         vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
                            image_size=32, patch_size=8, initializer_range=1.0),
         qformer_config=dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                             intermediate_size=37, encoder_hidden_size=32),
-        text_config=text.to_dict(), num_query_tokens=4, image_token_index=tok.convert_tokens_to_ids("<image>"))
+        text_config=text.to_dict(), num_query_tokens=4,
+        image_token_index=tok.convert_tokens_to_ids("<image>"))
     torch.manual_seed(0)
     model = Blip2ForConditionalGeneration(config)
     model.generation_config.max_new_tokens, model.generation_config.min_new_tokens = 6, 3

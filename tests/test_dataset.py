@@ -1,4 +1,4 @@
-"""Dataset curation engine: import of good and bad files, conversions, duplicates, crops, output, command line."""
+"""Dataset curation engine: good and bad files, conversions, duplicates, crops, output, command line."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def test_cli_curates_mixed_folder_and_leaves_input_untouched(tmp_path, capsys, m
     out = tmp_path / "out"
     monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
     rc = main(["curate", "--input", str(src), "--output", str(out), "--size", "64", "--min-side", "32",
-               "--max-megapixels", "4", "--caption", "demo-tiny", "--prefix", "sks,", "--repeats", "100", "--flip"])
+               "--max-megapixels", "4", "--caption", "demo-tiny", "--prefix", "sks,", "--repeats", "100",
+               "--flip"])
     printed = capsys.readouterr().out
     assert rc == 0
     assert tree_digest(src) == before  # byte for byte, and not even touched
@@ -66,7 +67,8 @@ def test_cli_curates_mixed_folder_and_leaves_input_untouched(tmp_path, capsys, m
         if not entry["source"].endswith(("good.png", "good.jpg", "good.webp", "good.bmp", "good.tiff")):
             assert caption.startswith("sks, ") and entry["caption_source"] == "demo-tiny"
     sidecar = [e for e in manifest["images"] if e["source"].endswith("good.png")][0]
-    assert sidecar["caption"] == "a caption that came with the images" and sidecar["caption_source"] == "good.txt"
+    assert sidecar["caption"] == "a caption that came with the images"
+    assert sidecar["caption_source"] == "good.txt"
     rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert {r["file_name"] for r in rows} == {e["file"] for e in manifest["images"]}
     assert "kept 13 of 20" in printed
@@ -143,7 +145,8 @@ def test_existing_kohya_and_imagefolder_datasets_import_as_they_are(tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
     photo(1).save(hf / "two.jpg")
-    (hf / "metadata.jsonl").write_text(json.dumps({"file_name": "two.jpg", "text": "a red barn"}) + "\n{broken\n")
+    row = json.dumps({"file_name": "two.jpg", "text": "a red barn"})
+    (hf / "metadata.jsonl").write_text(row + "\n{broken\n")
     curation = ds.import_images(job(tmp_path / "train", hf))
     items = by_label(curation)
     assert items["one.png"].caption == "sks dog on grass" and items["one.png"].source.repeats == 40
@@ -213,7 +216,8 @@ def test_content_aware_crop_keeps_the_object_center_crop_cuts(tmp_path, mode):
 
 def test_bucket_crop_keeps_aspect_ratio():
     buckets = bucket_resolutions(512)
-    assert (512, 512) in buckets and all(w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512 for w, h in buckets)
+    assert (512, 512) in buckets
+    assert all(w % 64 == 0 and h % 64 == 0 and w * h <= 512 * 512 for w, h in buckets)
     box, target = plan_crop(Image.new("RGB", (1000, 500)), 512, "bucket")
     assert target in buckets and target[0] / target[1] == pytest.approx(2, rel=0.15)
     assert (box[2] - box[0]) / (box[3] - box[1]) == pytest.approx(target[0] / target[1], rel=0.01)
@@ -324,7 +328,8 @@ def test_cli_errors_exit_2(tmp_path, capsys, monkeypatch):
     (tmp_path / "bad" / "x.png").write_bytes(b"")
     assert main(["curate", "--input", str(tmp_path / "bad"), "--output", str(tmp_path / "o")]) == 2
     assert "no usable images" in capsys.readouterr().err and not (tmp_path / "o").exists()
-    args = ["curate", "--input", str(folder), "--output", str(tmp_path / "o"), "--min-side", "32", "--size", "64"]
+    args = ["curate", "--input", str(folder), "--output", str(tmp_path / "o"), "--min-side", "32",
+            "--size", "64"]
     assert main(args + ["--caption", "blip"]) == 2  # not cached, and tests are offline
     err = capsys.readouterr().err
     assert "offline" in err and "demo-tiny" in err and not (tmp_path / "o").exists()
@@ -341,7 +346,8 @@ def test_uploaded_files_pair_with_their_captions_by_name(tmp_path):
     files[1].write_text("a tabby cat")
     photo(1).save(files[2])
     curation = ds.import_images(job(*files))
-    assert [(it.source.label, it.caption) for it in curation.items] == [("cat.png", "a tabby cat"), ("dog.jpg", "")]
+    found = [(it.source.label, it.caption) for it in curation.items]
+    assert found == [("cat.png", "a tabby cat"), ("dog.jpg", "")]
 
 
 def test_recrop_keeps_captions_and_choices(tmp_path):
@@ -356,9 +362,11 @@ def test_recrop_keeps_captions_and_choices(tmp_path):
     assert red_fraction(curation.items[1].image) == 0
     cancel = threading.Event()
     cancel.set()
-    assert ds.recrop(curation, 96, "smart", cancel=cancel) is False and curation.items[1].image.size == (64, 64)
+    assert ds.recrop(curation, 96, "smart", cancel=cancel) is False
+    assert curation.items[1].image.size == (64, 64)  # all or nothing
     assert ds.recrop(curation, 96, "smart") is True
     scene = curation.items[1]
     assert scene.image.size == (96, 96) and red_fraction(scene.image) > 0.1
-    assert scene.caption == "a red disc on grey" and scene.clip_score is None  # a new picture needs a new score
+    assert scene.caption == "a red disc on grey"
+    assert scene.clip_score is None  # a new picture needs a new score
     assert curation.items[0].removed == "left out by hand" and curation.job.crop == "smart"

@@ -1,4 +1,4 @@
-"""The Dataset tab in the real app, in headless Chromium: import a folder, caption, edit a caption, score, save."""
+"""The Dataset tab in the real app, in headless Chromium: import a folder, caption, edit, score, save."""
 
 import json
 import os
@@ -106,8 +106,8 @@ def test_browser_dataset_import_caption_edit_save(app, tmp_path):
         editor.fill(EDITED)
         editor.press("Enter")
         page.wait_for_function(
-            f"() => document.querySelector('#ds-captions [data-testid=cell-1-3]').innerText.includes({EDITED!r})",
-            timeout=10_000)
+            "() => document.querySelector('#ds-captions [data-testid=cell-1-3]')"
+            f".innerText.includes({EDITED!r})", timeout=10_000)
         # ... and leave the third image out by hand
         left_out = page.locator("#ds-captions [data-testid=cell-2-1]").inner_text().strip()
         page.locator("#ds-captions [data-testid=cell-2-2] input[type=checkbox]").click()
@@ -123,8 +123,8 @@ def test_browser_dataset_import_caption_edit_save(app, tmp_path):
         # 5. save under a name
         page.locator("#ds-name textarea, #ds-name input").first.fill("my-style")
         page.locator("#ds-save-btn").click()
-        page.wait_for_function("() => document.querySelector('#ds-saved').innerText.includes('with captions')",
-                               timeout=60_000)
+        page.wait_for_function(
+            "() => document.querySelector('#ds-saved').innerText.includes('with captions')", timeout=60_000)
         saved_text = page.locator("#ds-saved").inner_text()
         page.screenshot(path=str(ARTIFACTS / "dataset.png"), full_page=True)
         browser.close()
@@ -136,14 +136,18 @@ def test_browser_dataset_import_caption_edit_save(app, tmp_path):
     assert str(out) in saved_text
     assert (out / f"{edited_file}.txt").read_text() == EDITED
     manifest = json.loads((out / "dataset.json").read_text())
-    assert len(manifest["images"]) == 2 and {Path(e["source"]).name for e in manifest["skipped"]} == {"broken.jpg"}
-    assert [(e["file"], e["reason"]) for e in manifest["removed"]] == [(f"{left_out}.png", "left out by hand")]
+    assert len(manifest["images"]) == 2
+    assert {Path(e["source"]).name for e in manifest["skipped"]} == {"broken.jpg"}
+    removed = [(e["file"], e["reason"]) for e in manifest["removed"]]
+    assert removed == [(f"{left_out}.png", "left out by hand")]
     assert not (out / f"{left_out}.png").exists() and "Saved 2 image(s)" in saved_text
     entry = next(e for e in manifest["images"] if e["file"] == f"{edited_file}.png")
-    assert entry["caption"] == EDITED and entry["caption_source"] == "edited" and entry["clip_score"] is not None
+    assert entry["caption"] == EDITED and entry["caption_source"] == "edited"
+    assert entry["clip_score"] is not None
     others = [e for e in manifest["images"] if e is not entry]
-    assert all(e["caption_source"] == "demo-tiny" and (out / e["file"]).with_suffix(".txt").read_text() == e["caption"]
-               for e in others)
+    for e in others:
+        assert e["caption_source"] == "demo-tiny"
+        assert (out / e["file"]).with_suffix(".txt").read_text() == e["caption"]
     assert tree_digest(source) == before
 
 

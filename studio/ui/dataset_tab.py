@@ -18,7 +18,8 @@ from studio.library import UnsafeNameError, safe_child
 from studio.ui.state import AppState
 
 INTRO = ("Bring 4 to 200 pictures. The studio checks every file, converts what it can, crops to the training "
-         "size and shows each decision; nothing is written until you **Save**, and your files are never changed.")
+         "size and shows each decision; nothing is written until you **Save**, and your files are never "
+         "changed.")
 CROP_HELP = {"center": "center", "smart": "smart (saliency)", "entropy": "entropy (most detail)",
              "bucket": "bucket (keep aspect ratio)"}
 GRID_HEADERS = ["image", "file", "keep", "caption", "CLIP score", "note"]
@@ -38,27 +39,29 @@ def build(state: AppState):
                              elem_id="ds-upload", height=120)
         with gr.Column(scale=2):
             with gr.Row():
-                size = gr.Number(value=512, precision=0, label="Training size (512: SD 1.x, 768: SD 2.x 768-v)",
-                                 elem_id="ds-size")
+                size = gr.Number(value=512, precision=0, elem_id="ds-size",
+                                 label="Training size (512: SD 1.x, 768: SD 2.x 768-v)")
                 min_side = gr.Number(value=256, precision=0, label="Skip images whose shorter side is below",
                                      elem_id="ds-min-side")
-            crop = gr.Radio([(CROP_HELP[m], m) for m in CROP_MODES], value="center", label="Crop", elem_id="ds-crop")
-            non_rgb = gr.Radio([("convert to RGB", "convert"), ("prune (seed 004)", "prune")], value="convert",
-                               label="Grayscale images")
+            crop = gr.Radio([(CROP_HELP[m], m) for m in CROP_MODES], value="center", label="Crop",
+                            elem_id="ds-crop")
+            non_rgb = gr.Radio([("convert to RGB", "convert"), ("prune (seed 004)", "prune")],
+                               value="convert", label="Grayscale images")
             with gr.Row():
                 import_btn = gr.Button("Import", variant="primary", elem_id="ds-import-btn")
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="ds-stop-btn")
     summary = gr.Markdown(elem_id="ds-summary")
-    problems = gr.Dataframe(headers=["file", "status", "reason"], interactive=False, wrap=True, max_height=260,
-                            label="Skipped and removed files", elem_id="ds-problems")
+    problems = gr.Dataframe(headers=["file", "status", "reason"], interactive=False, wrap=True,
+                            max_height=260, label="Skipped and removed files", elem_id="ds-problems")
     crops = gr.Gallery(label="Crop preview: the bright box is what will be written", columns=6, height=300,
                        elem_id="ds-crops", format="png")
 
     with gr.Accordion("Duplicates", open=False):
-        gr.Markdown("Exact duplicates (same file or same pixels) are found on import. Near duplicates need a CLIP "
-                    "model. Pairs show side by side (A left, B right); the **keep** column decides.")
+        gr.Markdown("Exact duplicates (same file or same pixels) are found on import. Near duplicates need a "
+                    "CLIP model. Pairs show side by side (A left, B right); the **keep** column decides.")
         with gr.Row():
-            near = gr.Slider(0.8, 1.0, value=0.95, step=0.001, label="Near-duplicate CLIP cosine (at or above)")
+            near = gr.Slider(0.8, 1.0, value=0.95, step=0.001,
+                             label="Near-duplicate CLIP cosine (at or above)")
             near_btn = gr.Button("Find near duplicates", scale=0)
         dup_gallery = gr.Gallery(label="Pairs: A | B", columns=2, height=300, elem_id="ds-dups", format="png")
         dup_table = gr.Dataframe(headers=DUP_HEADERS, interactive=True, static_columns=[0, 1, 2, 3, 4],
@@ -72,20 +75,23 @@ def build(state: AppState):
                                     label="Captioning model: BLIP or BLIP-2 hub id, or a local folder")
             batch = gr.Number(value=8, precision=0, label="Batch", scale=1, min_width=80)
         with gr.Row():
-            prefix = gr.Textbox(label="Prefix", placeholder="sks, / a painting in the style of", elem_id="ds-prefix")
+            prefix = gr.Textbox(label="Prefix", placeholder="sks, / a painting in the style of",
+                                elem_id="ds-prefix")
             suffix = gr.Textbox(label="Suffix", elem_id="ds-suffix")
             replace = gr.Checkbox(False, label="Replace captions that came with the images or were edited")
         caption_btn = gr.Button("Caption", variant="primary", elem_id="ds-caption-btn")
-        grid = gr.Dataframe(headers=GRID_HEADERS, datatype=["markdown", "str", "bool", "str", "number", "str"],
-                            type="array", interactive=True, static_columns=[0, 1, 4, 5], wrap=True, max_height=600,
-                            column_widths=["90px", "130px", "76px", "auto", "80px", "160px"], elem_id="ds-captions",
-                            label="Captions: double-click a caption to edit it; untick keep to leave an image out")
+        grid = gr.Dataframe(headers=GRID_HEADERS, type="array", interactive=True, wrap=True, max_height=600,
+                            datatype=["markdown", "str", "bool", "str", "number", "str"],
+                            static_columns=[0, 1, 4, 5], elem_id="ds-captions",
+                            column_widths=["90px", "130px", "76px", "auto", "80px", "160px"],
+                            label="Captions: double-click a caption to edit it; untick keep to leave "
+                                  "an image out")
 
     with gr.Accordion("CLIP check (seed 001)", open=False):
         with gr.Row():
             clip_model = gr.Dropdown([DEFAULT_CLIP, "ViT-B-32", "ViT-H-14", "demo-tiny"], value=DEFAULT_CLIP,
                                      allow_custom_value=True, scale=3, elem_id="ds-clip-model",
-                                     label="open_clip model (ARCH, ARCH:TAG, ARCH:/weights, local-dir:/folder)")
+                                     label="open_clip model (ARCH, ARCH:TAG, ARCH:/weights, local-dir:/dir)")
             threshold = gr.Number(value=0.2, label="Threshold", scale=1, elem_id="ds-threshold")
         score_btn = gr.Button("Score image-caption pairs", elem_id="ds-score-btn")
         scores = gr.Dataframe(headers=["file", "CLIP score", "caption", "below threshold"], interactive=False,
@@ -97,9 +103,8 @@ def build(state: AppState):
             repeats = gr.Number(value=0, precision=0, minimum=0, elem_id="ds-repeats",
                                 label="Repeats per epoch (0: from kohya <repeats>_<name> folders, else 1)")
         with gr.Row():
-            flip = gr.Radio([("no flip", "none"), ("random flip in training", "random"), ("store mirrored copies",
-                                                                                           "stored")],
-                            value="none", label="Horizontal flip")
+            flip = gr.Radio([("no flip", "none"), ("random flip in training", "random"),
+                             ("store mirrored copies", "stored")], value="none", label="Horizontal flip")
             flip_p = gr.Slider(0, 1, value=0.5, step=0.05, label="Flip probability")
         with gr.Row():
             drop_low = gr.Checkbox(True, label="Leave out pairs under the CLIP threshold (scored pairs only)")
@@ -132,11 +137,11 @@ def build(state: AppState):
             curation = ds.import_images(job, progress_fn(progress, "files"), cancel)
         except (ValueError, FileNotFoundError) as e:
             raise gr.Error(str(e)) from e
-        default_name = ds.dataset_name(ds.CurateJob(), Path(src.strip())) if src and src.strip() else "dataset"
+        default_name = ds.dataset_name(ds.CurateJob(), inputs[0]) if src and src.strip() else "dataset"
         return (curation, *render(curation), default_name, "")
 
-    import_btn.click(do_import, [source, upload, size, min_side, crop, non_rgb], [session, *views, name, saved],
-                     api_visibility="private")
+    import_btn.click(do_import, [source, upload, size, min_side, crop, non_rgb],
+                     [session, *views, name, saved], api_visibility="private")
     stop_btn.click(lambda: cancel.set(), None, None, concurrency_limit=None, api_visibility="private")
 
     def do_recrop(curation, grid_v, size_v, crop_v, progress=gr.Progress()):
@@ -145,7 +150,8 @@ def build(state: AppState):
         _apply_grid(curation, grid_v)
         cancel.clear()
         try:
-            done = ds.recrop(curation, _int(size_v, "training size"), crop_v, progress_fn(progress, "images"), cancel)
+            done = ds.recrop(curation, _int(size_v, "training size"), crop_v,
+                             progress_fn(progress, "images"), cancel)
         except ValueError as e:
             raise gr.Error(str(e)) from e
         if not done:
@@ -169,8 +175,8 @@ def build(state: AppState):
         gr.Info(f"{found} near-duplicate pair(s) at cosine ≥ {float(threshold_v):.3f}")
         return (curation, *render(curation))
 
-    near_btn.click(do_near, [session, dup_table, grid, near, clip_model], [session, *views], concurrency_id="gpu",
-                   concurrency_limit=1, api_visibility="private")
+    near_btn.click(do_near, [session, dup_table, grid, near, clip_model], [session, *views],
+                   concurrency_id="gpu", concurrency_limit=1, api_visibility="private")
 
     def do_apply_dups(curation, rows, grid_v):
         curation = _need(curation)
@@ -178,7 +184,8 @@ def build(state: AppState):
         _apply_dup_rows(curation, rows)
         return (curation, *render(curation))
 
-    apply_dups_btn.click(do_apply_dups, [session, dup_table, grid], [session, *views], api_visibility="private")
+    apply_dups_btn.click(do_apply_dups, [session, dup_table, grid], [session, *views],
+                         api_visibility="private")
 
     # --- captions
     def do_caption(curation, grid_v, model, prefix_v, suffix_v, replace_v, batch_v, progress=gr.Progress()):
@@ -199,13 +206,15 @@ def build(state: AppState):
             raise gr.Error(str(e)) from e
         n = ds.caption_items(curation, captioner_obj, progress_fn(progress, "images"), cancel)
         if n == 0:
-            gr.Info("nothing to caption: every kept image has a caption (tick 'Replace' to caption them again)")
+            gr.Info("nothing to caption: every kept image has a caption (tick 'Replace' to caption them "
+                    "again)")
         elif captioner_obj.name == "demo-tiny":
-            gr.Warning("demo-tiny has random weights: its captions are gibberish; edit them or use a real model")
+            gr.Warning("demo-tiny has random weights: its captions are gibberish; edit them or use a real "
+                       "model")
         return (curation, *render(curation))
 
-    caption_btn.click(do_caption, [session, grid, captioner, prefix, suffix, replace, batch], [session, *views],
-                      concurrency_id="gpu", concurrency_limit=1, api_visibility="private")
+    caption_btn.click(do_caption, [session, grid, captioner, prefix, suffix, replace, batch],
+                      [session, *views], concurrency_id="gpu", concurrency_limit=1, api_visibility="private")
 
     # --- CLIP check
     def do_score(curation, grid_v, model, threshold_v, progress=gr.Progress()):
@@ -241,8 +250,10 @@ def build(state: AppState):
             ds.apply_clip_filter(curation, curation.job.clip_threshold)
             progress((0, 1), desc="writing", unit="files")
             out = ds.write_dataset(curation, target)
-            kohya_dir = (ds.export_kohya(out, state.cfg.datasets_dir / f"{slug}-kohya", slug, curation.repeats)
-                         if kohya_v else None)
+            kohya_dir = None
+            if kohya_v:
+                kohya_dir = ds.export_kohya(out, state.cfg.datasets_dir / f"{slug}-kohya", slug,
+                                            curation.repeats)
         except (ValueError, UnsafeNameError, OSError) as e:
             raise gr.Error(str(e)) from e
         kept = len(curation.kept())
@@ -252,7 +263,8 @@ def build(state: AppState):
             text += f"\n\nkohya folder: `{kohya_dir}`"
         return (curation, *render(curation, threshold_v), text)
 
-    save_btn.click(do_save, [session, grid, dup_table, name, repeats, flip, flip_p, drop_low, threshold, kohya],
+    save_btn.click(do_save,
+                   [session, grid, dup_table, name, repeats, flip, flip_p, drop_low, threshold, kohya],
                    [session, *views, saved], api_visibility="private")
     return {"session": session}
 
@@ -263,8 +275,9 @@ def build(state: AppState):
 def summary_text(curation: ds.Curation) -> str:
     report = ds.build_report(curation)
     c = report["counts"]
-    text = (f"**{c['kept']}** kept of {c['inputs']} file(s) · {c['converted']} converted · {c['removed']} removed "
-            f"· {c['skipped']} skipped · size {curation.job.size} px, crop: {curation.job.crop}")
+    text = (f"**{c['kept']}** kept of {c['inputs']} file(s) · {c['converted']} converted · "
+            f"{c['removed']} removed · {c['skipped']} skipped · size {curation.job.size} px, "
+            f"crop: {curation.job.crop}")
     if curation.interrupted:
         text += "\n\n⚠ stopped before the end: the files not reached are listed as skipped"
     notes = [f"`{it.source.label}`: {'; '.join(it.notes)}" for it in curation.kept() if it.notes]
@@ -276,7 +289,8 @@ def summary_text(curation: ds.Curation) -> str:
 
 def problem_rows(curation: ds.Curation) -> list[list[str]]:
     rows = [[it.source.label, "skipped", it.skipped] for it in curation.items if it.skipped]
-    return rows + [[it.source.label, "removed", it.removed] for it in curation.items if it.removed and not it.skipped]
+    removed = [it for it in curation.items if it.removed and not it.skipped]
+    return rows + [[it.source.label, "removed", it.removed] for it in removed]
 
 
 def crop_items(curation: ds.Curation) -> list[tuple]:
@@ -295,7 +309,8 @@ def dup_items(curation: ds.Curation) -> list[tuple]:
 
 
 def dup_rows(curation: ds.Curation) -> list[list]:
-    return [[k, curation.items[p.a].source.label, curation.items[p.b].source.label, p.kind, p.similarity, p.keep]
+    items = curation.items
+    return [[k, items[p.a].source.label, items[p.b].source.label, p.kind, p.similarity, p.keep]
             for k, p in enumerate(curation.pairs, 1)]
 
 
