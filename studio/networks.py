@@ -270,40 +270,39 @@ class NetworkLibrary:
             raise value
         return value
 
-    def embeddings(self, expected_dim: int | None = None) -> Scan:
-        """Embeddings by file stem. With `expected_dim`, those of another width are skipped with the reason."""
+    def _scan(self, folder: Path, exts: tuple[str, ...], kind: str, load, reject=None) -> Scan:
+        """Usable files by stem; the rest (unreadable, refused, duplicate name, `reject` reason) with why."""
         scan = Scan()
-        for path in _files(self.embeddings_dir, EMBEDDING_EXTS):
-            rel = path.relative_to(self.embeddings_dir).as_posix()
+        for path in _files(folder, exts):
+            rel = path.relative_to(folder).as_posix()
             try:
-                emb = self._cached(path, "embedding", load_embedding)
+                entry = self._cached(path, kind, load)
             except NetworkFileError as e:
                 scan.skipped[rel] = str(e)
                 continue
-            if emb.name in scan.found:
-                scan.skipped[rel] = f"same name as {scan.found[emb.name].path.relative_to(self.embeddings_dir)}"
-            elif expected_dim is not None and emb.dim != expected_dim:
-                scan.skipped[rel] = (f"width {emb.dim} does not fit the loaded model (width {expected_dim}: "
-                                     f"{_family_of_width(emb.dim)} embedding)")
+            reason = reject(entry) if reject else None
+            if entry.name in scan.found:
+                scan.skipped[rel] = f"same name as {scan.found[entry.name].path.relative_to(folder)}"
+            elif reason:
+                scan.skipped[rel] = reason
             else:
-                scan.found[emb.name] = emb
+                scan.found[entry.name] = entry
         return scan
+
+    def embeddings(self, expected_dim: int | None = None) -> Scan:
+        """Embeddings by file stem. With `expected_dim`, those of another width are skipped with the reason."""
+
+        def wrong_width(emb: EmbeddingFile) -> str | None:
+            if expected_dim is None or emb.dim == expected_dim:
+                return None
+            return (f"width {emb.dim} does not fit the loaded model (width {expected_dim}: "
+                    f"{_family_of_width(emb.dim)} embedding)")
+
+        return self._scan(self.embeddings_dir, EMBEDDING_EXTS, "embedding", load_embedding, wrong_width)
 
     def loras(self) -> Scan:
         """LoRAs by file stem. Pickled ones are opened (weights_only) so a hostile file shows as refused."""
-        scan = Scan()
-        for path in _files(self.loras_dir, LORA_EXTS):
-            rel = path.relative_to(self.loras_dir).as_posix()
-            try:
-                lora = self._cached(path, "lora", _load_lora_entry)
-            except NetworkFileError as e:
-                scan.skipped[rel] = str(e)
-                continue
-            if lora.name in scan.found:
-                scan.skipped[rel] = f"same name as {scan.found[lora.name].path.relative_to(self.loras_dir)}"
-            else:
-                scan.found[lora.name] = lora
-        return scan
+        return self._scan(self.loras_dir, LORA_EXTS, "lora", _load_lora_entry)
 
     def find_lora(self, name: str, scan: Scan | None = None) -> LoraFile:
         """By file stem, else by the `ss_output_name` alias; an unknown name lists close matches."""

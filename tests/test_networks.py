@@ -126,8 +126,9 @@ def test_lora_alias_subfolder_and_negative_weight(studio):
     by_alias = image(gen, job("a lighthouse <lora:ink_wash_style:0.8>"))
     by_stem = image(gen, job("a lighthouse <lora:inkwash:0.8>"))
     assert np.array_equal(by_alias, by_stem)
-    in_subfolder = image(gen, job("a lighthouse <lora:paperfold:-1>"))
-    assert np.abs(in_subfolder - base).max() > 0
+    negative = image(gen, job("a lighthouse <lora:paperfold:-1>"))  # found in loras/styles/
+    positive = image(gen, job("a lighthouse <lora:paperfold:1>"))
+    assert np.abs(negative - base).max() > 0 and np.abs(negative - positive).max() > 0  # the sign is kept
 
 
 def test_text_encoder_and_unet_weights_are_separate(studio):

@@ -1,13 +1,10 @@
 """The real app, launched as users launch it: driven in headless Chromium and through gradio_client."""
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import launch_app
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -15,12 +12,6 @@ CHROMIUM = "/usr/bin/chromium"
 A1111_TEXT = ("masterpiece, a castle on a hill\nNegative prompt: lowres, bad hands\n"
               "Steps: 28, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 3344, Size: 512x768, "
               "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: v1.6.0")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _shared_files(home: Path) -> None:
@@ -43,31 +34,8 @@ def app(tmp_path_factory):
     """`python app.py` on a free port with a throwaway home; yields (url, home)."""
     home = tmp_path_factory.mktemp("home")
     _shared_files(home)
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    log = open(home / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--home", str(home)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app exited: {(home / 'app.log').read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("app did not start in 180 s")
-    yield url, home
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    for url in launch_app(home, ROOT):
+        yield url, home
 
 
 @pytest.mark.browser

@@ -2,13 +2,10 @@
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import launch_app
 from dataset_files import photo, tree_digest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -17,41 +14,12 @@ CHROMIUM = "/usr/bin/chromium"
 EDITED = "a hand-written caption, sks style"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     """`python app.py` on a free port with a throwaway home; yields (url, home)."""
     home = tmp_path_factory.mktemp("home")
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    log = open(home / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--home", str(home)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"app exited: {(home / 'app.log').read_text()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("app did not start in 180 s")
-    yield url, home
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    for url in launch_app(home, ROOT):
+        yield url, home
 
 
 def pick(page, elem_id: str, value: str) -> None:
