@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     from studio.models import ModelLoadError
     from studio.ui import build_ui, startup_model
     from studio.ui.state import AppState
+    from studio.ui.survey_page import NAV_CSS
 
     cfg = StudioConfig.from_env(device=args.device, precision=args.precision)
     if args.home:
@@ -50,8 +51,9 @@ def main(argv=None) -> int:
     demo.launch(
         server_name="0.0.0.0" if args.listen else "127.0.0.1",
         server_port=args.port,
-        allowed_paths=[str(cfg.outputs_dir)],
+        allowed_paths=[str(cfg.outputs_dir), str(cfg.runs_dir)],  # runs/: training previews
         show_error=True,
+        css=NAV_CSS,  # no navbar: the survey page is reached by its link only
     )
     return 0
 

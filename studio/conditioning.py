@@ -145,8 +145,9 @@ def apply_emphasis(z: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
     return scaled.to(z.dtype)
 
 
-def _inject_hook(fixes: list[tuple[int, torch.Tensor]]):
-    """A forward hook for the token-embedding layer that puts embeddings' vectors at their positions."""
+def _inject_hook(fixes: list[tuple[int, int, torch.Tensor]]):
+    """A forward hook for the token-embedding layer that puts embeddings' vectors at their (row, offset).
+    Gradients flow into the vectors, so training uses the same hook as generation."""
     # the model may be shared by several UI threads: only touch this thread's forward pass
     owner = threading.get_ident()
 
@@ -154,8 +155,8 @@ def _inject_hook(fixes: list[tuple[int, torch.Tensor]]):
         if threading.get_ident() != owner:
             return None
         output = output.clone()
-        for offset, vectors in fixes:
-            output[0, offset : offset + len(vectors)] = vectors.to(device=output.device, dtype=output.dtype)
+        for row, offset, vectors in fixes:
+            output[row, offset : offset + len(vectors)] = vectors.to(device=output.device, dtype=output.dtype)
         return output
 
     return hook
@@ -176,6 +177,7 @@ class PromptEncoder:
         text_encoder,
         embeddings: Mapping[str, TextualInversion] | None = None,
         clip_skip: int = 1,
+        runner=None,
     ):
         layers = text_encoder.config.num_hidden_layers
         if not 1 <= clip_skip <= layers:
@@ -183,10 +185,21 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.clip_skip = clip_skip
+        # what the forward pass calls: the text encoder itself, or a wrapper of it (DDP when training a text-encoder
+        # LoRA on several GPUs, so its gradients are synchronised)
+        self.runner = runner or text_encoder
         self.embeddings = dict(embeddings or {})
         width = text_encoder.get_input_embeddings().embedding_dim
         self._lookup = _embedding_lookup(tokenizer, self.embeddings, width)
         self._comma_id = tokenizer.get_vocab().get(COMMA_TOKEN)
+
+    def set_embedding(self, embedding: TextualInversion) -> None:
+        """Add or replace one embedding (training swaps in new vectors every step; the name's tokens stay)."""
+        known = embedding.name in self.embeddings
+        self.embeddings[embedding.name] = embedding
+        if not known:
+            width = self.text_encoder.get_input_embeddings().embedding_dim
+            self._lookup = _embedding_lookup(self.tokenizer, self.embeddings, width)
 
     def _pack(self, text: str) -> tuple[list[_Chunk], list[str]]:
         segments = parse_attention(text)
@@ -217,24 +230,43 @@ class PromptEncoder:
         pad = [self.tokenizer.pad_token_id] * (CHUNK_LENGTH - len(chunk.tokens))
         return [self.tokenizer.bos_token_id, *chunk.tokens, self.tokenizer.eos_token_id, *pad]
 
-    def _encode_chunk(self, chunk: _Chunk) -> torch.Tensor:
-        ids = torch.tensor([self._chunk_ids(chunk)], device=self.text_encoder.device)
+    def _encode_chunks(self, chunks: Sequence[_Chunk]) -> torch.Tensor:
+        """[len(chunks), 77, dim]: the chunks as one batch through the text encoder."""
+        ids = torch.tensor([self._chunk_ids(chunk) for chunk in chunks], device=self.text_encoder.device)
         # BOS sits before the chunk's tokens: shift each embedding's offset by one
-        fixes = [(offset + 1, vectors) for offset, vectors in chunk.fixes]
+        fixes = [(row, offset + 1, vectors) for row, chunk in enumerate(chunks) for offset, vectors in chunk.fixes]
         hook = None
         if fixes:
             hook = self.text_encoder.get_input_embeddings().register_forward_hook(_inject_hook(fixes))
         try:
             if self.clip_skip == 1:
-                z = self.text_encoder(ids).last_hidden_state
+                z = self.runner(ids).last_hidden_state
             else:
-                hidden = self.text_encoder(ids, output_hidden_states=True).hidden_states
+                hidden = self.runner(ids, output_hidden_states=True).hidden_states
                 z = _final_layer_norm(self.text_encoder)(hidden[-self.clip_skip])
         finally:
             if hook is not None:
                 hook.remove()
-        weights = [1.0, *chunk.weights, 1.0] + [1.0] * (CHUNK_LENGTH - len(chunk.weights))
-        return apply_emphasis(z, weights)
+        rows = []
+        for row, chunk in enumerate(chunks):
+            weights = [1.0, *chunk.weights, 1.0] + [1.0] * (CHUNK_LENGTH - len(chunk.weights))
+            rows.append(apply_emphasis(z[row : row + 1], weights))
+        return torch.cat(rows)
+
+    def _encode_chunk(self, chunk: _Chunk) -> torch.Tensor:
+        return self._encode_chunks([chunk])
+
+    def encode_batch(self, texts: Sequence[str]) -> torch.Tensor:
+        """[B, 77, dim] for prompts of one chunk each, with gradients (training prompts: the embedding being
+        trained is one of `embeddings`, and its vectors may require grad)."""
+        chunks = []
+        for text in texts:
+            packed, _ = self._pack(text)
+            if len(packed) != 1:
+                raise ValueError(f"a training prompt must fit in 75 tokens (one chunk), got {len(packed)} chunks: "
+                                 f"{text[:80]!r}")
+            chunks.append(packed[0])
+        return self._encode_chunks(chunks)
 
     @torch.no_grad()
     def encode(self, text: str) -> EncodedPrompt:

@@ -20,6 +20,8 @@ class StudioConfig:
     presets_dir: Path = ROOT / "presets"
     # training datasets the Dataset tab writes (images, captions, dataset.json)
     datasets_dir: Path = ROOT / "datasets"
+    # training runs: runs/<name>-<time>/ with config.yaml, loss.csv, checkpoints, previews
+    runs_dir: Path = ROOT / "runs"
     # shipped data: model configs for offline single-file loading, templates
     assets_dir: Path = ROOT / "assets"
     # files we derive once and reuse (the CLIP tokenizer built from open_clip's BPE file)
@@ -59,10 +61,11 @@ class StudioConfig:
             outputs_dir=home / "outputs",
             presets_dir=home / "presets",
             datasets_dir=home / "datasets",
+            runs_dir=home / "runs",
             cache_dir=home / ".cache",
         )
 
     def ensure_dirs(self) -> None:
         for d in (self.models_dir, self.loras_dir, self.embeddings_dir, self.outputs_dir,
-                  self.presets_dir, self.datasets_dir, self.cache_dir):
+                  self.presets_dir, self.datasets_dir, self.runs_dir, self.cache_dir):
             d.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from studio import __version__, samplers
 from studio.adapters import ActiveLora
 from studio.atomic import atomic_path
 from studio.conditioning import PromptEncoder, TextualInversion
+from studio.denoise import DenoiseItem, denoise, initial_latents  # noqa: F401 (initial_latents: re-exported)
 from studio.infotext import format_infotext, png_info
 from studio.models import LoadedModel, ModelManager
 from studio.networks import EmbeddingFile, NetworkLibrary
@@ -109,13 +110,6 @@ class GenerateResult:
 
 def resolve_seed(seed: int) -> int:
     return random.randint(0, MAX_SEED) if seed == -1 else seed
-
-
-def initial_latents(pipe, seeds: list[int], width: int, height: int) -> torch.Tensor:
-    """One latent per seed, drawn on the CPU so a seed gives the same image on any device."""
-    shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
-    return torch.stack(noise).to(pipe._execution_device, pipe.unet.dtype)
 
 
 def build_infotext(job: GenerateJob, seed: int, model: LoadedModel, model_hash: str,
@@ -229,34 +223,21 @@ class Generator:
             for batch in range(job.batch_count):
                 # 2. seeds and noise: image i of the whole run uses seed + i, as in A1111
                 seeds = [base_seed + batch * job.batch_size + i for i in range(job.batch_size)]
-                latents = initial_latents(pipe, seeds, job.width, job.height)
-                # 3. sampler (a fresh scheduler per pass: stochastic samplers are seeded per pass)
-                pipe.scheduler = samplers.make_scheduler(job.sampler, job.schedule, dict(pipe.scheduler.config),
-                                                         seed=seeds[0])
-                # 4. denoise, reporting each step and stopping at the next step on cancel
+                # 3. denoise in one pass (studio.denoise, shared with the parameter explorer), reporting each step
+                # and stopping at the next step on cancel
                 done_before = batch * job.steps
 
-                def on_step(p, step, timestep, kwargs, done_before=done_before, batch=batch):
+                def on_step(done, n_timesteps, done_before=done_before, batch=batch):
                     if on_progress:
-                        on_progress(done_before + step + 1, total,
-                                    f"batch {batch + 1}/{job.batch_count}, step {step + 1}/{job.steps}")
-                    if cancel is not None and cancel.is_set():
-                        p._interrupt = True
-                    return {}
+                        step = -(-done * job.steps // n_timesteps)  # 2nd-order samplers take more timesteps
+                        on_progress(done_before + step, total,
+                                    f"batch {batch + 1}/{job.batch_count}, step {step}/{job.steps}")
 
-                images = pipe(
-                    prompt_embeds=cond.expand(job.batch_size, -1, -1),
-                    negative_prompt_embeds=uncond.expand(job.batch_size, -1, -1),
-                    num_inference_steps=job.steps,
-                    guidance_scale=job.cfg_scale,
-                    width=job.width,
-                    height=job.height,
-                    latents=latents,
-                    generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                    callback_on_step_end=on_step,
-                ).images
-                interrupted = bool(getattr(pipe, "_interrupt", False))
-                # 5. save (a stopped pass is shown but not saved: it is unfinished)
+                items = [DenoiseItem(cond, uncond, job.cfg_scale, seed) for seed in seeds]
+                out = denoise(pipe, items, job.sampler, job.schedule, job.steps, job.width, job.height,
+                              on_step=on_step, cancel=cancel)
+                images, interrupted = out.images, out.interrupted
+                # 4. save (a stopped pass is shown but not saved: it is unfinished)
                 for image, seed in zip(images, seeds, strict=True):
                     info = build_infotext(job, seed, model, model_hash, nets)
                     item = GeneratedImage(image, seed, info)

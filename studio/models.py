@@ -231,21 +231,26 @@ class ModelManager:
 
     # 2. load
 
+    def open(self, spec: str, on_progress: Callable | None = None) -> LoadedModel:
+        """Load a model without making it the current one (training runs hold their own copy), on the CPU."""
+        kind, path = self.resolve(spec)
+        if on_progress:
+            on_progress(0, 1, f"loading {spec}")
+        if kind == "demo":
+            model = LoadedModel(TINY_NAME, "demo", "sd1", "epsilon", build_tiny_pipeline("sd1"))
+        elif kind == "diffusers":
+            model = self._load_diffusers(path, spec)
+        elif kind == "single-file":
+            model = self._load_single_file(path, spec)
+        else:
+            model = self._load_diffusers(self.download(spec, on_progress), spec, source="hub")
+        if model.is_demo:
+            model.hash_ = weights_hash(model.pipe.unet)  # before any cast: the same on every device
+        return model
+
     def load(self, spec: str, on_progress: Callable | None = None) -> LoadedModel:
         with self.lock:
-            kind, path = self.resolve(spec)
-            if on_progress:
-                on_progress(0, 1, f"loading {spec}")
-            if kind == "demo":
-                model = LoadedModel(TINY_NAME, "demo", "sd1", "epsilon", build_tiny_pipeline("sd1"))
-            elif kind == "diffusers":
-                model = self._load_diffusers(path, spec)
-            elif kind == "single-file":
-                model = self._load_single_file(path, spec)
-            else:
-                model = self._load_diffusers(self.download(spec, on_progress), spec, source="hub")
-            if model.is_demo:
-                model.hash_ = weights_hash(model.pipe.unet)  # before any cast: the same on every device
+            model = self.open(spec, on_progress)
             self.unload()
             self._place(model.pipe)
             model.pipe.set_progress_bar_config(disable=True)

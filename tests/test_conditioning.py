@@ -267,7 +267,7 @@ def test_embedding_hook_leaves_other_threads_forward_passes_alone(tiny_pipe):
     enc = encoder(tiny_pipe)
     plain = enc.encode("a cat").embeds
     layer = tiny_pipe.text_encoder.get_input_embeddings()
-    hook = layer.register_forward_hook(_inject_hook([(1, vectors(2))]))
+    hook = layer.register_forward_hook(_inject_hook([(0, 1, vectors(2))]))
     try:
         assert not torch.equal(enc.encode("a cat").embeds, plain)  # this thread's pass is changed
         with ThreadPoolExecutor(1) as pool:

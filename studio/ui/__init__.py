@@ -6,7 +6,15 @@ import gradio as gr
 
 from studio.models import ModelLoadError
 from studio.tiny import TINY_NAME
-from studio.ui import dataset_tab, generate_tab, models_tab
+from studio.ui import (
+    dataset_tab,
+    evaluate_tab,
+    explorer_tab,
+    generate_tab,
+    models_tab,
+    survey_page,
+    train_tab,
+)
 from studio.ui.state import AppState
 
 
@@ -28,13 +36,19 @@ def build_ui(state: AppState) -> gr.Blocks:
                                    elem_id="model")
             refresh_btn = gr.Button("↻", scale=0, min_width=40)
         banner = gr.Markdown(banner_text(state), elem_id="model-banner")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Generate", id="generate"):
                 gen = generate_tab.build(state, model_dd)
+            with gr.Tab("Explorer", id="explorer"):
+                explorer_tab.build(state, gen, tabs)
             with gr.Tab("Models", id="models"):
                 models_tab.build(state, model_dd)
             with gr.Tab("Dataset", id="dataset"):
                 dataset_tab.build(state)
+            with gr.Tab("Train", id="train") as train_page:
+                train = train_tab.build(state, model_dd, gen["networks_refresh"], gen["networks_outputs"])
+            with gr.Tab("Evaluate", id="evaluate"):
+                evaluate_tab.build(state)
 
         def load(spec, progress=gr.Progress(track_tqdm=True)):
             progress(0, desc=f"loading {spec}")
@@ -44,14 +58,22 @@ def build_ui(state: AppState) -> gr.Blocks:
                 raise gr.Error(str(e)) from e
             size = model.native_size
             return (banner_text(state), gr.update(value=size), gr.update(value=size),
-                    *gen["networks_refresh"]())
+                    *gen["networks_refresh"](), *train["on_model_loaded"]())
 
-        model_dd.input(load, model_dd, [banner, gen["width"], gen["height"], *gen["networks_outputs"]],
+        model_dd.input(load, model_dd, [banner, gen["width"], gen["height"], *gen["networks_outputs"],
+                                        *train["model_outputs"]],
                        concurrency_id="gpu", concurrency_limit=1, api_name="load_model")
         # cards are read when the page opens, so files added while the studio runs show up on reload
         demo.load(gen["networks_refresh"], None, gen["networks_outputs"], api_visibility="private")
+        # a training run outlives the page: a reload shows it again (and polls it while it runs)
+        demo.load(train["on_page_load"], None, train["page_outputs"], api_visibility="private")
+        # datasets saved in the Dataset tab (and new runs) show up when the Train tab opens
+        train_page.select(train["lists"], None, train["list_outputs"], api_visibility="private")
         refresh_btn.click(lambda: gr.update(choices=state.manager.choices()), None, model_dd,
                           api_visibility="private")
+    # the A/B survey's own page, for respondents who do not run the studio (not in the navbar)
+    with demo.route("Survey", "/survey", show_in_navbar=False):
+        survey_page.build(state, demo)
     return demo
 
 

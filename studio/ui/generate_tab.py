@@ -209,4 +209,4 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
                   api_visibility="private")
 
     return {"width": width, "height": height, "gallery": gallery, "networks_refresh": networks_refresh,
-            "networks_outputs": networks_outputs}
+            "networks_outputs": networks_outputs, "png_info": png_in}

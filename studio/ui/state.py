@@ -1,4 +1,5 @@
-"""What the UI holds for the whole process: the config, the model owner, the generator, Stop events."""
+"""What the UI holds for the whole process: the config, the model owner, the generator, the training worker,
+Stop events."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from studio.config import StudioConfig
 from studio.expand import PromptExpander
 from studio.generate import Generator
 from studio.models import ModelManager
+from studio.train.worker import TrainingWorker
 
 
 @dataclass
@@ -19,6 +21,7 @@ class AppState:
     cfg: StudioConfig
     manager: ModelManager
     generator: Generator
+    trainer: TrainingWorker  # one training run at a time, in its own thread (not the "gpu" lane of generation)
     # one GPU lane: the Stop button stops whatever generation runs now
     cancel: threading.Event = field(default_factory=threading.Event)
     expander: PromptExpander | None = None  # the GPT-2 prompt expander, loaded on first use
@@ -33,7 +36,7 @@ class AppState:
     def create(cls, cfg: StudioConfig) -> AppState:
         cfg.ensure_dirs()
         manager = ModelManager(cfg)
-        return cls(cfg, manager, Generator(manager))
+        return cls(cfg, manager, Generator(manager), TrainingWorker(cfg))
 
     @property
     def offline(self) -> bool:

@@ -1,0 +1,154 @@
+"""One batched denoising pass: items that share model, LoRAs, sampler, schedule, steps and size, each with its
+own conditioning, CFG scale and seed. Generate and the parameter explorer both run their images through here,
+so a grid cell is the image Generate makes for the same parameters and seed.
+
+The loop is StableDiffusionPipeline's text-to-image loop, step for step, with two changes:
+- classifier-free guidance is applied per item (each item has its own CFG scale; items with CFG <= 1 use the
+  conditional prediction alone, as the pipeline does when guidance is off);
+- results do not depend on which other items share the pass (batch invariance, measured on CPU fp32):
+  the timestep MLP sees one row (every item has the same timestep), a UNet batch of one is padded to two,
+  and the VAE decodes one image at a time. Without these, CPU kernels pick other code paths for other
+  batch sizes and the last bits of the images change. GPU kernels can still differ by batch size.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from studio import samplers
+
+StepFn = Callable[[int, int], None]  # (timestep index done, number of timesteps)
+
+
+@dataclass
+class DenoiseItem:
+    cond: torch.Tensor  # [1, tokens, dim] prompt conditioning
+    uncond: torch.Tensor  # [1, tokens, dim] negative prompt conditioning (same token count as cond)
+    cfg_scale: float
+    seed: int  # draws the initial latent and the sampler noise of this item
+
+
+@dataclass
+class DenoiseResult:
+    images: list[Image.Image]
+    interrupted: bool  # stopped before the last step: the images are unfinished
+
+
+def initial_latents(pipe, seeds: list[int], width: int, height: int) -> torch.Tensor:
+    """One latent per seed, drawn on the CPU so a seed gives the same image on any device."""
+    shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
+    return torch.stack(noise).to(pipe._execution_device, pipe.unet.dtype)
+
+
+def _first_row(module, args):
+    # denoise() calls the UNet with one scalar timestep, so every row is the same; one row keeps the MLP
+    # batch-invariant. (No torch.equal check here: on a GPU it would sync every step and stall the launch queue.)
+    return (args[0][:1], *args[1:])
+
+
+@contextmanager
+def batch_invariant_time_embedding(unet):
+    """While active, the UNet's timestep embedding is computed on one row and broadcast over the batch.
+
+    Only for UNet calls with one timestep for the whole batch (denoise's). A plain SD UNet adds the embedding to
+    each ResNet block's features by broadcasting, so the images are the same; the small matmuls of the MLP are the
+    part of the UNet whose CPU kernels change with the batch size."""
+    config = getattr(unet, "config", {})
+    plain = (getattr(unet, "time_embedding", None) is not None and config.get("class_embed_type") is None
+             and config.get("addition_embed_type") is None and config.get("time_cond_proj_dim") is None)
+    handle = unet.time_embedding.register_forward_pre_hook(_first_row) if plain else None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _step_kwargs(scheduler, seeds: list[int]) -> dict:
+    """The pipeline's extra step arguments: eta 0 for DDIM, and one CPU generator per item for samplers that
+    add noise at each step, so item i's noise depends on its own seed only."""
+    params = set(inspect.signature(scheduler.step).parameters)
+    kwargs = {}
+    if "eta" in params:
+        kwargs["eta"] = 0.0
+    if "generator" in params:
+        kwargs["generator"] = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return kwargs
+
+
+def pass_noise_is_shared(sampler: str) -> bool:
+    """True for samplers whose noise is drawn once for the whole pass (DPM++ SDE's Brownian tree, seeded with the
+    pass's first seed): an item's image then depends on the pass it is in, so such items run one per pass."""
+    return samplers.SAMPLERS[sampler].seed_kwarg is not None
+
+
+def _guided(noise_pred: torch.Tensor, items: list[DenoiseItem], any_cfg: bool) -> torch.Tensor:
+    if not any_cfg:
+        return noise_pred
+    uncond, cond = noise_pred.chunk(2)
+    rows = []
+    for i, item in enumerate(items):
+        if item.cfg_scale > 1:
+            # the pipeline's expression with a Python float, per item, so it rounds the same way in fp16/fp32
+            rows.append(uncond[i : i + 1] + item.cfg_scale * (cond[i : i + 1] - uncond[i : i + 1]))
+        else:
+            rows.append(cond[i : i + 1])
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: int, width: int, height: int,
+            on_step: StepFn | None = None, cancel: threading.Event | None = None) -> DenoiseResult:
+    """Denoise `items` in one pass and decode them. On cancel it stops after the current step and returns the
+    unfinished images with `interrupted` set."""
+    # 1. noise and sampler (a fresh scheduler per pass: stochastic samplers are seeded per pass)
+    seeds = [item.seed for item in items]
+    device = pipe._execution_device
+    scheduler = samplers.make_scheduler(sampler, schedule, dict(pipe.scheduler.config), seed=seeds[0])
+    pipe.scheduler = scheduler
+    scheduler.set_timesteps(steps, device=device)
+    timesteps = scheduler.timesteps
+    latents = initial_latents(pipe, seeds, width, height) * scheduler.init_noise_sigma
+    step_kwargs = _step_kwargs(scheduler, seeds)
+    # 2. conditioning: [uncond; cond] when any item is guided
+    dtype = pipe.unet.dtype
+    cond = torch.cat([item.cond for item in items]).to(device, dtype)
+    any_cfg = any(item.cfg_scale > 1 for item in items)
+    embeds = torch.cat([torch.cat([item.uncond for item in items]).to(device, dtype), cond]) if any_cfg else cond
+    pad = embeds.shape[0] == 1  # a UNet batch of one takes other CPU kernels: pad it to two
+    if pad:
+        embeds = torch.cat([embeds, embeds])
+    # 3. denoise
+    interrupted = False
+    with batch_invariant_time_embedding(pipe.unet):
+        for i, t in enumerate(timesteps):
+            model_input = torch.cat([latents] * 2) if any_cfg else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            if pad:
+                model_input = torch.cat([model_input, model_input])
+            noise_pred = pipe.unet(model_input, t, encoder_hidden_states=embeds, timestep_cond=None,
+                                   cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=False)[0]
+            if pad:
+                noise_pred = noise_pred[:1]
+            latents = scheduler.step(_guided(noise_pred, items, any_cfg), t, latents, **step_kwargs,
+                                     return_dict=False)[0]
+            if on_step is not None:
+                on_step(i + 1, len(timesteps))
+            if cancel is not None and cancel.is_set() and i + 1 < len(timesteps):
+                interrupted = True
+                break
+    # 4. decode one image at a time (the VAE's kernels are not batch-invariant either)
+    images = []
+    for i in range(latents.shape[0]):
+        decoded = pipe.vae.decode(latents[i : i + 1] / pipe.vae.config.scaling_factor, return_dict=False)[0]
+        images += pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True])
+    pipe.maybe_free_model_hooks()
+    return DenoiseResult(images, interrupted)

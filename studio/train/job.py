@@ -1,0 +1,283 @@
+"""The training job: one typed dataclass for every method, validated up front, saved as a run's config.yaml,
+filled from presets (presets/training/*.yaml)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from studio.config import ROOT
+from studio.train.schedule import LR_SCHEDULERS, parse_schedule
+
+TI_METHODS = ("ti", "ti-att", "ti-moe")
+METHODS = (*TI_METHODS, "lora", "finetune")
+METHOD_LABELS = {"ti": "Textual Inversion", "ti-att": "TI-Att (attention inversion module)",
+                 "ti-moe": "TI-MoE (Mixture-of-Experts inversion module)", "lora": "LoRA (DreamBooth-LoRA)",
+                 "finetune": "Full UNet fine-tune"}
+LORA_TARGETS = {
+    # UNet modules LoRA wraps: the attention projections (kohya's and seed 004's default), plus the
+    # transformer blocks' feed-forward and projection layers, plus the ResNet convolutions
+    "attention": ["to_q", "to_k", "to_v", "to_out.0"],
+    "transformer": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out"],
+    "all": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1",
+            "conv2", "conv_shortcut", "time_emb_proj"],
+}
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+OPTIMIZERS = ("adamw", "adamw8bit")
+# where a method's usual value differs from the TI defaults of TrainJob (the UI and the command line start here)
+METHOD_DEFAULTS = {"lora": {"learning_rate": "1e-4", "preview_prompt": ""},
+                   "finetune": {"learning_rate": "1e-5", "preview_prompt": ""}}
+MIXED_PRECISION = ("no", "fp16", "bf16")
+EMBEDDING_FORMATS = ("a1111", "diffusers", "a1111-pt")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SHIPPED_PRESETS = ROOT / "presets" / "training"
+MAX_VECTORS = 75
+
+
+@dataclass
+class TrainJob:
+    """Everything one training run needs; the UI, the command line and a run's config.yaml fill the same fields."""
+
+    method: str = "ti"  # ti | ti-att | ti-moe | lora | finetune
+    model: str = "demo-tiny"  # name in models/, a path, a hub id, or demo-tiny
+    data: str = ""  # dataset: a name in datasets/ or a folder of images (+ .txt captions)
+    name: str = ""  # the output's name: embeddings/NAME, loras/NAME or models/NAME; for TI also the prompt word
+    # --- the embedding ---
+    init_word: str = "*"  # standard TI starts from this word's token embeddings (A1111's default "*")
+    vectors: int = 1  # vectors per token (1..75); each takes one of the prompt's 75 positions
+    template: str = "style_filewords"  # prompt template file (assets/templates/) by name, or a .txt path
+    # --- the data ---
+    resolution: int = 512  # images are center-cropped and resized to this square
+    repeats: int | None = None  # times each image is seen per epoch; None: the dataset's (dataset.json), else 1
+    flip_p: float | None = None  # probability of a horizontal flip; None: the dataset's setting, else 0
+    # --- optimisation ---
+    learning_rate: str = "0.005"  # a number or an A1111 schedule "0.005:100, 1e-3:1000" (LoRA: the UNet's)
+    text_encoder_lr: float | None = None  # LoRA with the text encoder: its rate (None: the same as the UNet's)
+    lr_scheduler: str = "constant"  # constant | constant_with_warmup | linear | cosine (multiplies the rate)
+    lr_warmup: float = 0  # warmup steps, or a fraction of max_steps when below 1 (seed 004: 0.1)
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, CUDA only)
+    batch_size: int = 1
+    grad_accum: int = 1  # gradient accumulation steps (effective batch = batch_size * grad_accum)
+    max_steps: int = 1000  # optimizer steps
+    seed: int = 0  # the same seed and settings give the same embedding, also across a stop and resume
+    mixed_precision: str = "no"  # no | fp16 | bf16 (the frozen UNet and VAE run in it; the trained part stays fp32)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.0  # clip the gradient norm to this (0: no clipping; seed 003: 1)
+    gradient_checkpointing: bool = False  # less memory, about 30 % slower
+    min_snr_gamma: float = 0.0  # Min-SNR loss weighting (Hang et al.; 5 is usual); 0: off
+    noise_offset: float = 0.0  # adds offset * N(0, 1) per image and channel to the noise (darker darks); 0: off
+    overfit_batches: int = 0  # >0: train on only this many fixed batches (same noise, timesteps, prompts): a check
+    # that learning works, as in Lightning's overfit_batches; 0 for real training
+    # --- LoRA (peft) ---
+    rank: int = 4
+    alpha: float | None = None  # None: the rank (scale 1)
+    dropout: float = 0.0
+    lora_targets: str = "attention"  # attention | transformer | all (see LORA_TARGETS)
+    train_text_encoder: bool = False  # LoRA on the text encoder's q/k/v/out projections too
+    instance_prompt: str = ""  # one prompt for every image instead of the captions ([filewords] = the caption)
+    save_diffusers: bool = False  # also write a diffusers-format copy (pytorch_lora_weights.safetensors)
+    # --- DreamBooth prior preservation ---
+    class_prompt: str = ""  # e.g. "a photo of a dog"; empty: no prior preservation
+    class_images: int = 0  # class images generated with the base model (cached in the run folder)
+    prior_loss_weight: float = 1.0
+    # --- full fine-tune ---
+    ema: bool = False  # keep an exponential moving average of the UNet weights and save it
+    ema_decay: float = 0.9999
+    output: str = ""  # fine-tune: the single file to write (default models/NAME.safetensors)
+    # --- inversion modules (seed 000 §6.2, §6.3) ---
+    image_encoder: str = "openai/clip-vit-large-patch14"  # CLIP vision tower (hub id or folder), or demo-tiny
+    heads: int = 8  # attention heads of TI-Att (must divide the image-embedding width)
+    experts: int = 4  # TI-MoE: number of experts E
+    top_k: int = 2  # TI-MoE: experts per image k
+    aux_weight: float = 0.01  # TI-MoE: lambda, weight of 0.5 L_importance + 0.5 L_load
+    max_images: int = 16  # the modules read at most this many training images (their CLIP embeddings)
+    # --- the run ---
+    save_every: int = 250  # checkpoint (and an embedding copy in the run folder) every N steps
+    keep_checkpoints: int = 3  # older checkpoints are deleted
+    preview_every: int = 250  # 0: no previews
+    preview_prompt: str = "a painting in the style of [name]"  # [name]: the name; empty: the first image's prompt
+    preview_seed: int = 1
+    preview_steps: int = 20
+    embedding_format: str = "a1111"  # a1111 (.safetensors emb_params) | diffusers | a1111-pt (.pt)
+    overwrite: bool = False  # replace an existing embedding of the same name
+
+    # 1. building
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainJob:
+        """A job from a preset, a config.yaml or an API dict; unknown keys are an error, not silently dropped."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(names)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def for_method(cls, method: str, **values) -> TrainJob:
+        """A job with the method's usual defaults (LoRA lr 1e-4, fine-tune 1e-5), then `values`."""
+        return cls.from_dict({"method": method, **METHOD_DEFAULTS.get(method, {}), **values})
+
+    def replace(self, **changes) -> TrainJob:
+        return TrainJob.from_dict({**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}})
+
+    # 2. checking
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad value and what would be right. Nothing is corrected silently."""
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not self.name or not NAME_RE.match(self.name):
+            raise ValueError(f"name must be 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit "
+                             f"(it becomes the file name and the prompt word), got {self.name!r}")
+        if not str(self.data).strip():
+            raise ValueError("choose a dataset: a name in datasets/ or a folder of images")
+        ints = {"vectors": (1, MAX_VECTORS), "resolution": (64, 2048), "batch_size": (1, 64),
+                "grad_accum": (1, 128), "max_steps": (1, 1_000_000), "seed": (0, 2**32 - 1),
+                "heads": (1, 64), "experts": (1, 64), "top_k": (1, 64), "max_images": (1, 256),
+                "save_every": (1, 1_000_000), "keep_checkpoints": (1, 1000), "preview_every": (0, 1_000_000),
+                "preview_seed": (0, 2**32 - 1), "preview_steps": (1, 150),
+                "overfit_batches": (0, 1000), "rank": (1, 1024), "class_images": (0, 100_000)}
+        for name, (lo, hi) in ints.items():
+            value = getattr(self, name)
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+                setattr(self, name, value)  # 4.0 from a slider is 4
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ValueError(f"{name.replace('_', ' ')} must be a whole number from {lo} to {hi}, got {value!r}")
+        if self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8, got {self.resolution} "
+                             f"(try {self.resolution - self.resolution % 8})")
+        if self.repeats is not None and (isinstance(self.repeats, bool) or not isinstance(self.repeats, int)
+                                         or not 1 <= self.repeats <= 10_000):
+            raise ValueError(f"repeats must be 1 to 10000 (or empty for the dataset's), got {self.repeats!r}")
+        if self.flip_p is not None and not (isinstance(self.flip_p, (int, float)) and 0 <= self.flip_p <= 1):
+            raise ValueError(f"flip probability must be between 0 and 1, got {self.flip_p!r}")
+        parse_schedule(self.learning_rate)  # raises with the bad piece quoted
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed precision must be one of {', '.join(MIXED_PRECISION)}, "
+                             f"got {self.mixed_precision!r}")
+        if not isinstance(self.weight_decay, (int, float)) or not 0 <= self.weight_decay < 1:
+            raise ValueError(f"weight decay must be in [0, 1), got {self.weight_decay!r}")
+        if self.method == "ti-moe" and not 1 <= self.top_k <= self.experts:
+            raise ValueError(f"top-k must be between 1 and the number of experts ({self.experts}), got {self.top_k}")
+        if not isinstance(self.aux_weight, (int, float)) or self.aux_weight < 0:
+            raise ValueError(f"auxiliary loss weight must be 0 or more, got {self.aux_weight!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"learning-rate scheduler must be one of {', '.join(LR_SCHEDULERS)}, "
+                             f"got {self.lr_scheduler!r}")
+        floats = {"lr_warmup": (0, 1e9), "max_grad_norm": (0, 1e9), "min_snr_gamma": (0, 1e6),
+                  "noise_offset": (0, 1), "dropout": (0, 0.99), "prior_loss_weight": (0, 1e6),
+                  "ema_decay": (0, 1)}
+        for name, (lo, hi) in floats.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise ValueError(f"{name.replace('_', ' ')} must be a number from {lo} to {hi:g}, got {value!r}")
+        if self.alpha is not None and (not isinstance(self.alpha, (int, float)) or self.alpha <= 0):
+            raise ValueError(f"LoRA alpha must be a positive number (or empty for the rank), got {self.alpha!r}")
+        if self.text_encoder_lr is not None and (not isinstance(self.text_encoder_lr, (int, float))
+                                                 or not self.text_encoder_lr > 0):
+            raise ValueError(f"text encoder learning rate must be positive, got {self.text_encoder_lr!r}")
+        if self.lora_targets not in LORA_TARGETS:
+            raise ValueError(f"LoRA targets must be one of {', '.join(LORA_TARGETS)}, got {self.lora_targets!r}")
+        if bool(self.class_prompt.strip()) != (self.class_images > 0):
+            raise ValueError("prior preservation needs both a class prompt and a number of class images "
+                             f"(got class prompt {self.class_prompt!r}, {self.class_images} class images)")
+        if self.class_images and self.method not in ("lora", "finetune"):
+            raise ValueError("prior preservation (class images) is for LoRA and fine-tuning, not Textual Inversion")
+        if self.embedding_format not in EMBEDDING_FORMATS:
+            raise ValueError(f"embedding format must be one of {', '.join(EMBEDDING_FORMATS)}, "
+                             f"got {self.embedding_format!r}")
+        if self.method == "ti" and not str(self.init_word).strip():
+            raise ValueError("initializer word is empty; use a word close to the concept (e.g. 'painting') or '*'")
+
+    @property
+    def trains_module(self) -> bool:
+        return self.method in ("ti-att", "ti-moe")
+
+    @property
+    def is_ti(self) -> bool:
+        return self.method in TI_METHODS
+
+    def schedule_text(self) -> str:
+        return str(parse_schedule(self.learning_rate))
+
+
+# --- config.yaml -------------------------------------------------------------------------------
+
+
+def job_to_yaml(job: TrainJob) -> str:
+    header = ("# Studio training run: enough to repeat it.\n"
+              f"#   python -m studio train {job.method if job.method in ('lora', 'finetune') else 'ti'} "
+              "--config config.yaml   (or --resume <this folder> to continue)\n")
+    return header + yaml.safe_dump({"studio_train": 1, "job": job.to_dict()}, sort_keys=False, allow_unicode=True)
+
+
+def job_from_yaml(text: str, source: str = "config.yaml") -> TrainJob:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{source} is not valid YAML: {e}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("job"), dict):
+        raise ValueError(f"{source} is not a studio training config (no 'job' section)")
+    return TrainJob.from_dict(data["job"])
+
+
+# --- presets -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainPreset:
+    name: str
+    description: str
+    settings: dict
+    path: Path
+
+
+def load_train_preset(path: Path) -> TrainPreset:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        settings = dict(data["settings"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"training preset {path.name} is not valid: {e}") from e
+    known = {f.name for f in fields(TrainJob)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"training preset {path.name} has unknown settings {unknown}")
+    return TrainPreset(str(data.get("name") or path.stem), str(data.get("description", "")), settings, path)
+
+
+def list_train_presets(presets_dir: Path | None = None) -> dict[str, TrainPreset]:
+    """Name -> preset, shipped ones first, then the user's presets/training/; a broken file is skipped."""
+    folders = [SHIPPED_PRESETS]
+    if presets_dir is not None and (Path(presets_dir) / "training").resolve() != SHIPPED_PRESETS.resolve():
+        folders.append(Path(presets_dir) / "training")
+    found: dict[str, TrainPreset] = {}
+    for folder in folders:
+        for path in sorted(folder.glob("*.yaml")):
+            try:
+                preset = load_train_preset(path)
+            except ValueError:
+                continue
+            found[preset.name] = preset
+    return found
+
+
+def find_train_preset(spec: str, presets_dir: Path | None = None) -> TrainPreset:
+    """A preset by its name, its file stem, or a path to a .yaml file."""
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return load_train_preset(path)
+    presets = list_train_presets(presets_dir)
+    for preset in presets.values():
+        if spec in (preset.name, preset.path.stem):
+            return preset
+    raise ValueError(f"unknown training preset {spec!r}; known: {', '.join(sorted(presets))}")

@@ -1,0 +1,551 @@
+"""The one training loop for every method (TI, TI-Att, TI-MoE, LoRA, fine-tune), on accelerate for device, mixed
+precision and several GPUs: cached VAE latents, deterministic batches, DreamBooth class images, Min-SNR and noise
+offset, checkpoints and previews in the run folder, resume, Stop, and a NaN/inf guard."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from studio import samplers
+from studio.config import StudioConfig
+from studio.infotext import format_infotext
+from studio.models import ModelManager
+from studio.train.data import (
+    STREAM_CLASS,
+    STREAM_DROPOUT,
+    TrainData,
+    batch_generator,
+    batch_indices,
+    image_tensor,
+    load_train_data,
+    resolve_data_dir,
+    rng_seed,
+)
+from studio.train.job import METHOD_LABELS, TrainJob
+from studio.train.method import TrainContext, TrainMethod
+from studio.train.run_folder import RunFolder
+
+ProgressFn = Callable[[int, int, str], None]
+EventFn = Callable[[str, dict], None]  # ("loss" | "preview" | "checkpoint" | "log" | "run" | "done", details)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    state: str  # "finished", "stopped" or "failed"
+    step: int
+    message: str
+    output: Path | None = None  # the embedding, LoRA or checkpoint written
+    losses: list[float] = field(default_factory=list)  # this session's per-step losses
+
+    @property
+    def embedding(self) -> Path | None:
+        return self.output
+
+
+class TrainingFailed(RuntimeError):
+    """Training had to stop (NaN loss, out of memory); the message says why and what to do."""
+
+
+def method_class(job: TrainJob) -> type[TrainMethod]:
+    if job.is_ti:
+        from studio.train.textual_inversion import InversionMethod
+
+        return InversionMethod
+    if job.method == "lora":
+        from studio.train.lora import LoraMethod
+
+        return LoraMethod
+    from studio.train.finetune import FinetuneMethod
+
+    return FinetuneMethod
+
+
+def make_accelerator(mixed_precision: str, device: str):
+    """An Accelerator for this run. In a single process the global accelerate state is reset first, so runs
+    with different precision can follow each other in one studio session (under `accelerate launch` it is not)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if mixed_precision == "fp16" and cpu:
+        raise ValueError("fp16 mixed precision needs a CUDA GPU; use bf16 or no on the CPU")
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+def make_optimizer(job: TrainJob, groups, device: torch.device):
+    param_groups = [{"params": g.params, "lr": g.rate(1), "name": g.name} for g in groups]
+    if job.optimizer == "adamw8bit":
+        if device.type != "cuda":
+            raise ValueError("8-bit AdamW needs a CUDA GPU (bitsandbytes); use adamw on this device")
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise ValueError("8-bit AdamW needs the bitsandbytes package: pip install bitsandbytes") from e
+        return bnb.optim.AdamW8bit(param_groups, weight_decay=job.weight_decay)
+    return torch.optim.AdamW(param_groups, weight_decay=job.weight_decay)
+
+
+def snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon prediction,
+    min(SNR, gamma) / (SNR + 1) for v-prediction."""
+    alphas = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas / (1 - alphas)
+    clipped = torch.minimum(snr, torch.full_like(snr, gamma))
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+class Trainer:
+    """Runs one TrainJob (new, or resumed from its run folder) to the end, a Stop, or a failure."""
+
+    def __init__(self, cfg: StudioConfig, on_progress: ProgressFn | None = None, on_event: EventFn | None = None,
+                 cancel: threading.Event | None = None):
+        self.cfg = cfg
+        self.run_folder: RunFolder | None = None
+        self.on_progress = on_progress
+        self.on_event = on_event or (lambda kind, info: None)
+        self.cancel = cancel or threading.Event()
+
+    # --- entry points ---------------------------------------------------------------------------
+
+    def start(self, job: TrainJob) -> TrainResult:
+        job.validate()
+        method_class(job).check_output(self.cfg, job)
+        return self._run(job, None)
+
+    def resume(self, run_dir: Path, max_steps: int | None = None) -> TrainResult:
+        run = RunFolder.open(run_dir)
+        job = run.job()
+        if max_steps is not None:
+            job = job.replace(max_steps=max_steps)
+        job.validate()
+        return self._run(job, run)
+
+    # --- the recipe -----------------------------------------------------------------------------
+
+    def _run(self, job: TrainJob, run: RunFolder | None) -> TrainResult:
+        # 1. data (before any model loads: bad input fails fast)
+        self._log(f"reading dataset {job.data}")
+        data = load_train_data(resolve_data_dir(job.data, self.cfg.datasets_dir), job.resolution, job.repeats,
+                               job.flip_p)
+        for name, reason in data.skipped.items():
+            self._log(f"skipped {name}: {reason}")
+
+        # 2. model, device, precision; everything frozen until the method says what trains
+        accelerator = make_accelerator(job.mixed_precision, self.cfg.device)
+        self.accelerator = accelerator
+        self._log(f"loading {job.model}")
+        manager = ModelManager(dataclasses.replace(self.cfg, device="cpu", precision="fp32"))
+        model = manager.open(job.model)
+        pipe = model.pipe
+        self._scheduler_config = dict(pipe.scheduler.config)  # previews swap pipe.scheduler; keep the original
+        method_class(job).check_model(pipe, job)
+        device = accelerator.device
+        if job.optimizer == "adamw8bit" and device.type != "cuda":
+            raise ValueError("8-bit AdamW needs a CUDA GPU (bitsandbytes); use adamw on this device")
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
+                                                                          torch.float32)
+        for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+            part.requires_grad_(False).eval()
+        # TI trains through the text encoder into its input: fp32 there; the other methods run it in weight_dtype
+        parts = (pipe.unet, pipe.vae) if job.is_ti else (pipe.unet, pipe.vae, pipe.text_encoder)
+        for part in parts:
+            part.to(device) if weight_dtype == torch.float32 else part.to(device, weight_dtype)
+        pipe.text_encoder.to(device)
+        self.model, self.pipe, self.device, self.weight_dtype = model, pipe, device, weight_dtype
+        model_hash = self.model_hash = manager.model_hash(model)
+
+        # 3. run folder (new, or the one being resumed)
+        is_main = accelerator.is_main_process
+        if run is None:
+            run = RunFolder.create(self.cfg.runs_dir, job) if is_main else None
+        elif is_main:
+            run.save_job(job)  # a longer max_steps given at resume is part of the run now
+        self.run_folder = run
+        if run is not None:
+            self.on_event("run", {"path": str(run.path)})
+            self._log(f"run folder {run.path}")
+
+        # 4. cached inputs: VAE latents of every image (and its mirror), class images, CLIP image embeddings
+        self._progress(0, job.max_steps, "encoding training images")
+        latents = self._encode_latents([item.image for item in data.images], data.flip_p > 0)
+        class_latents = None
+        if job.class_images:
+            class_images = self._class_images(job, run)
+            class_latents = self._encode_latents(class_images, data.flip_p > 0)
+        features = None
+        if job.trains_module:
+            with accelerator.main_process_first():  # the first process writes shared caches, the others read them
+                features = self._image_features(job, data, run, device)
+
+        # 5. the method and its optimizer
+        ctx = TrainContext(job, self.cfg, model, device, weight_dtype, run.path if run else None, model_hash,
+                           self._log)
+        cls = method_class(job)
+        if job.is_ti:
+            method = cls(ctx, features)
+        elif job.method == "lora":
+            method = cls(ctx, [item.caption for item in data.images])
+        else:
+            method = cls(ctx)
+        groups = method.param_groups()
+        self._log(f"{method.label}: {sum(p.numel() for g in groups for p in g.params):,} trainable parameters")
+        optimizer = make_optimizer(job, groups, device)
+        start_step = 0
+        checkpoint = run.load_checkpoint() if run is not None and run.checkpoints() else None
+        if checkpoint is not None:
+            method.load_state_dict(checkpoint.trainable)
+            if checkpoint.optimizer is not None:
+                optimizer.load_state_dict(checkpoint.optimizer)
+            if checkpoint.extra is not None:
+                method.load_extra_state(checkpoint.extra)
+            start_step = checkpoint.step
+            run.truncate_losses(start_step)
+            self._log(f"resumed from {checkpoint.path.name}")
+        method.prepare(accelerator)
+        optimizer = accelerator.prepare(optimizer)
+        noise_scheduler = _training_scheduler(pipe, model.prediction_type)
+        self.method = method
+        self._first_prompt = method.prompts([data.images[0].caption], random.Random(0))[0]
+
+        # 6. train
+        return self._loop(job, run, method, groups, optimizer, noise_scheduler, data, latents, class_latents,
+                          start_step)
+
+    def _loop(self, job, run, method, groups, optimizer, noise_scheduler, data, latents, class_latents,
+              start_step) -> TrainResult:
+        accelerator = self.accelerator
+        world, rank = accelerator.num_processes, accelerator.process_index
+        is_main = accelerator.is_main_process
+        run_path = run.path if run is not None else Path(".")
+        if is_main:
+            run.write_status(state="running", step=start_step, max_steps=job.max_steps, method=job.method,
+                             name=job.name, message="")
+        if is_main and start_step == 0 and job.preview_every:
+            self._preview(job, run, method, 0)
+        losses: list[float] = []
+        pending_rows: list[dict] = []
+        t0 = time.monotonic()
+        last_saved = start_step
+        step = start_step
+        state, message = "finished", ""
+        sync_modules = list(getattr(method, "prepared", {}).values())
+        try:
+            while step < job.max_steps:
+                if self.cancel.is_set():
+                    state, message = "stopped", f"stopped at step {step}"
+                    break
+                step += 1
+                rates = [g.rate(step) for g in groups]
+                for group, rate in zip(optimizer.param_groups, rates, strict=True):
+                    group["lr"] = rate
+                step_loss = torch.zeros((), device=self.device)
+                step_aux = torch.zeros((), device=self.device)
+                for micro in range(job.grad_accum):
+                    index = ((step - 1) * job.grad_accum + micro) * world + rank
+                    if job.overfit_batches:
+                        index %= job.overfit_batches  # the same few batches again and again (a learning check)
+                    loss, aux = self._micro_step(job, method, noise_scheduler, data, latents, class_latents, index)
+                    total = loss + aux if aux is not None else loss
+                    last = micro == job.grad_accum - 1
+                    with _no_sync(accelerator, sync_modules, skip=last):
+                        accelerator.backward(total / job.grad_accum)
+                    # checked after queueing the backward pass (no stall between the two), before any update
+                    if not torch.isfinite(total.detach()):
+                        raise TrainingFailed(self._nan_message(float(total.detach()), step, rates[0], run))
+                    step_loss += loss.detach() / job.grad_accum
+                    if aux is not None:
+                        step_aux += aux.detach() / job.grad_accum
+                if job.max_grad_norm:
+                    accelerator.clip_grad_norm_(method.trainable_parameters(), job.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                method.after_step()
+                mean_loss = float(accelerator.reduce(step_loss, reduction="mean"))
+                losses.append(mean_loss)
+                pending_rows.append({"step": step, "loss": f"{mean_loss:.6g}", "lr": f"{rates[0]:.6g}",
+                                     "aux_loss": f"{float(step_aux):.6g}" if job.method == "ti-moe" else "",
+                                     "seconds": f"{time.monotonic() - t0:.2f}"})
+                self.on_event("loss", {"step": step, "loss": mean_loss, "lr": rates[0]})
+                self._progress(step, job.max_steps, self._progress_text(step, start_step, job.max_steps, t0,
+                                                                        mean_loss))
+                if is_main and (len(pending_rows) >= 10 or step % job.save_every == 0):
+                    run.append_losses(pending_rows)
+                    pending_rows = []
+                if is_main and step % job.save_every == 0 and step < job.max_steps:
+                    self._checkpoint(job, run, method, optimizer, step, mean_loss)
+                    last_saved = step
+                if is_main and job.preview_every and step % job.preview_every == 0:
+                    self._preview(job, run, method, step)
+        except TrainingFailed as e:
+            state, message = "failed", str(e)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            state, message = "failed", (
+                f"out of GPU memory at step {step} (batch size {job.batch_size}, {job.resolution} px). Lower the "
+                "batch size (raise gradient accumulation to keep the effective batch), lower the resolution, turn "
+                "on gradient checkpointing, or use mixed precision fp16/bf16. The last checkpoint is kept; resume "
+                "from it.")
+        except Exception as e:  # anything else mid-run: reported with the step, the run folder stays usable
+            self._log(traceback.format_exc())
+            state, message = "failed", (f"training failed at step {step}: {type(e).__name__}: {e}. The last "
+                                        "checkpoint is kept; see train.log in the run folder")
+        output = None
+        if is_main:
+            run.append_losses(pending_rows)
+            if state == "stopped" and step == 0:
+                message = "stopped before the first step; nothing was saved"
+            elif state != "failed":
+                if step > last_saved:
+                    self._checkpoint(job, run, method, optimizer, step, losses[-1] if losses else None)
+                if job.preview_every and step % job.preview_every:
+                    self._preview(job, run, method, step)  # the final state, also of a stopped run
+                output = method.save(step, final=True, run_path=run.path)
+                if state == "finished":
+                    message = f"finished {step} steps; saved {output.name}"
+                else:
+                    message += f"; the result of step {step} is saved as {output.name} (resume to continue)"
+            run.write_status(state=state, step=step, max_steps=job.max_steps, method=job.method, name=job.name,
+                             message=message, output=str(output) if output else None)
+        self._log(message)
+        self.on_event("done", {"state": state, "message": message, "step": step})
+        return TrainResult(run_path, state, step, message, output, losses)
+
+    # --- one micro-batch --------------------------------------------------------------------------
+
+    def _micro_step(self, job, method, noise_scheduler, data: TrainData, latents, class_latents, index):
+        """Loss of micro-batch `index`: every random draw comes from its own generator (and LoRA dropout from a
+        seed of its own), so a resumed run sees exactly the batches, flips, prompts, noise and timesteps an
+        uninterrupted one would."""
+        g = batch_generator(job.seed, index)
+        if job.dropout:
+            torch.manual_seed(rng_seed(job.seed, STREAM_DROPOUT, index))  # LoRA dropout draws from the global RNG
+        idx = batch_indices(job.seed, index, job.batch_size, len(data.images), data.repeats)
+        rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+        prompts = method.prompts([data.images[i].caption for i in idx], rng)
+        x0 = self._sample_latents(latents, idx, data.flip_p, g)
+        if class_latents is not None:  # DreamBooth: as many class examples as instance examples
+            class_idx = batch_indices(rng_seed(job.seed, STREAM_CLASS), index, job.batch_size,
+                                      len(class_latents[0]), 1)
+            x0 = torch.cat([x0, self._sample_latents(class_latents, class_idx, data.flip_p, g)])
+            prompts = prompts + [job.class_prompt] * len(class_idx)
+        noise = torch.randn(x0.shape, generator=g)
+        if job.noise_offset:
+            noise = noise + job.noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=g)
+        noise = noise.to(self.device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(x0),), generator=g)
+        timesteps = timesteps.to(self.device)
+        noisy = noise_scheduler.add_noise(x0, noise, timesteps)
+        if noise_scheduler.config.prediction_type == "v_prediction":
+            target = noise_scheduler.get_velocity(x0, noise, timesteps)
+        else:
+            target = noise
+        with self.accelerator.autocast():
+            cond = method.encode(prompts, g)
+            pred = method.denoiser()(noisy.to(self.weight_dtype), timesteps,
+                                     encoder_hidden_states=cond.to(self.weight_dtype)).sample
+        per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if job.min_snr_gamma:
+            per_item = per_item * snr_weights(noise_scheduler, timesteps, job.min_snr_gamma)
+        n = len(idx)
+        loss = per_item[:n].mean()
+        if class_latents is not None:
+            loss = loss + job.prior_loss_weight * per_item[n:].mean()
+        self.last_batch = {"prompts": prompts, "instances": n, "class": len(x0) - n}  # for tests and logs
+        return loss, method.aux_loss()
+
+    def _sample_latents(self, cache, idx: list[int], flip_p: float, g: torch.Generator) -> torch.Tensor:
+        means, stds = cache
+        flips = (torch.rand(len(idx), generator=g) < flip_p).long().tolist()
+        mean = torch.stack([means[i][f] for i, f in zip(idx, flips, strict=True)])
+        std = torch.stack([stds[i][f] for i, f in zip(idx, flips, strict=True)])
+        sample = torch.randn(mean.shape, generator=g).to(self.device)
+        return (mean + std * sample) * self.pipe.vae.config.scaling_factor
+
+    # --- cached inputs ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _encode_latents(self, images, with_flips: bool):
+        """Per image: [unflipped, flipped] latent means and stds (the VAE's distribution, sampled per step)."""
+        vae = self.pipe.vae
+        means, stds = [], []
+        for image in images:
+            pixels = image_tensor(image)
+            both = torch.stack([pixels, pixels.flip(-1)]) if with_flips else pixels[None]
+            dist = vae.encode(both.to(self.device, vae.dtype)).latent_dist
+            m, s = dist.mean.float(), dist.std.float()
+            means.append([m[0], m[-1]])
+            stds.append([s[0], s[-1]])
+        return means, stds
+
+    @torch.no_grad()
+    def _class_images(self, job: TrainJob, run: RunFolder | None) -> list:
+        """DreamBooth class images: generated once with the base model into the run folder, reused after that
+        (also on resume). Made before the method changes the model."""
+        from PIL import Image
+
+        from studio.conditioning import PromptEncoder
+
+        folder = run.path / "class_images" if run is not None else None
+        images = []
+        encoder = PromptEncoder(self.pipe.tokenizer, self.pipe.text_encoder)
+        for i in range(job.class_images):
+            path = folder / f"{i:05d}.png" if folder is not None else None
+            if path is not None and path.is_file():
+                images.append(Image.open(path).convert("RGB"))
+                continue
+            self._progress(i, job.class_images, f"class image {i + 1}/{job.class_images}: {job.class_prompt}")
+            seed = rng_seed(job.seed, STREAM_CLASS, i) % 2**32
+            image = self._render(encoder, job.class_prompt, seed, job.preview_steps, job.resolution)
+            if path is not None:
+                from studio.generate import save_png
+
+                save_png(image, format_infotext(job.class_prompt, "", {"Steps": job.preview_steps, "Seed": seed,
+                                                                       "Sampler": "DPM++ 2M", "Model":
+                                                                       self.model.name}), path)
+            images.append(image)
+        self._log(f"{job.class_images} class images for {job.class_prompt!r} "
+                  f"({'in ' + str(folder) if folder else 'in memory'})")
+        return images
+
+    def _image_features(self, job: TrainJob, data: TrainData, run: RunFolder | None, device) -> torch.Tensor:
+        """CLIP image embeddings of the first `max_images` training images, computed once and kept in the run
+        folder (a resumed or continued run reads the very same inputs)."""
+        from safetensors.torch import load_file, save_file
+
+        from studio.atomic import atomic_path
+        from studio.train.image_encoder import load_image_encoder
+
+        path = run.path / "image_features.safetensors" if run is not None else None
+        if path is not None and path.is_file():
+            return load_file(str(path))["features"]
+        self._log(f"computing CLIP image embeddings with {job.image_encoder}")
+        encoder = load_image_encoder(job.image_encoder, self.cfg.cache_dir)
+        images = [item.image for item in data.images[: job.max_images]]
+        features = encoder.embed(images, device)
+        del encoder
+        if path is not None:
+            with atomic_path(path) as tmp:
+                save_file({"features": features.contiguous()}, str(tmp),
+                          metadata={"encoder": job.image_encoder,
+                                    "images": ",".join(item.name for item in data.images[: job.max_images])})
+        return features
+
+    # --- outputs ----------------------------------------------------------------------------------
+
+    def _checkpoint(self, job, run, method, optimizer, step, loss) -> None:
+        path = run.save_checkpoint(step, method.state_dict(), optimizer.state_dict(),
+                                   {"loss": loss, "method": job.method, "model_hash": self.model_hash[:10]},
+                                   job.keep_checkpoints, extra=method.extra_state())
+        method.save(step, final=False, run_path=run.path)
+        self._log(f"checkpoint at step {step}")
+        self.on_event("checkpoint", {"step": step, "path": str(path)})
+
+    @torch.no_grad()
+    def _render(self, encoder, prompt: str, seed: int, steps: int, size: int):
+        """One image with DPM++ 2M Karras, CFG 7, drawn like Generate draws it (CPU noise from the seed)."""
+        from studio.generate import initial_latents
+
+        pipe = self.pipe
+        cond, uncond, _ = encoder.encode_pair(prompt, "")
+        pipe.scheduler = samplers.make_scheduler("DPM++ 2M", "Karras", dict(self._scheduler_config), seed=seed)
+        latents = initial_latents(pipe, [seed], size, size)
+        with self.accelerator.autocast():
+            return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
+                        guidance_scale=7.0, width=size, height=size, latents=latents).images[0]
+
+    def _preview(self, job: TrainJob, run: RunFolder, method: TrainMethod, step: int) -> Path:
+        """One image from the fixed preview prompt and seed with what the method has learned so far."""
+        from studio.generate import save_png
+
+        prompt = job.preview_prompt.replace("[name]", job.name) or self._first_prompt
+        modules = [m for m in (self.pipe.unet, self.pipe.text_encoder) if m.training]
+        for m in modules:
+            m.eval()  # no dropout in previews
+        try:
+            image = self._render(method.preview_encoder(), prompt, job.preview_seed, job.preview_steps,
+                                 job.resolution)
+        finally:
+            for m in modules:
+                m.train()
+        info = format_infotext(prompt, "", {"Steps": job.preview_steps, "Sampler": "DPM++ 2M",
+                                            "Schedule type": "Karras", "CFG scale": 7.0, "Seed": job.preview_seed,
+                                            "Size": f"{job.resolution}x{job.resolution}", "Model": self.model.name,
+                                            "Training step": step})
+        path = save_png(image, info, run.preview_path(step))
+        self.on_event("preview", {"step": step, "path": str(path)})
+        return path
+
+    # --- reporting --------------------------------------------------------------------------------
+
+    def _nan_message(self, value: float, step: int, lr: float, run: RunFolder | None) -> str:
+        last = run.checkpoints()[-1][1].name if run is not None and run.checkpoints() else "none yet"
+        return (f"the loss became {value} at step {step}: training stopped before the bad update. The last good "
+                f"checkpoint ({last}) is kept. Resume with a lower learning rate (it was {lr:g}) or without "
+                "fp16 mixed precision.")
+
+    def _progress_text(self, step, start_step, max_steps, t0, loss) -> str:
+        done = step - start_step
+        rate = done / max(time.monotonic() - t0, 1e-9)
+        eta = (max_steps - step) / rate if rate > 0 else 0
+        return f"step {step}/{max_steps} · loss {loss:.4f} · {rate:.2f} steps/s · ETA {_clock(eta)}"
+
+    def _progress(self, done: int, total: int, info: str) -> None:
+        if self.on_progress:
+            self.on_progress(done, total, info)
+
+    def _log(self, text: str) -> None:
+        if not text:
+            return
+        self.on_event("log", {"text": text})
+        run = self.run_folder
+        if run is not None:
+            with open(run.path / "train.log", "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+
+
+class _no_sync:
+    """accelerate's no_sync for every prepared module (skips the gradient all-reduce of non-final micro-batches)."""
+
+    def __init__(self, accelerator, modules, skip: bool):
+        self.contexts = [] if skip else [accelerator.no_sync(m) for m in modules]
+
+    def __enter__(self):
+        for c in self.contexts:
+            c.__enter__()
+
+    def __exit__(self, *exc):
+        for c in reversed(self.contexts):
+            c.__exit__(*exc)
+
+
+def _training_scheduler(pipe, prediction_type: str):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def describe(job: TrainJob) -> str:
+    return f"{METHOD_LABELS[job.method]} '{job.name}' on {job.data}, {job.max_steps} steps"

@@ -1,0 +1,195 @@
+"""LoRA (and DreamBooth-LoRA) on the shared loop: peft adapters on the UNet's attention projections (optionally
+more layers, optionally the text encoder's q/k/v/out), written as a kohya-format file with `ss_*` / `modelspec.*`
+metadata that A1111, ComfyUI, kohya and diffusers load."""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from studio.atomic import atomic_path
+from studio.conditioning import PromptEncoder
+from studio.networks import LORA_EXTS, kohya_metadata, peft_to_layers, save_kohya_lora
+from studio.train.data import STREAM_INIT, rng_seed
+from studio.train.job import LORA_TARGETS, TEXT_ENCODER_TARGETS, TrainJob
+from studio.train.method import ParamGroup, TrainContext, TrainMethod, first_rate, rate_function
+from studio.train.templates import fill_template
+
+ADAPTER = "studio_train"
+
+
+def check_lora_output_free(loras_dir: Path, job: TrainJob) -> None:
+    if job.overwrite:
+        return
+    clash = [p for p in (Path(loras_dir) / f"{job.name}{ext}" for ext in LORA_EXTS) if p.exists()]
+    if clash:
+        raise ValueError(f"{clash[0].name} already exists in {Path(loras_dir).name}/; choose another name or "
+                         "allow overwriting")
+
+
+def caption_prompt(job: TrainJob, caption: str) -> str:
+    """An image's training prompt: the instance prompt ([filewords] = the caption) or the caption itself."""
+    if job.instance_prompt.strip():
+        return fill_template(job.instance_prompt, job.name, caption)
+    return caption
+
+
+def tag_frequency(captions: list[str], dataset_name: str) -> dict[str, dict[str, int]]:
+    """kohya's `ss_tag_frequency`: {dataset: {tag: count}} over comma-separated caption tags."""
+    counts = Counter(tag.strip() for caption in captions for tag in caption.split(",") if tag.strip())
+    return {dataset_name: dict(counts.most_common())}
+
+
+class LoraMethod(TrainMethod):
+    label = "LoRA"
+
+    def __init__(self, ctx: TrainContext, captions: list[str]):
+        from peft import LoraConfig
+
+        super().__init__(ctx)
+        job = ctx.job
+        self.captions = captions
+        alpha = job.alpha if job.alpha is not None else job.rank
+        # the UNet (and text encoder) run in the mixed-precision dtype; the LoRA weights train in fp32
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(rng_seed(job.seed, STREAM_INIT))
+            self.unet.add_adapter(LoraConfig(r=job.rank, lora_alpha=alpha, lora_dropout=job.dropout,
+                                             init_lora_weights="gaussian", target_modules=LORA_TARGETS[job.lora_targets]),
+                                  adapter_name=ADAPTER)
+            if job.train_text_encoder:
+                self.text_encoder.add_adapter(LoraConfig(r=job.rank, lora_alpha=alpha, lora_dropout=job.dropout,
+                                                         init_lora_weights="gaussian",
+                                                         target_modules=TEXT_ENCODER_TARGETS),
+                                              adapter_name=ADAPTER)
+        self.alpha = alpha
+        self.modules = {"unet": self.unet}
+        if job.train_text_encoder:
+            self.modules["text_encoder"] = self.text_encoder
+        for module in self.modules.values():
+            for p in module.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        if job.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if job.train_text_encoder:
+                self.text_encoder.gradient_checkpointing_enable()
+        self.unet.train()
+        if job.train_text_encoder:
+            self.text_encoder.train()
+
+    @staticmethod
+    def check_output(cfg, job: TrainJob) -> None:
+        check_lora_output_free(cfg.loras_dir, job)
+
+    def _trained(self, module: nn.Module) -> list[nn.Parameter]:
+        return [p for p in module.parameters() if p.requires_grad]
+
+    def param_groups(self) -> list[ParamGroup]:
+        groups = [ParamGroup("unet", self._trained(self.unet), rate_function(self.job, self.job.learning_rate))]
+        if self.job.train_text_encoder:
+            te_rate = self.job.text_encoder_lr if self.job.text_encoder_lr is not None else self.job.learning_rate
+            groups.append(ParamGroup("text_encoder", self._trained(self.text_encoder), rate_function(self.job,
+                                                                                                     te_rate)))
+        return groups
+
+    def prompts(self, captions: list[str], rng: random.Random) -> list[str]:
+        return [caption_prompt(self.job, caption) for caption in captions]
+
+    def encode(self, prompts: list[str], generator: torch.Generator | None) -> torch.Tensor:
+        if getattr(self, "_encoder", None) is None:  # built once (its vocabulary lookup costs ~20 ms), after prepare()
+            self._encoder = PromptEncoder(self.tokenizer, self.text_encoder, runner=self.trainable("text_encoder"))
+        encoder = self._encoder
+        if self.job.train_text_encoder:
+            return encoder.encode_batch(prompts)
+        with torch.no_grad():
+            return encoder.encode_batch(prompts)
+
+    def denoiser(self) -> nn.Module:
+        return self.trainable("unet")
+
+    # checkpoints: only the adapter weights
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(self.unet, adapter_name=ADAPTER).items()}
+        if self.job.train_text_encoder:
+            state.update({f"text_encoder.{k}": v for k, v in
+                          get_peft_model_state_dict(self.text_encoder, adapter_name=ADAPTER).items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        for name, module in self.modules.items():
+            part = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(f"{name}.")}
+            result = set_peft_model_state_dict(module, part, adapter_name=ADAPTER)
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(f"checkpoint does not fit this LoRA: unexpected {result.unexpected_keys[:3]}")
+
+    def preview_encoder(self) -> PromptEncoder:
+        return PromptEncoder(self.tokenizer, self.text_encoder)
+
+    # the file
+
+    def metadata(self, step: int) -> dict[str, str]:
+        job, ctx = self.job, self.ctx
+        data_name = Path(str(job.data)).name
+        trigger = job.instance_prompt.replace("[filewords]", "").strip(" ,") if job.instance_prompt else ""
+        return kohya_metadata(
+            output_name=job.name, family=ctx.model.family, rank=job.rank, alpha=float(self.alpha),
+            base_model_name=ctx.model.name, steps=step, num_images=len(self.captions),
+            resolution=(job.resolution, job.resolution), learning_rate=first_rate(job.learning_rate),
+            unet_lr=first_rate(job.learning_rate),
+            text_encoder_lr=(job.text_encoder_lr if job.text_encoder_lr is not None
+                             else first_rate(job.learning_rate)) if job.train_text_encoder else None,
+            lr_scheduler=job.lr_scheduler, optimizer=job.optimizer, seed=job.seed, trigger_phrase=trigger,
+            tag_frequency=tag_frequency(self.captions, data_name),
+            comment=f"trained with studio ({job.method}); run {ctx.run_path.name if ctx.run_path else ''}",
+            extra={"ss_sd_model_hash": ctx.model_hash[:10], "sshs_model_hash": ctx.model_hash,
+                   "ss_network_dropout": job.dropout, "ss_max_train_steps": job.max_steps,
+                   "ss_batch_size_per_device": job.batch_size, "ss_gradient_accumulation_steps": job.grad_accum,
+                   "ss_mixed_precision": job.mixed_precision, "ss_min_snr_gamma": job.min_snr_gamma or "",
+                   "ss_noise_offset": job.noise_offset or "", "ss_prior_loss_weight": job.prior_loss_weight,
+                   "ss_num_reg_images": job.class_images, "ss_gradient_checkpointing": job.gradient_checkpointing,
+                   "studio.method": job.method, "studio.lora_targets": job.lora_targets,
+                   "modelspec.date": dt.date.today().isoformat()})
+
+    def save(self, step: int, final: bool, run_path: Path | None) -> Path:
+        from peft import get_peft_model_state_dict
+
+        job, ctx = self.job, self.ctx
+        unet_layers = peft_to_layers(get_peft_model_state_dict(self.unet, adapter_name=ADAPTER), self.alpha)
+        te_layers = (peft_to_layers(get_peft_model_state_dict(self.text_encoder, adapter_name=ADAPTER), self.alpha)
+                     if job.train_text_encoder else None)
+        if final:
+            path = Path(ctx.cfg.loras_dir) / f"{job.name}.safetensors"
+        else:
+            path = run_path / "loras" / f"{job.name}-{step}.safetensors"
+        save_kohya_lora(path, unet_layers, te_layers, self.metadata(step))
+        if final and job.save_diffusers and run_path is not None:
+            self.save_diffusers_copy(run_path / "diffusers")
+        return path
+
+    def save_diffusers_copy(self, folder: Path) -> Path:
+        """diffusers' own layout (`pytorch_lora_weights.safetensors`), for `load_lora_weights(folder)`."""
+        from diffusers import StableDiffusionPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        folder.mkdir(parents=True, exist_ok=True)
+        unet_state = get_peft_model_state_dict(self.unet, adapter_name=ADAPTER)
+        te_state = (get_peft_model_state_dict(self.text_encoder, adapter_name=ADAPTER)
+                    if self.job.train_text_encoder else None)
+        with atomic_path(folder / "pytorch_lora_weights.safetensors") as tmp:
+            tmp.unlink(missing_ok=True)
+            StableDiffusionPipeline.save_lora_weights(
+                tmp.parent, unet_lora_layers=unet_state, text_encoder_lora_layers=te_state, weight_name=tmp.name,
+                safe_serialization=True, unet_lora_adapter_metadata=self.unet.peft_config[ADAPTER].to_dict(),
+                text_encoder_lora_adapter_metadata=(self.text_encoder.peft_config[ADAPTER].to_dict()
+                                                    if te_state else None))
+        return folder

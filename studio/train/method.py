@@ -1,0 +1,136 @@
+"""What every training method gives the shared loop: its trainable parameter groups (each with its own rate),
+the text conditioning of a batch, the denoiser to call, its checkpoint state and its output files."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from studio.conditioning import PromptEncoder
+from studio.config import StudioConfig
+from studio.train.job import TrainJob
+from studio.train.schedule import lr_factor, parse_schedule, warmup_steps
+
+
+@dataclass
+class TrainContext:
+    """Everything a method is built from; the loop owns it."""
+
+    job: TrainJob
+    cfg: StudioConfig
+    model: object  # studio.models.LoadedModel
+    device: torch.device
+    weight_dtype: torch.dtype
+    run_path: Path | None
+    model_hash: str
+    log: Callable[[str], None] = field(default=lambda text: None)
+
+    @property
+    def pipe(self):
+        return self.model.pipe
+
+
+@dataclass
+class ParamGroup:
+    name: str  # "embedding", "unet", "text_encoder"
+    params: list[nn.Parameter]
+    rate: Callable[[int], float]  # learning rate at optimizer step n (1-based)
+
+
+def first_rate(text: str | float) -> float:
+    """The first rate of an A1111 schedule (what file metadata records as "the" learning rate)."""
+    return parse_schedule(text).pieces[0][0]
+
+
+def rate_function(job: TrainJob, base: str | float) -> Callable[[int], float]:
+    """A1111 schedule text (or a number) times the warmup/decay factor of the job's scheduler."""
+    schedule = parse_schedule(base)
+    warm = warmup_steps(job.lr_warmup, job.max_steps)
+    return lambda step: schedule.rate_at(step) * lr_factor(job.lr_scheduler, step, job.max_steps, warm)
+
+
+class TrainMethod:
+    """Base of the methods. Subclasses set `self.modules` (what accelerate prepares) and fill the hooks."""
+
+    label = "training"
+
+    def __init__(self, ctx: TrainContext):
+        self.ctx = ctx
+        self.job = ctx.job
+        pipe = ctx.pipe
+        self.tokenizer, self.text_encoder, self.unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
+        self.modules: dict[str, nn.Module] = {}  # name -> module holding trainable parameters
+
+    # 1. before the model loads
+
+    @staticmethod
+    def check_output(cfg: StudioConfig, job: TrainJob) -> None:
+        """Raise ValueError when the output would replace someone's file."""
+
+    @staticmethod
+    def check_model(pipe, job: TrainJob) -> None:
+        """Raise ValueError when the job does not fit the loaded model (before a run folder is made)."""
+
+    # 2. training
+
+    def param_groups(self) -> list[ParamGroup]:
+        raise NotImplementedError
+
+    def prepare(self, accelerator) -> None:
+        """Wrap the trainable modules for devices and several GPUs; the forward passes use the wrapped ones."""
+        names = list(self.modules)
+        prepared = accelerator.prepare(*self.modules.values()) if names else []
+        prepared = prepared if isinstance(prepared, (list, tuple)) else [prepared]
+        self.prepared = dict(zip(names, prepared, strict=True))
+
+    def trainable(self, name: str) -> nn.Module:
+        return getattr(self, "prepared", {}).get(name, self.modules.get(name))
+
+    def prompts(self, captions: list[str], rng) -> list[str]:
+        """The training prompts of a batch of images (their captions, templates, an instance prompt)."""
+        raise NotImplementedError
+
+    def encode(self, prompts: list[str], generator: torch.Generator | None) -> torch.Tensor:
+        """[B, 77, dim] conditioning, with gradients where the method trains the text side."""
+        raise NotImplementedError
+
+    def denoiser(self) -> nn.Module:
+        return self.unet
+
+    def aux_loss(self) -> torch.Tensor | None:
+        return None
+
+    def after_step(self) -> None:
+        """After each optimizer step (EMA)."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for group in self.param_groups() for p in group.params]
+
+    # 3. checkpoints
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def extra_state(self) -> dict | None:
+        """Anything else a checkpoint must hold (an EMA), saved with torch.save."""
+        return None
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    # 4. results
+
+    def preview_encoder(self) -> PromptEncoder:
+        """The prompt encoder previews use (it sees what the method has learned so far)."""
+        return PromptEncoder(self.tokenizer, self.text_encoder)
+
+    def save(self, step: int, final: bool, run_path: Path | None) -> Path:
+        """The result as a shareable file: at checkpoints a copy in the run folder, at the end the real one."""
+        raise NotImplementedError
