@@ -73,3 +73,23 @@ def launch_app(home, root):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture
+def browser():
+    """Headless Debian Chromium driven by playwright; the test is skipped where it is not installed."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("needs Debian chromium (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--no-first-run", "--disable-sync"])
+        try:
+            yield chromium
+        finally:
+            chromium.close()

@@ -1,6 +1,5 @@
 """The real app, launched as users launch it: driven in headless Chromium and through gradio_client."""
 
-import os
 from pathlib import Path
 
 import pytest
@@ -8,7 +7,6 @@ from conftest import launch_app
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
 A1111_TEXT = ("masterpiece, a castle on a hill\nNegative prompt: lowres, bad hands\n"
               "Steps: 28, Sampler: DPM++ 2M Karras, CFG scale: 6.5, Seed: 3344, Size: 512x768, "
               "Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Version: v1.6.0")
@@ -39,55 +37,47 @@ def app(tmp_path_factory):
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian chromium (apt-get install chromium)")
-def test_browser_generate_shows_image(app):
-    from playwright.sync_api import sync_playwright
-
+def test_browser_generate_shows_image(app, browser):
     url, home = app
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
-        # with no checkpoint in models/, the studio opened on demo-tiny and says so plainly
-        page.get_by_text("random weights").first.wait_for(timeout=60_000)
-        # demo-tiny's native size (64) was put into the size sliders when it loaded
-        page.locator("#prompt textarea").fill("a lighthouse at dusk")
-        for slider in ("#width", "#height"):
-            box = page.locator(f"{slider} input[type=number]")
-            box.fill("64")
-            box.press("Enter")
-        # a LoRA card click appends its tag at the chosen weight
-        page.get_by_text("LoRAs and embeddings").click()
-        page.locator("#lora-cards .thumbnail-item").first.click()
-        page.wait_for_function(
-            "() => document.querySelector('#prompt textarea').value.endsWith('<lora:inkwash:1>')", timeout=30_000)
-        page.locator("#generate-btn").click()
-        image = page.locator("#gallery img").first
-        image.wait_for(state="visible", timeout=120_000)
-        page.get_by_text("Seed:").first.wait_for(timeout=30_000)
-        page.screenshot(path=str(ARTIFACTS / "generate.png"), full_page=True)
-        infotext = page.locator("#infotext textarea").input_value()
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    # with no checkpoint in models/, the studio opened on demo-tiny and says so plainly
+    page.get_by_text("random weights").first.wait_for(timeout=60_000)
+    # demo-tiny's native size (64) was put into the size sliders when it loaded
+    page.locator("#prompt textarea").fill("a lighthouse at dusk")
+    for slider in ("#width", "#height"):
+        box = page.locator(f"{slider} input[type=number]")
+        box.fill("64")
+        box.press("Enter")
+    # a LoRA card click appends its tag at the chosen weight
+    page.get_by_text("LoRAs and embeddings").click()
+    page.locator("#lora-cards .thumbnail-item").first.click()
+    page.wait_for_function(
+        "() => document.querySelector('#prompt textarea').value.endsWith('<lora:inkwash:1>')", timeout=30_000)
+    page.locator("#generate-btn").click()
+    image = page.locator("#gallery img").first
+    image.wait_for(state="visible", timeout=120_000)
+    page.get_by_text("Seed:").first.wait_for(timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "generate.png"), full_page=True)
+    infotext = page.locator("#infotext textarea").input_value()
 
-        # dropping an A1111 PNG fills in its parameters
-        from PIL import Image
+    # dropping an A1111 PNG fills in its parameters
+    from PIL import Image
 
-        from studio.infotext import png_info
+    from studio.infotext import png_info
 
-        a1111 = home / "from-a1111.png"
-        Image.new("RGB", (64, 64), "white").save(a1111, pnginfo=png_info(A1111_TEXT))
-        page.get_by_text("PNG info").click()
-        page.locator("#png-info input[type=file]").set_input_files(str(a1111))
-        page.wait_for_function(
-            "() => document.querySelector('#prompt textarea').value.startsWith('masterpiece, a castle')",
-            timeout=30_000)
-        negative = page.locator("#negative-prompt textarea").input_value()
-        seed = page.locator("#seed input").input_value()
-        steps = page.locator("#steps input[type=number]").input_value()
-        page.screenshot(path=str(ARTIFACTS / "png-info.png"), full_page=True)
-        browser.close()
+    a1111 = home / "from-a1111.png"
+    Image.new("RGB", (64, 64), "white").save(a1111, pnginfo=png_info(A1111_TEXT))
+    page.get_by_text("PNG info").click()
+    page.locator("#png-info input[type=file]").set_input_files(str(a1111))
+    page.wait_for_function(
+        "() => document.querySelector('#prompt textarea').value.startsWith('masterpiece, a castle')",
+        timeout=30_000)
+    negative = page.locator("#negative-prompt textarea").input_value()
+    seed = page.locator("#seed input").input_value()
+    steps = page.locator("#steps input[type=number]").input_value()
+    page.screenshot(path=str(ARTIFACTS / "png-info.png"), full_page=True)
     assert negative == "lowres, bad hands" and seed == "3344" and steps == "28"
     assert infotext.startswith("a lighthouse at dusk <lora:inkwash:1>")
     assert 'Lora hashes: "inkwash: ' in infotext

@@ -1,7 +1,6 @@
 """The Dataset tab in the real app, in headless Chromium: import a folder, caption, edit, score, save."""
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,6 @@ from dataset_files import photo, tree_digest
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
 EDITED = "a hand-written caption, sks style"
 
 
@@ -30,10 +28,7 @@ def pick(page, elem_id: str, value: str) -> None:
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian chromium (apt-get install chromium)")
-def test_browser_dataset_import_caption_edit_save(app, tmp_path):
-    from playwright.sync_api import sync_playwright
-
+def test_browser_dataset_import_caption_edit_save(app, tmp_path, browser):
     url, home = app
     source = tmp_path / "my art"
     source.mkdir()
@@ -42,60 +37,55 @@ def test_browser_dataset_import_caption_edit_save(app, tmp_path):
     (source / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
     before = tree_digest(source)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
-        page.get_by_role("tab", name="Dataset").click()
-        # 1. import a folder typed as a path, at demo size
-        page.locator("#ds-source textarea").fill(str(source))
-        page.locator("#ds-size input").fill("64")
-        page.locator("#ds-min-side input").fill("32")
-        page.locator("#ds-import-btn").click()
-        page.wait_for_function("() => document.querySelector('#ds-summary').innerText.includes('kept of 4')",
-                               timeout=60_000)
-        summary = page.locator("#ds-summary").inner_text()
-        problems = page.locator("#ds-problems").inner_text()
-        crops = page.locator("#ds-crops img").count()
-        # 2. caption with the tiny built-in BLIP
-        pick(page, "ds-captioner", "demo-tiny")
-        page.locator("#ds-caption-btn").click()
-        cell = page.locator("#ds-captions [data-testid=cell-1-3]")
-        page.wait_for_function(
-            "() => { const c = document.querySelector('#ds-captions [data-testid=cell-1-3]');"
-            " return c && c.innerText.trim().length > 0 }", timeout=120_000)
-        auto_caption = cell.inner_text().strip()
-        edited_file = page.locator("#ds-captions [data-testid=cell-1-1]").inner_text().strip()
-        # 3. edit one caption in the grid
-        cell.dblclick()
-        editor = page.locator("#ds-captions textarea, #ds-captions input[type=text]").first
-        editor.fill(EDITED)
-        editor.press("Enter")
-        page.wait_for_function(
-            "() => document.querySelector('#ds-captions [data-testid=cell-1-3]')"
-            f".innerText.includes({EDITED!r})", timeout=10_000)
-        # ... and leave the third image out by hand
-        left_out = page.locator("#ds-captions [data-testid=cell-2-1]").inner_text().strip()
-        page.locator("#ds-captions [data-testid=cell-2-2] input[type=checkbox]").click()
-        # 4. CLIP scores with the tiny CLIP; threshold -1 keeps every pair of this random model
-        page.get_by_text("CLIP check (seed 001)").click()
-        pick(page, "ds-clip-model", "demo-tiny")
-        page.locator("#ds-threshold input").fill("-1")
-        page.locator("#ds-score-btn").click()
-        page.wait_for_function(
-            """() => { const c = document.querySelector('#ds-scores [data-testid="cell-2-1"]');
-                       return c && c.innerText.trim().length > 0 }""", timeout=120_000)
-        scores = [float(page.locator(f"#ds-scores [data-testid=cell-{r}-1]").inner_text()) for r in range(3)]
-        # 5. save under a name
-        page.locator("#ds-name textarea, #ds-name input").first.fill("my-style")
-        page.locator("#ds-save-btn").click()
-        page.wait_for_function(
-            "() => document.querySelector('#ds-saved').innerText.includes('with captions')", timeout=60_000)
-        saved_text = page.locator("#ds-saved").inner_text()
-        page.screenshot(path=str(ARTIFACTS / "dataset.png"), full_page=True)
-        browser.close()
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.get_by_role("tab", name="Dataset").click()
+    # 1. import a folder typed as a path, at demo size
+    page.locator("#ds-source textarea").fill(str(source))
+    page.locator("#ds-size input").fill("64")
+    page.locator("#ds-min-side input").fill("32")
+    page.locator("#ds-import-btn").click()
+    page.wait_for_function("() => document.querySelector('#ds-summary').innerText.includes('kept of 4')",
+                           timeout=60_000)
+    summary = page.locator("#ds-summary").inner_text()
+    problems = page.locator("#ds-problems").inner_text()
+    crops = page.locator("#ds-crops img").count()
+    # 2. caption with the tiny built-in BLIP
+    pick(page, "ds-captioner", "demo-tiny")
+    page.locator("#ds-caption-btn").click()
+    cell = page.locator("#ds-captions [data-testid=cell-1-3]")
+    page.wait_for_function(
+        "() => { const c = document.querySelector('#ds-captions [data-testid=cell-1-3]');"
+        " return c && c.innerText.trim().length > 0 }", timeout=120_000)
+    auto_caption = cell.inner_text().strip()
+    edited_file = page.locator("#ds-captions [data-testid=cell-1-1]").inner_text().strip()
+    # 3. edit one caption in the grid
+    cell.dblclick()
+    editor = page.locator("#ds-captions textarea, #ds-captions input[type=text]").first
+    editor.fill(EDITED)
+    editor.press("Enter")
+    page.wait_for_function(
+        "() => document.querySelector('#ds-captions [data-testid=cell-1-3]')"
+        f".innerText.includes({EDITED!r})", timeout=10_000)
+    # ... and leave the third image out by hand
+    left_out = page.locator("#ds-captions [data-testid=cell-2-1]").inner_text().strip()
+    page.locator("#ds-captions [data-testid=cell-2-2] input[type=checkbox]").click()
+    # 4. CLIP scores with the tiny CLIP; threshold -1 keeps every pair of this random model
+    page.get_by_text("CLIP check (seed 001)").click()
+    pick(page, "ds-clip-model", "demo-tiny")
+    page.locator("#ds-threshold input").fill("-1")
+    page.locator("#ds-score-btn").click()
+    page.wait_for_function(
+        """() => { const c = document.querySelector('#ds-scores [data-testid="cell-2-1"]');
+                   return c && c.innerText.trim().length > 0 }""", timeout=120_000)
+    scores = [float(page.locator(f"#ds-scores [data-testid=cell-{r}-1]").inner_text()) for r in range(3)]
+    # 5. save under a name
+    page.locator("#ds-name textarea, #ds-name input").first.fill("my-style")
+    page.locator("#ds-save-btn").click()
+    page.wait_for_function(
+        "() => document.querySelector('#ds-saved').innerText.includes('with captions')", timeout=60_000)
+    saved_text = page.locator("#ds-saved").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "dataset.png"), full_page=True)
 
     assert "3 kept of 4" in summary and "broken.jpg" in problems and "not a readable image" in problems
     assert crops == 3 and auto_caption and auto_caption != EDITED

@@ -3,7 +3,6 @@
 
 import io
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ from studio.infotext import png_info
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
 RED, BLUE = (220, 20, 20), (20, 20, 220)
 N_PAIRS = 3
 
@@ -46,69 +44,61 @@ def choose(page, question: str, answer: str) -> None:
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian chromium (apt-get install chromium)")
-def test_browser_survey_build_answer_report(app, tmp_path):
-    from playwright.sync_api import sync_playwright
-
+def test_browser_survey_build_answer_report(app, tmp_path, browser):
     url, home = app
     base = pictures(tmp_path / "baseline", RED)
     cand = pictures(tmp_path / "lora", BLUE, lora=" <lora:close-shot:1>")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     expected = {q: {"baseline": 0, "candidate": 0, "neither": 0} for q in ("like", "style", "prompt")}
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run", "--disable-sync"])
-        # 1. the studio user builds the survey in the Evaluate tab
-        studio = browser.new_page(viewport={"width": 1400, "height": 1000})
-        studio.goto(url)
-        studio.get_by_role("tab", name="Evaluate").click()
-        studio.get_by_text("A/B survey (seed 004)").click()
-        studio.locator("#sv-build-name input, #sv-build-name textarea").first.fill("shots")
-        studio.locator("#sv-build-title input, #sv-build-title textarea").first.fill("Close shots")
-        studio.locator("#sv-build-a input, #sv-build-a textarea").first.fill(str(base))
-        studio.locator("#sv-build-b input, #sv-build-b textarea").first.fill(str(cand))
-        studio.locator("#sv-build-category input, #sv-build-category textarea").first.fill("close shot")
-        studio.locator("#sv-build-btn").click()
-        studio.wait_for_function("() => document.querySelector('#sv-built')?.innerText.includes('Built')",
-                                 timeout=60_000)
-        built = studio.locator("#sv-built").inner_text()
-        # 2. a respondent answers on the survey page: like = the fine-tuned one (wherever it is), style = A,
-        # prompt = neither; the expected report comes from the colours the browser really showed
-        page = browser.new_page(viewport={"width": 1200, "height": 1100})
-        page.goto(url.rstrip("/") + "/survey?survey=shots")
-        statuses = []
-        for k in range(N_PAIRS):
-            page.wait_for_function(
-                f"() => document.querySelector('#sv-status')?.innerText.includes('Pair {k + 1} of')", timeout=60_000)
-            page.wait_for_function("() => document.querySelector('#sv-a img') && document.querySelector('#sv-b img')",
-                                   timeout=30_000)
-            statuses.append(page.locator("#sv-status").inner_text())
-            a, b = shown_side(page, "sv-a"), shown_side(page, "sv-b")
-            assert {a, b} == {"baseline", "candidate"}
-            assert "close shot" in page.locator("#sv-info").inner_text()
-            if k == 0:
-                page.screenshot(path=str(ARTIFACTS / "survey.png"), full_page=True)
-            choose(page, "like", "A" if a == "candidate" else "B")
-            choose(page, "style", "A")
-            choose(page, "prompt", "Neither / same")
-            expected["like"]["candidate"] += 1
-            expected["style"][a] += 1
-            expected["prompt"]["neither"] += 1
-            page.locator("#sv-next").click()
-            if k == 0:  # a reload continues with the same respondent at the next pair
-                page.wait_for_function("() => document.querySelector('#sv-status')?.innerText.includes('Pair 2 of')",
-                                       timeout=60_000)
-                page.reload()
-        page.wait_for_function("() => document.querySelector('#sv-status')?.innerText.includes('Thank you')",
-                               timeout=60_000)
-        # 3. the studio user reads the report
-        studio.locator("#sv-report-btn").click()
-        studio.wait_for_function("() => document.querySelector('#sv-report')?.innerText.includes('respondent')",
-                                 timeout=60_000)
-        report_text = studio.locator("#sv-report").inner_text()
-        studio.screenshot(path=str(ARTIFACTS / "survey_report.png"), full_page=True)
-        browser.close()
+    # 1. the studio user builds the survey in the Evaluate tab
+    studio = browser.new_page(viewport={"width": 1400, "height": 1000})
+    studio.goto(url)
+    studio.get_by_role("tab", name="Evaluate").click()
+    studio.get_by_text("A/B survey (seed 004)").click()
+    studio.locator("#sv-build-name input, #sv-build-name textarea").first.fill("shots")
+    studio.locator("#sv-build-title input, #sv-build-title textarea").first.fill("Close shots")
+    studio.locator("#sv-build-a input, #sv-build-a textarea").first.fill(str(base))
+    studio.locator("#sv-build-b input, #sv-build-b textarea").first.fill(str(cand))
+    studio.locator("#sv-build-category input, #sv-build-category textarea").first.fill("close shot")
+    studio.locator("#sv-build-btn").click()
+    studio.wait_for_function("() => document.querySelector('#sv-built')?.innerText.includes('Built')",
+                             timeout=60_000)
+    built = studio.locator("#sv-built").inner_text()
+    # 2. a respondent answers on the survey page: like = the fine-tuned one (wherever it is), style = A,
+    # prompt = neither; the expected report comes from the colours the browser really showed
+    page = browser.new_page(viewport={"width": 1200, "height": 1100})
+    page.goto(url.rstrip("/") + "/survey?survey=shots")
+    statuses = []
+    for k in range(N_PAIRS):
+        page.wait_for_function(
+            f"() => document.querySelector('#sv-status')?.innerText.includes('Pair {k + 1} of')", timeout=60_000)
+        page.wait_for_function("() => document.querySelector('#sv-a img') && document.querySelector('#sv-b img')",
+                               timeout=30_000)
+        statuses.append(page.locator("#sv-status").inner_text())
+        a, b = shown_side(page, "sv-a"), shown_side(page, "sv-b")
+        assert {a, b} == {"baseline", "candidate"}
+        assert "close shot" in page.locator("#sv-info").inner_text()
+        if k == 0:
+            page.screenshot(path=str(ARTIFACTS / "survey.png"), full_page=True)
+        choose(page, "like", "A" if a == "candidate" else "B")
+        choose(page, "style", "A")
+        choose(page, "prompt", "Neither / same")
+        expected["like"]["candidate"] += 1
+        expected["style"][a] += 1
+        expected["prompt"]["neither"] += 1
+        page.locator("#sv-next").click()
+        if k == 0:  # a reload continues with the same respondent at the next pair
+            page.wait_for_function("() => document.querySelector('#sv-status')?.innerText.includes('Pair 2 of')",
+                                   timeout=60_000)
+            page.reload()
+    page.wait_for_function("() => document.querySelector('#sv-status')?.innerText.includes('Thank you')",
+                           timeout=60_000)
+    # 3. the studio user reads the report
+    studio.locator("#sv-report-btn").click()
+    studio.wait_for_function("() => document.querySelector('#sv-report')?.innerText.includes('respondent')",
+                             timeout=60_000)
+    report_text = studio.locator("#sv-report").inner_text()
+    studio.screenshot(path=str(ARTIFACTS / "survey_report.png"), full_page=True)
 
     assert f"with {N_PAIRS} pairs" in built and "/survey?survey=shots" in built
     assert statuses == [f"Pair {k + 1} of {N_PAIRS}" for k in range(N_PAIRS)]

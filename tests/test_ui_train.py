@@ -2,7 +2,6 @@
 RunView -> plot, previews, status), and the real app in headless Chromium training demo-tiny to the end,
 surviving a reload, stopping a second run, and training a LoRA that shows up in the Generate tab's cards."""
 
-import os
 import re
 from pathlib import Path
 
@@ -11,7 +10,6 @@ from conftest import launch_app
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
 
 
 def make_dataset(folder: Path, n: int = 4, size: int = 64) -> None:
@@ -266,84 +264,76 @@ def wait_status(page, word: str, timeout: float) -> None:
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian chromium (apt-get install chromium)")
-def test_browser_train_to_the_end_reload_and_stop(app):
-    from playwright.sync_api import sync_playwright
-
+def test_browser_train_to_the_end_reload_and_stop(app, browser):
     url, home = app
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
-        page.get_by_role("tab", name="Train").click()
-        # 1. a short run on demo-tiny: dataset picked by name, 20 steps at 64 px, previews and saves every 10
-        fill(page, "tr-dataset", "tiny-set", "Enter")
-        page.locator("#tr-dataset-info").get_by_text("4").first.wait_for(timeout=30_000)
-        fill(page, "tr-name", "blue-style")
-        fill(page, "tr-steps", 20)
-        fill(page, "tr-resolution", 64)
-        page.get_by_text("Run settings").click()
-        fill(page, "tr-preview-every", 10)
-        fill(page, "tr-save-every", 10)
-        page.locator("#tr-start").click()
-        wait_status(page, "finished", 180_000)  # 20 steps and 3 previews take ~10 s on 2 idle CPU cores
-        try:
-            page.wait_for_function("() => document.querySelectorAll('#tr-previews img').length >= 3",
-                                   timeout=30_000)
-        except Exception as e:
-            page.screenshot(path=str(ARTIFACTS / "train_tab_failure.png"), full_page=True)
-            raise AssertionError(f"previews: {page.locator('#tr-previews').inner_text()!r}; status "
-                                 f"{status(page)!r}; log {page.locator('#tr-log textarea').input_value()[-800:]!r}") from e
-        # the plot is Vega's SVG: one line per series (loss and smoothed)
-        page.wait_for_function("() => document.querySelectorAll('#tr-loss-plot .mark-line path').length >= 2",
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.get_by_role("tab", name="Train").click()
+    # 1. a short run on demo-tiny: dataset picked by name, 20 steps at 64 px, previews and saves every 10
+    fill(page, "tr-dataset", "tiny-set", "Enter")
+    page.locator("#tr-dataset-info").get_by_text("4").first.wait_for(timeout=30_000)
+    fill(page, "tr-name", "blue-style")
+    fill(page, "tr-steps", 20)
+    fill(page, "tr-resolution", 64)
+    page.get_by_text("Run settings").click()
+    fill(page, "tr-preview-every", 10)
+    fill(page, "tr-save-every", 10)
+    page.locator("#tr-start").click()
+    wait_status(page, "finished", 180_000)  # 20 steps and 3 previews take ~10 s on 2 idle CPU cores
+    try:
+        page.wait_for_function("() => document.querySelectorAll('#tr-previews img').length >= 3",
                                timeout=30_000)
-        lines = page.locator("#tr-loss-plot .mark-line path").evaluate_all("ps => ps.map(p => p.getAttribute('d'))")
-        previews = page.locator("#tr-previews img").count()
-        captions = page.locator("#tr-previews").inner_text()
-        log = page.locator("#tr-log textarea").input_value()
-        finished = status(page)
-        page.screenshot(path=str(ARTIFACTS / "train_tab.png"), full_page=True)
+    except Exception as e:
+        page.screenshot(path=str(ARTIFACTS / "train_tab_failure.png"), full_page=True)
+        raise AssertionError(f"previews: {page.locator('#tr-previews').inner_text()!r}; status "
+                             f"{status(page)!r}; log {page.locator('#tr-log textarea').input_value()[-800:]!r}") from e
+    # the plot is Vega's SVG: one line per series (loss and smoothed)
+    page.wait_for_function("() => document.querySelectorAll('#tr-loss-plot .mark-line path').length >= 2",
+                           timeout=30_000)
+    lines = page.locator("#tr-loss-plot .mark-line path").evaluate_all("ps => ps.map(p => p.getAttribute('d'))")
+    previews = page.locator("#tr-previews img").count()
+    captions = page.locator("#tr-previews").inner_text()
+    log = page.locator("#tr-log textarea").input_value()
+    finished = status(page)
+    page.screenshot(path=str(ARTIFACTS / "train_tab.png"), full_page=True)
 
-        # 2. a reload shows the finished run again: status, plot and previews
-        page.reload()
-        page.get_by_role("tab", name="Train").click()
-        wait_status(page, "blue-style", 60_000)
-        reloaded = status(page)
-        page.wait_for_function("() => document.querySelectorAll('#tr-previews img').length >= 3", timeout=30_000)
+    # 2. a reload shows the finished run again: status, plot and previews
+    page.reload()
+    page.get_by_role("tab", name="Train").click()
+    wait_status(page, "blue-style", 60_000)
+    reloaded = status(page)
+    page.wait_for_function("() => document.querySelectorAll('#tr-previews img').length >= 3", timeout=30_000)
 
-        # 3. a long run, stopped by hand: it keeps what it learned so far (the reload emptied the form)
-        fill(page, "tr-dataset", "tiny-set", "Enter")
-        fill(page, "tr-name", "blue-stop")
-        fill(page, "tr-steps", 100_000)
-        page.locator("#tr-start").click()
-        wait_status(page, "running", 60_000)
-        page.wait_for_function(
-            "() => /step [1-9]/.test(document.querySelector('#tr-status').innerText)", timeout=60_000)
-        page.locator("#tr-stop").click()
-        wait_status(page, "stopped", 60_000)
-        stopped = status(page)
+    # 3. a long run, stopped by hand: it keeps what it learned so far (the reload emptied the form)
+    fill(page, "tr-dataset", "tiny-set", "Enter")
+    fill(page, "tr-name", "blue-stop")
+    fill(page, "tr-steps", 100_000)
+    page.locator("#tr-start").click()
+    wait_status(page, "running", 60_000)
+    page.wait_for_function(
+        "() => /step [1-9]/.test(document.querySelector('#tr-status').innerText)", timeout=60_000)
+    page.locator("#tr-stop").click()
+    wait_status(page, "stopped", 60_000)
+    stopped = status(page)
 
-        # 4. resume the stopped run for 5 more steps from its last checkpoint
-        stop_step = int(re.search(r"stopped at step (\d+)", stopped).group(1))
-        page.get_by_text("Resume an earlier run").click()
-        page.locator("#tr-runs input").click()
-        page.get_by_role("option", name=re.compile(r"^blue-stop-.* · stopped")).click()
-        fill(page, "tr-resume-steps", stop_step + 5)
-        page.locator("#tr-resume").click()
-        wait_status(page, f"finished {stop_step + 5} steps", 120_000)
-        resumed = status(page)
+    # 4. resume the stopped run for 5 more steps from its last checkpoint
+    stop_step = int(re.search(r"stopped at step (\d+)", stopped).group(1))
+    page.get_by_text("Resume an earlier run").click()
+    page.locator("#tr-runs input").click()
+    page.get_by_role("option", name=re.compile(r"^blue-stop-.* · stopped")).click()
+    fill(page, "tr-resume-steps", stop_step + 5)
+    page.locator("#tr-resume").click()
+    wait_status(page, f"finished {stop_step + 5} steps", 120_000)
+    resumed = status(page)
 
-        # 5. the Generate tab's embedding cards show both embeddings without a restart
-        page.get_by_role("tab", name="Generate").click()
-        page.get_by_role("button", name="LoRAs and embeddings").click()
-        page.get_by_role("tab", name="Embeddings").click()
-        page.wait_for_function(
-            "() => document.querySelector('#embedding-cards').innerText.includes('blue-stop')", timeout=30_000)
-        cards = page.locator("#embedding-cards").inner_text()
-        browser.close()
+    # 5. the Generate tab's embedding cards show both embeddings without a restart
+    page.get_by_role("tab", name="Generate").click()
+    page.get_by_role("button", name="LoRAs and embeddings").click()
+    page.get_by_role("tab", name="Embeddings").click()
+    page.wait_for_function(
+        "() => document.querySelector('#embedding-cards').innerText.includes('blue-stop')", timeout=30_000)
+    cards = page.locator("#embedding-cards").inner_text()
 
     assert "finished 20 steps" in finished and "blue-style" in finished
     assert len(lines) >= 2 and all(d and d.count("L") >= 5 for d in lines)  # drawn through the steps
@@ -364,81 +354,73 @@ def visible(page, elem_id: str) -> bool:
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian chromium (apt-get install chromium)")
-def test_browser_lora_and_finetune_runs(app):
-    from playwright.sync_api import sync_playwright
-
+def test_browser_lora_and_finetune_runs(app, browser):
     url, home = app
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
-        page.get_by_role("tab", name="Train").click()
-        method = page.locator("#tr-method")
-        # 1. TI-Att's preset asks for a CLIP download; on demo-tiny the image encoder is demo-tiny, with a note
-        method.get_by_text("TI-Att (attention inversion module)", exact=True).click()
-        page.locator("#tr-module").wait_for(state="visible", timeout=10_000)
-        page.locator("#tr-preset input").click()
-        page.get_by_role("option", name="Seed 000: TI-Att").click()
-        page.wait_for_function(
-            "() => document.querySelector('#tr-preset-info').innerText.includes('image encoder is demo-tiny')",
-            timeout=10_000)
-        encoder = page.locator("#tr-image-encoder input, #tr-image-encoder textarea").first.input_value()
-        ti_att = {key: visible(page, key) for key in ("tr-module", "tr-heads", "tr-experts", "tr-lora")}
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.get_by_role("tab", name="Train").click()
+    method = page.locator("#tr-method")
+    # 1. TI-Att's preset asks for a CLIP download; on demo-tiny the image encoder is demo-tiny, with a note
+    method.get_by_text("TI-Att (attention inversion module)", exact=True).click()
+    page.locator("#tr-module").wait_for(state="visible", timeout=10_000)
+    page.locator("#tr-preset input").click()
+    page.get_by_role("option", name="Seed 000: TI-Att").click()
+    page.wait_for_function(
+        "() => document.querySelector('#tr-preset-info').innerText.includes('image encoder is demo-tiny')",
+        timeout=10_000)
+    encoder = page.locator("#tr-image-encoder input, #tr-image-encoder textarea").first.input_value()
+    ti_att = {key: visible(page, key) for key in ("tr-module", "tr-heads", "tr-experts", "tr-lora")}
 
-        # 2. LoRA: its widgets, its learning rate and presets
-        method.get_by_text("LoRA (DreamBooth-LoRA)", exact=True).click()
-        page.locator("#tr-lora").wait_for(state="visible", timeout=10_000)
-        page.wait_for_function("() => document.querySelector('#tr-lr input, #tr-lr textarea').value === '1e-4'",
-                               timeout=10_000)
-        lora = {key: visible(page, key) for key in ("tr-lora", "tr-dreambooth", "tr-instance-prompt", "tr-module",
-                                                     "tr-finetune", "tr-init-word", "tr-template", "tr-format")}
-        page.locator("#tr-preset input").click()
-        lora_presets = page.get_by_role("option").all_inner_texts()
-        page.keyboard.press("Escape")
+    # 2. LoRA: its widgets, its learning rate and presets
+    method.get_by_text("LoRA (DreamBooth-LoRA)", exact=True).click()
+    page.locator("#tr-lora").wait_for(state="visible", timeout=10_000)
+    page.wait_for_function("() => document.querySelector('#tr-lr input, #tr-lr textarea').value === '1e-4'",
+                           timeout=10_000)
+    lora = {key: visible(page, key) for key in ("tr-lora", "tr-dreambooth", "tr-instance-prompt", "tr-module",
+                                                 "tr-finetune", "tr-init-word", "tr-template", "tr-format")}
+    page.locator("#tr-preset input").click()
+    lora_presets = page.get_by_role("option").all_inner_texts()
+    page.keyboard.press("Escape")
 
-        # 3. a short LoRA run: 10 steps at 64 px, a preview every 5 (the TI-Att preset's batch 4 set back to 1)
-        fill(page, "tr-dataset", "tiny-set", "Enter")
-        fill(page, "tr-name", "blue-lora")
-        fill(page, "tr-steps", 10)
-        fill(page, "tr-resolution", 64)
-        fill(page, "tr-batch", 1)
-        page.get_by_text("DreamBooth prior preservation").click()
-        page.get_by_text("Optimisation", exact=True).click()
-        page.get_by_text("Run settings").click()
-        fill(page, "tr-preview-every", 5)
-        page.locator("#tr-form").screenshot(path=str(ARTIFACTS / "train_tab_lora.png"))
-        page.locator("#tr-start").click()
-        wait_status(page, "<lora:blue-lora:0.8>", 180_000)  # said when it ends (not "finished": an earlier run's is)
-        finished = status(page)
-        page.wait_for_function("() => document.querySelectorAll('#tr-previews img').length >= 3", timeout=30_000)
+    # 3. a short LoRA run: 10 steps at 64 px, a preview every 5 (the TI-Att preset's batch 4 set back to 1)
+    fill(page, "tr-dataset", "tiny-set", "Enter")
+    fill(page, "tr-name", "blue-lora")
+    fill(page, "tr-steps", 10)
+    fill(page, "tr-resolution", 64)
+    fill(page, "tr-batch", 1)
+    page.get_by_text("DreamBooth prior preservation").click()
+    page.get_by_text("Optimisation", exact=True).click()
+    page.get_by_text("Run settings").click()
+    fill(page, "tr-preview-every", 5)
+    page.locator("#tr-form").screenshot(path=str(ARTIFACTS / "train_tab_lora.png"))
+    page.locator("#tr-start").click()
+    wait_status(page, "<lora:blue-lora:0.8>", 180_000)  # said when it ends (not "finished": an earlier run's is)
+    finished = status(page)
+    page.wait_for_function("() => document.querySelectorAll('#tr-previews img').length >= 3", timeout=30_000)
 
-        # 4. the Generate tab's LoRA cards show it without a restart
-        page.get_by_role("tab", name="Generate").click()
-        page.get_by_role("button", name="LoRAs and embeddings").click()
-        page.locator("#extra-networks").get_by_role("tab", name="LoRA").click()
-        page.wait_for_function(
-            "() => document.querySelector('#lora-cards').innerText.includes('blue-lora')", timeout=30_000)
-        cards = page.locator("#lora-cards").inner_text()
+    # 4. the Generate tab's LoRA cards show it without a restart
+    page.get_by_role("tab", name="Generate").click()
+    page.get_by_role("button", name="LoRAs and embeddings").click()
+    page.locator("#extra-networks").get_by_role("tab", name="LoRA").click()
+    page.wait_for_function(
+        "() => document.querySelector('#lora-cards').innerText.includes('blue-lora')", timeout=30_000)
+    cards = page.locator("#lora-cards").inner_text()
 
-        # 5. a 2-step fine-tune: its checkpoint appears in the model list at the top without a restart
-        page.get_by_role("tab", name="Train").click()
-        method.get_by_text("Full UNet fine-tune", exact=True).click()
-        page.locator("#tr-finetune").wait_for(state="visible", timeout=10_000)
-        finetune = {key: visible(page, key) for key in ("tr-lora", "tr-dreambooth", "tr-instance-prompt")}
-        fill(page, "tr-name", "blue-tuned")
-        fill(page, "tr-steps", 2)
-        fill(page, "tr-preview-every", 0)
-        page.locator("#tr-start").click()
-        wait_status(page, "Pick blue-tuned.safetensors", 180_000)
-        tuned = status(page)
-        page.locator("#model input").click()
-        models = page.get_by_role("option").all_inner_texts()
-        page.keyboard.press("Escape")  # not picked: picking loads it
-        browser.close()
+    # 5. a 2-step fine-tune: its checkpoint appears in the model list at the top without a restart
+    page.get_by_role("tab", name="Train").click()
+    method.get_by_text("Full UNet fine-tune", exact=True).click()
+    page.locator("#tr-finetune").wait_for(state="visible", timeout=10_000)
+    finetune = {key: visible(page, key) for key in ("tr-lora", "tr-dreambooth", "tr-instance-prompt")}
+    fill(page, "tr-name", "blue-tuned")
+    fill(page, "tr-steps", 2)
+    fill(page, "tr-preview-every", 0)
+    page.locator("#tr-start").click()
+    wait_status(page, "Pick blue-tuned.safetensors", 180_000)
+    tuned = status(page)
+    page.locator("#model input").click()
+    models = page.get_by_role("option").all_inner_texts()
+    page.keyboard.press("Escape")  # not picked: picking loads it
 
     assert encoder == "demo-tiny"
     assert ti_att == {"tr-module": True, "tr-heads": True, "tr-experts": False, "tr-lora": False}
