@@ -405,6 +405,62 @@ def cmd_survey(args) -> int:
     return 0
 
 
+def cmd_storyboard(args) -> int:
+    from studio.config import StudioConfig
+    from studio.models import ModelManager
+    from studio.storyboard import BoardSettings, StoryboardRunner, StoryboardStore, new_board, shots_from_csv
+    from studio.storyboard_export import export_board
+
+    sampler, schedule = args.sampler, args.schedule
+    if schedule is None:
+        sampler, schedule = samplers.split_legacy_name(sampler)
+    csv_path = Path(args.shots)
+    if not csv_path.is_file():
+        raise ValueError(f"--shots: no file {csv_path}")
+    out = Path(args.out) if args.out else None
+    if out is not None and out.suffix.lower() != ".pdf":
+        raise ValueError(f"--out must be a .pdf file, got {out.name}")
+    shots_from_csv(csv_path.read_text(encoding="utf-8-sig"), csv_path.name)  # before loading a model
+    cfg = StudioConfig.from_env(device=args.device, precision=args.precision)
+    cfg.ensure_dirs()
+    manager = ModelManager(cfg)
+    manager.load(args.model)
+    if manager.current.is_demo:
+        print("note: demo-tiny has random weights; its images are noise", file=sys.stderr)
+    size = manager.current.native_size
+    settings = BoardSettings(negative_prompt=args.negative, sampler=sampler, schedule=schedule, steps=args.steps,
+                             cfg_scale=args.cfg, width=args.width or size, height=args.height or size,
+                             clip_skip=args.clip_skip, candidates=args.candidates, controlnet=args.controlnet)
+    store = StoryboardStore(cfg.storyboards_dir)
+    board = new_board(args.name or csv_path.stem, settings)
+    if args.template:
+        for shot_type in board.shot_types:
+            shot_type.template = args.template
+    for note in store.import_csv(board, csv_path, confine=False):
+        print(f"note: {note}", file=sys.stderr)
+    store.save(board)
+    # a path given on the command line is the user's own choice; the UI only takes names in controlnet/
+    runner = StoryboardRunner(manager, store, cfg.controlnet_dir, allow_paths=True)
+    progress = _progress_printer("storyboard")
+    cancel = threading.Event()
+    try:
+        result = runner.run(board, on_progress=progress, cancel=cancel)
+    except KeyboardInterrupt:
+        cancel.set()
+        raise
+    finally:
+        progress.close()
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    exported = export_board(store, board, pdf_path=out)
+    for note in exported.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"project: {store.path(board.name) / 'project.json'}")
+    print(f"pdf: {exported.pdf}")
+    print(f"contact sheet: {exported.sheet}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from studio.grid_syntax import AXIS_TYPES, NOTHING
 
@@ -596,6 +652,35 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--per-respondent", type=int, default=0, help="pairs shown to each respondent (0: all)")
     sv.add_argument("--json", action="store_true", help="report as JSON")
     sv.set_defaults(func=cmd_survey)
+
+    sb = sub.add_parser("storyboard", help="generate a storyboard from a CSV shot list; writes a PDF and a contact "
+                                           "sheet", description="CSV columns: shot,type,description[,notes,reference,"
+                        "seed,candidates,canny_low,canny_high,control_scale,control_start,control_end]. A reference "
+                        "(a picture or sketch, relative to the CSV) makes its shot follow the picture's canny edges "
+                        "through the ControlNet. The project is kept as storyboards/NAME/project.json.")
+    sb.add_argument("--model", default="demo-tiny", help="name in models/, a path, a hub id, or demo-tiny")
+    sb.add_argument("--shots", required=True, metavar="FILE.csv", help="the shot list")
+    sb.add_argument("--controlnet", default="lllyasviel/control_v11p_sd15_canny",
+                    help="canny ControlNet: a name in controlnet/, a diffusers folder, a .safetensors file or a hub id")
+    sb.add_argument("--candidates", type=int, default=1, help="candidates per shot (the first is the one exported)")
+    sb.add_argument("--out", default=None, metavar="FILE.pdf",
+                    help="the PDF (FILE-contact.png and FILE-frames/ go beside it; default "
+                         "storyboards/NAME/export/NAME.pdf)")
+    sb.add_argument("--name", default=None, help="project name (default: the CSV's file name)")
+    sb.add_argument("--template", default=None,
+                    help="prompt template of every shot type (default 'a high-quality [shot type] picture of "
+                         "[description]')")
+    sb.add_argument("--negative", default="", help="negative prompt")
+    sb.add_argument("--sampler", default="DPM++ 2M", help=f"one of: {', '.join(samplers.SAMPLERS)}")
+    sb.add_argument("--schedule", default=None, help="schedule type (default: from the sampler name, else Automatic)")
+    sb.add_argument("--steps", type=int, default=20)
+    sb.add_argument("--cfg", type=float, default=7.0, help="CFG scale")
+    sb.add_argument("--width", type=int, default=None, help="frame width (default: the model's native size)")
+    sb.add_argument("--height", type=int, default=None, help="frame height (default: the model's native size)")
+    sb.add_argument("--clip-skip", type=int, default=1)
+    sb.add_argument("--device", default=None, help="auto, cuda, mps or cpu")
+    sb.add_argument("--precision", default=None, help="auto, fp16, bf16 or fp32")
+    sb.set_defaults(func=cmd_storyboard)
     return parser
 
 

@@ -22,6 +22,10 @@ class StudioConfig:
     datasets_dir: Path = ROOT / "datasets"
     # training runs: runs/<name>-<time>/ with config.yaml, loss.csv, checkpoints, previews
     runs_dir: Path = ROOT / "runs"
+    # storyboard projects: storyboards/<name>/project.json, references, frames, exports
+    storyboards_dir: Path = ROOT / "storyboards"
+    # ControlNet weights (diffusers folders or single files), scanned like loras/
+    controlnet_dir: Path = ROOT / "controlnet"
     # shipped data: model configs for offline single-file loading, templates
     assets_dir: Path = ROOT / "assets"
     # files we derive once and reuse (the CLIP tokenizer built from open_clip's BPE file)
@@ -62,10 +66,13 @@ class StudioConfig:
             presets_dir=home / "presets",
             datasets_dir=home / "datasets",
             runs_dir=home / "runs",
+            storyboards_dir=home / "storyboards",
+            controlnet_dir=home / "controlnet",
             cache_dir=home / ".cache",
         )
 
     def ensure_dirs(self) -> None:
         for d in (self.models_dir, self.loras_dir, self.embeddings_dir, self.outputs_dir,
-                  self.presets_dir, self.datasets_dir, self.runs_dir, self.cache_dir):
+                  self.presets_dir, self.datasets_dir, self.runs_dir, self.cache_dir, self.storyboards_dir,
+                  self.controlnet_dir):
             d.mkdir(parents=True, exist_ok=True)

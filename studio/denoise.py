@@ -36,6 +36,23 @@ class DenoiseItem:
 
 
 @dataclass
+class Control:
+    """A ControlNet steering every item of a pass (storyboards): its model, the conditioning image as a
+    [1, 3, H, W] float tensor in 0..1 (the frame's size), the scale, and the fraction of steps it acts in."""
+
+    model: object  # diffusers ControlNetModel, on the pipe's device and dtype
+    image: torch.Tensor
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def scale_at(self, i: int, n: int) -> float:
+        """StableDiffusionControlNetPipeline's rule: off before `start` and after `end` (fractions of the steps)."""
+        off = i / n < self.start or (i + 1) / n > self.end
+        return 0.0 if off else self.scale
+
+
+@dataclass
 class DenoiseResult:
     images: list[Image.Image]
     interrupted: bool  # stopped before the last step: the images are unfinished
@@ -61,6 +78,9 @@ def batch_invariant_time_embedding(unet):
     Only for UNet calls with one timestep for the whole batch (denoise's). A plain SD UNet adds the embedding to
     each ResNet block's features by broadcasting, so the images are the same; the small matmuls of the MLP are the
     part of the UNet whose CPU kernels change with the batch size."""
+    if unet is None:
+        yield
+        return
     config = getattr(unet, "config", {})
     plain = (getattr(unet, "time_embedding", None) is not None and config.get("class_embed_type") is None
              and config.get("addition_embed_type") is None and config.get("time_cond_proj_dim") is None)
@@ -106,9 +126,11 @@ def _guided(noise_pred: torch.Tensor, items: list[DenoiseItem], any_cfg: bool) -
 
 @torch.no_grad()
 def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: int, width: int, height: int,
-            on_step: StepFn | None = None, cancel: threading.Event | None = None) -> DenoiseResult:
+            on_step: StepFn | None = None, cancel: threading.Event | None = None,
+            control: Control | None = None) -> DenoiseResult:
     """Denoise `items` in one pass and decode them. On cancel it stops after the current step and returns the
-    unfinished images with `interrupted` set."""
+    unfinished images with `interrupted` set. With `control`, a ControlNet's residuals are added to the UNet's
+    blocks at every step where it is active (the rest of the loop is unchanged)."""
     # 1. noise and sampler (a fresh scheduler per pass: stochastic samplers are seeded per pass)
     seeds = [item.seed for item in items]
     device = pipe._execution_device
@@ -128,14 +150,24 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
         embeds = torch.cat([embeds, embeds])
     # 3. denoise
     interrupted = False
-    with batch_invariant_time_embedding(pipe.unet):
+    control_image = None
+    if control is not None:
+        control_image = control.image.to(device, control.model.dtype).expand(embeds.shape[0], -1, -1, -1)
+    with batch_invariant_time_embedding(pipe.unet), \
+            batch_invariant_time_embedding(control.model if control is not None else None):
         for i, t in enumerate(timesteps):
             model_input = torch.cat([latents] * 2) if any_cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
             if pad:
                 model_input = torch.cat([model_input, model_input])
+            residuals = {}
+            if control is not None:
+                down, mid = control.model(model_input, t, encoder_hidden_states=embeds, controlnet_cond=control_image,
+                                          conditioning_scale=control.scale_at(i, len(timesteps)), return_dict=False)
+                residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
             noise_pred = pipe.unet(model_input, t, encoder_hidden_states=embeds, timestep_cond=None,
-                                   cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=False)[0]
+                                   cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=False,
+                                   **residuals)[0]
             if pad:
                 noise_pred = noise_pred[:1]
             latents = scheduler.step(_guided(noise_pred, items, any_cfg), t, latents, **step_kwargs,

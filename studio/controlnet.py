@@ -1,0 +1,354 @@
+"""ControlNet for storyboards: find ControlNet weights (controlnet/ folder, a diffusers folder, a single file or a hub
+id), load them offline onto the model's device, and turn a reference picture into a canny edge map.
+
+The denoising itself is studio.denoise with a `Control` (the ControlNet's residuals added to the UNet's), so prompt
+weighting, embeddings, LoRAs and the samplers work as in Generate."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from studio.library import safe_child
+from studio.models import HUB_ID, ModelLoadError, load_pickle_checkpoint
+
+DEFAULT_CONTROLNET = "lllyasviel/control_v11p_sd15_canny"
+WEIGHT_EXTS = (".safetensors", ".pth", ".ckpt", ".bin", ".pt")
+# what a ControlNet file we write carries in its safetensors metadata: its diffusers config
+CONFIG_METADATA_KEY = "studio.controlnet_config"
+MAX_REFERENCE_PIXELS = 64_000_000
+MAX_REFERENCE_BYTES = 200_000_000
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "configs"
+# cross-attention width -> the shipped UNet config a ControlNet of that family copies its shape from
+FAMILY_BY_WIDTH = {768: "sd1", 1024: "sd2-base"}
+
+
+# --- where ControlNets come from ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ControlNetEntry:
+    name: str  # path relative to controlnet/ (posix): what the dropdown shows
+    path: Path
+    kind: str  # "diffusers" or "single-file"
+
+
+def list_controlnets(folder: Path) -> list[ControlNetEntry]:
+    """Diffusers folders (config.json + weights) and single weight files under `folder`, as loras/ is scanned."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    entries: list[ControlNetEntry] = []
+    dirs: set[Path] = set()
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or any(p in dirs for p in path.parents):
+            continue
+        if path.is_dir() and (path / "config.json").is_file():
+            dirs.add(path)
+            entries.append(ControlNetEntry(rel.as_posix(), path, "diffusers"))
+        elif path.is_file() and path.suffix.lower() in WEIGHT_EXTS:
+            entries.append(ControlNetEntry(rel.as_posix(), path, "single-file"))
+    return entries
+
+
+def controlnet_choices(folder: Path) -> list[str]:
+    """What a ControlNet picker offers: the local ones, then the default hub id."""
+    return [e.name for e in list_controlnets(folder)] + [DEFAULT_CONTROLNET]
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def resolve_controlnet(spec: str, folder: Path, allow_paths: bool = False) -> tuple[str, Path | None]:
+    """(kind, path) for a ControlNet spec: a name in `folder` (never outside it), a hub id, or, with
+    `allow_paths` (the command line), a folder or file anywhere."""
+    spec = (spec or "").strip()
+    local = [e.name for e in list_controlnets(folder)]
+    if not spec:
+        raise ValueError(f"no ControlNet given; local ones: {', '.join(local) or 'none'}, or {DEFAULT_CONTROLNET}")
+    candidates = []
+    if allow_paths and (Path(spec).is_absolute() or Path(spec).expanduser().exists()):
+        candidates.append(Path(spec).expanduser())
+    if not Path(spec).is_absolute() or not allow_paths:
+        by_name = {e.name: e.path for e in list_controlnets(folder)}
+        by_stem = {Path(e.name).with_suffix("").as_posix(): e.path for e in list_controlnets(folder)
+                   if e.kind == "single-file"}
+        if spec in by_name or spec in by_stem:
+            candidates.insert(0, by_name.get(spec) or by_stem[spec])
+        else:
+            path = safe_child(folder, spec)  # refuses ../ and absolute names (UnsafeNameError)
+            if path.exists():
+                candidates.append(path)
+    for path in candidates:
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(f"ControlNet {spec}: the folder has no config.json, so it is not a diffusers "
+                                     "ControlNet")
+            return "diffusers", path
+        if path.is_file():
+            if path.suffix.lower() not in WEIGHT_EXTS:
+                raise ModelLoadError(f"ControlNet {spec}: unsupported file type {path.suffix!r}; use .safetensors")
+            return "single-file", path
+    if HUB_ID.match(spec) and not spec.endswith(WEIGHT_EXTS):
+        return "hub", None
+    raise ModelLoadError(f"ControlNet {spec!r} not found. Local ControlNets in {folder}: {', '.join(local) or 'none'}; "
+                         f"or a hub id such as {DEFAULT_CONTROLNET}")
+
+
+# --- loading -----------------------------------------------------------------------------------------------------
+
+
+def controlnet_config_for(unet_config: dict) -> dict:
+    """A ControlNet config with the shape of a UNet config (what ControlNetModel.from_unet copies), for weight files
+    that carry no config of their own."""
+    from diffusers import ControlNetModel
+
+    accepted = set(inspect.signature(ControlNetModel.__init__).parameters) - {"self"}
+    config = {k: v for k, v in unet_config.items() if k in accepted}
+    return {"_class_name": "ControlNetModel", **config}
+
+
+def _read_weights(path: Path) -> tuple[dict, dict[str, str]]:
+    """State dict and safetensors metadata of a weight file; pickles only as tensors (weights_only)."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        except Exception as e:
+            raise ModelLoadError(f"ControlNet {path.name} is not a valid safetensors file ({e})") from e
+    return load_pickle_checkpoint(path), {}
+
+
+def _cross_attention_width(state: dict) -> int | None:
+    for key, tensor in state.items():
+        if key.endswith("attn2.to_k.weight") and tensor.ndim == 2:
+            return int(tensor.shape[1])
+    return None
+
+
+@dataclass
+class LoadedControlNet:
+    spec: str
+    name: str  # what the infotext calls it (file stem, folder name or hub id)
+    model: object  # diffusers ControlNetModel
+    hash: str = ""  # short content hash, as A1111's ControlNet extension writes it
+
+
+class ControlNetLoader:
+    """Loads ControlNets and keeps the last one (a storyboard uses one for all its shots)."""
+
+    def __init__(self, folder: Path, cache_dir: Path | None = None):
+        self.folder = Path(folder)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self._lock = threading.Lock()
+        self._last: tuple[tuple, LoadedControlNet] | None = None
+
+    def load(self, spec: str, device, dtype, cross_attention_dim: int, allow_paths: bool = False
+             ) -> LoadedControlNet:
+        kind, path = resolve_controlnet(spec, self.folder, allow_paths)
+        stamp = (path.stat().st_mtime_ns if path is not None else 0)
+        key = (kind, str(path) if path else spec, stamp, str(device), str(dtype))
+        with self._lock:
+            if self._last is not None and self._last[0] == key:
+                loaded = self._last[1]
+            else:
+                self._last = None  # free the old one before loading the next
+                loaded = self._open(spec, kind, path, dtype)
+                loaded.model.to(device=device)
+                loaded.model.eval()
+                loaded.model.requires_grad_(False)
+                self._last = (key, loaded)
+        width = loaded.model.config.cross_attention_dim
+        if width != cross_attention_dim:
+            raise ModelLoadError(
+                f"ControlNet {loaded.name} is made for a model with text width {width} "
+                f"({_family_name(width)}), but the loaded model has {cross_attention_dim} "
+                f"({_family_name(cross_attention_dim)}); pick a ControlNet of the model's family")
+        return loaded
+
+    def _open(self, spec: str, kind: str, path: Path | None, dtype) -> LoadedControlNet:
+        from diffusers import ControlNetModel
+
+        if kind == "diffusers":
+            try:
+                model = ControlNetModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+            except Exception as e:
+                raise ModelLoadError(f"could not load the ControlNet folder {spec}: {type(e).__name__}: {e}") from e
+            return LoadedControlNet(spec, path.name, model, _short_hash_folder(path))
+        if kind == "single-file":
+            return LoadedControlNet(spec, path.stem, self._open_file(path, dtype), _short_hash_file(path))
+        try:
+            model = ControlNetModel.from_pretrained(spec, local_files_only=True, torch_dtype=dtype)
+        except Exception as cached_error:
+            if offline():
+                raise ModelLoadError(self._offline_message(spec)) from cached_error
+            try:  # the user asked for a hub id while online: download it into the Hugging Face cache
+                model = ControlNetModel.from_pretrained(spec, torch_dtype=dtype)
+            except Exception as e:
+                raise ModelLoadError(f"could not download ControlNet {spec} (no network, or not a ControlNet repo?): "
+                                     f"{type(e).__name__}: {e}. " + self._offline_message(spec, downloading=False)
+                                     ) from e
+        return LoadedControlNet(spec, spec.split("/")[-1], model, "")
+
+    def _offline_message(self, spec: str, downloading: bool = True) -> str:
+        local = [e.name for e in list_controlnets(self.folder)]
+        head = (f"ControlNet {spec} is not in the Hugging Face cache and the studio is offline (HF_HUB_OFFLINE=1), "
+                "so it cannot be downloaded. " if downloading else "")
+        return (head + f"Local ControlNets in {self.folder}: {', '.join(local) or 'none'}. Put a diffusers folder "
+                f"(config.json + weights) or a .safetensors file there, or download {spec} once while online.")
+
+    def _open_file(self, path: Path, dtype):
+        from diffusers import ControlNetModel
+
+        state, meta = _read_weights(path)
+        width = _cross_attention_width(state)
+        with tempfile.TemporaryDirectory(prefix="studio-controlnet-") as tmp:
+            if CONFIG_METADATA_KEY in meta:
+                config = json.loads(meta[CONFIG_METADATA_KEY])
+            elif width in FAMILY_BY_WIDTH:
+                unet_config = json.loads((ASSETS / FAMILY_BY_WIDTH[width] / "unet" / "config.json").read_text())
+                config = controlnet_config_for(unet_config)
+            else:
+                raise ModelLoadError(
+                    f"ControlNet {path.name}: cannot tell its model family (text width {width}); the studio knows "
+                    "SD 1.x (768) and SD 2.x (1024) ControlNets, or files that carry their config")
+            Path(tmp, "config.json").write_text(json.dumps(config), encoding="utf-8")
+            from diffusers.utils import logging as diffusers_logging
+
+            level = diffusers_logging.get_verbosity()
+            diffusers_logging.set_verbosity_error()  # its fp32-modules notice about its own cast is noise here
+            try:
+                # diffusers converts the original (control_model.*) layout and takes the diffusers layout as it is
+                return ControlNetModel.from_single_file(state, config=tmp, local_files_only=True, torch_dtype=dtype)
+            except Exception as e:
+                raise ModelLoadError(f"could not load ControlNet {path.name}: {type(e).__name__}: {e}") from e
+            finally:
+                diffusers_logging.set_verbosity(level)
+
+
+def _family_name(width: int) -> str:
+    return {768: "SD 1.x", 1024: "SD 2.x"}.get(width, f"width {width}")
+
+
+def _short_hash_file(path: Path) -> str:
+    from studio.library import sha256_file
+
+    return sha256_file(path)[:8]
+
+
+def _short_hash_folder(path: Path) -> str:
+    from studio.library import sha256_folder
+
+    return sha256_folder(path)[:8]
+
+
+def save_controlnet_file(model, path: Path) -> Path:
+    """A ControlNet as one diffusers-layout .safetensors file that carries its config (loads offline here)."""
+    from safetensors.torch import save_file
+
+    from studio.atomic import atomic_path
+
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={CONFIG_METADATA_KEY: json.dumps(config)})
+    return Path(path)
+
+
+# --- reference pictures and canny maps ---------------------------------------------------------------------------
+
+
+@dataclass
+class Reference:
+    image: Image.Image  # upright RGB
+    notes: list[str] = field(default_factory=list)  # conversions done (CMYK, palette, alpha, EXIF rotation)
+
+
+def read_reference(path: Path) -> Reference:
+    """A reference picture or sketch as upright RGB; a file that is not a usable image raises ValueError naming it
+    and why (empty, corrupt, truncated, oversized). CMYK, palette, grayscale and transparent images are converted,
+    and the notes say so."""
+    from studio.dataset_import import SkipImage, Source, load_image
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"reference image {path.name!r} does not exist")
+    try:
+        decoded = load_image(Source(path.name, path), min_side=8, max_pixels=MAX_REFERENCE_PIXELS,
+                             max_bytes=MAX_REFERENCE_BYTES)
+    except SkipImage as e:
+        raise ValueError(f"reference image {path.name}: {e}") from None
+    return Reference(decoded.image, decoded.notes)
+
+
+def fit_to_frame(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Crop to the frame's aspect ratio around the centre, then resize (A1111's "Crop and Resize")."""
+    from PIL import ImageOps
+
+    if image.size == (width, height):
+        return image
+    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+
+
+def check_thresholds(low, high) -> tuple[int, int]:
+    for name, value in (("low threshold", low), ("high threshold", high)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            raise ValueError(f"canny {name} must be a whole number, got {value!r}")
+        if not 1 <= int(value) <= 255:
+            raise ValueError(f"canny {name} must be between 1 and 255, got {value}")
+    if int(low) > int(high):
+        raise ValueError(f"canny low threshold must not be above the high threshold, got {low} > {high}")
+    return int(low), int(high)
+
+
+def canny_map(image: Image.Image, low: int, high: int) -> Image.Image:
+    """The canny edge map of `image` at its own size (controlnet_aux's CannyDetector: cv2.Canny on the RGB pixels),
+    white edges on black, RGB."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # the first import loads every controlnet_aux detector (slow; timm and mediapipe notices): not the user's
+        warnings.simplefilter("ignore")
+        from controlnet_aux.canny import CannyDetector
+
+    low, high = check_thresholds(low, high)
+    rgb = np.asarray(image.convert("RGB"))
+    h, w = rgb.shape[:2]
+    side = min(w, h)
+    # detect and output at the image's own resolution; CannyDetector rounds sides to multiples of 64
+    edges = CannyDetector()(rgb, low_threshold=low, high_threshold=high, detect_resolution=side,
+                            image_resolution=side, output_type="np")
+    if edges.shape[:2] != (h, w):
+        import cv2
+
+        edges = cv2.resize(edges, (w, h), interpolation=cv2.INTER_NEAREST)
+    return Image.fromarray(edges)
+
+
+@dataclass
+class ControlSettings:
+    """How strongly and when the ControlNet steers (A1111's Weight, Guidance Start, Guidance End)."""
+
+    scale: float = 1.0
+    start: float = 0.0  # fraction of the steps before the ControlNet starts
+    end: float = 1.0  # fraction of the steps after which it stops
+
+    def validate(self) -> None:
+        for name, value, lo, hi in (("conditioning scale", self.scale, 0.0, 2.0), ("guidance start", self.start, 0, 1),
+                                    ("guidance end", self.end, 0, 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise ValueError(f"ControlNet {name} must be between {lo:g} and {hi:g}, got {value!r}")
+        if self.start >= self.end:
+            raise ValueError(f"ControlNet guidance start must be before its end, got {self.start} >= {self.end}")

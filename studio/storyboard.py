@@ -1,0 +1,690 @@
+"""Storyboards (seed 004 §5.6): a shot list whose shots become frames in their shot type, optionally following a
+reference sketch through ControlNet canny, with N candidates per shot to pick from.
+
+A Storyboard (shots, shot types with prompt templates and LoRAs, a board-wide style, generation settings) is kept
+as `storyboards/<name>/project.json` with its references and frames beside it. Each shot's prompt is an ordinary
+studio prompt (A1111 syntax, `<lora:...>` tags, embeddings), encoded and denoised by the code Generate uses, so a
+frame without a reference is the image Generate makes for the same prompt, settings and seed. Export (PDF and
+contact sheet) is in studio.storyboard_export.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from studio.atomic import atomic_dir, atomic_path, write_text
+from studio.controlnet import (
+    DEFAULT_CONTROLNET,
+    ControlNetLoader,
+    ControlSettings,
+    canny_map,
+    check_thresholds,
+    fit_to_frame,
+    read_reference,
+)
+from studio.denoise import Control, DenoiseItem, denoise, pass_noise_is_shared
+from studio.generate import MAX_SEED, GenerateJob, Generator, build_infotext
+from studio.infotext import format_infotext, parse_infotext, png_info
+from studio.library import safe_child
+from studio.models import ModelManager
+
+ProgressFn = Callable[[int, int, str], None]
+PROJECT_FILE = "project.json"
+FORMAT = "studio-storyboard"
+VERSION = 1
+DEFAULT_TEMPLATE = "a high-quality [shot type] picture of [description]"  # seed 004, table 5.2
+SHOT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,15}$")  # 1, 2, 12A, 3.1
+BOARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
+MAX_CANDIDATES = 64
+MAX_SHOTS = 500
+PER_PASS = 8  # candidates denoised together (memory); lower on small GPUs
+CSV_REQUIRED = ("shot", "type", "description")
+CSV_COLUMNS = ("shot", "type", "description", "notes", "reference", "seed", "candidates", "canny_low", "canny_high",
+               "control_scale", "control_start", "control_end")
+
+
+def _whole(name: str, value, lo: int, hi: int) -> int:
+    """An int from a widget or CSV value (20.0 is 20); anything else is an error quoting it."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text) if text else None
+        except ValueError:
+            raise ValueError(f"{name} must be a whole number, got {text!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if not lo <= int(value) <= hi:
+        raise ValueError(f"{name} must be between {lo} and {hi}, got {int(value)}")
+    return int(value)
+
+
+def _number(name: str, value, lo: float, hi: float) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be between {lo:g} and {hi:g}, got {value!r}")
+    return float(value)
+
+
+def _from_dict(cls, values: dict, what: str):
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} field(s) {unknown}; known: {sorted(names)}")
+    return cls(**values)
+
+
+# --- the board -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShotType:
+    """A kind of shot: its prompt template and the LoRA that teaches it (seed 004's shot-type LoRAs)."""
+
+    name: str  # "close shot"; what [shot type] becomes in the template
+    template: str = DEFAULT_TEMPLATE  # [shot type], [description] and [notes] are filled in
+    lora: str = ""  # a LoRA in loras/ ("" = none)
+    lora_weight: float = 1.0
+
+    def validate(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError("a shot type needs a name (e.g. 'close shot')")
+        if "[description]" not in (self.template or ""):
+            raise ValueError(f"shot type {self.name!r}: the template must contain [description], got "
+                             f"{self.template!r}")
+        if self.lora and not re.fullmatch(r"[^<>:]+", self.lora):
+            raise ValueError(f"shot type {self.name!r}: LoRA name {self.lora!r} may not contain '<', '>' or ':'")
+        self.lora_weight = _number(f"shot type {self.name!r}: LoRA weight", self.lora_weight, -10, 10)
+
+
+def default_shot_types() -> list[ShotType]:
+    return [ShotType("close shot"), ShotType("medium shot"), ShotType("long shot")]
+
+
+@dataclass
+class Style:
+    """A style for the whole board: an embedding (its name in every prompt) or a LoRA (a tag in every prompt)."""
+
+    kind: str = "none"  # "none", "embedding" or "lora"
+    name: str = ""
+    weight: float = 1.0
+
+    def validate(self) -> None:
+        if self.kind not in ("none", "embedding", "lora"):
+            raise ValueError(f"style kind must be none, embedding or lora, got {self.kind!r}")
+        if self.kind != "none" and not (self.name or "").strip():
+            raise ValueError(f"a {self.kind} style needs the {self.kind}'s name")
+        if self.kind != "none" and not re.fullmatch(r"[^<>:()\[\]]+", self.name):
+            raise ValueError(f"style name {self.name!r} may not contain < > : ( ) [ ]")
+        self.weight = _number("style weight", self.weight, -10, 10)
+
+    def prompt_part(self) -> str:
+        if self.kind == "embedding":
+            return self.name if self.weight == 1 else f"({self.name}:{self.weight:g})"
+        if self.kind == "lora":
+            return f"<lora:{self.name}:{self.weight:g}>"
+        return ""
+
+
+@dataclass
+class Frame:
+    """One candidate of a shot: its seed and PNG (relative to the project folder)."""
+
+    seed: int
+    file: str
+    controlnet: bool = False  # made through the ControlNet (the shot had a reference)
+
+
+@dataclass
+class Shot:
+    shot: str  # the shot's number as the script writes it: 1, 2, 12A
+    type: str  # a ShotType name
+    description: str
+    notes: str = ""  # characters, action, dialogue: in the caption; in the prompt only where a template has [notes]
+    reference: str = ""  # picture or sketch under the project folder (references/...); "" = no ControlNet
+    seed: int = -1  # -1: new random seeds at each generation; else locked: the first candidate's seed
+    candidates: int = 0  # candidates to make; 0 = the board's default
+    canny_low: int = 100
+    canny_high: int = 200
+    control_scale: float = 1.0
+    control_start: float = 0.0
+    control_end: float = 1.0
+    frames: list[Frame] = field(default_factory=list)  # the last generation's candidates
+    picked: int = 0  # index into frames
+
+    def control(self) -> ControlSettings:
+        return ControlSettings(self.control_scale, self.control_start, self.control_end)
+
+    def validate(self) -> None:
+        if not isinstance(self.shot, str) or not SHOT_ID.fullmatch(self.shot):
+            raise ValueError(f"shot number must be 1-16 letters, digits, '.', '-' or '_' (e.g. 12A), got "
+                             f"{self.shot!r}")
+        where = f"shot {self.shot}"
+        if not isinstance(self.description, str) or not self.description.strip():
+            raise ValueError(f"{where}: the description is empty")
+        self.seed = _whole(f"{where}: seed", self.seed, -1, MAX_SEED)
+        self.candidates = _whole(f"{where}: candidates", self.candidates, 0, MAX_CANDIDATES)
+        try:
+            self.canny_low, self.canny_high = check_thresholds(self.canny_low, self.canny_high)
+            self.control_scale = _number("ControlNet conditioning scale", self.control_scale, 0, 2)
+            self.control_start = _number("ControlNet guidance start", self.control_start, 0, 1)
+            self.control_end = _number("ControlNet guidance end", self.control_end, 0, 1)
+            self.control().validate()
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if self.frames and not 0 <= self.picked < len(self.frames):
+            raise ValueError(f"{where}: picked candidate {self.picked} does not exist (it has {len(self.frames)})")
+
+    @property
+    def picked_frame(self) -> Frame | None:
+        return self.frames[self.picked] if self.frames and 0 <= self.picked < len(self.frames) else None
+
+
+@dataclass
+class BoardSettings:
+    """What every frame shares: Generate's settings (the prompt comes from each shot), the default number of
+    candidates and the ControlNet for shots with a reference."""
+
+    negative_prompt: str = ""
+    sampler: str = "DPM++ 2M"
+    schedule: str = "Karras"
+    steps: int = 20
+    cfg_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    clip_skip: int = 1
+    candidates: int = 4
+    controlnet: str = DEFAULT_CONTROLNET  # a name in controlnet/, a hub id (or a path, from the command line)
+
+    def job(self, prompt: str, seed: int) -> GenerateJob:
+        return GenerateJob(prompt=prompt, negative_prompt=self.negative_prompt, sampler=self.sampler,
+                           schedule=self.schedule, steps=self.steps, cfg_scale=self.cfg_scale, seed=seed,
+                           width=self.width, height=self.height, batch_size=1, batch_count=1,
+                           clip_skip=self.clip_skip)
+
+    def validate(self) -> None:
+        self.candidates = _whole("candidates per shot", self.candidates, 1, MAX_CANDIDATES)
+        self.job("", 0).validate()  # Generate's own checks (steps, size, sampler, CFG, clip skip)
+
+
+@dataclass
+class Storyboard:
+    name: str
+    shots: list[Shot] = field(default_factory=list)
+    shot_types: list[ShotType] = field(default_factory=default_shot_types)
+    style: Style = field(default_factory=Style)
+    settings: BoardSettings = field(default_factory=BoardSettings)
+    model: str = ""  # the model its frames were last made with (information)
+
+    # 1. checks
+
+    def validate(self) -> None:
+        check_board_name(self.name)
+        self.settings.validate()
+        self.style.validate()
+        if not self.shot_types:
+            raise ValueError("a storyboard needs at least one shot type")
+        names = set()
+        for st in self.shot_types:
+            st.validate()
+            if st.name.lower() in names:
+                raise ValueError(f"two shot types are called {st.name!r}")
+            names.add(st.name.lower())
+        if len(self.shots) > MAX_SHOTS:
+            raise ValueError(f"a storyboard holds at most {MAX_SHOTS} shots, got {len(self.shots)}")
+        seen = set()
+        for shot in self.shots:
+            shot.validate()
+            if shot.shot in seen:
+                raise ValueError(f"shot number {shot.shot!r} appears twice")
+            seen.add(shot.shot)
+            self.shot_type(shot.type, shot.shot)
+
+    def shot_type(self, name: str, shot: str = "") -> ShotType:
+        """The shot type called `name` (any case); an unknown one lists the known ones."""
+        for st in self.shot_types:
+            if st.name.lower() == (name or "").strip().lower():
+                return st
+        where = f"shot {shot}: " if shot else ""
+        raise ValueError(f"{where}unknown shot type {name!r}; known: {', '.join(s.name for s in self.shot_types)} "
+                         "(add it under Shot types)")
+
+    def shot(self, number: str) -> Shot:
+        for shot in self.shots:
+            if shot.shot == str(number):
+                return shot
+        raise ValueError(f"no shot {number!r} in storyboard {self.name!r}; shots: "
+                         f"{', '.join(s.shot for s in self.shots) or 'none'}")
+
+    # 2. prompts
+
+    def prompt(self, shot: Shot) -> str:
+        """The shot's studio prompt: its type's template filled in, plus the type's LoRA and the board's style."""
+        st = self.shot_type(shot.type, shot.shot)
+        text = (st.template.replace("[shot type]", st.name).replace("[description]", shot.description.strip())
+                .replace("[notes]", shot.notes.strip()))
+        parts = [text.strip()]
+        style = self.style.prompt_part()
+        if style and self.style.kind == "embedding":
+            parts[0] = f"{parts[0]}, {style}"
+        if st.lora:
+            parts.append(f"<lora:{st.lora}:{st.lora_weight:g}>")
+        if style and self.style.kind == "lora":
+            parts.append(style)
+        return " ".join(parts)
+
+    def candidates_of(self, shot: Shot) -> int:
+        return shot.candidates or self.settings.candidates
+
+    # 3. files
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Storyboard:
+        data = dict(data)
+        if data.pop("format", FORMAT) != FORMAT:
+            raise ValueError("not a studio storyboard (format is not 'studio-storyboard')")
+        version = data.pop("version", VERSION)
+        if version != VERSION:
+            raise ValueError(f"storyboard format version {version} is not supported (this studio reads {VERSION})")
+        try:
+            shots = []
+            for s in data.pop("shots", []):
+                s = dict(s)
+                frames = [_from_dict(Frame, f, "frame") for f in s.pop("frames", [])]
+                shots.append(_from_dict(Shot, {**s, "frames": frames}, "shot"))
+            types = [_from_dict(ShotType, t, "shot type") for t in data.pop("shot_types", [])] or default_shot_types()
+            style = _from_dict(Style, data.pop("style", {}), "style")
+            settings = _from_dict(BoardSettings, data.pop("settings", {}), "settings")
+            return _from_dict(cls, {**data, "shots": shots, "shot_types": types, "style": style,
+                                    "settings": settings}, "storyboard")
+        except TypeError as e:
+            raise ValueError(f"storyboard is not valid: {e}") from None
+
+
+def check_board_name(name: str) -> str:
+    if not isinstance(name, str) or not BOARD_NAME.fullmatch(name.strip()) or name != name.strip():
+        raise ValueError(f"storyboard name must be 1-64 letters, digits, spaces, '.', '-' or '_' and start with a "
+                         f"letter or digit, got {name!r}")
+    return name
+
+
+# --- CSV -------------------------------------------------------------------------------------------------------
+
+
+def shots_from_csv(text: str, source: str = "CSV") -> list[Shot]:
+    """Shots from CSV text with columns shot,type,description[,notes,reference,seed,candidates,canny_low,canny_high,
+    control_scale,control_start,control_end] (header row required, any order). Errors name the row and value."""
+    reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
+    header = [h.strip().lower() for h in (reader.fieldnames or [])]
+    missing = [c for c in CSV_REQUIRED if c not in header]
+    if missing:
+        raise ValueError(f"{source}: the header must have the columns {', '.join(CSV_REQUIRED)} (missing "
+                         f"{', '.join(missing)}); got {', '.join(header) or 'no header'}")
+    unknown = [h for h in header if h not in CSV_COLUMNS]
+    if unknown:
+        raise ValueError(f"{source}: unknown column(s) {', '.join(unknown)}; known: {', '.join(CSV_COLUMNS)}")
+    reader.fieldnames = header
+    shots = []
+    for row_number, row in enumerate(reader, start=2):
+        if None in row:
+            raise ValueError(f"{source} line {row_number}: more values than columns")
+        values = {k: (v or "").strip() for k, v in row.items()}
+        if not any(values.values()):
+            continue  # an empty line
+        shot = Shot(shot=values["shot"], type=values["type"], description=values["description"],
+                    notes=values.get("notes", ""), reference=values.get("reference", ""))
+        try:
+            for name, default in (("seed", -1), ("candidates", 0), ("canny_low", 100), ("canny_high", 200),
+                                  ("control_scale", 1.0), ("control_start", 0.0), ("control_end", 1.0)):
+                raw = values.get(name, "")
+                if raw == "":
+                    continue
+                setattr(shot, name, _whole(name, raw, -(2**63), 2**63) if isinstance(default, int)
+                        else _number(name, raw, float("-inf"), float("inf")))
+            shot.validate()
+        except ValueError as e:
+            raise ValueError(f"{source} line {row_number}: {e}") from None
+        shots.append(shot)
+    if not shots:
+        raise ValueError(f"{source}: no shots (the file has a header but no rows)")
+    return shots
+
+
+def shots_to_csv(shots: list[Shot]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for shot in shots:
+        writer.writerow({c: getattr(shot, c) for c in CSV_COLUMNS})
+    return out.getvalue()
+
+
+# --- the project folder ----------------------------------------------------------------------------------------
+
+
+class StoryboardStore:
+    """storyboards/<name>/: project.json, references/, shots/<shot>/ (candidates), export/."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def names(self) -> list[str]:
+        if not self.folder.is_dir():
+            return []
+        return sorted(p.name for p in self.folder.iterdir() if (p / PROJECT_FILE).is_file())
+
+    def path(self, name: str) -> Path:
+        check_board_name(name)
+        return safe_child(self.folder, name)
+
+    def exists(self, name: str) -> bool:
+        return (self.path(name) / PROJECT_FILE).is_file()
+
+    def load(self, name: str) -> Storyboard:
+        file = self.path(name) / PROJECT_FILE
+        if not file.is_file():
+            raise ValueError(f"no storyboard {name!r} in {self.folder}; there are: {', '.join(self.names()) or 'none'}")
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{file} is not readable JSON: {e}") from e
+        board = Storyboard.from_dict(data)
+        if board.name != name:
+            board.name = name  # the folder was renamed: the folder's name wins
+        return board
+
+    def save(self, board: Storyboard) -> Path:
+        board.validate()
+        folder = self.path(board.name)
+        for shot in board.shots:
+            if shot.reference:
+                self.reference_path(board, shot)  # a reference must be a file inside the project
+        write_text(folder / PROJECT_FILE, json.dumps(board.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        return folder / PROJECT_FILE
+
+    def reference_path(self, board: Storyboard, shot: Shot) -> Path:
+        path = safe_child(self.path(board.name), shot.reference)
+        if not path.is_file():
+            raise ValueError(f"shot {shot.shot}: reference {shot.reference!r} is not in the project folder")
+        return path
+
+    def add_reference(self, board: Storyboard, shot: Shot, source: Path) -> list[str]:
+        """Copy a picture into references/ as an RGB PNG and point the shot at it. Returns what was converted
+        (CMYK, palette, alpha); a file that is not a usable image raises ValueError naming it."""
+        ref = read_reference(Path(source))
+        rel = f"references/{shot.shot}-{re.sub(r'[^A-Za-z0-9._-]+', '-', Path(source).stem)[:40] or 'ref'}.png"
+        with atomic_path(self.path(board.name) / rel) as tmp:
+            ref.image.save(tmp, format="PNG")
+        shot.reference = rel
+        return [f"shot {shot.shot} reference {Path(source).name}: {note}" for note in ref.notes]
+
+    def import_csv(self, board: Storyboard, csv_path: Path, confine: bool = True) -> list[str]:
+        """Replace the board's shots with a CSV's; references are read relative to the CSV's folder and copied into
+        the project. With `confine`, a reference must stay inside that folder (uploads, the UI)."""
+        csv_path = Path(csv_path)
+        try:
+            text = csv_path.read_text(encoding="utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{csv_path.name} is not UTF-8 text: {e}") from None
+        shots = shots_from_csv(text, csv_path.name)
+        notes = []
+        project = self.path(board.name)
+        for shot in shots:
+            if not shot.reference:
+                continue
+            raw = shot.reference
+            if confine:
+                source = safe_child(csv_path.parent, raw)
+            else:
+                source = Path(raw).expanduser()
+                source = source if source.is_absolute() else csv_path.parent / source
+            if source.resolve().is_relative_to(project.resolve()) and source.is_file():
+                shot.reference = source.resolve().relative_to(project.resolve()).as_posix()  # already in the project
+                read_reference(source)  # still a usable image?
+                continue
+            if not source.is_file():
+                raise ValueError(f"{csv_path.name}: shot {shot.shot}: reference {raw!r} does not exist "
+                                 f"(looked for {source})")
+            notes += self.add_reference(board, shot, source)
+        board.shots = shots
+        for st in {s.type.lower(): s.type for s in shots}.values():
+            try:
+                board.shot_type(st)
+            except ValueError:
+                board.shot_types.append(ShotType(st))  # a new type: the default template until edited
+                notes.append(f"new shot type {st!r} added with the template {DEFAULT_TEMPLATE!r}")
+        return notes
+
+    def export_csv(self, board: Storyboard) -> Path:
+        path = self.path(board.name) / "shots.csv"
+        write_text(path, shots_to_csv(board.shots))
+        return path
+
+
+# --- running it ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShotResult:
+    shot: str
+    frames: list[Frame]
+    controlnet: bool
+    canny: Path | None = None
+
+
+@dataclass
+class StoryboardResult:
+    board: Storyboard
+    shots: list[ShotResult] = field(default_factory=list)
+    interrupted: bool = False
+    message: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def controlnet_fields(name: str, hash_: str, shot: Shot, width: int, height: int) -> dict:
+    """The ControlNet unit in a frame's infotext, as sd-webui-controlnet writes it (one quoted field)."""
+    model = f"{name} [{hash_}]" if hash_ else name
+    unit = (f"Module: canny, Model: {model}, Weight: {shot.control_scale:g}, Resize Mode: Crop and Resize, "
+            f"Processor Res: {min(width, height)}, Threshold A: {shot.canny_low}, Threshold B: {shot.canny_high}, "
+            f"Guidance Start: {shot.control_start:g}, Guidance End: {shot.control_end:g}, Control Mode: Balanced")
+    return {"ControlNet 0": unit}
+
+
+def add_fields(infotext: str, extra: dict) -> str:
+    """`infotext` with `extra` pairs put before its Version (so A1111 and PNG info read them)."""
+    params = parse_infotext(infotext)
+    prompt, negative = params.pop("prompt"), params.pop("negative_prompt")
+    version = params.pop("Version", None)
+    return format_infotext(prompt, negative, {**params, **extra, "Version": version})
+
+
+def shot_seeds(shot: Shot, n: int, rng: random.Random | None = None) -> list[int]:
+    """The candidates' seeds: the locked seed and the next ones, or a fresh random run of n seeds."""
+    if shot.seed >= 0:
+        if shot.seed + n - 1 > MAX_SEED:
+            raise ValueError(f"shot {shot.shot}: seed {shot.seed} + {n} candidates passes the largest seed {MAX_SEED}")
+        base = shot.seed
+    else:
+        base = (rng or random).randint(0, MAX_SEED - n + 1)
+    return [base + i for i in range(n)]
+
+
+class StoryboardRunner:
+    """Generates storyboard shots on the manager's current model with the generator's prompt encoding."""
+
+    def __init__(self, manager: ModelManager, store: StoryboardStore, controlnet_dir: Path,
+                 generator: Generator | None = None, allow_paths: bool = False):
+        self.manager = manager
+        self.store = store
+        self.generator = generator or Generator(manager)
+        self.controlnets = ControlNetLoader(controlnet_dir, manager.cfg.cache_dir)
+        self.allow_paths = allow_paths  # ControlNet given as a path (command line only)
+        self.per_pass = PER_PASS
+
+    def control_image(self, board: Storyboard, shot: Shot) -> tuple:
+        """(reference fitted to the frame, its canny map) for a shot with a reference."""
+        s = board.settings
+        ref = read_reference(self.store.reference_path(board, shot))
+        fitted = fit_to_frame(ref.image, s.width, s.height)
+        return fitted, canny_map(fitted, shot.canny_low, shot.canny_high)
+
+    def run(self, board: Storyboard, shots: list[str] | None = None, only_missing: bool = False,
+            on_progress: ProgressFn | None = None, cancel: threading.Event | None = None,
+            rng: random.Random | None = None) -> StoryboardResult:
+        """Generate the candidates of `shots` (all when None; with `only_missing`, those without frames). Every
+        other shot's files stay as they are. The project is saved after each shot, so Stop keeps finished ones."""
+        # 1. validate the board and pick the shots
+        board.validate()
+        chosen = [board.shot(n) for n in shots] if shots is not None else list(board.shots)
+        if only_missing:
+            chosen = [s for s in chosen if not s.frames]
+        model = self.manager.current
+        if model is None:
+            raise RuntimeError("no model is loaded; load one first")
+        for shot in chosen:
+            board.prompt(shot)
+            if shot.reference:
+                self.store.reference_path(board, shot)
+        result = StoryboardResult(board)
+        if not chosen:
+            result.message = "nothing to generate"
+            return result
+        s = board.settings
+        # 2. the ControlNet, before any denoising: a missing one fails now, not after half the board
+        controlnet = None
+        if any(shot.reference for shot in chosen):
+            controlnet = self.controlnets.load(s.controlnet, model.pipe._execution_device, model.pipe.unet.dtype,
+                                               model.pipe.unet.config.cross_attention_dim, self.allow_paths)
+        total = sum(self.board_steps(board, shot) for shot in chosen)
+        done = 0
+        with self.manager.lock:
+            model_hash = self.manager.model_hash(model)
+            board.model = model.name
+            for number, shot in enumerate(chosen, start=1):
+                if cancel is not None and cancel.is_set():
+                    result.interrupted = True
+                    break
+                label = f"shot {shot.shot} ({number}/{len(chosen)})"
+                try:
+                    shot_result, done = self._run_shot(board, shot, model, model_hash, controlnet, label, done,
+                                                       total, on_progress, cancel, rng, result.notes)
+                except _Stopped:
+                    result.interrupted = True
+                    break
+                result.shots.append(shot_result)
+                self.store.save(board)
+        if result.interrupted:
+            result.message = (f"stopped: {len(result.shots)} of {len(chosen)} shots done; the shot that was running "
+                              "keeps its earlier candidates")
+        return result
+
+    def board_steps(self, board: Storyboard, shot: Shot) -> int:
+        n = board.candidates_of(shot)
+        per_pass = 1 if pass_noise_is_shared(board.settings.sampler) else self.per_pass
+        return board.settings.steps * -(-n // per_pass)
+
+    def _run_shot(self, board, shot, model, model_hash, controlnet, label, done, total, on_progress, cancel, rng,
+                  notes) -> tuple[ShotResult | None, int]:
+        s = board.settings
+        n = board.candidates_of(shot)
+        seeds = shot_seeds(shot, n, rng)
+        # 3. the shot's prompt, encoded as Generate encodes it (this applies its LoRAs)
+        job = s.job(board.prompt(shot), seeds[0])
+        cond, uncond, nets = self.generator.encode(job, model)
+        for note in nets.notes:
+            if note not in notes:
+                notes.append(note)
+        # 4. the reference's canny map as the ControlNet's conditioning image
+        control, canny, extra = None, None, {}
+        if shot.reference:
+            from diffusers.image_processor import VaeImageProcessor
+
+            _, canny = self.control_image(board, shot)
+            processor = VaeImageProcessor(vae_scale_factor=model.pipe.vae_scale_factor, do_convert_rgb=True,
+                                          do_normalize=False)
+            tensor = processor.preprocess(canny, height=s.height, width=s.width)
+            c = shot.control()
+            control = Control(controlnet.model, tensor, c.scale, c.start, c.end)
+            extra = controlnet_fields(controlnet.name, controlnet.hash, shot, s.width, s.height)
+        # 5. denoise the candidates in passes and write them into a fresh shot folder, swapped in at the end
+        folder = self.store.path(board.name) / "shots" / shot.shot
+        per_pass = 1 if pass_noise_is_shared(s.sampler) else self.per_pass
+        frames = []
+        with atomic_dir(folder) as tmp:
+            for start in range(0, n, per_pass):
+                pass_seeds = seeds[start : start + per_pass]
+                items = [DenoiseItem(cond, uncond, s.cfg_scale, seed) for seed in pass_seeds]
+
+                what = f"{label}, candidates {start + 1}-{start + len(items)} of {n}"
+
+                def on_step(i, count, done=done, what=what):
+                    if on_progress:
+                        step = -(-i * s.steps // count)
+                        on_progress(done + step, total, f"{what}, step {step}/{s.steps}")
+
+                out = denoise(model.pipe, items, s.sampler, s.schedule, s.steps, s.width, s.height, on_step=on_step,
+                              cancel=cancel, control=control)
+                if out.interrupted:
+                    raise _Stopped()  # leaves the old folder in place (atomic_dir drops tmp)
+                done += s.steps
+                for k, (image, seed) in enumerate(zip(out.images, pass_seeds, strict=True), start=start):
+                    info = build_infotext(s.job(job.prompt, seed), seed, model, model_hash, nets)
+                    if extra:
+                        info = add_fields(info, extra)
+                    name = f"{k:02d}-{seed}.png"
+                    image.save(tmp / name, format="PNG", pnginfo=png_info(info))
+                    frames.append(Frame(seed, f"shots/{shot.shot}/{name}", control is not None))
+            if canny is not None:
+                canny.save(tmp / "canny.png", format="PNG")
+        shot.frames = frames
+        shot.picked = 0
+        return ShotResult(shot.shot, frames, control is not None,
+                          folder / "canny.png" if canny is not None else None), done
+
+
+class _Stopped(Exception):
+    """Stop during a shot: its unfinished candidates are dropped."""
+
+
+# --- picking and locking ---------------------------------------------------------------------------------------
+
+
+def pick(board: Storyboard, shot_number: str, index: int) -> Frame:
+    shot = board.shot(shot_number)
+    if not shot.frames:
+        raise ValueError(f"shot {shot.shot} has no candidates yet; generate it first")
+    index = _whole(f"shot {shot.shot}: candidate", index, 0, len(shot.frames) - 1)
+    shot.picked = index
+    return shot.frames[index]
+
+
+def lock_seed(board: Storyboard, shot_number: str) -> int:
+    """Lock the shot's seed to its picked candidate's: regenerating it then starts from that image."""
+    shot = board.shot(shot_number)
+    frame = shot.picked_frame
+    if frame is None:
+        raise ValueError(f"shot {shot.shot} has no candidates yet; generate it first or type a seed")
+    shot.seed = frame.seed
+    return frame.seed
+
+
+def unlock_seed(board: Storyboard, shot_number: str) -> None:
+    board.shot(shot_number).seed = -1
+
+
+def new_board(name: str, settings: BoardSettings | None = None) -> Storyboard:
+    return Storyboard(check_board_name(name), settings=settings or BoardSettings())
