@@ -4,6 +4,7 @@ tiny BLIP saved once under the cache folder and loaded through the same `from_pr
 from __future__ import annotations
 
 import os
+import pickle
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from studio.atomic import atomic_dir
+from studio.library import folder_refusal
 
 TINY_NAME = "demo-tiny"
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
@@ -127,6 +129,8 @@ def _load(name: str, source: str, device: torch.device, dtype: torch.dtype) -> C
     try:
         model = classes[config.model_type].from_pretrained(source, local_files_only=only_local, dtype=dtype)
         processor = AutoProcessor.from_pretrained(source, local_files_only=only_local)
+    except pickle.UnpicklingError as e:  # weights that would run code: refused by weights_only=True
+        raise CaptionerLoadError(f"could not load the captioning model {source}: {folder_refusal(source, e)}") from e
     except (OSError, ValueError) as e:
         raise CaptionerLoadError(_not_found_message(source, local, e)) from e
     model.to(device).eval()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from studio.atomic import atomic_dir
+from studio.library import folder_refusal
 
 DEFAULT_EXPANDER = "Gustavosta/MagicPrompt-Stable-Diffusion"
 TINY_EXPANDER = "demo-tiny"
@@ -203,6 +205,8 @@ class PromptExpander:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
             model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only)
+        except pickle.UnpicklingError as e:  # weights that would run code: refused by weights_only=True
+            raise ExpandError(f"could not load the expander {spec}: {folder_refusal(source, e)}") from e
         except OSError as e:
             if local_only and not Path(source).is_dir():
                 raise ExpandError(

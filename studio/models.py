@@ -22,7 +22,14 @@ from diffusers import StableDiffusionPipeline
 
 from studio.adapters import LoraSlot
 from studio.config import StudioConfig
-from studio.library import list_models, safe_child, sha256_file, sha256_folder, unpickling_refusal
+from studio.library import (
+    hostile_pickle_in,
+    list_models,
+    safe_child,
+    sha256_file,
+    sha256_folder,
+    unpickling_refusal,
+)
 from studio.tiny import TINY_NAME, build_tiny_pipeline
 from studio.tokenizer import clip_tokenizer
 
@@ -272,6 +279,11 @@ class ModelManager:
                 feature_extractor=None, requires_safety_checker=False)
         except Exception as e:
             raise ModelLoadError(f"could not load the diffusers folder {spec}: {type(e).__name__}: {e}") from e
+            hostile = hostile_pickle_in(path)  # diffusers reads .bin weights with weights_only=True: name the file
+            if hostile is not None:
+                rel = hostile.relative_to(path).as_posix()
+                raise ModelLoadError(f"could not load the diffusers folder {spec}: "
+                                     + unpickling_refusal(hostile, e).replace(hostile.name, rel, 1)) from e
         family = "sd2" if pipe.text_encoder.config.hidden_act == "gelu" else "sd1"
         pred = pipe.scheduler.config.get("prediction_type", "epsilon")
         return LoadedModel(Path(spec).name if source != "hub" else spec, source, family, pred, pipe, path)

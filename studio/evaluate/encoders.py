@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from PIL import Image
 
 from studio.atomic import atomic_dir, atomic_path
+from studio.library import folder_refusal
 
 TINY_NAME = "demo-tiny"
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -85,6 +87,8 @@ def load_dino(spec: str, cache_dir: Path, device: str = "auto") -> DinoEncoder:
         processor = AutoImageProcessor.from_pretrained(source, local_files_only=offline())
     except EncoderLoadError:
         raise
+    except pickle.UnpicklingError as e:  # weights that would run code: refused by weights_only=True
+        raise EncoderLoadError(f"could not load the DINO model {spec!r}: {folder_refusal(source, e)}") from e
     except (OSError, ValueError) as e:
         hint = (" The hub is offline (HF_HUB_OFFLINE=1): download it once, or give a local folder holding a ViTModel "
                 "(config.json, weights, preprocessor_config.json), or use demo-tiny." if offline() else "")

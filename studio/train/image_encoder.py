@@ -5,6 +5,7 @@ or `demo-tiny`, a small seeded tower saved once and loaded through the same load
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 from PIL import Image
 
 from studio.atomic import atomic_dir
+from studio.library import folder_refusal
 
 DEFAULT_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
 TINY_NAME = "demo-tiny"
@@ -63,6 +65,8 @@ def load_image_encoder(spec: str, cache_dir: Path) -> ImageEncoder:
         processor = CLIPImageProcessor.from_pretrained(source, local_files_only=offline)
     except ImageEncoderError:
         raise
+    except pickle.UnpicklingError as e:  # weights that would run code: refused by weights_only=True
+        raise ImageEncoderError(f"could not load the CLIP image encoder {spec!r}: {folder_refusal(source, e)}") from e
     except (OSError, ValueError) as e:
         hint = (" The hub is offline (HF_HUB_OFFLINE=1): download it once, or give a local folder holding a "
                 "CLIPVisionModelWithProjection (config.json, weights, preprocessor_config.json), or use demo-tiny "

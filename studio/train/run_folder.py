@@ -9,6 +9,7 @@ import datetime as dt
 import io
 import json
 import os
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from studio.atomic import atomic_dir, write_text
+from studio.library import unpickling_refusal
 from studio.train.job import TrainJob, job_from_yaml, job_to_yaml
 
 CONFIG, LOSS, STATUS = "config.yaml", "loss.csv", "status.json"
@@ -158,14 +160,22 @@ class RunFolder:
                 return None
             path = found[-1][1]
         path = Path(path)
-        info = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        trainable = load_file(str(path / "trainable.safetensors"))
+        try:
+            info = json.loads((path / "state.json").read_text(encoding="utf-8"))
+            step = int(info["step"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"checkpoint {path.name}: state.json is not readable ({e})") from e
+        try:
+            trainable = load_file(str(path / "trainable.safetensors"))
+        except Exception as e:  # safetensors' own error types for a damaged header
+            raise ValueError(f"checkpoint {path.name}: trainable.safetensors is not a valid safetensors file "
+                             f"({e})") from e
         optimizer = extra = None
         if (path / "optimizer.pt").is_file():
-            optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+            optimizer = _load_pickle(path / "optimizer.pt")
         if (path / "extra.pt").is_file():
-            extra = torch.load(path / "extra.pt", map_location="cpu", weights_only=True)
-        return Checkpoint(int(info["step"]), path, trainable, optimizer, info, extra)
+            extra = _load_pickle(path / "extra.pt")
+        return Checkpoint(step, path, trainable, optimizer, info, extra)
 
     # 5. previews
 
@@ -174,6 +184,17 @@ class RunFolder:
 
     def previews(self) -> list[Path]:
         return sorted((self.path / "previews").glob("step-*.png"))
+
+
+def _load_pickle(path: Path):
+    """Optimizer or EMA state: tensors and plain containers only (torch.load(weights_only=True)); a file that would
+    run code when unpickled is refused, never executed."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"checkpoint {path.parent.name}: {unpickling_refusal(path, e)}") from e
+    except Exception as e:
+        raise ValueError(f"checkpoint {path.parent.name}: {path.name} is not readable ({type(e).__name__}: {e})") from e
 
 
 def list_runs(runs_dir: Path) -> list[RunFolder]:
