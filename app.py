@@ -23,11 +23,53 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", default=None, help="auto (default: fp16 on GPU, fp32 on CPU), fp16, bf16, fp32")
     p.add_argument("--home", default=None, help="folder holding models/, loras/, embeddings/, outputs/ "
                                                 "(default: the studio folder)")
+    p.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                   help="ask for this user name and password before anything is shown (required with --listen "
+                        "and --share)")
+    p.add_argument("--insecure-no-auth", action="store_true",
+                   help="allow --listen or --share without --auth: anyone who can reach the port can use the "
+                        "studio and read its outputs")
+    p.add_argument("--share", action="store_true",
+                   help="also open a public gradio.live link (off unless asked; needs --auth)")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def network_options(args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """(launch() keywords for address, login and share link; warnings to print). Pure: no server is started.
+
+    This machine only (127.0.0.1) unless --listen; no share link unless --share; serving beyond this machine
+    needs --auth user:password, or --insecure-no-auth to say it is meant. Raises ValueError on a bad combination.
+    """
+    auth = None
+    if args.auth is not None:
+        user, sep, password = args.auth.partition(":")
+        if not sep or not user.strip() or not password:
+            raise ValueError("--auth must be USER:PASSWORD with a non-empty user name and password")
+        if args.insecure_no_auth:
+            raise ValueError("--auth and --insecure-no-auth contradict each other; give one of them")
+        auth = (user.strip(), password)
+    exposed = [flag for flag, on in (("--listen", args.listen), ("--share", args.share)) if on]
+    warnings = []
+    if exposed and auth is None:
+        if not args.insecure_no_auth:
+            raise ValueError(f"{' and '.join(exposed)} lets other machines open the studio: add --auth "
+                             "user:password, or --insecure-no-auth if everyone who can reach it may use it")
+        warnings.append(f"warning: {' and '.join(exposed)} without --auth: anyone who can reach this server can "
+                        "generate, train and read your outputs")
+    # explicit values, so GRADIO_SERVER_NAME / GRADIO_SHARE in the environment cannot widen them
+    options = {"server_name": "0.0.0.0" if args.listen else "127.0.0.1", "share": bool(args.share), "auth": auth}
+    return options, warnings
+
+
+def file_access(cfg) -> dict:
+    """launch() keywords for the files the browser may fetch: outputs/ and runs/ (training previews) only.
+    Everything else (models, LoRAs, datasets, the rest of the disk) answers 403 to /gradio_api/file=."""
+    return {"allowed_paths": [str(cfg.outputs_dir), str(cfg.runs_dir)],
+            "blocked_paths": [str(cfg.models_dir), str(cfg.cache_dir)]}
+
+
+def create_app(args: argparse.Namespace, network: dict):
+    """(the Blocks app, the keywords for its launch(), the AppState): everything `python app.py` serves."""
     from pathlib import Path
 
     from studio.config import StudioConfig
@@ -48,13 +90,27 @@ def main(argv=None) -> int:
         state.manager.load("demo-tiny")
     demo = build_ui(state)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(
-        server_name="0.0.0.0" if args.listen else "127.0.0.1",
-        server_port=args.port,
-        allowed_paths=[str(cfg.outputs_dir), str(cfg.runs_dir)],  # runs/: training previews
-        show_error=True,
-        css=NAV_CSS,  # no navbar: the survey page is reached by its link only
-    )
+    launch = {
+        "server_port": args.port,
+        **network,
+        **file_access(cfg),
+        "show_error": True,
+        "css": NAV_CSS,  # no navbar: the survey page is reached by its link only
+    }
+    return demo, launch, state
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        network, warnings = network_options(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for line in warnings:
+        print(line, file=sys.stderr)
+    demo, launch, _ = create_app(args, network)
+    demo.launch(**launch)
     return 0
 
 

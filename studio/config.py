@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -76,3 +77,23 @@ class StudioConfig:
                   self.presets_dir, self.datasets_dir, self.runs_dir, self.cache_dir, self.storyboards_dir,
                   self.controlnet_dir):
             d.mkdir(parents=True, exist_ok=True)
+
+
+def check_settings(make: Callable[[dict], object], settings: dict, source: str) -> None:
+    """Validate a settings file's values (a preset, a run's config.yaml) by building a job from them and calling
+    its validate(); on failure the error names the file, the bad key and its value.
+
+    `make(values)` builds the job from the defaults plus `values`. Each key is then tried alone to find the one at
+    fault; when every key is fine alone, the combination is reported."""
+    bad = (ValueError, TypeError, AttributeError)
+    try:
+        make(dict(settings)).validate()
+        return
+    except bad as e:
+        whole = e
+    for key, value in settings.items():
+        try:
+            make({key: value}).validate()
+        except bad as e:
+            raise ValueError(f"{source}: setting {key!r} = {value!r} is not valid: {e}") from None
+    raise ValueError(f"{source}: the settings {sorted(settings)} do not fit together: {whole}") from None

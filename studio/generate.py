@@ -20,6 +20,7 @@ from studio.denoise import DenoiseItem, denoise, initial_latents  # noqa: F401 (
 from studio.infotext import format_infotext, png_info
 from studio.models import LoadedModel, ModelManager
 from studio.networks import EmbeddingFile, NetworkLibrary
+from studio.oom import generation_advice, run_with_advice
 from studio.prompt_syntax import extract_network_tags
 
 MAX_SEED = 2**32 - 1
@@ -213,6 +214,13 @@ class Generator:
         model = self.manager.current
         if model is None:
             raise RuntimeError("no model is loaded; load one first")
+        # out of GPU memory: memory freed, a message with what to change (studio.oom), the studio keeps serving
+        return run_with_advice(lambda: self._run(job, model, outputs_dir, on_progress, cancel), "generation",
+                               lambda: generation_advice(job.batch_size, job.width, job.height,
+                                                         self.manager.memory))
+
+    def _run(self, job: GenerateJob, model: LoadedModel, outputs_dir: Path | None, on_progress: ProgressFn | None,
+             cancel: threading.Event | None) -> GenerateResult:
         with self.manager.lock:
             pipe = model.pipe
             model_hash = self.manager.model_hash(model)

@@ -54,6 +54,7 @@ from studio.grid_syntax import (
 )
 from studio.infotext import format_infotext, parse_infotext
 from studio.models import ModelManager
+from studio.oom import generation_advice, run_with_advice
 from studio.prompt_syntax import extract_network_tags
 
 MAX_CELLS = 1000
@@ -507,8 +508,13 @@ class GridRunner:
                         on_progress(done, total, f"loading {spec}")
                     self.manager.load(spec)
                 with self.manager.lock:
-                    done = self._run_group(plan, group, result, cells_dir, done, total, n_passes, on_progress,
-                                           cancel)
+                    # out of GPU memory: freed, and a message with what to change (studio.oom)
+                    done = run_with_advice(
+                        lambda done=done, group=group: self._run_group(plan, group, result, cells_dir, done, total,
+                                                                       n_passes, on_progress, cancel),
+                        "the X/Y/Z plot", lambda: generation_advice(
+                            max(len(p) for p in group.passes), plan.job.base.width, plan.job.base.height,
+                            self.manager.memory, "number of cells per pass", "the grid then takes more passes"))
                 if result.interrupted:
                     break
         except BaseException:

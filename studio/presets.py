@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from studio.atomic import write_text
-from studio.config import ROOT
+from studio.config import ROOT, check_settings
 from studio.generate import GenerateJob
 
 SHIPPED = ROOT / "presets" / "generation"
@@ -38,6 +38,8 @@ def load_preset(path: Path) -> Preset:
     unknown = sorted(set(settings) - set(PRESET_KEYS))
     if unknown:
         raise ValueError(f"preset {Path(path).name} has unknown settings {unknown}; known: {list(PRESET_KEYS)}")
+    check_settings(lambda values: GenerateJob.from_dict({"prompt": "", **values}), settings,
+                   f"preset {Path(path).name}")
     return Preset(str(data.get("name") or Path(path).stem), str(data.get("description", "")), settings, Path(path))
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from studio.config import ROOT
+from studio.config import ROOT, check_settings
 from studio.train.schedule import LR_SCHEDULERS, parse_schedule
 
 TI_METHODS = ("ti", "ti-att", "ti-moe")
@@ -230,6 +230,19 @@ def job_from_yaml(text: str, source: str = "config.yaml") -> TrainJob:
     return TrainJob.from_dict(data["job"])
 
 
+def check_train_settings(settings: dict, source: str) -> None:
+    """The values of a preset or config.yaml validated as a job (a placeholder name and dataset where it has none):
+    a bad value is an error naming `source`, the key and the value."""
+    method = settings.get("method", "ti")
+
+    def make(values: dict) -> TrainJob:
+        values = {"name": "preset-check", "data": "preset-check", **values}
+        values.setdefault("method", method if method in METHODS else "ti")
+        return TrainJob.for_method(**values)
+
+    check_settings(make, settings, source)
+
+
 # --- presets -------------------------------------------------------------------------------------
 
 
@@ -252,6 +265,7 @@ def load_train_preset(path: Path) -> TrainPreset:
     unknown = sorted(set(settings) - known)
     if unknown:
         raise ValueError(f"training preset {path.name} has unknown settings {unknown}")
+    check_train_settings(settings, f"training preset {path.name}")
     return TrainPreset(str(data.get("name") or path.stem), str(data.get("description", "")), settings, path)
 
 

@@ -21,6 +21,7 @@ from studio import samplers
 from studio.config import StudioConfig
 from studio.infotext import format_infotext
 from studio.models import ModelManager
+from studio.oom import free_memory
 from studio.train.data import (
     STREAM_CLASS,
     STREAM_DROPOUT,
@@ -32,7 +33,7 @@ from studio.train.data import (
     resolve_data_dir,
     rng_seed,
 )
-from studio.train.job import METHOD_LABELS, TrainJob
+from studio.train.job import METHOD_LABELS, TrainJob, check_train_settings
 from studio.train.method import TrainContext, TrainMethod
 from studio.train.run_folder import RunFolder
 
@@ -131,6 +132,7 @@ class Trainer:
     def resume(self, run_dir: Path, max_steps: int | None = None) -> TrainResult:
         run = RunFolder.open(run_dir)
         job = run.job()
+        check_train_settings(job.to_dict(), str(run.path / "config.yaml"))  # a hand-edited file names the bad key
         if max_steps is not None:
             job = job.replace(max_steps=max_steps)
         job.validate()
@@ -295,7 +297,6 @@ class Trainer:
         except TrainingFailed as e:
             state, message = "failed", str(e)
         except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
             state, message = "failed", (
                 f"out of GPU memory at step {step} (batch size {job.batch_size}, {job.resolution} px). Lower the "
                 "batch size (raise gradient accumulation to keep the effective batch), lower the resolution, turn "
@@ -305,6 +306,8 @@ class Trainer:
             self._log(traceback.format_exc())
             state, message = "failed", (f"training failed at step {step}: {type(e).__name__}: {e}. The last "
                                         "checkpoint is kept; see train.log in the run folder")
+        if state == "failed":
+            free_memory()  # after the except block: the exception's frames (and their tensors) are gone by now
         output = None
         if is_main:
             run.append_losses(pending_rows)
