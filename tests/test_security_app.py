@@ -1,0 +1,222 @@
+"""The launched app (app.py's own create_app and launch options, served in this process so that faults can be
+injected): login required with --auth, browser file access limited to outputs/ and runs/, model names from the API
+kept inside models/, a hostile --model refused at start, two sessions generating while a training run works (GPU
+work serialized, each its own results, no LoRA leaking between them), and out-of-memory answered with advice
+while the app keeps serving."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import app as app_module
+
+USER, PASSWORD = "ana", "correct horse"
+
+
+def gen(prompt: str, seed: int, batch_size: int = 1) -> list:
+    """/generate's inputs in order: prompt, negative, sampler, schedule, steps, CFG, seed, width, height, batch size,
+    batch count, clip skip."""
+    return [prompt, "", "Euler", "Automatic", 2, 7, seed, 64, 64, batch_size, 1, 1]
+
+
+def _home(home: Path) -> None:
+    """A LoRA for demo-tiny, a hostile checkpoint in models/, a small dataset, an outputs image and a secret."""
+    from test_security_files import write_hostile
+
+    for sub in ("loras", "models", "outputs", "datasets/dots"):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+    layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    g = torch.Generator().manual_seed(0)
+    save_file({f"{layer}.lora_down.weight": torch.randn(2, 32, generator=g) * 2,
+               f"{layer}.lora_up.weight": torch.randn(32, 2, generator=g) * 2, f"{layer}.alpha": torch.tensor(2.0)},
+              str(home / "loras" / "inkwash.safetensors"))
+    write_hostile(home / "models" / "evil.ckpt", home / "pwned")
+    for i in range(2):
+        Image.fromarray(np.full((64, 64, 3), 60 + 80 * i, np.uint8)).save(home / "datasets" / "dots" / f"{i}.png")
+    Image.new("RGB", (8, 8), "red").save(home / "outputs" / "shown.png")
+    (home / "models" / "secret.txt").write_text("not for the browser")
+    os.symlink("/etc/passwd", home / "outputs" / "link.png")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(url, home, state, startup stderr) of `python app.py --auth ana:... --model evil.ckpt`, in this process."""
+    home = tmp_path_factory.mktemp("home")
+    _home(home)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = app_module.parse_args(["--port", str(port), "--home", str(home), "--model", "evil.ckpt", "--auth",
+                                  f"{USER}:{PASSWORD}"])
+    network, warnings = app_module.network_options(args)
+    assert network["server_name"] == "127.0.0.1" and not warnings
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        demo, launch, state = app_module.create_app(args, network)
+    demo.launch(**launch, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}", home, state, err.getvalue()
+    finally:
+        state.trainer.stop()
+        state.trainer.wait(60)
+        demo.close()
+
+
+def logged_in(url: str) -> requests.Session:
+    session = requests.Session()
+    r = session.post(f"{url}/login", data={"username": USER, "password": PASSWORD})
+    assert r.status_code == 200, r.text
+    return session
+
+
+def client(url: str):
+    from gradio_client import Client
+
+    return Client(url, auth=(USER, PASSWORD), verbose=False)
+
+
+def test_hostile_model_flag_is_refused_at_start_and_the_app_opens_on_demo_tiny(served):
+    url, home, state, startup = served
+    assert "refused evil.ckpt: it asks to run Python code" in startup and "starting on demo-tiny" in startup
+    assert state.manager.current.name == "demo-tiny"
+    assert not (home / "pwned").exists()
+
+
+def test_login_is_required(served):
+    url, *_ = served
+    assert requests.get(f"{url}/config").status_code == 401
+    assert requests.post(f"{url}/login", data={"username": USER, "password": "wrong"}).status_code == 400
+    assert logged_in(url).get(f"{url}/config").status_code == 200
+    from gradio_client import Client
+
+    with pytest.raises(Exception):
+        Client(url, verbose=False)  # no credentials, no API
+
+
+def test_browser_can_fetch_outputs_and_nothing_else(served):
+    url, home, *_ = served
+    session = logged_in(url)
+
+    def get(path):
+        return session.get(f"{url}/gradio_api/file={path}").status_code
+
+    assert requests.get(f"{url}/gradio_api/file={home / 'outputs' / 'shown.png'}").status_code == 401
+    assert get(home / "outputs" / "shown.png") == 200
+    for path in ("/etc/passwd", home / "models" / "secret.txt", home / "models" / "evil.ckpt",
+                 f"{home}/outputs/../models/secret.txt", home / "outputs" / "link.png",
+                 Path(app_module.__file__).resolve()):
+        assert get(path) == 403, path
+
+
+def test_model_names_from_the_api_stay_inside_models(served):
+    url, home, state, _ = served
+    c = client(url)
+    for name in ("/etc/passwd", "../../etc/passwd", "..\\..\\x.safetensors", str(home / "models" / "evil.ckpt"),
+                 "evil.ckpt"):
+        # Gradio checks a dropdown's value against its choices; a listed hostile file is refused by the loader
+        with pytest.raises(Exception, match="is not in the list of choices|refused evil.ckpt"):
+            c.predict(name, api_name="/load_model")
+        assert state.manager.current.name == "demo-tiny"
+    assert not (home / "pwned").exists()
+
+
+def _gallery_image(gallery) -> np.ndarray:
+    item = gallery[0]
+    path = item["image"] if isinstance(item, dict) and "image" in item else item
+    path = path.get("path", path) if isinstance(path, dict) else path
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
+
+def test_two_sessions_generate_while_training_runs(served, monkeypatch):
+    from studio import generate
+    from studio.train.job import TrainJob
+
+    url, home, state, _ = served
+    passes, lock = [], threading.Lock()
+    original = generate.denoise
+
+    def timed(*args, **kw):
+        start = time.monotonic()
+        try:
+            return original(*args, **kw)
+        finally:
+            with lock:
+                passes.append((start, time.monotonic()))
+
+    monkeypatch.setattr(generate, "denoise", timed)
+    state.trainer.start(TrainJob(name="dots-style", data="dots", resolution=64, max_steps=100_000,
+                                 preview_every=0, save_every=100_000, init_word="painting", batch_size=1))
+    deadline = time.time() + 60
+    while state.trainer.view().step < 1 and time.time() < deadline:
+        time.sleep(0.1)
+    step_before = state.trainer.view().step
+    assert step_before >= 1 and state.trainer.busy
+
+    requests_ = {"a": [("a lighthouse <lora:inkwash:1>", 5), ("a harbour <lora:inkwash:1>", 6)],
+                 "b": [("a lighthouse", 5), ("a meadow", 7)]}
+    results: dict[str, list] = {"a": [], "b": []}
+    errors = []
+
+    def session(key):
+        try:
+            c = client(url)  # one client = one browser session
+            for prompt, seed in requests_[key]:
+                results[key].append(c.predict(*gen(prompt, seed), api_name="/generate"))
+        except Exception as e:  # reported below, with the thread's name
+            errors.append((key, e))
+
+    threads = [threading.Thread(target=session, args=(k,)) for k in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors
+    # the training run kept working meanwhile, in its own lane
+    assert state.trainer.busy and state.trainer.view().step > step_before
+    state.trainer.stop()
+    assert state.trainer.wait(120).state == "stopped"
+    # GPU work was serialized: no two denoising passes overlapped
+    passes.sort()
+    assert len(passes) == 4
+    assert all(later[0] >= earlier[1] for earlier, later in zip(passes, passes[1:], strict=False)), passes
+    # each session got its own images, with its own prompt and seed in the parameters
+    for key in ("a", "b"):
+        for (prompt, seed), (_, _, infotext) in zip(requests_[key], results[key], strict=True):
+            assert infotext.startswith(prompt) and f"Seed: {seed}," in infotext
+    # no shared state leaked: b's plain prompt gives the image it gives alone, a's LoRA changed a's image
+    alone = client(url).predict(*gen("a lighthouse", 5), api_name="/generate")
+    assert np.array_equal(_gallery_image(results["b"][0][0]), _gallery_image(alone[0]))
+    assert not np.array_equal(_gallery_image(results["a"][0][0]), _gallery_image(alone[0]))
+
+
+def test_out_of_memory_is_a_message_and_the_app_keeps_serving(served, monkeypatch):
+    from studio import generate
+
+    url, *_ = served
+    original, calls = generate.denoise, {"n": 0}
+
+    def oom_once(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return original(*args, **kw)
+
+    monkeypatch.setattr(generate, "denoise", oom_once)
+    c = client(url)
+    with pytest.raises(Exception, match="ran out of GPU memory.*Memory was freed.*Try .*VAE tiling"):
+        c.predict(*gen("a lighthouse", 1, batch_size=2), api_name="/generate")
+    gallery, _, infotext = c.predict(*gen("a lighthouse", 1), api_name="/generate")
+    assert len(gallery) == 1 and "Seed: 1," in infotext
