@@ -53,11 +53,14 @@ def list_models(models_dir: Path) -> list[ModelEntry]:
     models_dir = Path(models_dir)
     if not models_dir.is_dir():
         return []
+    root = models_dir.resolve()
     entries: list[ModelEntry] = []
     for path in sorted(models_dir.rglob("*")):
         rel = path.relative_to(models_dir)
         if any(part.startswith(".") for part in rel.parts):
             continue  # hidden files, our own temporary files
+        if root not in path.resolve().parents:
+            continue  # a symlink leading out of models/: names never reach outside the folder
         if any(parent in {e.path for e in entries if e.kind == "diffusers"} for parent in path.parents):
             continue  # files inside a diffusers folder are its components, not models
         if path.is_dir() and (path / "model_index.json").is_file():

@@ -214,12 +214,13 @@ class ModelManager:
             raise ModelLoadError(f"no model given; choose one of: {', '.join(self.choices())}")
         if spec == TINY_NAME:
             return "demo", None
-        candidates = [Path(spec).expanduser()]
+        candidates = []
         if not Path(spec).is_absolute():
-            try:
+            try:  # a name in models/ first, so a file of the same name in the working folder never stands in
                 candidates.append(safe_child(self.cfg.models_dir, spec))
             except ValueError:
                 pass
+        candidates.append(Path(spec).expanduser())  # a path given on the command line
         for path in candidates:
             if path.is_dir():
                 if not (path / "model_index.json").is_file():

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from studio.config import StudioConfig
+from studio.library import UnsafeNameError, safe_child
 from studio.tokenizer import clip_tokenizer
 from studio.train.data import resolve_data_dir
 from studio.train.job import TrainJob
@@ -81,6 +82,15 @@ class TrainingWorker:
         background."""
         job.validate()
         resolve_data_dir(job.data, self.cfg.datasets_dir)
+        if job.method == "finetune" and job.output:
+            # from the browser (or its API) the checkpoint goes into models/, never elsewhere on the disk; the
+            # command line (Trainer directly) may write where its user says
+            output = Path(job.output)
+            inside = output.resolve() if output.is_absolute() else safe_child(self.cfg.models_dir, job.output)
+            if Path(self.cfg.models_dir).resolve() not in inside.parents:
+                raise UnsafeNameError(f"the output file must be inside {Path(self.cfg.models_dir).name}/, got "
+                                      f"{job.output!r}")
+            job = job.replace(output=str(inside))
         method_class(job).check_output(self.cfg, job)
         cuda = self.cfg.device == "cuda" or (self.cfg.device == "auto" and torch.cuda.is_available())
         if not cuda and job.mixed_precision == "fp16":
