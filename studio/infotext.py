@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from typing import IO, Any
 
@@ -18,6 +19,8 @@ PNG_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"
 EXIF_IFD = 0x8769
 USER_COMMENT = 0x9286
+# PNG info decodes the whole image (text chunks may follow the pixels): larger images are refused, not decoded
+MAX_INFO_PIXELS = 64_000_000
 
 # A1111's own pattern for one `Label: value` pair of the last line
 PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -253,11 +256,21 @@ def read_image_infotext(path_or_image: str | os.PathLike | IO[bytes] | Image.Ima
     name = os.fspath(path_or_image) if isinstance(path_or_image, (str, os.PathLike)) else None
     name = name or getattr(path_or_image, "name", None) or "<image data>"
     try:
-        with Image.open(path_or_image) as image:
-            image.load()  # decode fully: catches truncated files and reads chunks after the image data
-            return _infotext_of(image)
+        with warnings.catch_warnings():
+            # PIL only warns between its pixel limit and twice that; every oversized image stops here
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path_or_image) as image:
+                width, height = image.size
+                if width * height > MAX_INFO_PIXELS:
+                    raise ValueError(f"{width}x{height} is too large to decode (over {MAX_INFO_PIXELS / 1e6:.0f} "
+                                     "megapixels; a possible decompression bomb)")
+                image.load()  # decode fully: catches truncated files and reads chunks after the image data
+                return _infotext_of(image)
     except FileNotFoundError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ValueError(f"cannot read generation parameters from {name}: oversized image, refused before "
+                         f"decoding ({exc})") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ValueError(
             f"cannot read generation parameters from {name}: not a readable image ({exc})"
