@@ -220,3 +220,34 @@ def test_out_of_memory_is_a_message_and_the_app_keeps_serving(served, monkeypatc
         c.predict(*gen("a lighthouse", 1, batch_size=2), api_name="/generate")
     gallery, _, infotext = c.predict(*gen("a lighthouse", 1), api_name="/generate")
     assert len(gallery) == 1 and "Seed: 1," in infotext
+
+
+def test_stop_in_one_session_does_not_stop_another_sessions_generation(served, monkeypatch):
+    from studio import generate
+
+    url, *_ = served
+    original, started = generate.denoise, threading.Event()
+
+    def slow(pipe, items, *args, on_step=None, cancel=None, **kw):
+        def step(done, n):
+            started.set()
+            time.sleep(0.05)  # a long pass, so a Stop can arrive while it runs
+            if on_step:
+                on_step(done, n)
+
+        return original(pipe, items, *args, on_step=step, cancel=cancel, **kw)
+
+    monkeypatch.setattr(generate, "denoise", slow)
+    mine, other = client(url), client(url)
+    args = ["a lighthouse", "", "Euler", "Automatic", 30, 7, 3, 64, 64, 1, 1, 1]
+    job = mine.submit(*args, api_name="/generate")
+    assert started.wait(60)
+    other.predict(api_name="/stop")  # another browser tab presses Stop
+    _, seed_md, _ = job.result(timeout=120)
+    assert "stopped" not in seed_md
+    started.clear()
+    job = mine.submit(*args, api_name="/generate")
+    assert started.wait(60)
+    mine.predict(api_name="/stop")  # this tab's own Stop ends its run at the next step
+    _, seed_md, _ = job.result(timeout=120)
+    assert "stopped during batch 1/1" in seed_md

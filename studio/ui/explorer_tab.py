@@ -180,21 +180,23 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
     gr.on([c.change for c in inputs], plan_preview, inputs, preview, trigger_mode="always_last",
           concurrency_limit=None, show_progress="hidden", api_visibility="private")
 
-    def run(*values, progress=gr.Progress()):
+    def run(request: gr.Request, *values, progress=gr.Progress()):
+        # `request` first: Gradio passes it only to parameters before *values (it names the session)
         try:
             plan = runner.plan(grid_job_from_inputs(*values))
         except ValueError as e:
             raise gr.Error(str(e)) from e
         if state.manager.current is None:
             raise gr.Error("no model is loaded; pick one in the Model menu")
-        state.cancel.clear()
+        cancel = state.cancel_for(request)
+        cancel.clear()
         progress((0, plan.total_steps), desc=plan.summary(), unit="steps")
 
         def on_progress(done, total, info):
             progress((done, total), desc=info, unit="steps")
 
         try:
-            result = runner.run(plan, state.cfg.outputs_dir, on_progress=on_progress, cancel=state.cancel)
+            result = runner.run(plan, state.cfg.outputs_dir, on_progress=on_progress, cancel=cancel)
         except (ValueError, RuntimeError) as e:
             raise gr.Error(str(e)) from e
         for note in result.notes:
@@ -212,7 +214,10 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
 
     run_btn.click(run, inputs, [grid_view, zoom, status, files, cells, cell_paths, grid_state, selected, cell_info],
                   concurrency_id="gpu", concurrency_limit=1, api_name="grid")
-    stop_btn.click(lambda: state.cancel.set(), None, None, concurrency_limit=None, api_visibility="private")
+    def stop(request: gr.Request = None):
+        state.cancel_for(request).set()  # this session's grid only
+
+    stop_btn.click(stop, None, None, concurrency_limit=None, api_visibility="private")
     zoom.change(lambda z, g: zoom_html(g[0], g[1], z), [zoom, grid_state], grid_view, api_visibility="private",
                 show_progress="hidden")
 

@@ -88,7 +88,8 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
     params = [prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height, batch_size, batch_count,
               clip_skip]
 
-    def run(*values, progress=gr.Progress()):
+    def run(request: gr.Request, *values, progress=gr.Progress()):
+        # `request` first: Gradio passes it only to parameters before *values (it names the session)
         try:
             job = job_from_inputs(*values)
             job.validate()
@@ -96,14 +97,15 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
             raise gr.Error(str(e)) from e
         if state.manager.current is None:
             raise gr.Error("no model is loaded; pick one in the Model menu")
-        state.cancel.clear()
+        cancel = state.cancel_for(request)
+        cancel.clear()
         progress((0, job.steps * job.batch_count), desc="starting", unit="steps")
 
         def on_progress(done, total, info):
             progress((done, total), desc=info, unit="steps")
 
         try:
-            result = state.generator.run(job, state.cfg.outputs_dir, on_progress=on_progress, cancel=state.cancel)
+            result = state.generator.run(job, state.cfg.outputs_dir, on_progress=on_progress, cancel=cancel)
         except (ValueError, RuntimeError) as e:
             raise gr.Error(str(e)) from e
         for note in result.notes:
@@ -120,7 +122,10 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
                        api_name="generate")
     prompt.submit(run, params, [gallery, used_seed, infotext], concurrency_id="gpu", concurrency_limit=1,
                   api_visibility="private")
-    stop_btn.click(lambda: state.cancel.set(), None, None, concurrency_limit=None, api_name="stop")
+    def stop(request: gr.Request = None):
+        state.cancel_for(request).set()  # this session's generation only
+
+    stop_btn.click(stop, None, None, concurrency_limit=None, api_name="stop")
 
     random_btn.click(lambda: -1, None, seed, api_visibility="private")
 

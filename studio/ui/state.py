@@ -25,6 +25,17 @@ class AppState:
     # one GPU lane: the Stop button stops whatever generation runs now
     cancel: threading.Event = field(default_factory=threading.Event)
     expander: PromptExpander | None = None  # the GPT-2 prompt expander, loaded on first use
+    # Stop per browser session: one user's Stop never ends another's generation
+    _cancels: dict = field(default_factory=dict, repr=False)
+    _cancels_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def cancel_for(self, request) -> threading.Event:
+        """The Stop event of the session making `request` (a gr.Request; None: the shared one)."""
+        key = getattr(request, "session_hash", None)
+        if not key:
+            return self.cancel
+        with self._cancels_lock:
+            return self._cancels.setdefault(key, threading.Event())
 
     def get_expander(self) -> PromptExpander:
         if self.expander is None:
