@@ -319,3 +319,34 @@ def test_a_hand_edited_run_config_names_the_bad_key_on_resume(tmp_path):
     (run.path / "config.yaml").write_text(text)
     with pytest.raises(ValueError, match=r"config.yaml: setting 'grad_accum' = -3 is not valid"):
         Trainer(cfg).resume(run.path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_real_cuda_out_of_memory_frees_what_the_failed_job_held(tmp_path):
+    """On a GPU: a job too big for the memory it may use fails with advice, the memory it held is handed back,
+    and the next job runs."""
+    cfg = StudioConfig().with_home(tmp_path / "home")
+    cfg.ensure_dirs()
+    manager = ModelManager(cfg)
+    manager.load("demo-tiny")
+    gen = Generator(manager)
+    small = GenerateJob(prompt="a lighthouse", steps=2, width=64, height=64, seed=1, sampler="Euler",
+                        schedule="Automatic")
+    gen.run(small)
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    total = torch.cuda.get_device_properties(0).total_memory
+    # allow this process only ~1 GiB beyond what it holds now: a 16-image 2048 px batch cannot fit
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved() + 2**30) / total))
+    try:
+        big = GenerateJob(prompt="a lighthouse", steps=2, width=2048, height=2048, seed=1, batch_size=16,
+                          sampler="Euler", schedule="Automatic")
+        with pytest.raises(OutOfMemory, match="smaller batch size .*it was 16.*smaller size"):
+            gen.run(big)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() <= baseline + 16 * 2**20  # the failed job's tensors are gone
+        assert torch.cuda.memory_reserved() <= baseline + 256 * 2**20  # and the cache was emptied
+        assert len(gen.run(small).images) == 1
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
