@@ -432,10 +432,13 @@ class StoryboardStore:
         shot.reference = rel
         return [f"shot {shot.shot} reference {Path(source).name}: {note}" for note in ref.notes]
 
-    def import_csv(self, board: Storyboard, csv_path: Path, confine: bool = True) -> list[str]:
-        """Replace the board's shots with a CSV's; references are read relative to the CSV's folder and copied into
-        the project. With `confine`, a reference must stay inside that folder (uploads, the UI)."""
+    def import_csv(self, board: Storyboard, csv_path: Path, confine: bool = True,
+                   reference_dir: Path | None = None) -> list[str]:
+        """Replace the board's shots with a CSV's; references are read relative to `reference_dir` (default: the
+        CSV's folder) and copied into the project. With `confine`, a reference must stay inside that folder
+        (uploads, the UI)."""
         csv_path = Path(csv_path)
+        base = Path(reference_dir) if reference_dir is not None else csv_path.parent
         try:
             text = csv_path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as e:
@@ -448,10 +451,10 @@ class StoryboardStore:
                 continue
             raw = shot.reference
             if confine:
-                source = safe_child(csv_path.parent, raw)
+                source = safe_child(base, raw)
             else:
                 source = Path(raw).expanduser()
-                source = source if source.is_absolute() else csv_path.parent / source
+                source = source if source.is_absolute() else base / source
             if source.resolve().is_relative_to(project.resolve()) and source.is_file():
                 shot.reference = source.resolve().relative_to(project.resolve()).as_posix()  # already in the project
                 read_reference(source)  # still a usable image?

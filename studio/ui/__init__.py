@@ -12,6 +12,7 @@ from studio.ui import (
     explorer_tab,
     generate_tab,
     models_tab,
+    storyboard_tab,
     survey_page,
     train_tab,
 )
@@ -41,6 +42,8 @@ def build_ui(state: AppState) -> gr.Blocks:
                 gen = generate_tab.build(state, model_dd)
             with gr.Tab("Explorer", id="explorer"):
                 explorer_tab.build(state, gen, tabs)
+            with gr.Tab("Storyboard", id="storyboard"):
+                storyboard_tab.build(state)
             with gr.Tab("Models", id="models"):
                 models_tab.build(state, model_dd)
             with gr.Tab("Dataset", id="dataset"):

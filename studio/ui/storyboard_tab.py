@@ -1,0 +1,468 @@
+"""The Storyboard tab: a project's shot list as an editable table (CSV import/export), shot types and style, per
+shot a reference with a live canny preview and the ControlNet's scale and guidance, candidates to pick from,
+regenerate one shot, lock its seed, and export as PDF and contact sheet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from studio import samplers
+from studio.controlnet import ControlSettings, canny_map, controlnet_choices, fit_to_frame, read_reference
+from studio.library import UnsafeNameError
+from studio.models import ModelLoadError
+from studio.storyboard import (
+    BoardSettings,
+    Shot,
+    ShotType,
+    Storyboard,
+    StoryboardRunner,
+    StoryboardStore,
+    Style,
+    check_board_name,
+    lock_seed,
+    new_board,
+    pick,
+    unlock_seed,
+)
+from studio.storyboard_export import export_board
+from studio.ui.state import AppState
+
+SHOT_COLUMNS = ["shot", "type", "description", "characters / notes", "reference", "seed", "candidates"]
+TYPE_COLUMNS = ["shot type", "prompt template", "LoRA", "LoRA weight"]
+SETTING_NAMES = ["negative_prompt", "sampler", "schedule", "steps", "cfg_scale", "width", "height", "clip_skip",
+                 "candidates", "controlnet"]
+ERRORS = (ValueError, RuntimeError, ModelLoadError, UnsafeNameError, OSError)
+
+
+# --- form <-> board (pure, tested without a browser) ------------------------------------------------------------
+
+
+def shot_rows(board: Storyboard) -> list[list]:
+    return [[s.shot, s.type, s.description, s.notes, s.reference, s.seed, s.candidates] for s in board.shots]
+
+
+def type_rows(board: Storyboard) -> list[list]:
+    return [[t.name, t.template, t.lora, t.lora_weight] for t in board.shot_types]
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _rows(table) -> list[list[str]]:
+    """Table rows as text, blank rows dropped (a Dataframe sends lists, or a pandas frame)."""
+    if table is None:
+        return []
+    if hasattr(table, "values") and hasattr(table, "columns"):
+        table = table.values.tolist()
+    return [[_cell(v) for v in row] for row in table if any(_cell(v) for v in row)]
+
+
+def board_from_form(base: Storyboard, shots_table, types_table, style_kind, style_name, style_weight,
+                    *settings) -> Storyboard:
+    """The board as the form shows it. Shots keep their candidates and ControlNet settings by shot number (a row
+    whose number is new starts without candidates). Raises ValueError naming the bad row and value."""
+    board = Storyboard.from_dict(base.to_dict())
+    old = {s.shot: s for s in board.shots}
+    shots = []
+    for i, row in enumerate(_rows(shots_table), start=1):
+        row = (row + [""] * len(SHOT_COLUMNS))[: len(SHOT_COLUMNS)]
+        number, kind, description, notes, reference, seed, candidates = row
+        shot = old.get(number) or Shot(number, kind, description)
+        shot.shot, shot.type, shot.description, shot.notes, shot.reference = number, kind, description, notes, reference
+        shot.seed = seed if seed != "" else -1
+        shot.candidates = candidates if candidates != "" else 0
+        try:
+            shot.validate()
+        except ValueError as e:
+            raise ValueError(f"shot list row {i}: {e}") from None
+        shots.append(shot)
+    board.shots = shots
+    types = []
+    for i, row in enumerate(_rows(types_table), start=1):
+        row = (row + [""] * 4)[:4]
+        types.append(ShotType(row[0], row[1] or "[description]", row[2], row[3] if row[3] != "" else 1.0))
+        try:
+            types[-1].validate()
+        except ValueError as e:
+            raise ValueError(f"shot types row {i}: {e}") from None
+    board.shot_types = types
+    board.style = Style(style_kind or "none", (style_name or "").strip(), style_weight if style_weight is not None
+                        else 1.0)
+    values = dict(zip(SETTING_NAMES, settings, strict=True))
+    for name in ("steps", "width", "height", "clip_skip", "candidates"):
+        value = values[name]
+        values[name] = int(value) if isinstance(value, float) and value.is_integer() else value
+    values["negative_prompt"] = values["negative_prompt"] or ""
+    values["controlnet"] = (values["controlnet"] or "").strip()
+    board.settings = BoardSettings(**values)
+    board.validate()
+    return board
+
+
+def settings_values(board: Storyboard) -> list:
+    return [getattr(board.settings, name) for name in SETTING_NAMES]
+
+
+def candidate_items(store: StoryboardStore, board: Storyboard, number: str | None) -> tuple[list, int | None]:
+    """Gallery items (path, caption) of a shot's candidates and the picked one's index."""
+    if not number:
+        return [], None
+    try:
+        shot = board.shot(number)
+    except ValueError:
+        return [], None
+    folder = store.path(board.name)
+    items = [(str(folder / f.file), f"#{k} · seed {f.seed}" + (" · picked" if k == shot.picked else ""))
+             for k, f in enumerate(shot.frames) if (folder / f.file).is_file()]
+    return items, (shot.picked if items else None)
+
+
+def canny_preview(store: StoryboardStore, board: Storyboard, number: str | None, low, high):
+    """The canny map the shot's ControlNet will see (its reference fitted to the frame size), or None."""
+    if not number:
+        return None
+    shot = board.shot(number)
+    if not shot.reference:
+        return None
+    ref = read_reference(store.reference_path(board, shot))
+    s = board.settings
+    return canny_map(fit_to_frame(ref.image, s.width, s.height), int(low), int(high))
+
+
+# --- the tab ---------------------------------------------------------------------------------------------------
+
+
+def build(state: AppState) -> dict:
+    cfg = state.cfg
+    store = StoryboardStore(cfg.storyboards_dir)
+    runner = StoryboardRunner(state.manager, store, cfg.controlnet_dir, state.generator)
+    size = state.manager.current.native_size if state.manager.current else 512
+    defaults = new_board("new storyboard", BoardSettings(width=size, height=size))
+
+    gr.Markdown("A shot list becomes frames in their shot type (seed 004 §5.6). Shots with a reference picture or "
+                "sketch follow its canny edges through a ControlNet. Make several candidates per shot, pick one, "
+                "regenerate a shot on its own, and export a PDF and a contact sheet.")
+    with gr.Row(equal_height=True):
+        project = gr.Dropdown(store.names(), value=None, label="Storyboard (pick one, or type a new name)",
+                              allow_custom_value=True, scale=3, elem_id="sb-project")
+        open_btn = gr.Button("Open / create", scale=1, elem_id="sb-open")
+        csv_in = gr.File(label="Import shot list (CSV: shot,type,description[,notes,reference,seed,...])",
+                         file_types=[".csv"], type="filepath", scale=3, elem_id="sb-csv")
+    shots = gr.Dataframe(value=[], headers=SHOT_COLUMNS, type="array", interactive=True, wrap=True,
+                         datatype=["str", "str", "str", "str", "str", "number", "number"],
+                         column_count=len(SHOT_COLUMNS), max_height=420, elem_id="sb-shots",
+                         label="Shot list: edit cells, add rows; seed -1 = new random seeds each time, "
+                               "candidates 0 = the board's default")
+    with gr.Accordion("Shot types and style", open=False):
+        types = gr.Dataframe(value=type_rows(defaults), headers=TYPE_COLUMNS, type="array", interactive=True,
+                             datatype=["str", "str", "str", "number"], column_count=4, elem_id="sb-types",
+                             label="[shot type], [description] and [notes] are filled in; a LoRA (name in "
+                                   "loras/) is added to every shot of its type")
+        with gr.Row():
+            style_kind = gr.Radio(["none", "embedding", "lora"], value="none", label="Style of the whole board")
+            style_name = gr.Textbox(label="Embedding or LoRA name")
+            style_weight = gr.Number(value=1.0, label="Weight")
+    with gr.Accordion("Generation settings and ControlNet", open=False):
+        with gr.Row():
+            negative = gr.Textbox(label="Negative prompt", scale=3)
+            controlnet = gr.Dropdown(controlnet_choices(cfg.controlnet_dir), value=defaults.settings.controlnet,
+                                     allow_custom_value=True, label="ControlNet (canny)", scale=2,
+                                     elem_id="sb-controlnet")
+        with gr.Row():
+            sampler = gr.Dropdown(list(samplers.SAMPLERS), value=defaults.settings.sampler, label="Sampler")
+            schedule = gr.Dropdown(samplers.SCHEDULE_TYPES, value=defaults.settings.schedule, label="Schedule type")
+            steps = gr.Slider(1, 150, value=defaults.settings.steps, step=1, label="Steps", elem_id="sb-steps")
+            cfg_scale = gr.Slider(0, 30, value=defaults.settings.cfg_scale, step=0.5, label="CFG scale")
+        with gr.Row():
+            width = gr.Slider(64, 2048, value=size, step=8, label="Width")
+            height = gr.Slider(64, 2048, value=size, step=8, label="Height")
+            clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip")
+            candidates = gr.Slider(1, 64, value=defaults.settings.candidates, step=1, label="Candidates per shot",
+                                   elem_id="sb-candidates-default")
+    setting_inputs = [negative, sampler, schedule, steps, cfg_scale, width, height, clip_skip, candidates, controlnet]
+    form = [shots, types, style_kind, style_name, style_weight, *setting_inputs]
+    with gr.Row():
+        save_btn = gr.Button("Save", elem_id="sb-save")
+        generate_btn = gr.Button("Generate all shots", variant="primary", elem_id="sb-generate")
+        missing_btn = gr.Button("Generate shots without frames", elem_id="sb-generate-missing")
+        stop_btn = gr.Button("Stop", variant="stop", elem_id="sb-stop")
+    status = gr.Markdown(elem_id="sb-status")
+    with gr.Row():
+        with gr.Column(scale=2):
+            shot_pick = gr.Dropdown([], value=None, label="Shot", elem_id="sb-shot")
+            reference = gr.Image(type="filepath", label="Reference picture or sketch", sources=["upload"],
+                                 height=220, elem_id="sb-reference")
+            with gr.Row():
+                low = gr.Slider(1, 255, value=100, step=1, label="Canny low threshold", elem_id="sb-low")
+                high = gr.Slider(1, 255, value=200, step=1, label="Canny high threshold", elem_id="sb-high")
+            edges = gr.Image(label="Canny edges (what the ControlNet sees)", interactive=False, height=220,
+                             elem_id="sb-edges")
+            with gr.Row():
+                scale = gr.Slider(0, 2, value=1, step=0.05, label="Conditioning scale")
+                start = gr.Slider(0, 1, value=0, step=0.05, label="Guidance start")
+                end = gr.Slider(0, 1, value=1, step=0.05, label="Guidance end")
+            with gr.Row():
+                apply_btn = gr.Button("Keep these ControlNet settings for the shot")
+                clear_ref_btn = gr.Button("Remove reference")
+        with gr.Column(scale=3):
+            gallery = gr.Gallery(label="Candidates (click one to pick it for the storyboard)", columns=4,
+                                 height=360, format="png", elem_id="sb-gallery")
+            with gr.Row():
+                regen_btn = gr.Button("Regenerate this shot", elem_id="sb-regenerate")
+                lock_btn = gr.Button("Lock the picked seed", elem_id="sb-lock")
+                unlock_btn = gr.Button("Unlock seed")
+            export_btn = gr.Button("Export PDF and contact sheet", variant="primary", elem_id="sb-export")
+            files = gr.File(label="Exported files", file_count="multiple", interactive=False, elem_id="sb-files")
+            sheet = gr.Image(label="Contact sheet", interactive=False, elem_id="sb-sheet")
+    current = gr.State(None)  # the open storyboard's name
+
+    # helpers -----------------------------------------------------------------------------------------------------
+
+    def load(name: str) -> Storyboard:
+        if not name:
+            raise gr.Error("open or create a storyboard first")
+        try:
+            return store.load(name)
+        except ERRORS as e:
+            raise gr.Error(str(e)) from e
+
+    def from_form(name, *values) -> Storyboard:
+        try:
+            return board_from_form(load(name), *values)
+        except ERRORS as e:
+            raise gr.Error(str(e)) from e
+
+    def save(board: Storyboard) -> None:
+        try:
+            store.save(board)
+        except ERRORS as e:
+            raise gr.Error(str(e)) from e
+
+    def shot_view(board: Storyboard, number: str | None):
+        """Shot picker, shot controls, canny preview and candidates for `number`."""
+        numbers = [s.shot for s in board.shots]
+        number = number if number in numbers else (numbers[0] if numbers else None)
+        shot = board.shot(number) if number else None
+        items, picked = candidate_items(store, board, number)
+        ref = str(store.path(board.name) / shot.reference) if shot and shot.reference else None
+        try:
+            preview = canny_preview(store, board, number, shot.canny_low, shot.canny_high) if shot else None
+        except ERRORS:
+            preview = None
+        return (gr.update(choices=numbers, value=number), ref,
+                shot.canny_low if shot else 100, shot.canny_high if shot else 200, preview,
+                shot.control_scale if shot else 1.0, shot.control_start if shot else 0.0,
+                shot.control_end if shot else 1.0, gr.update(value=items, selected_index=picked))
+
+    shot_outputs = [shot_pick, reference, low, high, edges, scale, start, end, gallery]
+
+    def everything(board: Storyboard, number: str | None = None):
+        return (board.name, gr.update(choices=store.names(), value=board.name), shot_rows(board), type_rows(board),
+                board.style.kind, board.style.name, board.style.weight, *settings_values(board),
+                *shot_view(board, number))
+
+    all_outputs = [current, project, shots, types, style_kind, style_name, style_weight, *setting_inputs,
+                   *shot_outputs]
+
+    # projects ------------------------------------------------------------------------------------------------
+
+    def open_project(name):
+        name = (name or "").strip()
+        try:
+            check_board_name(name)
+            if store.exists(name):
+                board = store.load(name)
+            else:
+                board = new_board(name, BoardSettings(width=size, height=size))
+                store.save(board)
+                gr.Info(f"new storyboard {name!r}")
+        except ERRORS as e:
+            raise gr.Error(str(e)) from e
+        return everything(board)
+
+    open_btn.click(open_project, project, all_outputs, api_name="storyboard_open")
+    project.input(open_project, project, all_outputs, api_visibility="private")
+
+    def import_csv(path, name, *values):
+        if not path:
+            return (gr.skip(),) * len(all_outputs)
+        board = from_form(name, *values)
+        try:
+            # an uploaded CSV sits alone in a temporary folder: its references are names in the project folder
+            # (references/..., as its exported shots.csv writes them); pictures are added per shot below
+            notes = store.import_csv(board, Path(path), confine=True, reference_dir=store.path(board.name))
+            store.save(board)
+        except ERRORS as e:
+            raise gr.Error(str(e)) from e
+        for note in notes:
+            gr.Info(note)
+        gr.Info(f"{len(board.shots)} shots imported from {Path(path).name}")
+        return everything(board)
+
+    csv_in.upload(import_csv, [csv_in, current, *form], all_outputs, api_visibility="private")
+
+    def save_form(name, *values):
+        board = from_form(name, *values)
+        save(board)
+        csv_path = store.export_csv(board)
+        return f"saved `{store.path(board.name) / 'project.json'}` and `{csv_path.name}`", *shot_view(board, None)
+
+    save_btn.click(save_form, [current, *form], [status, *shot_outputs], api_name="storyboard_save")
+
+    # generating ----------------------------------------------------------------------------------------------
+
+    def generate(name, number, only_missing, *values, progress=gr.Progress()):
+        board = from_form(name, *values)
+        save(board)
+        if state.manager.current is None:
+            raise gr.Error("no model is loaded; pick one in the Model menu")
+        state.cancel.clear()
+
+        def on_progress(done, total, info):
+            progress((done, total), desc=info, unit="steps")
+
+        try:
+            result = runner.run(board, [number] if number else None, only_missing=only_missing,
+                                on_progress=on_progress, cancel=state.cancel)
+        except ERRORS as e:
+            raise gr.Error(str(e)) from e
+        for note in result.notes:
+            gr.Warning(note)
+        done = ", ".join(r.shot for r in result.shots) or "none"
+        text = f"generated shots: {done} on {board.model}"
+        if result.interrupted or result.message:
+            text = f"⚠ {result.message} · {text}"
+        shown = number or (result.shots[0].shot if result.shots else None)
+        return text, *everything(board, shown)
+
+    gen_outputs = [status, *all_outputs]
+    generate_btn.click(lambda name, *v, progress=gr.Progress(): generate(name, None, False, *v, progress=progress),
+                       [current, *form], gen_outputs, concurrency_id="gpu", concurrency_limit=1,
+                       api_name="storyboard_generate")
+    missing_btn.click(lambda name, *v, progress=gr.Progress(): generate(name, None, True, *v, progress=progress),
+                      [current, *form], gen_outputs, concurrency_id="gpu", concurrency_limit=1,
+                      api_visibility="private")
+    regen_btn.click(lambda name, number, *v, progress=gr.Progress(): generate(name, number, False, *v,
+                                                                             progress=progress),
+                    [current, shot_pick, *form], gen_outputs, concurrency_id="gpu", concurrency_limit=1,
+                    api_name="storyboard_regenerate")
+    stop_btn.click(lambda: state.cancel.set(), None, None, concurrency_limit=None, api_visibility="private")
+
+    # one shot: reference, canny preview, ControlNet settings, pick, lock --------------------------------------
+
+    def select_shot(name, number):
+        return shot_view(load(name), number)
+
+    shot_pick.input(select_shot, [current, shot_pick], shot_outputs, api_visibility="private")
+
+    def upload_reference(name, number, path, *values):
+        if not path:
+            return gr.skip(), gr.skip()
+        board = from_form(name, *values)
+        if not number:
+            raise gr.Error("pick a shot first")
+        try:
+            notes = store.add_reference(board, board.shot(number), Path(path))
+            store.save(board)
+            shot = board.shot(number)
+            preview = canny_preview(store, board, number, shot.canny_low, shot.canny_high)
+        except ERRORS as e:
+            raise gr.Error(str(e)) from e
+        for note in notes:
+            gr.Info(note)
+        return shot_rows(board), preview
+
+    reference.upload(upload_reference, [current, shot_pick, reference, *form], [shots, edges],
+                     api_visibility="private")
+
+    def live_edges(name, number, lo, hi):
+        if not name or not number:
+            return None
+        try:
+            return canny_preview(store, load(name), number, lo, hi)
+        except ERRORS as e:
+            raise gr.Error(str(e)) from e
+
+    gr.on([low.change, high.change], live_edges, [current, shot_pick, low, high], edges, trigger_mode="always_last",
+          concurrency_limit=None, show_progress="hidden", api_visibility="private")
+
+    def apply_control(name, number, lo, hi, sc, st, en):
+        board = load(name)
+        try:
+            shot = board.shot(number)
+            ControlSettings(float(sc), float(st), float(en)).validate()
+            shot.canny_low, shot.canny_high = int(lo), int(hi)
+            shot.control_scale, shot.control_start, shot.control_end = float(sc), float(st), float(en)
+            store.save(board)
+        except ERRORS as e:
+            raise gr.Error(str(e)) from e
+        return f"shot {number}: canny {int(lo)}–{int(hi)}, scale {float(sc):g}, guidance {float(st):g}–{float(en):g}"
+
+    apply_btn.click(apply_control, [current, shot_pick, low, high, scale, start, end], status,
+                    api_visibility="private")
+
+    def clear_reference(name, number):
+        board = load(name)
+        try:
+            board.shot(number).reference = ""
+            store.save(board)
+        except ERRORS as e:
+            raise gr.Error(str(e)) from e
+        return shot_rows(board), *shot_view(board, number)
+
+    clear_ref_btn.click(clear_reference, [current, shot_pick], [shots, *shot_outputs], api_visibility="private")
+
+    def pick_candidate(name, number, evt: gr.SelectData):
+        board = load(name)
+        try:
+            frame = pick(board, number, evt.index)
+            store.save(board)
+        except ERRORS as e:
+            raise gr.Error(str(e)) from e
+        items, picked = candidate_items(store, board, number)
+        return f"shot {number}: candidate #{evt.index} (seed {frame.seed}) picked", \
+            gr.update(value=items, selected_index=picked)
+
+    gallery.select(pick_candidate, [current, shot_pick], [status, gallery], api_visibility="private")
+
+    def lock(name, number, unlock=False):
+        board = load(name)
+        try:
+            if unlock:
+                unlock_seed(board, number)
+                text = f"shot {number}: seed unlocked (new random seeds each time)"
+            else:
+                text = f"shot {number}: seed locked to {lock_seed(board, number)}"
+            store.save(board)
+        except ERRORS as e:
+            raise gr.Error(str(e)) from e
+        return text, shot_rows(board)
+
+    lock_btn.click(lock, [current, shot_pick], [status, shots], api_visibility="private")
+    unlock_btn.click(lambda name, number: lock(name, number, True), [current, shot_pick], [status, shots],
+                     api_visibility="private")
+
+    # export ----------------------------------------------------------------------------------------------------
+
+    def export(name, *values):
+        board = from_form(name, *values)
+        save(board)
+        try:
+            out = export_board(store, board)
+        except ERRORS as e:
+            raise gr.Error(str(e)) from e
+        for note in out.notes:
+            gr.Warning(note)
+        text = f"exported `{out.pdf}` ({out.pages} page{'s' if out.pages != 1 else ''}) and `{out.sheet.name}`"
+        return text, [str(out.pdf), str(out.sheet)], str(out.sheet)
+
+    export_btn.click(export, [current, *form], [status, files, sheet], api_name="storyboard_export")
+    return {"project": project, "open": open_btn, "shots": shots, "generate": generate_btn, "export": export_btn,
+            "gallery": gallery, "form": form}
