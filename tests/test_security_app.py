@@ -101,8 +101,9 @@ def test_login_is_required(served):
     assert requests.post(f"{url}/login", data={"username": USER, "password": "wrong"}).status_code == 400
     assert logged_in(url).get(f"{url}/config").status_code == 200
     from gradio_client import Client
+    from gradio_client.exceptions import AuthenticationError
 
-    with pytest.raises(Exception):
+    with pytest.raises(AuthenticationError, match="credentials were not provided"):
         Client(url, verbose=False)  # no credentials, no API
 
 

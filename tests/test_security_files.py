@@ -288,7 +288,7 @@ def _unsafe_calls(tree: ast.AST) -> list[tuple[int, str]]:
         name = ast.unparse(node.func)
         kw = {k.arg: k.value for k in node.keywords}
 
-        def is_true(key):
+        def is_true(key, kw=kw):
             return isinstance(kw.get(key), ast.Constant) and kw[key].value is True
 
         if name.endswith(("torch.load", "load_state_dict_from_url")) and not is_true("weights_only"):

@@ -5,7 +5,6 @@ table-tested in test_library; the API's model dropdown in test_security_app.)"""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
