@@ -188,6 +188,22 @@ def test_resume_refuses_a_checkpoint_whose_pickles_carry_code(resumable_run, tmp
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("ext", [".pth", ".ckpt", ".bin", ".pt"])
+def test_controlnet_folder_refuses_payload(home, tmp_path, ext):
+    """controlnet/ (storyboards): pickled ControlNet files are read as tensors only, a payload is refused."""
+    from studio.controlnet import ControlNetLoader, list_controlnets
+
+    marker = tmp_path / "pwned"
+    evil = write_hostile(home.controlnet_dir / f"control_evil{ext}", marker)
+    try:
+        assert f"control_evil{ext}" in [e.name for e in list_controlnets(home.controlnet_dir)]
+        with pytest.raises(ModelLoadError, match=rf"refused control_evil\{ext}: it asks to run Python code"):
+            ControlNetLoader(home.controlnet_dir).load(evil.name, torch.device("cpu"), torch.float32, 32)
+        assert not marker.exists()
+    finally:
+        evil.unlink()
+
+
 def test_transformers_model_folders_refuse_payload(tmp_path):
     """Folders the user names as image encoder (TI-Att/MoE), DINO (evaluation) or captioner: transformers reads a
     pytorch_model.bin with weights_only=True; the studio says which file was refused."""
