@@ -408,12 +408,16 @@ def cmd_survey(args) -> int:
 def cmd_storyboard(args) -> int:
     from studio.config import StudioConfig
     from studio.models import ModelManager
-    from studio.storyboard import BoardSettings, StoryboardRunner, StoryboardStore, new_board, shots_from_csv
+    from studio.storyboard import (
+        StoryboardRunner,
+        StoryboardStore,
+        apply_board_preset,
+        list_board_presets,
+        new_board,
+        shots_from_csv,
+    )
     from studio.storyboard_export import export_board
 
-    sampler, schedule = args.sampler, args.schedule
-    if schedule is None:
-        sampler, schedule = samplers.split_legacy_name(sampler)
     csv_path = Path(args.shots)
     if not csv_path.is_file():
         raise ValueError(f"--shots: no file {csv_path}")
@@ -423,16 +427,37 @@ def cmd_storyboard(args) -> int:
     shots_from_csv(csv_path.read_text(encoding="utf-8-sig"), csv_path.name)  # before loading a model
     cfg = StudioConfig.from_env(device=args.device, precision=args.precision)
     cfg.ensure_dirs()
+    preset = None
+    if args.preset:
+        presets = list_board_presets(cfg.presets_dir)
+        by_stem = {p.path.stem: p for p in presets.values()}
+        preset = presets.get(args.preset) or by_stem.get(args.preset)
+        if preset is None:
+            raise ValueError(f"no storyboard preset {args.preset!r}; presets: "
+                             f"{', '.join(sorted(by_stem)) or 'none'}")
     manager = ModelManager(cfg)
     manager.load(args.model)
     if manager.current.is_demo:
         print("note: demo-tiny has random weights; its images are noise", file=sys.stderr)
     size = manager.current.native_size
-    settings = BoardSettings(negative_prompt=args.negative, sampler=sampler, schedule=schedule, steps=args.steps,
-                             cfg_scale=args.cfg, width=args.width or size, height=args.height or size,
-                             clip_skip=args.clip_skip, candidates=args.candidates, controlnet=args.controlnet)
     store = StoryboardStore(cfg.storyboards_dir)
-    board = new_board(args.name or csv_path.stem, settings)
+    board = new_board(args.name or csv_path.stem)
+    board.settings.width = board.settings.height = size
+    if preset is not None:
+        apply_board_preset(board, preset)
+    # flags given on the command line win over the preset
+    if args.sampler is not None:
+        sampler, schedule = args.sampler, args.schedule
+        if schedule is None:
+            sampler, schedule = samplers.split_legacy_name(sampler)
+        board.settings.sampler, board.settings.schedule = sampler, schedule
+    elif args.schedule is not None:
+        board.settings.schedule = args.schedule
+    for flag, name in (("negative", "negative_prompt"), ("steps", "steps"), ("cfg", "cfg_scale"), ("width", "width"),
+                       ("height", "height"), ("clip_skip", "clip_skip"), ("candidates", "candidates"),
+                       ("controlnet", "controlnet")):
+        if getattr(args, flag) is not None:
+            setattr(board.settings, name, getattr(args, flag))
     if args.template:
         for shot_type in board.shot_types:
             shot_type.template = args.template
@@ -660,9 +685,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "through the ControlNet. The project is kept as storyboards/NAME/project.json.")
     sb.add_argument("--model", default="demo-tiny", help="name in models/, a path, a hub id, or demo-tiny")
     sb.add_argument("--shots", required=True, metavar="FILE.csv", help="the shot list")
-    sb.add_argument("--controlnet", default="lllyasviel/control_v11p_sd15_canny",
-                    help="canny ControlNet: a name in controlnet/, a diffusers folder, a .safetensors file or a hub id")
+    sb.add_argument("--controlnet", default=None,
+                    help="canny ControlNet: a name in controlnet/, a diffusers folder, a .safetensors file or a hub id "
+                         "(default lllyasviel/control_v11p_sd15_canny)")
     sb.add_argument("--candidates", type=int, default=1, help="candidates per shot (the first is the one exported)")
+    sb.add_argument("--preset", default=None, help="storyboard preset (name or file stem in presets/storyboard/): "
+                                                   "shot types, templates, LoRAs and settings, e.g. dreamshot")
     sb.add_argument("--out", default=None, metavar="FILE.pdf",
                     help="the PDF (FILE-contact.png and FILE-frames/ go beside it; default "
                          "storyboards/NAME/export/NAME.pdf)")
@@ -670,14 +698,14 @@ def build_parser() -> argparse.ArgumentParser:
     sb.add_argument("--template", default=None,
                     help="prompt template of every shot type (default 'a high-quality [shot type] picture of "
                          "[description]')")
-    sb.add_argument("--negative", default="", help="negative prompt")
-    sb.add_argument("--sampler", default="DPM++ 2M", help=f"one of: {', '.join(samplers.SAMPLERS)}")
-    sb.add_argument("--schedule", default=None, help="schedule type (default: from the sampler name, else Automatic)")
-    sb.add_argument("--steps", type=int, default=20)
-    sb.add_argument("--cfg", type=float, default=7.0, help="CFG scale")
+    sb.add_argument("--negative", default=None, help="negative prompt")
+    sb.add_argument("--sampler", default=None, help=f"one of: {', '.join(samplers.SAMPLERS)} (default DPM++ 2M)")
+    sb.add_argument("--schedule", default=None, help="schedule type (default: from the sampler name, else Karras)")
+    sb.add_argument("--steps", type=int, default=None, help="default 20")
+    sb.add_argument("--cfg", type=float, default=None, help="CFG scale (default 7)")
     sb.add_argument("--width", type=int, default=None, help="frame width (default: the model's native size)")
     sb.add_argument("--height", type=int, default=None, help="frame height (default: the model's native size)")
-    sb.add_argument("--clip-skip", type=int, default=1)
+    sb.add_argument("--clip-skip", type=int, default=None)
     sb.add_argument("--device", default=None, help="auto, cuda, mps or cpu")
     sb.add_argument("--precision", default=None, help="auto, fp16, bf16 or fp32")
     sb.set_defaults(func=cmd_storyboard)

@@ -322,6 +322,65 @@ def check_board_name(name: str) -> str:
     return name
 
 
+# --- presets (shot types and settings: presets/storyboard/*.json) ------------------------------------------------
+
+SHIPPED_PRESETS = Path(__file__).resolve().parent.parent / "presets" / "storyboard"
+
+
+@dataclass(frozen=True)
+class BoardPreset:
+    name: str
+    description: str
+    shot_types: list[ShotType]
+    settings: dict  # BoardSettings fields it sets
+    path: Path
+
+
+def load_board_preset(path: Path) -> BoardPreset:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        types = [_from_dict(ShotType, dict(t), "shot type") for t in data.get("shot_types", [])]
+        settings = dict(data.get("settings", {}))
+        for st in types:
+            st.validate()
+        values = asdict(BoardSettings())
+        values.update(settings)
+        _from_dict(BoardSettings, values, "storyboard preset setting").validate()
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise ValueError(f"storyboard preset {Path(path).name} is not valid: {e}") from None
+    if not types and not settings:
+        raise ValueError(f"storyboard preset {Path(path).name} sets neither shot types nor settings")
+    return BoardPreset(str(data.get("name") or Path(path).stem), str(data.get("description", "")), types, settings,
+                       Path(path))
+
+
+def list_board_presets(presets_dir: Path | None = None) -> dict[str, BoardPreset]:
+    """Name -> preset from the shipped presets/storyboard/ and the user's; a broken file is skipped."""
+    folders = [SHIPPED_PRESETS]
+    if presets_dir is not None and (Path(presets_dir) / "storyboard").resolve() != SHIPPED_PRESETS.resolve():
+        folders.append(Path(presets_dir) / "storyboard")
+    found = {}
+    for folder in folders:
+        for path in sorted(folder.glob("*.json")):
+            try:
+                preset = load_board_preset(path)
+            except ValueError:
+                continue
+            found[preset.name] = preset
+    return found
+
+
+def apply_board_preset(board: Storyboard, preset: BoardPreset) -> None:
+    """The preset's shot types replace the board's (a type the shots still use is kept) and its settings are set."""
+    if preset.shot_types:
+        names = {t.name.lower() for t in preset.shot_types}
+        kept = [t for t in board.shot_types if t.name.lower() not in names
+                and any(s.type.strip().lower() == t.name.lower() for s in board.shots)]
+        board.shot_types = [ShotType(**asdict(t)) for t in preset.shot_types] + kept
+    for key, value in preset.settings.items():
+        setattr(board.settings, key, value)
+
+
 # --- CSV -------------------------------------------------------------------------------------------------------
 
 

@@ -506,3 +506,49 @@ def test_storyboard_command(studio, tmp_path, monkeypatch, capsys):
     (tmp_path / "bad.csv").write_text("shot,type,description\n1,close shot,\n")
     assert main(["storyboard", "--shots", str(tmp_path / "bad.csv")]) == 2
     assert "bad.csv line 2: shot 1: the description is empty" in capsys.readouterr().err
+
+
+def test_shot_type_lora_and_presets(studio, tmp_path, monkeypatch, capsys):
+    """A shot type's LoRA is applied as in Generate (the frame equals Generate's image for the same prompt with
+    its <lora:...> tag, and differs from the frame without it); the seed 004 presets fill shot types and settings."""
+    from safetensors.torch import save_file
+    from test_grid import kohya_lora
+
+    from studio.__main__ import main
+    from studio.storyboard import apply_board_preset, list_board_presets
+
+    cfg, manager, store, runner = studio
+    save_file(kohya_lora(manager.current.pipe, 1, scale=0.5), str(cfg.loras_dir / "lora_cs.safetensors"))
+    board = new_board("loras", settings(candidates=1))
+    presets = list_board_presets(cfg.presets_dir)
+    assert {"DreamShot shot types (seed 004)", "DreamShot shot-type LoRAs (seed 004)"} <= set(presets)
+    apply_board_preset(board, presets["DreamShot shot-type LoRAs (seed 004)"])
+    assert (board.settings.sampler, board.settings.schedule, board.settings.steps, board.settings.cfg_scale) == \
+        ("DPM++ SDE", "Karras", 16, 6.0)
+    board.settings.width = board.settings.height = 64
+    board.settings.steps, board.settings.sampler, board.settings.schedule = 3, "Euler a", "Automatic"
+    board.shot_types[0].lora_weight = 0.8
+    board.shots = [Shot("1", "close shot", "Sarah speaking", seed=3)]
+    runner.run(board)
+    with_lora = store.path("loras") / board.shots[0].frames[0].file
+    prompt = board.prompt(board.shots[0])
+    assert prompt == "a high-quality close shot picture of Sarah speaking <lora:lora_cs:0.8>"
+    s = board.settings
+    made = Generator(manager).run(GenerateJob(prompt=prompt, negative_prompt=s.negative_prompt, sampler=s.sampler,
+                                              schedule=s.schedule, steps=s.steps, cfg_scale=s.cfg_scale, seed=3,
+                                              width=64, height=64)).images[0]
+    assert np.array_equal(pixels(with_lora), pixels(made.image))
+    assert "Lora hashes" in read_image_infotext(with_lora)
+    board.shot_types[0].lora = ""
+    runner.run(board)
+    assert not np.array_equal(pixels(store.path("loras") / board.shots[0].frames[0].file), pixels(made.image))
+    # the command line: a preset's settings, with the flags given winning
+    monkeypatch.setenv("STUDIO_HOME", str(cfg.models_dir.parent))
+    (tmp_path / "two.csv").write_text("shot,type,description\n1,close shot,a face\n2,long shot,a field\n")
+    code = main(["storyboard", "--shots", str(tmp_path / "two.csv"), "--preset", "dreamshot", "--sampler", "Euler a",
+                 "--steps", "2", "--width", "64", "--height", "64"])
+    assert code == 0, capsys.readouterr().err
+    made = store.load("two")
+    assert (made.settings.cfg_scale, made.settings.steps, made.settings.sampler) == (6.0, 2, "Euler a")
+    assert main(["storyboard", "--shots", str(tmp_path / "two.csv"), "--preset", "nope"]) == 2
+    assert "no storyboard preset 'nope'; presets: dreamshot, dreamshot-loras" in capsys.readouterr().err

@@ -20,7 +20,9 @@ from studio.storyboard import (
     StoryboardRunner,
     StoryboardStore,
     Style,
+    apply_board_preset,
     check_board_name,
+    list_board_presets,
     lock_seed,
     new_board,
     pick,
@@ -161,6 +163,11 @@ def build(state: AppState) -> dict:
                          label="Shot list: edit cells, add rows; seed -1 = new random seeds each time, "
                                "candidates 0 = the board's default")
     with gr.Accordion("Shot types and style", open=False):
+        presets = list_board_presets(cfg.presets_dir)
+        with gr.Row():
+            preset = gr.Dropdown(list(presets), value=None, label="Preset (shot types and settings)", scale=1,
+                                 elem_id="sb-preset")
+            preset_info = gr.Markdown()
         types = gr.Dataframe(value=type_rows(defaults), headers=TYPE_COLUMNS, type="array", interactive=True,
                              datatype=["str", "str", "str", "number"], column_count=4, elem_id="sb-types",
                              label="[shot type], [description] and [notes] are filled in; a LoRA (name in "
@@ -189,7 +196,7 @@ def build(state: AppState) -> dict:
     setting_inputs = [negative, sampler, schedule, steps, cfg_scale, width, height, clip_skip, candidates, controlnet]
     form = [shots, types, style_kind, style_name, style_weight, *setting_inputs]
     with gr.Row():
-        save_btn = gr.Button("Save", elem_id="sb-save")
+        save_btn = gr.Button("Save (and shots.csv)", elem_id="sb-save")
         generate_btn = gr.Button("Generate all shots", variant="primary", elem_id="sb-generate")
         missing_btn = gr.Button("Generate shots without frames", elem_id="sb-generate-missing")
         stop_btn = gr.Button("Stop", variant="stop", elem_id="sb-stop")
@@ -312,9 +319,20 @@ def build(state: AppState) -> dict:
         board = from_form(name, *values)
         save(board)
         csv_path = store.export_csv(board)
-        return f"saved `{store.path(board.name) / 'project.json'}` and `{csv_path.name}`", *shot_view(board, None)
+        return (f"saved `{store.path(board.name) / 'project.json'}` and `{csv_path.name}`", [str(csv_path)],
+                *shot_view(board, None))
 
-    save_btn.click(save_form, [current, *form], [status, *shot_outputs], api_name="storyboard_save")
+    save_btn.click(save_form, [current, *form], [status, files, *shot_outputs], api_name="storyboard_save")
+
+    def use_preset(chosen, name, *values):
+        if chosen not in presets:
+            return (gr.skip(),) * (len(all_outputs) + 1)
+        board = from_form(name, *values)
+        apply_board_preset(board, presets[chosen])
+        save(board)
+        return presets[chosen].description, *everything(board)
+
+    preset.input(use_preset, [preset, current, *form], [preset_info, *all_outputs], api_visibility="private")
 
     # generating ----------------------------------------------------------------------------------------------
 
