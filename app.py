@@ -62,9 +62,10 @@ def network_options(args: argparse.Namespace) -> tuple[dict, list[str]]:
 
 
 def file_access(cfg) -> dict:
-    """launch() keywords for the files the browser may fetch: outputs/ and runs/ (training previews) only.
-    Everything else (models, LoRAs, datasets, the rest of the disk) answers 403 to /gradio_api/file=."""
-    return {"allowed_paths": [str(cfg.outputs_dir), str(cfg.runs_dir)],
+    """launch() keywords for the files the browser may fetch: outputs/, runs/ (training previews) and storyboards/
+    (frames, references, exports) only. Everything else (models, LoRAs, datasets, the rest of the disk) answers 403
+    to /gradio_api/file=."""
+    return {"allowed_paths": [str(cfg.outputs_dir), str(cfg.runs_dir), str(cfg.storyboards_dir)],
             "blocked_paths": [str(cfg.models_dir), str(cfg.cache_dir)]}
 
 

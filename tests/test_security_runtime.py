@@ -76,7 +76,8 @@ def test_main_exits_2_with_the_reason_before_loading_anything(capsys):
 def test_browser_file_access_is_limited_to_outputs_and_runs(tmp_path):
     cfg = StudioConfig().with_home(tmp_path)
     access = app.file_access(cfg)
-    assert access["allowed_paths"] == [str(cfg.outputs_dir), str(cfg.runs_dir)]
+    # storyboards/: the Storyboard tab shows frames, references and exports from there
+    assert access["allowed_paths"] == [str(cfg.outputs_dir), str(cfg.runs_dir), str(cfg.storyboards_dir)]
     assert str(cfg.models_dir) in access["blocked_paths"]
 
 
