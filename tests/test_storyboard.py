@@ -448,8 +448,7 @@ def test_export_pages_and_missing_frames(studio, tmp_path):
 
 def test_controlnet_from_folder_file_and_hub_id(studio, tmp_path):
     cfg, manager, store, runner = studio
-    unet = manager.current.pipe.unet
-    cn = tiny_controlnet(unet, seed=4)
+    cn = tiny_controlnet(manager.current.pipe.unet, seed=4)
     cn.save_pretrained(cfg.controlnet_dir / "folder-canny")
     loader = ControlNetLoader(cfg.controlnet_dir)
     assert resolve_controlnet("folder-canny", cfg.controlnet_dir)[0] == "diffusers"
@@ -542,6 +541,7 @@ def test_shot_type_lora_and_presets(studio, tmp_path, monkeypatch, capsys):
     board.shot_types[0].lora = ""
     runner.run(board)
     assert not np.array_equal(pixels(store.path("loras") / board.shots[0].frames[0].file), pixels(made.image))
+    manager.current.loras().clear()  # the module's model without peft wrappers again
     # the command line: a preset's settings, with the flags given winning
     monkeypatch.setenv("STUDIO_HOME", str(cfg.models_dir.parent))
     (tmp_path / "two.csv").write_text("shot,type,description\n1,close shot,a face\n2,long shot,a field\n")
@@ -552,3 +552,46 @@ def test_shot_type_lora_and_presets(studio, tmp_path, monkeypatch, capsys):
     assert (made.settings.cfg_scale, made.settings.steps, made.settings.sampler) == (6.0, 2, "Euler a")
     assert main(["storyboard", "--shots", str(tmp_path / "two.csv"), "--preset", "nope"]) == 2
     assert "no storyboard preset 'nope'; presets: dreamshot, dreamshot-loras" in capsys.readouterr().err
+
+
+def original_layout(controlnet, unet_config: dict) -> dict:
+    """A diffusers ControlNet's weights in the original layout (`control_model.input_blocks...`, `zero_convs`,
+    `input_hint_block`, `middle_block_out`), as lllyasviel's ControlNet files hold them."""
+    from studio.convert import _map_key, _unet_prefix_map
+
+    state = controlnet.state_dict()
+    prefix_map = _unet_prefix_map(list(state), unet_config)
+    out = {}
+    blocks = len(controlnet.controlnet_cond_embedding.blocks)
+    for key, tensor in state.items():
+        name, kind = key.rsplit(".", 1)
+        if name.startswith("controlnet_cond_embedding."):
+            part = name.split(".", 1)[1]
+            index = 0 if part == "conv_in" else 2 * (blocks + 1) if part == "conv_out" else 2 * (int(part[7:]) + 1)
+            new = f"input_hint_block.{index}.{kind}"
+        elif name.startswith("controlnet_down_blocks."):
+            new = f"zero_convs.{name.split('.')[1]}.0.{kind}"
+        elif name == "controlnet_mid_block":
+            new = f"middle_block_out.0.{kind}"
+        else:
+            new = _map_key(key, prefix_map)
+        assert new is not None, key
+        out[f"control_model.{new}"] = tensor.contiguous()
+    return out
+
+
+def test_controlnet_file_in_the_original_layout_loads(tmp_path):
+    from safetensors.torch import save_file
+
+    from studio.tiny import build_tiny_pipeline
+
+    unet = build_tiny_pipeline("sd1").unet  # the demo-tiny UNet, untouched by other tests' LoRAs
+    cn = tiny_controlnet(unet, seed=6)
+    state = original_layout(cn, dict(unet.config))
+    assert any(k.startswith("control_model.input_hint_block.14.") for k in state)
+    config = {k: v for k, v in dict(cn.config).items() if not k.startswith("_")}
+    save_file(state, str(tmp_path / "original.safetensors"), metadata={"studio.controlnet_config": json.dumps(config)})
+    loaded = ControlNetLoader(tmp_path).load("original", "cpu", torch.float32, 32).model
+    reference = cn.state_dict()
+    assert set(loaded.state_dict()) == set(reference)
+    assert all(torch.equal(v, reference[k]) for k, v in loaded.state_dict().items())
