@@ -18,7 +18,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the studio; default is this machine only (127.0.0.1)")
     p.add_argument("--model", default=None,
                    help="model to open with: a name in models/, a .safetensors/.ckpt path, a diffusers folder, "
-                        "a Hugging Face repo id, or demo-tiny (default: the first in models/, else demo-tiny)")
+                        "a Hugging Face repo id, micro or demo-tiny (default: the first in models/, else micro)")
     p.add_argument("--device", default=None, help="auto (default), cuda, mps or cpu")
     p.add_argument("--precision", default=None, help="auto (default: fp16 on GPU, fp32 on CPU), fp16, bf16, fp32")
     p.add_argument("--home", default=None, help="folder holding models/, loras/, embeddings/, outputs/ "

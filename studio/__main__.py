@@ -49,7 +49,7 @@ def cmd_generate(args) -> int:
     job.validate()  # before loading a model: bad input fails fast
     cfg = StudioConfig.from_env(device=args.device, precision=args.precision)
     manager = ModelManager(cfg)
-    manager.load(args.model)
+    manager.load(args.model or manager.default_choice())
     if manager.current.is_demo:
         print("note: demo-tiny has random weights; its images are noise", file=sys.stderr)
     out = Path(args.out) if args.out else cfg.outputs_dir
@@ -87,7 +87,7 @@ def cmd_grid(args) -> int:
     plan_grid(job)  # before loading a model: bad axes fail fast
     cfg = StudioConfig.from_env(device=args.device, precision=args.precision)
     manager = ModelManager(cfg)
-    manager.load(args.model)
+    manager.load(args.model or manager.default_choice())
     if manager.current.is_demo:
         print("note: demo-tiny has random weights; its images are noise", file=sys.stderr)
     runner = GridRunner(manager)
@@ -144,10 +144,13 @@ def cmd_convert(args) -> int:
 def cmd_models(args) -> int:
     from studio.config import StudioConfig
     from studio.library import list_models
+    from studio.micro import micro_available
 
     cfg = StudioConfig.from_env()
     for entry in list_models(cfg.models_dir):
         print(f"{entry.name}\t{entry.kind}")
+    if micro_available(cfg.assets_dir):
+        print("micro\tbuilt-in (pretrained on the micro world of shapes, assets/micro)")
     print("demo-tiny\tbuilt-in (random weights)")
     return 0
 
@@ -494,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate images and print the paths of the PNGs")
-    g.add_argument("--model", default="demo-tiny", help="name in models/, a path, a hub id, or demo-tiny")
+    g.add_argument("--model", help="name in models/, a path, a hub id, micro or demo-tiny "
+                   "(default: the first in models/, else micro)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative", default="", help="negative prompt")
     g.add_argument("--sampler", default="DPM++ 2M", help=f"one of: {', '.join(samplers.SAMPLERS)}")
@@ -518,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Axes: " + ", ".join(axis_names) + ". Values: '3,7,11', '1-5', '1-5 (+2)', "
                                      "'10-30 [5]', '0.5-1.5 (+0.25)'; Prompt S/R: the first value is replaced by each. "
                                      "LoRA weight of a named LoRA: 'LoRA weight (NAME): 0,0.5,1'.")
-    xyz.add_argument("--model", default="demo-tiny", help="name in models/, a path, a hub id, or demo-tiny")
+    xyz.add_argument("--model", help="name in models/, a path, a hub id, micro or demo-tiny "
+                     "(default: the first in models/, else micro)")
     xyz.add_argument("--prompt", required=True)
     xyz.add_argument("--negative", default="", help="negative prompt")
     xyz.add_argument("--x", required=True, metavar="'AXIS: VALUES'", help="e.g. 'CFG Scale: 3,7,11'")

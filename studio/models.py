@@ -1,7 +1,7 @@
 """The one owner of loaded models: resolve a source, load it offline, place it on a device, offload.
 
-Sources: `demo-tiny`, a diffusers folder, a single SD 1.x / SD 2.x checkpoint in the original
-layout (configs from assets/, tokenizer from open_clip's BPE file), or a Hugging Face repo id.
+Sources: `demo-tiny`, `micro` (shipped in assets/micro), a diffusers folder, a single SD 1.x / SD 2.x
+checkpoint in the original layout (configs from assets/, tokenizer from open_clip's BPE file), or a hub id.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from studio.library import (
     sha256_folder,
     unpickling_refusal,
 )
+from studio.micro import MICRO_NAME, micro_available, micro_dir
 from studio.tiny import TINY_NAME, build_tiny_pipeline
 from studio.tokenizer import clip_tokenizer
 
@@ -48,7 +49,7 @@ class ModelLoadError(RuntimeError):
 @dataclass
 class LoadedModel:
     name: str  # what the UI and infotext call it
-    source: str  # "demo", "diffusers", "single-file", "hub"
+    source: str  # "demo", "micro", "diffusers", "single-file", "hub"
     family: str  # "sd1" or "sd2"
     prediction_type: str  # "epsilon" or "v_prediction"
     pipe: StableDiffusionPipeline
@@ -202,7 +203,15 @@ class ModelManager:
     # 1. what can be loaded
 
     def choices(self) -> list[str]:
-        return [e.name for e in list_models(self.cfg.models_dir)] + [TINY_NAME]
+        return [e.name for e in list_models(self.cfg.models_dir)] + self.built_in()
+
+    def built_in(self) -> list[str]:
+        """The models that ship with the studio: micro (when its folder is in assets/) and demo-tiny."""
+        return ([MICRO_NAME] if micro_available(self.cfg.assets_dir) else []) + [TINY_NAME]
+
+    def default_choice(self) -> str:
+        """What to open when nothing was asked for: the first model in models/, else micro, else demo-tiny."""
+        return self.choices()[0]
 
     def has_real_model(self) -> bool:
         return bool(list_models(self.cfg.models_dir))
@@ -214,6 +223,8 @@ class ModelManager:
             raise ModelLoadError(f"no model given; choose one of: {', '.join(self.choices())}")
         if spec == TINY_NAME:
             return "demo", None
+        if spec == MICRO_NAME and micro_available(self.cfg.assets_dir):
+            return "micro", micro_dir(self.cfg.assets_dir)
         candidates = []
         if not Path(spec).is_absolute():
             try:  # a name in models/ first, so a file of the same name in the working folder never stands in
@@ -246,6 +257,8 @@ class ModelManager:
             on_progress(0, 1, f"loading {spec}")
         if kind == "demo":
             model = LoadedModel(TINY_NAME, "demo", "sd1", "epsilon", build_tiny_pipeline("sd1"))
+        elif kind == "micro":
+            model = self._load_diffusers(path, MICRO_NAME, source="micro")
         elif kind == "diffusers":
             model = self._load_diffusers(path, spec)
         elif kind == "single-file":

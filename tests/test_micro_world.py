@@ -78,7 +78,7 @@ def test_oracle_reads_every_plain_single_object_exactly():
 def test_oracle_on_the_whole_world_with_textures_and_pairs():
     images, _, scenes = world.dataset(400, seed=1, textures=world.TEXTURES + world.HELD_OUT_TEXTURES, p_two=0.2)
     hits = {a: [] for a in oracle.ATTRIBUTES}
-    for scene, image in zip(scenes, images):
+    for scene, image in zip(scenes, images, strict=True):
         for a, ok in oracle.check(scene, image).items():
             hits[a].append(ok)
     rates = {a: np.mean(v) for a, v in hits.items()}

@@ -189,7 +189,7 @@ def accuracy(scenes, images, attributes=("background", "colour", "shape", "posit
     """Per-attribute accuracy and their mean ('all'), plus the rate of images with every attribute right."""
     hits = {a: [] for a in attributes}
     whole = []
-    for scene, image in zip(scenes, images):
+    for scene, image in zip(scenes, images, strict=True):
         c = check(scene, image, attributes)
         for a in attributes:
             hits[a].append(c[a])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gradio as gr
 
 from studio.models import ModelLoadError
-from studio.tiny import TINY_NAME
 from studio.ui import (
     dataset_tab,
     evaluate_tab,
@@ -81,8 +80,5 @@ def build_ui(state: AppState) -> gr.Blocks:
 
 
 def startup_model(state: AppState, requested: str | None) -> str:
-    """The model to open with: the one asked for, else the first in models/, else demo-tiny."""
-    if requested:
-        return requested
-    choices = [c for c in state.manager.choices() if c != TINY_NAME]
-    return choices[0] if choices else TINY_NAME
+    """The model to open with: the one asked for, else the first in models/, else micro, else demo-tiny."""
+    return requested or state.manager.default_choice()
