@@ -35,6 +35,7 @@ from studio.generate import MAX_SEED, GenerateJob, Generator, build_infotext
 from studio.infotext import format_infotext, parse_infotext, png_info
 from studio.library import safe_child
 from studio.models import ModelManager
+from studio.oom import generation_advice, run_with_advice
 
 ProgressFn = Callable[[int, int, str], None]
 PROJECT_FILE = "project.json"
@@ -641,9 +642,17 @@ class StoryboardRunner:
                     result.interrupted = True
                     break
                 label = f"shot {shot.shot} ({number}/{len(chosen)})"
+                n = board.candidates_of(shot)
+                per_pass = 1 if pass_noise_is_shared(s.sampler) else self.per_pass
                 try:
-                    shot_result, done = self._run_shot(board, shot, model, model_hash, controlnet, label, done,
-                                                       total, on_progress, cancel, rng, result.notes)
+                    # out of GPU memory: freed, and a message with what to change (studio.oom)
+                    shot_result, done = run_with_advice(
+                        lambda shot=shot, label=label, done=done: self._run_shot(
+                            board, shot, model, model_hash, controlnet, label, done, total, on_progress, cancel, rng,
+                            result.notes),
+                        f"shot {shot.shot}", lambda n=n, per_pass=per_pass: generation_advice(
+                            min(n, per_pass), s.width, s.height, self.manager.memory, "number of candidates",
+                            f"a shot's candidates are denoised up to {per_pass} at a time"))
                 except _Stopped:
                     result.interrupted = True
                     break

@@ -595,3 +595,20 @@ def test_controlnet_file_in_the_original_layout_loads(tmp_path):
     reference = cn.state_dict()
     assert set(loaded.state_dict()) == set(reference)
     assert all(torch.equal(v, reference[k]) for k, v in loaded.state_dict().items())
+
+
+def test_out_of_gpu_memory_says_what_to_change_and_keeps_the_shot(studio, board, monkeypatch):
+    import studio.storyboard as engine
+    from studio.oom import OutOfMemory
+
+    cfg, manager, store, runner = studio
+    old = [f.file for f in board.shot("4").frames]
+
+    def no_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(engine, "denoise", no_memory)
+    with pytest.raises(OutOfMemory, match="shot 4 ran out of GPU memory .*Try a smaller number of candidates"):
+        runner.run(board, ["4"])
+    assert [f.file for f in board.shot("4").frames] == old
+    assert all((store.path("six shots") / f).is_file() for f in old)

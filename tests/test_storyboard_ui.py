@@ -94,17 +94,24 @@ def test_form_to_board_keeps_candidates_and_names_bad_rows(state, tmp_path):
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    """The app with a tiny ControlNet in controlnet/, as users drop one there."""
+    """The app with a small ControlNet in controlnet/ (as users drop one there) made from the UNet of the model the
+    app opens with (micro, or demo-tiny where micro is not shipped)."""
+    import math
+
     from diffusers import ControlNetModel
 
+    from studio.config import StudioConfig
     from studio.controlnet import save_controlnet_file
-    from studio.tiny import build_tiny_pipeline
+    from studio.models import ModelManager
 
     home = tmp_path_factory.mktemp("home")
-    unet = build_tiny_pipeline("sd1").unet
+    manager = ModelManager(StudioConfig().with_home(home))
+    pipe = manager.open(manager.default_choice()).pipe
+    downsamples = int(math.log2(pipe.vae_scale_factor))  # the edge map must reach the latent size
     (home / "controlnet").mkdir()
-    save_controlnet_file(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 16)),
-                         home / "controlnet" / "tiny-canny.safetensors")
+    save_controlnet_file(ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8,) * downsamples
+                                                   + (16,)), home / "controlnet" / "tiny-canny.safetensors")
+    del manager, pipe
     for url in launch_app(home, ROOT):
         yield url, home
 

@@ -271,9 +271,10 @@ def build(state: AppState) -> dict:
     shot_outputs = [shot_pick, reference, low, high, edges, scale, start, end, gallery]
 
     def everything(board: Storyboard, number: str | None = None):
+        values = settings_values(board)
+        values[-1] = gr.update(choices=controlnet_choices(cfg.controlnet_dir), value=board.settings.controlnet)
         return (board.name, gr.update(choices=store.names(), value=board.name), shot_rows(board), type_rows(board),
-                board.style.kind, board.style.name, board.style.weight, *settings_values(board),
-                *shot_view(board, number))
+                board.style.kind, board.style.name, board.style.weight, *values, *shot_view(board, number))
 
     all_outputs = [current, project, shots, types, style_kind, style_name, style_weight, *setting_inputs,
                    *shot_outputs]
@@ -336,19 +337,20 @@ def build(state: AppState) -> dict:
 
     # generating ----------------------------------------------------------------------------------------------
 
-    def generate(name, number, only_missing, *values, progress=gr.Progress()):
+    def generate(request, name, number, only_missing, *values, progress=gr.Progress()):
         board = from_form(name, *values)
         save(board)
         if state.manager.current is None:
             raise gr.Error("no model is loaded; pick one in the Model menu")
-        state.cancel.clear()
+        cancel = state.cancel_for(request)  # Stop ends this browser session's run only
+        cancel.clear()
 
         def on_progress(done, total, info):
             progress((done, total), desc=info, unit="steps")
 
         try:
             result = runner.run(board, [number] if number else None, only_missing=only_missing,
-                                on_progress=on_progress, cancel=state.cancel)
+                                on_progress=on_progress, cancel=cancel)
         except ERRORS as e:
             raise gr.Error(str(e)) from e
         for note in result.notes:
@@ -360,18 +362,29 @@ def build(state: AppState) -> dict:
         shown = number or (result.shots[0].shot if result.shots else None)
         return text, *everything(board, shown)
 
+    # `request` first: Gradio passes it only to parameters before *values (it names the browser session)
+    def generate_all(request: gr.Request, name, *values, progress=gr.Progress()):
+        return generate(request, name, None, False, *values, progress=progress)
+
+    def generate_missing(request: gr.Request, name, *values, progress=gr.Progress()):
+        return generate(request, name, None, True, *values, progress=progress)
+
+    def regenerate(request: gr.Request, name, number, *values, progress=gr.Progress()):
+        if not number:
+            raise gr.Error("pick a shot first")
+        return generate(request, name, number, False, *values, progress=progress)
+
+    def stop(request: gr.Request = None):
+        state.cancel_for(request).set()
+
     gen_outputs = [status, *all_outputs]
-    generate_btn.click(lambda name, *v, progress=gr.Progress(): generate(name, None, False, *v, progress=progress),
-                       [current, *form], gen_outputs, concurrency_id="gpu", concurrency_limit=1,
+    generate_btn.click(generate_all, [current, *form], gen_outputs, concurrency_id="gpu", concurrency_limit=1,
                        api_name="storyboard_generate")
-    missing_btn.click(lambda name, *v, progress=gr.Progress(): generate(name, None, True, *v, progress=progress),
-                      [current, *form], gen_outputs, concurrency_id="gpu", concurrency_limit=1,
+    missing_btn.click(generate_missing, [current, *form], gen_outputs, concurrency_id="gpu", concurrency_limit=1,
                       api_visibility="private")
-    regen_btn.click(lambda name, number, *v, progress=gr.Progress(): generate(name, number, False, *v,
-                                                                             progress=progress),
-                    [current, shot_pick, *form], gen_outputs, concurrency_id="gpu", concurrency_limit=1,
+    regen_btn.click(regenerate, [current, shot_pick, *form], gen_outputs, concurrency_id="gpu", concurrency_limit=1,
                     api_name="storyboard_regenerate")
-    stop_btn.click(lambda: state.cancel.set(), None, None, concurrency_limit=None, api_visibility="private")
+    stop_btn.click(stop, None, None, concurrency_limit=None, api_visibility="private")
 
     # one shot: reference, canny preview, ControlNet settings, pick, lock --------------------------------------
 
