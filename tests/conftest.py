@@ -37,7 +37,7 @@ def studio_cfg(tmp_path):
 
 
 def launch_app(home, root):
-    """`python app.py` on a free port with `home` as its studio home, as users start it.
+    """`python app.py --model demo-tiny` on a free port with `home` as its studio home, as users start it.
 
     A generator for module fixtures: yields the URL once the port answers, stops the app afterwards."""
     import socket
@@ -50,7 +50,8 @@ def launch_app(home, root):
         port = s.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     log = open(home / "app.log", "w")
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--home", str(home)],
+    # on demo-tiny, not the default micro model: the browser tests' LoRAs and embeddings are made for demo-tiny
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--home", str(home), "--model", "demo-tiny"],
                             cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 180
     while time.time() < deadline:

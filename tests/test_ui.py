@@ -42,7 +42,7 @@ def test_browser_generate_shows_image(app, browser):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(url)
-    # with no checkpoint in models/, the studio opened on demo-tiny and says so plainly
+    # launched on demo-tiny (launch_app asks for it), the studio says plainly that its weights are random
     page.get_by_text("random weights").first.wait_for(timeout=60_000)
     # demo-tiny's native size (64) was put into the size sliders when it loaded
     page.locator("#prompt textarea").fill("a lighthouse at dusk")
