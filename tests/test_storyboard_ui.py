@@ -4,7 +4,6 @@ adding a reference (live canny preview), generating through a tiny ControlNet, p
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import gradio as gr
@@ -15,7 +14,6 @@ from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
 SHOTS = "shot,type,description\n1,long shot,Sarah and Callum talking in a room\n2,close shot,Sarah speaking\n"
 
 
@@ -94,71 +92,59 @@ def test_form_to_board_keeps_candidates_and_names_bad_rows(state, tmp_path):
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    """The app with a small ControlNet in controlnet/ (as users drop one there) made from the UNet of the model the
-    app opens with (micro, or demo-tiny where micro is not shipped)."""
-    import math
-
+    """The app (launch_app opens it on demo-tiny) with a tiny ControlNet for demo-tiny in controlnet/, as users drop
+    one there."""
     from diffusers import ControlNetModel
 
-    from studio.config import StudioConfig
     from studio.controlnet import save_controlnet_file
-    from studio.models import ModelManager
+    from studio.tiny import build_tiny_pipeline
 
     home = tmp_path_factory.mktemp("home")
-    manager = ModelManager(StudioConfig().with_home(home))
-    pipe = manager.open(manager.default_choice()).pipe
-    downsamples = int(math.log2(pipe.vae_scale_factor))  # the edge map must reach the latent size
+    unet = build_tiny_pipeline("sd1").unet
     (home / "controlnet").mkdir()
-    save_controlnet_file(ControlNetModel.from_unet(pipe.unet, conditioning_embedding_out_channels=(8,) * downsamples
-                                                   + (16,)), home / "controlnet" / "tiny-canny.safetensors")
-    del manager, pipe
+    save_controlnet_file(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 16)),
+                         home / "controlnet" / "tiny-canny.safetensors")
     for url in launch_app(home, ROOT):
         yield url, home
 
 
 @pytest.mark.browser
-@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="needs Debian chromium (apt-get install chromium)")
-def test_browser_shot_list_generate_pick_and_export(app, tmp_path):
-    from playwright.sync_api import sync_playwright
+def test_browser_shot_list_generate_pick_and_export(app, browser, tmp_path):
     from pypdf import PdfReader
 
     url, home = app
     (tmp_path / "shots.csv").write_text(SHOTS)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--no-first-run", "--disable-sync"])
-        page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.goto(url)
-        page.get_by_role("tab", name="Storyboard").click()
-        box = page.locator("#sb-project input")
-        box.fill("film")
-        page.locator("#sb-open").click()
-        page.get_by_text("new storyboard 'film'").first.wait_for(timeout=30_000)
-        # a small shot list from a CSV file
-        page.locator("#sb-csv input[type=file]").set_input_files(str(tmp_path / "shots.csv"))
-        page.locator("#sb-shots").get_by_text("Sarah speaking").first.wait_for(timeout=30_000)
-        # shot 1 gets a sketch: its canny edges appear at once
-        page.locator("#sb-reference input[type=file]").set_input_files(str(drawing(tmp_path / "sketch.png")))
-        page.locator("#sb-edges img").first.wait_for(state="visible", timeout=60_000)
-        # the tiny ControlNet from controlnet/, 2 candidates per shot, few steps
-        page.get_by_text("Generation settings and ControlNet").click()
-        cn = page.locator("#sb-controlnet input")
-        cn.fill("tiny-canny.safetensors")
-        cn.press("Enter")
-        for slider, value in (("#sb-steps", "4"), ("#sb-candidates-default", "2")):
-            number = page.locator(f"{slider} input[type=number]")
-            number.fill(value)
-            number.press("Enter")
-        page.locator("#sb-generate").click()
-        page.locator("#sb-status").get_by_text("generated shots: 1, 2").wait_for(timeout=120_000)
-        page.locator("#sb-gallery .thumbnail-item").nth(1).click()
-        page.locator("#sb-status").get_by_text("candidate #1").wait_for(timeout=30_000)
-        page.locator("#sb-export").click()
-        page.locator("#sb-status").get_by_text("exported").wait_for(timeout=60_000)
-        page.screenshot(path=str(ARTIFACTS / "storyboard.png"), full_page=True)
-        browser.close()
+    page = browser.new_page(viewport={"width": 1400, "height": 1100})
+    page.goto(url)
+    page.get_by_role("tab", name="Storyboard").click()
+    box = page.locator("#sb-project input")
+    box.fill("film")
+    page.locator("#sb-open").click()
+    page.get_by_text("new storyboard 'film'").first.wait_for(timeout=30_000)
+    # a small shot list from a CSV file
+    page.locator("#sb-csv input[type=file]").set_input_files(str(tmp_path / "shots.csv"))
+    page.locator("#sb-shots").get_by_text("Sarah speaking").first.wait_for(timeout=30_000)
+    # shot 1 gets a sketch: its canny edges appear at once
+    page.locator("#sb-reference input[type=file]").set_input_files(str(drawing(tmp_path / "sketch.png")))
+    page.locator("#sb-edges img").first.wait_for(state="visible", timeout=60_000)
+    # the tiny ControlNet from controlnet/, 2 candidates per shot, few steps
+    page.get_by_text("Generation settings and ControlNet").click()
+    cn = page.locator("#sb-controlnet input")
+    cn.fill("tiny-canny.safetensors")
+    cn.press("Enter")
+    for slider, value in (("#sb-steps", "4"), ("#sb-candidates-default", "2")):
+        number = page.locator(f"{slider} input[type=number]")
+        number.fill(value)
+        number.press("Enter")
+    page.locator("#sb-generate").click()
+    page.locator("#sb-status").get_by_text("generated shots: 1, 2").wait_for(timeout=120_000)
+    page.locator("#sb-gallery .thumbnail-item").nth(1).click()
+    page.locator("#sb-status").get_by_text("candidate #1").wait_for(timeout=30_000)
+    page.locator("#sb-export").click()
+    page.locator("#sb-status").get_by_text("exported").wait_for(timeout=60_000)
+    page.screenshot(path=str(ARTIFACTS / "storyboard.png"), full_page=True)
+    page.close()
     folder = home / "storyboards" / "film"
     project = json.loads((folder / "project.json").read_text())
     first, second = project["shots"]
