@@ -119,7 +119,7 @@ def _load(name: str, source: str, device: torch.device, dtype: torch.dtype) -> C
         raise CaptionerLoadError(f"captioning model folder {source} does not exist (or is not a folder)")
     only_local = local or offline()
     try:
-        config = AutoConfig.from_pretrained(source, local_files_only=only_local)
+        config = AutoConfig.from_pretrained(source, local_files_only=only_local, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise CaptionerLoadError(_not_found_message(source, local, e)) from e
     classes = {"blip": BlipForConditionalGeneration, "blip-2": Blip2ForConditionalGeneration}
@@ -128,7 +128,7 @@ def _load(name: str, source: str, device: torch.device, dtype: torch.dtype) -> C
                                  f"BLIP-2 (for example {DEFAULT_CAPTIONER})")
     try:
         model = classes[config.model_type].from_pretrained(source, local_files_only=only_local, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(source, local_files_only=only_local)
+        processor = AutoProcessor.from_pretrained(source, local_files_only=only_local, trust_remote_code=False)
     except pickle.UnpicklingError as e:  # weights that would run code: refused by weights_only=True
         raise CaptionerLoadError(f"could not load the captioning model {source}: {folder_refusal(source, e)}") from e
     except (OSError, ValueError) as e:

@@ -203,8 +203,9 @@ class PromptExpander:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-            model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only)
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only,
+                                                         trust_remote_code=False)
         except pickle.UnpicklingError as e:  # weights that would run code: refused by weights_only=True
             raise ExpandError(f"could not load the expander {spec}: {folder_refusal(source, e)}") from e
         except OSError as e:

@@ -226,6 +226,34 @@ def test_transformers_model_folders_refuse_payload(tmp_path):
     assert not marker.exists()
 
 
+def test_model_folders_carrying_python_code_are_not_run(tmp_path, monkeypatch):
+    """A folder whose config.json points transformers at its own modeling code (auto_map) is refused: the studio
+    passes trust_remote_code=False, so nothing is imported and no "run the custom code? [y/N]" question can wait
+    on the server's terminal."""
+    from studio.captioning import CaptionerLoadError, load_captioner
+    from studio.evaluate.encoders import EncoderLoadError, load_dino
+    from studio.expand import ExpandError, ExpandJob, PromptExpander
+
+    marker = tmp_path / "pwned"
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    classes = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel",
+               "AutoTokenizer": ["evil.EvilTokenizer", None], "AutoImageProcessor": "evil.EvilProcessor",
+               "AutoProcessor": "evil.EvilProcessor"}
+    (folder / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": classes}))
+    (folder / "preprocessor_config.json").write_text(json.dumps({"auto_map": classes}))
+    (folder / "evil.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("asked on the terminal whether to run code"))
+    with pytest.raises(CaptionerLoadError):
+        load_captioner(str(folder), tmp_path / "cache", device="cpu")
+    with pytest.raises(ExpandError):
+        PromptExpander(device="cpu", cache_dir=tmp_path / "cache").expand(
+            ExpandJob(prompt="a castle", model=str(folder), seed=1).validate())
+    with pytest.raises(EncoderLoadError):
+        load_dino(str(folder), tmp_path / "cache", "cpu")
+    assert not marker.exists()
+
+
 # --- safetensors with a lying header -----------------------------------------------------------------------
 
 
@@ -318,6 +346,12 @@ def _unsafe_calls(tree: ast.AST) -> list[tuple[int, str]]:
             found.append((node.lineno, name))
         elif name in ("eval", "exec"):
             found.append((node.lineno, name))
+        else:
+            # transformers' Auto* classes import a folder's own modeling code unless told not to
+            no_code = isinstance(kw.get("trust_remote_code"), ast.Constant) and kw["trust_remote_code"].value is False
+            auto = name.startswith("Auto") and not name.startswith("Autoencoder")
+            if ("trust_remote_code" in kw or (auto and name.endswith(".from_pretrained"))) and not no_code:
+                found.append((node.lineno, f"{name} without trust_remote_code=False"))
     return found
 
 
@@ -337,5 +371,7 @@ def test_no_unsafe_deserialization_in_the_package():
 
 def test_the_guard_catches_what_it_claims():
     code = ("torch.load(p)\ntorch.load(p, weights_only=False)\ntorch.load(p, weights_only=True)\n"
-            "pickle.loads(b)\nyaml.load(t)\nyaml.safe_load(t)\nnp.load(p, allow_pickle=True)\neval(s)\n")
-    assert [line for line, _ in _unsafe_calls(ast.parse(code))] == [1, 2, 4, 5, 7, 8]
+            "pickle.loads(b)\nyaml.load(t)\nyaml.safe_load(t)\nnp.load(p, allow_pickle=True)\neval(s)\n"
+            "AutoModel.from_pretrained(p)\nAutoModel.from_pretrained(p, trust_remote_code=False)\n"
+            "CLIPModel.from_pretrained(p, trust_remote_code=True)\n")
+    assert [line for line, _ in _unsafe_calls(ast.parse(code))] == [1, 2, 4, 5, 7, 8, 9, 11]

@@ -84,7 +84,7 @@ def load_dino(spec: str, cache_dir: Path, device: str = "auto") -> DinoEncoder:
             raise EncoderLoadError(f"DINO folder {source} does not exist")
         # DINO checkpoints carry no pooler: the CLS token of the last layer is the embedding
         model = ViTModel.from_pretrained(source, add_pooling_layer=False, local_files_only=offline())
-        processor = AutoImageProcessor.from_pretrained(source, local_files_only=offline())
+        processor = AutoImageProcessor.from_pretrained(source, local_files_only=offline(), trust_remote_code=False)
     except EncoderLoadError:
         raise
     except pickle.UnpicklingError as e:  # weights that would run code: refused by weights_only=True
