@@ -106,6 +106,24 @@ def test_diffusers_folder_with_a_hostile_bin_is_refused_naming_the_file(tiny_pip
         shutil.rmtree(folder)
 
 
+def test_diffusers_folder_naming_its_own_python_code_is_not_run(tiny_pipe, home, tmp_path):
+    """model_index.json pointing a component at a .py file in the folder: diffusers refuses it (no
+    trust_remote_code), the file is never imported."""
+    marker = tmp_path / "pwned"
+    folder = home.models_dir / "custom-code"
+    tiny_pipe.save_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "unet": ["unet_evil", "EvilUNet"]}))
+    (folder / "unet" / "unet_evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).touch()\nfrom diffusers import UNet2DConditionModel as EvilUNet\n")
+    try:
+        with pytest.raises(ModelLoadError, match="custom code"):
+            ModelManager(home).load("custom-code")
+        assert not marker.exists()
+    finally:
+        shutil.rmtree(folder)
+
+
 def test_model_flag_of_the_command_line_refuses_payload(home, tmp_path, capsys, monkeypatch):
     from studio.__main__ import main
 
