@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import torch
 from PIL import Image
 
 from studio.atomic import atomic_dir
+from studio.library import folder_refusal, unpickling_refusal
 
 TINY_NAME = "demo-tiny"
 DEFAULT_CLIP = "ViT-L-14"
@@ -130,6 +132,10 @@ def _load(spec: str, cache_dir: Path, device: torch.device) -> CLIPScorer:
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag, device=device)
         tokenizer = open_clip.get_tokenizer(arch)
+    except pickle.UnpicklingError as e:  # weights that would run code: refused by open_clip's weights_only=True
+        source = arch[len("local-dir:"):] if arch.startswith("local-dir:") else tag
+        what = folder_refusal(source, e) if Path(source).is_dir() else unpickling_refusal(Path(source), e)
+        raise ClipLoadError(f"could not load the CLIP model {spec}: {what}") from e
     except (RuntimeError, OSError, ValueError) as e:
         raise ClipLoadError(_not_found_message(spec, e)) from e
     model.eval()

@@ -244,6 +244,25 @@ def test_transformers_model_folders_refuse_payload(tmp_path):
     assert not marker.exists()
 
 
+def test_clip_weights_file_with_payload_is_refused(tmp_path):
+    """ARCH:/path/to/weights (CLIP scores, FID features): open_clip reads a pickle with weights_only=True; the
+    studio names the file."""
+    import open_clip
+
+    from studio.clipscore import ClipLoadError, load_clip_scorer, tiny_clip_dir
+
+    marker = tmp_path / "pwned"
+    config_dir = tmp_path / "configs"
+    config_dir.mkdir()
+    cfg = json.loads((tiny_clip_dir(tmp_path / "cache") / "open_clip_config.json").read_text())["model_cfg"]
+    (config_dir / "studio-tiny-sec.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(config_dir)
+    evil = write_hostile(tmp_path / "clip_weights.bin", marker)
+    with pytest.raises(ClipLoadError, match="refused clip_weights.bin: it asks to run Python code"):
+        load_clip_scorer(f"studio-tiny-sec:{evil}", tmp_path / "cache", device="cpu")
+    assert not marker.exists()
+
+
 def test_model_folders_carrying_python_code_are_not_run(tmp_path, monkeypatch):
     """A folder whose config.json points transformers at its own modeling code (auto_map) is refused: the studio
     passes trust_remote_code=False, so nothing is imported and no "run the custom code? [y/N]" question can wait
