@@ -489,7 +489,7 @@ def test_storyboard_command(studio, tmp_path, monkeypatch, capsys):
     Image.open(tmp_path / "sketch.png").save(tmp_path / "photo.jpg")
     (tmp_path / "script.csv").write_text(SIX_SHOTS, encoding="utf-8")
     code = main(["storyboard", "--model", "demo-tiny", "--shots", str(tmp_path / "script.csv"), "--controlnet",
-                 "tiny-canny", "--candidates", "2", "--steps", "2", "--out", str(tmp_path / "out" / "board.pdf")])
+                 "tiny-canny", "--candidates", "1", "--steps", "2", "--out", str(tmp_path / "out" / "board.pdf")])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert f"pdf: {tmp_path / 'out' / 'board.pdf'}" in out and "contact sheet:" in out
@@ -497,7 +497,7 @@ def test_storyboard_command(studio, tmp_path, monkeypatch, capsys):
     assert all(f"Shot {i} ·" in text for i in range(1, 7))
     assert (tmp_path / "out" / "board-contact.png").is_file()
     board = store.load("script")
-    assert [len(s.frames) for s in board.shots] == [2] * 6 and board.settings.width == 64
+    assert [len(s.frames) for s in board.shots] == [1] * 6 and board.settings.width == 64
     code = main(["storyboard", "--model", "demo-tiny", "--shots", str(tmp_path / "script.csv"), "--steps", "2",
                  "--name", "offline"])
     out, err = capsys.readouterr()
