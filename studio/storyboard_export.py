@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from studio.atomic import atomic_path
@@ -90,7 +90,9 @@ def contact_sheet(board: Storyboard, items: list[Entry], columns: int = SHEET_CO
         y = pad + header + (i // cols) * (fh + caption_h + gap)
         if entry.path is not None:
             with Image.open(entry.path) as im:
-                sheet.paste(im.convert("RGB").resize((fw, fh), Image.Resampling.LANCZOS), (x, y))
+                # frames made before the size was changed keep their own aspect ratio, centred in the box
+                frame = ImageOps.contain(im.convert("RGB"), (fw, fh), Image.Resampling.LANCZOS)
+                sheet.paste(frame, (x + (fw - frame.width) // 2, y + (fh - frame.height) // 2))
         else:
             draw.rectangle((x, y, x + fw - 1, y + fh - 1), fill=MISSING)
             draw.text((x + 8, y + 8), "not generated", fill="black", font=text_font)
@@ -165,8 +167,12 @@ def write_pdf(board: Storyboard, items: list[Entry], path: Path, columns: int = 
         y = top + (k // columns) * (row_h + gap)
         ix = x + (cell_w - img_w) / 2
         if entry.path is not None:
-            pdf.image(str(entry.path), x=ix, y=y, w=img_w, h=img_h, title=text(entry.title),
-                      alt_text=text(entry.infotext or entry.title))
+            with Image.open(entry.path) as im:
+                fw, fh = im.size  # a frame made before the size was changed keeps its aspect ratio
+            scale = min(img_w / fw, img_h / fh)
+            w, h = fw * scale, fh * scale
+            pdf.image(str(entry.path), x=x + (cell_w - w) / 2, y=y + (img_h - h) / 2, w=w, h=h,
+                      title=text(entry.title), alt_text=text(entry.infotext or entry.title))
         else:
             pdf.set_fill_color(*MISSING)
             pdf.rect(ix, y, img_w, img_h, style="F")

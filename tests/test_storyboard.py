@@ -431,6 +431,7 @@ def test_export_pages_and_missing_frames(studio, tmp_path):
     board.shots = [Shot(str(i), "long shot", f"scene number {i} où l'on voit la mer") for i in range(1, 9)]
     store.save(board)
     runner.run(board, [str(i) for i in range(1, 8)])
+    board.settings.width = 128  # frames made at 64x64 keep their aspect ratio in a wider layout
     out = export_board(store, board)
     assert out.pdf == store.path("long board") / "export" / "long board.pdf"
     assert out.notes == ["shot 8 has no frame yet: an empty box stands in for it"]
@@ -439,6 +440,8 @@ def test_export_pages_and_missing_frames(studio, tmp_path):
     first, second = (p.extract_text() for p in reader.pages)
     assert "Shot 6 · long shot" in first and "Shot 7 · long shot" in second and "Shot 8" in second
     assert "Page 1 of 2" in first and "Page 2 of 2" in second
+    sheet = np.asarray(Image.open(out.sheet).convert("RGB"))
+    assert sheet.shape[1] > 4 * 256  # 4 columns of 256 px wide boxes, square frames centred in them
     with pytest.raises(ValueError, match="must end in .pdf, got x.png"):
         export_board(store, board, pdf_path=tmp_path / "x.png")
 
