@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -25,7 +26,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                 "(default: the studio folder)")
     p.add_argument("--auth", default=None, metavar="USER:PASSWORD",
                    help="ask for this user name and password before anything is shown (required with --listen "
-                        "and --share)")
+                        "and --share); @FILE reads USER:PASSWORD from the file's first line, so the password does not "
+                        "show in the process list")
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="allow --listen or --share without --auth: anyone who can reach the port can use the "
                         "studio and read its outputs")
@@ -42,7 +44,13 @@ def network_options(args: argparse.Namespace) -> tuple[dict, list[str]]:
     """
     auth = None
     if args.auth is not None:
-        user, sep, password = args.auth.partition(":")
+        value = args.auth
+        if value.startswith("@"):
+            try:
+                value = Path(value[1:]).expanduser().read_text(encoding="utf-8").splitlines()[0].strip()
+            except (OSError, IndexError, UnicodeDecodeError) as e:
+                raise ValueError(f"--auth {args.auth}: cannot read USER:PASSWORD from that file ({e})") from None
+        user, sep, password = value.partition(":")
         if not sep or not user.strip() or not password:
             raise ValueError("--auth must be USER:PASSWORD with a non-empty user name and password")
         if args.insecure_no_auth:
@@ -71,7 +79,6 @@ def file_access(cfg) -> dict:
 
 def create_app(args: argparse.Namespace, network: dict):
     """(the Blocks app, the keywords for its launch(), the AppState): everything `python app.py` serves."""
-    from pathlib import Path
 
     from studio.config import StudioConfig
     from studio.models import ModelLoadError

@@ -56,6 +56,13 @@ def test_malformed_auth_is_refused_without_echoing_it(value):
     assert value.split(":")[-1] == "" or value.split(":")[-1] not in str(e.value)
 
 
+def test_auth_from_a_file_keeps_the_password_out_of_the_process_list(tmp_path):
+    (tmp_path / "login").write_text("ana:s3cret pass\n")
+    assert options("--listen", "--auth", f"@{tmp_path / 'login'}")[0]["auth"] == ("ana", "s3cret pass")
+    with pytest.raises(ValueError, match="cannot read USER:PASSWORD"):
+        options("--listen", "--auth", f"@{tmp_path / 'missing'}")
+
+
 def test_auth_and_insecure_flag_contradict():
     with pytest.raises(ValueError, match="contradict"):
         options("--listen", "--auth", "a:b", "--insecure-no-auth")
