@@ -73,8 +73,8 @@ def contact_sheet(board: Storyboard, items: list[Entry], columns: int = SHEET_CO
     scale = SHEET_FRAME / max(s.width, s.height)
     fw, fh = max(1, round(s.width * scale)), max(1, round(s.height * scale))
     pad, gap = 16, 12
-    title_font, text_font = legend_font(18), legend_font(14)
-    line = 18
+    title_font, text_font = sheet_font(18, bold=True), sheet_font(14)
+    line = 20
     captions = [[e.title] + wrap(caption_text(e.shot), text_font, fw)[:4] for e in items]
     caption_h = line * max(len(c) for c in captions) + 8
     cols = max(1, min(columns, len(items)))
@@ -84,7 +84,7 @@ def contact_sheet(board: Storyboard, items: list[Entry], columns: int = SHEET_CO
     height = pad * 2 + header + rows * (fh + caption_h) + (rows - 1) * gap
     sheet = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(sheet)
-    draw.text((pad, pad), board.name, fill="black", font=legend_font(22))
+    draw.text((pad, pad), board.name, fill="black", font=sheet_font(22, bold=True))
     for i, (entry, lines) in enumerate(zip(items, captions, strict=True)):
         x = pad + (i % cols) * (fw + gap)
         y = pad + header + (i // cols) * (fh + caption_h + gap)
@@ -99,6 +99,16 @@ def contact_sheet(board: Storyboard, items: list[Entry], columns: int = SHEET_CO
         for k, text in enumerate(lines):
             draw.text((x, y + fh + 4 + k * line), text, fill="black", font=title_font if k == 0 else text_font)
     return sheet
+
+
+def sheet_font(size: int, bold: bool = False):
+    """DejaVu Sans where installed (accents and other scripts), else Pillow's default font."""
+    from PIL import ImageFont
+
+    fonts = _font_files()
+    if fonts is None:
+        return legend_font(size)
+    return ImageFont.truetype(str(fonts[1] if bold else fonts[0]), size)
 
 
 def sheet_metadata(board: Storyboard, items: list[Entry]) -> PngInfo:
