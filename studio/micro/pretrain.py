@@ -48,6 +48,10 @@ class PretrainConfig:
     vae_batch: int = 256
     vae_lr: float = 1e-3
     kl_weight: float = 1e-5  # per latent element against per pixel squared error (sums, as in LDM)
+    # extra VAE-only images (as a share of `images`) drawn with every texture, the held-out ones too: the style stays
+    # out of the captions and the UNet, but the VAE can draw it, so TI / LoRA can teach it later. The shipped model
+    # was trained with 0 and its VAE cannot reproduce diagonal stripes (docs/micro-model.md)
+    vae_held_out: float = 0.0
     # UNet + text encoder
     unet_steps: int = 100_000
     unet_seconds: float = 200.0
@@ -128,16 +132,24 @@ def _render_chunk(args) -> tuple[np.ndarray, list[str]]:
     return images, captions
 
 
-def render_world(cfg: PretrainConfig) -> tuple[np.ndarray, list[str]]:
+def _render_vae_chunk(args) -> np.ndarray:
+    seed, n, size = args
+    return world.dataset(n, seed, size=size, textures=world.TEXTURES + world.HELD_OUT_TEXTURES, p_two=0.1)[0]
+
+
+def render_world(cfg: PretrainConfig, count: int | None = None, offset: int = 0, fn=_render_chunk):
     """cfg.images scenes in chunks of 1000, chunk i seeded (seed, i): the same set for any worker count."""
-    jobs = [(cfg.seed * 1_000_003 + i, min(CHUNK, cfg.images - i * CHUNK), cfg.size)
-            for i in range(math.ceil(cfg.images / CHUNK))]
+    count = cfg.images if count is None else count
+    jobs = [(cfg.seed * 1_000_003 + offset + i, min(CHUNK, count - i * CHUNK), cfg.size)
+            for i in range(math.ceil(count / CHUNK))]
     workers = cfg.workers or os.cpu_count() or 1
     if workers == 1 or len(jobs) == 1:
-        parts = [_render_chunk(j) for j in jobs]
+        parts = [fn(j) for j in jobs]
     else:
         with ProcessPoolExecutor(workers) as pool:
-            parts = list(pool.map(_render_chunk, jobs))
+            parts = list(pool.map(fn, jobs))
+    if fn is _render_vae_chunk:
+        return np.concatenate(parts)
     return np.concatenate([p[0] for p in parts]), [c for p in parts for c in p[1]]
 
 
@@ -373,7 +385,10 @@ def run(cfg: PretrainConfig) -> dict:
     tokenizer = load_tokenizer(cfg)
     # 1. data (before CUDA starts: the workers fork)
     images_np, captions = render_world(cfg)
-    log(f"rendered {len(images_np)} images")
+    vae_extra = np.zeros((0, cfg.size, cfg.size, 3), np.uint8)
+    if cfg.vae_held_out > 0 and not cfg.init_from:
+        vae_extra = render_world(cfg, int(cfg.images * cfg.vae_held_out), offset=500_000, fn=_render_vae_chunk)
+    log(f"rendered {len(images_np)} images (+{len(vae_extra)} for the VAE only)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -393,7 +408,9 @@ def run(cfg: PretrainConfig) -> dict:
         torch.manual_seed(cfg.seed)
         vae, unet, text_encoder = build_vae(), build_unet(), build_text_encoder()
         vae.to(device)
-        train_vae(vae, images, cfg, device, log)
+        vae_images = torch.cat([images, torch.from_numpy(vae_extra).to(device)]) if len(vae_extra) else images
+        train_vae(vae, vae_images, cfg, device, log)
+        del vae_images
         scaling = None
     # 3. latents once; the scaling factor gives them unit variance, as SD's 0.18215 does
     means, stds = encode_all(vae, images, device)
