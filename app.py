@@ -22,6 +22,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "a Hugging Face repo id, micro or demo-tiny (default: the first in models/, else micro)")
     p.add_argument("--device", default=None, help="auto (default), cuda, mps or cpu")
     p.add_argument("--precision", default=None, help="auto (default: fp16 on GPU, fp32 on CPU), fp16, bf16, fp32")
+    p.add_argument("--compile", default=None, choices=["off", "default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile the UNet on CUDA (default off): the first image at each size compiles, "
+                        "later ones run faster; reduce-overhead adds CUDA graphs")
     p.add_argument("--home", default=None, help="folder holding models/, loras/, embeddings/, outputs/ "
                                                 "(default: the studio folder)")
     p.add_argument("--auth", default=None, metavar="USER:PASSWORD",
@@ -85,7 +88,7 @@ def create_app(args: argparse.Namespace, network: dict):
     from studio.ui.state import AppState
     from studio.ui.survey_page import NAV_CSS
 
-    cfg = StudioConfig.from_env(device=args.device, precision=args.precision)
+    cfg = StudioConfig.from_env(device=args.device, precision=args.precision, compile=args.compile)
     if args.home:
         cfg = cfg.with_home(Path(args.home))
     state = AppState.create(cfg)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from studio import samplers
+from studio import samplers, speed
 
 StepFn = Callable[[int, int], None]  # (timestep index done, number of timesteps)
 
@@ -150,6 +150,7 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
         embeds = torch.cat([embeds, embeds])
     # 3. denoise
     interrupted = False
+    compiled = speed.is_compiled(pipe.unet)
     control_image = None
     if control is not None:
         control_image = control.image.to(device, control.model.dtype).expand(embeds.shape[0], -1, -1, -1)
@@ -165,6 +166,8 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
                 down, mid = control.model(model_input, t, encoder_hidden_states=embeds, controlnet_cond=control_image,
                                           conditioning_scale=control.scale_at(i, len(timesteps)), return_dict=False)
                 residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            if compiled:
+                speed.mark_step()
             noise_pred = pipe.unet(model_input, t, encoder_hidden_states=embeds, timestep_cond=None,
                                    cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=False,
                                    **residuals)[0]

@@ -512,7 +512,7 @@ class GridRunner:
                     done = run_with_advice(
                         lambda done=done, group=group: self._run_group(plan, group, result, cells_dir, done, total,
                                                                        n_passes, on_progress, cancel),
-                        "the X/Y/Z plot", lambda: generation_advice(
+                        "the X/Y/Z plot", lambda group=group: generation_advice(
                             max(len(p) for p in group.passes), plan.job.base.width, plan.job.base.height,
                             self.manager.memory, "number of cells per pass", "the grid then takes more passes"))
                 if result.interrupted:

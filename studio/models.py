@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
+from studio import speed
 from studio.adapters import LoraSlot
 from studio.config import StudioConfig
 from studio.library import (
@@ -197,7 +198,7 @@ class ModelManager:
         self.dtype = pick_dtype(self.device, cfg.precision)
         self.current: LoadedModel | None = None
         self.memory = {"attention_slicing": cfg.attention_slicing, "vae_tiling": cfg.vae_tiling,
-                       "cpu_offload": cfg.cpu_offload}
+                       "cpu_offload": cfg.cpu_offload, "compile": speed.check_compile_mode(cfg.compile)}
         self.lock = threading.RLock()
 
     # 1. what can be loaded
@@ -292,12 +293,12 @@ class ModelManager:
                 path, torch_dtype=self.dtype, local_files_only=True, safety_checker=None,
                 feature_extractor=None, requires_safety_checker=False)
         except Exception as e:
-            raise ModelLoadError(f"could not load the diffusers folder {spec}: {type(e).__name__}: {e}") from e
             hostile = hostile_pickle_in(path)  # diffusers reads .bin weights with weights_only=True: name the file
             if hostile is not None:
                 rel = hostile.relative_to(path).as_posix()
                 raise ModelLoadError(f"could not load the diffusers folder {spec}: "
                                      + unpickling_refusal(hostile, e).replace(hostile.name, rel, 1)) from e
+            raise ModelLoadError(f"could not load the diffusers folder {spec}: {type(e).__name__}: {e}") from e
         family = "sd2" if pipe.text_encoder.config.hidden_act == "gelu" else "sd1"
         pred = pipe.scheduler.config.get("prediction_type", "epsilon")
         return LoadedModel(Path(spec).name if source != "hub" else spec, source, family, pred, pipe, path)
@@ -376,18 +377,29 @@ class ModelManager:
             pipe.vae.enable_tiling()
         else:
             pipe.vae.disable_tiling()
+        # compiling is for CUDA (elsewhere inductor needs a C++ toolchain and gains little); offloaded modules move
+        # between devices every call, which compiled graphs do not follow
+        if self.device.type == "cuda" and not self.memory["cpu_offload"] and not speed.is_compiled(pipe.unet):
+            speed.compile_unet(pipe.unet, self.memory["compile"])
 
-    def set_memory_options(self, attention_slicing: bool, vae_tiling: bool, cpu_offload: bool) -> str:
+    def set_memory_options(self, attention_slicing: bool, vae_tiling: bool, cpu_offload: bool,
+                           compile: str | None = None) -> str:
         with self.lock:
+            compile = speed.check_compile_mode(compile or self.memory["compile"])
             offload_changed = cpu_offload != self.memory["cpu_offload"]
+            compile_changed = compile != self.memory["compile"]
             self.memory = {"attention_slicing": bool(attention_slicing), "vae_tiling": bool(vae_tiling),
-                           "cpu_offload": bool(cpu_offload)}
+                           "cpu_offload": bool(cpu_offload), "compile": compile}
             note = ""
             if cpu_offload and self.device.type != "cuda":
                 note = " (model CPU offload only applies on CUDA; ignored here)"
+            if compile != "off" and self.device.type != "cuda":
+                note += " (compiling the UNet only applies on CUDA; ignored here)"
             if self.current is not None:
-                if offload_changed and self.current.source != "demo":
-                    # offload hooks cannot be removed cleanly: reload so the setting takes effect
+                reload = (offload_changed and self.current.source != "demo") or (
+                    compile_changed and self.device.type == "cuda")
+                if reload:
+                    # offload hooks and compiled modules cannot be undone cleanly: reload so the setting takes effect
                     self.load(str(self.current.path) if self.current.path else self.current.name)
                 else:
                     self._place(self.current.pipe)

@@ -60,9 +60,17 @@ def test_cli_convert_then_load_single_file(studio_cfg, no_network):
     manager = ModelManager(studio_cfg)
     manager.load("demo-tiny")
     reference = image(manager)
-    save_single_file(manager.current.pipe, studio_cfg.models_dir / "demo.safetensors", "sd1")
+    before = manager.current.pipe
+    save_single_file(before, studio_cfg.models_dir / "demo.safetensors", "sd1")
     manager.load("demo.safetensors")
-    assert np.array_equal(image(manager), reference)
+    after = manager.current.pipe
+    for name in ("unet", "vae", "text_encoder"):  # every weight comes back bit for bit
+        a, b = getattr(before, name).state_dict(), getattr(after, name).state_dict()
+        assert a.keys() == b.keys(), name
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    # same weights, same image; CPU kernels may round the last bit differently for tensors that live in the
+    # file's memory map (alignment), so one level of 255 is allowed
+    assert np.abs(image(manager).astype(int) - reference.astype(int)).max() <= 1
 
 
 def test_missing_model_names_local_choices(studio_cfg):

@@ -8,6 +8,7 @@ import torch
 from studio.convert import save_diffusers_folder, save_single_file
 from studio.library import safe_child
 from studio.models import DEFAULT_DOWNLOAD, ModelLoadError
+from studio.speed import COMPILE_MODES
 from studio.ui.state import AppState
 
 
@@ -19,23 +20,25 @@ def device_text(state: AppState) -> str:
 
 def build(state: AppState, model_dropdown: gr.Dropdown):
     gr.Markdown(device_text(state))
-    with gr.Accordion("Memory", open=True):
+    with gr.Accordion("Memory and speed", open=True):
         gr.Markdown("Trade speed for memory on small cards. Offload applies on CUDA and reloads the model.")
         with gr.Row():
             slicing = gr.Checkbox(state.manager.memory["attention_slicing"], label="Attention slicing")
             tiling = gr.Checkbox(state.manager.memory["vae_tiling"], label="VAE tiling (large images)")
             offload = gr.Checkbox(state.manager.memory["cpu_offload"], label="Model CPU offload")
+            compile_mode = gr.Dropdown(list(COMPILE_MODES), value=state.manager.memory["compile"],
+                                       label="Compile UNet (CUDA; first image per size compiles)")
         apply_btn = gr.Button("Apply memory options")
         memory_status = gr.Markdown()
 
-    def apply(s, t, o, progress=gr.Progress()):
+    def apply(s, t, o, c, progress=gr.Progress()):
         progress(0, desc="applying")
         try:
-            return state.manager.set_memory_options(s, t, o)
+            return state.manager.set_memory_options(s, t, o, c)
         except (ValueError, RuntimeError) as e:
             raise gr.Error(str(e)) from e
 
-    apply_btn.click(apply, [slicing, tiling, offload], memory_status, concurrency_id="gpu",
+    apply_btn.click(apply, [slicing, tiling, offload, compile_mode], memory_status, concurrency_id="gpu",
                     api_visibility="private")
 
     with gr.Accordion("Download", open=not state.manager.has_real_model()):
