@@ -1,5 +1,5 @@
 """Generation on the GPU, studio vs plain diffusers in the same run: 512², 25 steps, DPM++ 2M Karras, CFG 7,
-batch 1 (issue #10 items 1, 3 and 7). Usage: python bench/bench_generate.py [--repeats 5] [--work DIR]"""
+batch 1 (issue #10 items 1, 3 and 7). Usage: python bench/bench_generate.py [--repeats 5] [--work DIR] [--compile MODE]"""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -55,6 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--work", default=None, help="folder for the random model and LoRAs (default: temp)")
+    parser.add_argument("--compile", default="reduce-overhead", help="compile mode of the studio_compiled contenders "
+                        "(studio.speed.COMPILE_MODES; 'off' leaves them out)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="studio-bench-"))
     os.environ["STUDIO_HOME"] = str(work / "home")
@@ -93,6 +97,12 @@ def main() -> None:
     manager.load(str(folder))
     manager.current.pipe.set_progress_bar_config(disable=True)
     gen = Generator(manager)
+    compiled_gen = None
+    if args.compile != "off":
+        compiled_manager = ModelManager(StudioConfig.from_env(device="cuda", precision="fp16", compile=args.compile))
+        compiled_manager.load(str(folder))
+        compiled_manager.current.pipe.set_progress_bar_config(disable=True)
+        compiled_gen = Generator(compiled_manager)
     job = GenerateJob(prompt=PROMPT, negative_prompt=NEGATIVE, sampler="DPM++ 2M", schedule="Karras", steps=STEPS,
                       cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE)
     lora_job = GenerateJob(**{**job.to_dict(), "prompt": PROMPT + " <lora:style_a:0.7> <lora:style_b:0.4>"})
@@ -103,6 +113,17 @@ def main() -> None:
 
     runs = {"plain": call(plain), "studio": lambda: gen.run(job), "plain_two_loras": call(plain_lora),
             "studio_two_loras": lambda: gen.run(lora_job)}
+    if compiled_gen is not None:
+        # the first call at a shape compiles: timed on its own, then the compiled images are checked against eager
+        for key, j in (("studio_compiled", job), ("studio_compiled_two_loras", lora_job)):
+            t0 = time.perf_counter()
+            compiled_gen.run(j)
+            sync()
+            results[f"{key}_first_call_s"] = time.perf_counter() - t0
+            eager_px = np.asarray(gen.run(j).images[0].image, dtype=np.int16)
+            compiled_px = np.asarray(compiled_gen.run(j).images[0].image, dtype=np.int16)
+            results[f"{key}_max_pixel_diff_vs_eager"] = int(np.abs(eager_px - compiled_px).max())
+            runs[key] = (lambda j=j: compiled_gen.run(j))
     times = {k: [] for k in runs}
     activation_peak = {k: 0.0 for k in runs}
     for key, fn in runs.items():  # warm-up, and each one's own peak above what is resident
@@ -132,12 +153,18 @@ def main() -> None:
                                                 / results["plain_two_loras"]["s_per_image"])
     path = write_report("generate", results)
     print(f"{'run':<18}{'s/image':>9}{'steps/s':>9}{'peak GiB':>10}{'UNet TFLOP/s':>14}")
-    for key in ("plain", "studio", "plain_two_loras", "studio_two_loras"):
+    for key in runs:
         r = results[key]
         print(f"{key:<18}{r['s_per_image']:>9.3f}{r['steps_per_s']:>9.1f}{r['peak_gib']:>10.2f}"
               f"{r['unet_tflops_per_s']:>14.1f}")
     print(f"studio/plain: {results['ratio_studio_over_plain']:.3f}; with two LoRAs: "
           f"{results['ratio_loras_studio_over_plain']:.3f}  -> {path}")
+    for key in ("studio_compiled", "studio_compiled_two_loras"):
+        if key in results:
+            plain_key = "plain_two_loras" if "loras" in key else "plain"
+            print(f"{key}: {results[plain_key]['s_per_image'] / results[key]['s_per_image']:.2f}x plain; first call "
+                  f"(compiling) {results[key + '_first_call_s']:.1f} s; max pixel diff vs eager studio "
+                  f"{results[key + '_max_pixel_diff_vs_eager']}")
 
 
 if __name__ == "__main__":
