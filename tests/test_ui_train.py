@@ -248,6 +248,25 @@ def fill(page, elem_id: str, value, key: str = "Tab") -> None:
     box.press(key)
 
 
+def fill_settled(page, elem_id: str, value) -> None:
+    """Fill a number box inside a just-opened accordion and check the value stuck: while the accordion mounts, a
+    box filled too early is re-rendered with its old value (seen on a loaded machine)."""
+    from playwright.sync_api import expect
+
+    box = page.locator(f"#{elem_id} input").first
+    box.wait_for(state="visible", timeout=30_000)
+    for attempt in range(3):
+        fill(page, elem_id, value)
+        try:
+            expect(box).to_have_value(str(value), timeout=3_000)
+            page.wait_for_timeout(300)
+            expect(box).to_have_value(str(value), timeout=1_000)
+            return
+        except AssertionError:
+            if attempt == 2:
+                raise
+
+
 def status(page) -> str:
     return page.locator("#tr-status").inner_text()
 
@@ -277,8 +296,8 @@ def test_browser_train_to_the_end_reload_and_stop(app, browser):
     fill(page, "tr-steps", 20)
     fill(page, "tr-resolution", 64)
     page.get_by_text("Run settings").click()
-    fill(page, "tr-preview-every", 10)
-    fill(page, "tr-save-every", 10)
+    fill_settled(page, "tr-preview-every", 10)
+    fill_settled(page, "tr-save-every", 10)
     page.locator("#tr-start").click()
     wait_status(page, "finished", 180_000)  # 20 steps and 3 previews take ~10 s on 2 idle CPU cores
     try:
@@ -392,7 +411,7 @@ def test_browser_lora_and_finetune_runs(app, browser):
     page.get_by_text("DreamBooth prior preservation").click()
     page.get_by_text("Optimisation", exact=True).click()
     page.get_by_text("Run settings").click()
-    fill(page, "tr-preview-every", 5)
+    fill_settled(page, "tr-preview-every", 5)
     page.locator("#tr-form").screenshot(path=str(ARTIFACTS / "train_tab_lora.png"))
     page.locator("#tr-start").click()
     wait_status(page, "<lora:blue-lora:0.8>", 180_000)  # said when it ends (not "finished": an earlier run's is)
