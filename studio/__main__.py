@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from studio import samplers
@@ -34,6 +35,21 @@ def _progress_printer(label: str):
     return update
 
 
+@contextmanager
+def _cli_progress(label: str):
+    """(on_progress, cancel) for one long command: a progress bar with ETA on stderr; Ctrl+C also sets `cancel`, so
+    work running on other threads stops at its next step."""
+    progress = _progress_printer(label)
+    cancel = threading.Event()
+    try:
+        yield progress, cancel
+    except KeyboardInterrupt:
+        cancel.set()
+        raise
+    finally:
+        progress.close()
+
+
 def cmd_generate(args) -> int:
     from studio.config import StudioConfig
     from studio.generate import GenerateJob, Generator
@@ -53,15 +69,8 @@ def cmd_generate(args) -> int:
     if manager.current.is_demo:
         print("note: demo-tiny has random weights; its images are noise", file=sys.stderr)
     out = Path(args.out) if args.out else cfg.outputs_dir
-    progress = _progress_printer("generate")
-    cancel = threading.Event()
-    try:
+    with _cli_progress("generate") as (progress, cancel):
         result = Generator(manager).run(job, out, on_progress=progress, cancel=cancel)
-    except KeyboardInterrupt:
-        cancel.set()
-        raise
-    finally:
-        progress.close()
     for image in result.images:
         print(image.path)
     return 0
@@ -93,15 +102,8 @@ def cmd_grid(args) -> int:
     runner = GridRunner(manager)
     plan = runner.plan(job)
     print(plan.summary(), file=sys.stderr)
-    progress = _progress_printer("grid")
-    cancel = threading.Event()
-    try:
+    with _cli_progress("grid") as (progress, cancel):
         result = runner.run(plan, outputs_dir=cfg.outputs_dir, grid_path=out, on_progress=progress, cancel=cancel)
-    except KeyboardInterrupt:
-        cancel.set()
-        raise
-    finally:
-        progress.close()
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     print(result.grid_path)
@@ -189,16 +191,9 @@ def cmd_curate(args) -> int:
                     clip_threshold=args.clip_filter, flip=flip, flip_p=args.flip_p, repeats=args.repeats)
     job.validate()  # before any model loads
     cfg = StudioConfig.from_env(device=args.device)
-    progress = _progress_printer("curate")
-    cancel = threading.Event()
-    try:
+    with _cli_progress("curate") as (progress, cancel):
         result = curate(job, cfg.cache_dir, cfg.device, on_progress=progress, cancel=cancel,
                         kohya_parent=Path(args.kohya) if args.kohya else None)
-    except KeyboardInterrupt:
-        cancel.set()
-        raise
-    finally:
-        progress.close()
     counts = result.report["counts"]
     print(f"kept {counts['kept']} of {counts['inputs']} ({counts['converted']} converted), "
           f"removed {counts['removed']}, skipped {counts['skipped']}")
@@ -256,28 +251,21 @@ def cmd_train(args) -> int:
 
     cfg = StudioConfig.from_env(device=args.device)
     cfg.ensure_dirs()
-    progress = _progress_printer(f"train {args.kind}")
-    cancel = threading.Event()
+    with _cli_progress(f"train {args.kind}") as (progress, cancel):
 
-    def on_event(kind: str, info: dict) -> None:
-        if kind == "log":
-            print(info["text"], file=sys.stderr)
-        elif kind == "preview":
-            print(f"preview: {info['path']}", file=sys.stderr)
+        def on_event(kind: str, info: dict) -> None:
+            if kind == "log":
+                print(info["text"], file=sys.stderr)
+            elif kind == "preview":
+                print(f"preview: {info['path']}", file=sys.stderr)
 
-    trainer = Trainer(cfg, on_progress=progress, on_event=on_event, cancel=cancel)
-    try:
+        trainer = Trainer(cfg, on_progress=progress, on_event=on_event, cancel=cancel)
         if args.resume:
             result = trainer.resume(Path(args.resume), max_steps=args.steps)
         else:
             job = train_job_from_args(args)
             job.validate()
             result = trainer.start(job)
-    except KeyboardInterrupt:
-        cancel.set()
-        raise
-    finally:
-        progress.close()
     print(f"run: {result.run_dir}")
     if result.output:
         print(f"{'embedding' if args.kind == 'ti' else 'output'}: {result.output}")
@@ -361,19 +349,12 @@ def cmd_experiment(args) -> int:
     cfg = StudioConfig.from_env(device=args.device)
     cfg.ensure_dirs()
     exp = load_experiment(Path(args.file), cfg)  # every cell's settings are checked before anything runs
-    progress = _progress_printer("experiment")
-    cancel = threading.Event()
-    main_process = process_rank()[0] == 0
-    runner = ExperimentRunner(cfg, on_progress=progress if main_process else None,
-                              on_log=(lambda text: print(text, file=sys.stderr)) if main_process else None,
-                              cancel=cancel)
-    try:
+    with _cli_progress("experiment") as (progress, cancel):
+        main_process = process_rank()[0] == 0
+        runner = ExperimentRunner(cfg, on_progress=progress if main_process else None,
+                                  on_log=(lambda text: print(text, file=sys.stderr)) if main_process else None,
+                                  cancel=cancel)
         result = runner.run(exp, Path(args.out) if args.out else None)
-    except KeyboardInterrupt:
-        cancel.set()
-        raise
-    finally:
-        progress.close()
     if main_process:
         print(f"results: {result.out_dir}")
         for name, path in result.files.items():
@@ -469,15 +450,8 @@ def cmd_storyboard(args) -> int:
     store.save(board)
     # a path given on the command line is the user's own choice; the UI only takes names in controlnet/
     runner = StoryboardRunner(manager, store, cfg.controlnet_dir, allow_paths=True)
-    progress = _progress_printer("storyboard")
-    cancel = threading.Event()
-    try:
+    with _cli_progress("storyboard") as (progress, cancel):
         result = runner.run(board, on_progress=progress, cancel=cancel)
-    except KeyboardInterrupt:
-        cancel.set()
-        raise
-    finally:
-        progress.close()
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     exported = export_board(store, board, pdf_path=out)
