@@ -157,6 +157,16 @@ def test_finetune_writes_a_single_file_that_loads_offline_and_differs_from_the_b
         Trainer(cfg).start(lora_job(method="finetune", name="tuned", output=str(out)))
 
 
+def test_existing_lora_file_is_refused_unless_overwriting(tmp_path):
+    cfg = home_cfg(tmp_path)
+    theirs = cfg.loras_dir / f"{NAME}.pt"
+    theirs.write_bytes(b"someone's LoRA")
+    with pytest.raises(ValueError, match=f"{NAME}.pt already exists in loras/"):
+        Trainer(cfg).start(lora_job())
+    assert theirs.read_bytes() == b"someone's LoRA" and not list(cfg.runs_dir.iterdir())
+    assert Trainer(cfg).start(lora_job(max_steps=1, overwrite=True)).state == "finished"
+
+
 def test_min_snr_weights_by_hand():
     from diffusers import DDPMScheduler
 

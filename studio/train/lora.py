@@ -17,19 +17,17 @@ from studio.conditioning import PromptEncoder
 from studio.networks import LORA_EXTS, kohya_metadata, peft_to_layers, save_kohya_lora
 from studio.train.data import STREAM_INIT, rng_seed
 from studio.train.job import LORA_TARGETS, TEXT_ENCODER_TARGETS, TrainJob
-from studio.train.method import ParamGroup, TrainContext, TrainMethod, first_rate, rate_function
+from studio.train.method import (
+    ParamGroup,
+    TrainContext,
+    TrainMethod,
+    check_output_free,
+    first_rate,
+    rate_function,
+)
 from studio.train.templates import fill_template
 
 ADAPTER = "studio_train"
-
-
-def check_lora_output_free(loras_dir: Path, job: TrainJob) -> None:
-    if job.overwrite:
-        return
-    clash = [p for p in (Path(loras_dir) / f"{job.name}{ext}" for ext in LORA_EXTS) if p.exists()]
-    if clash:
-        raise ValueError(f"{clash[0].name} already exists in {Path(loras_dir).name}/; choose another name or "
-                         "allow overwriting")
 
 
 def caption_prompt(job: TrainJob, caption: str) -> str:
@@ -84,7 +82,7 @@ class LoraMethod(TrainMethod):
 
     @staticmethod
     def check_output(cfg, job: TrainJob) -> None:
-        check_lora_output_free(cfg.loras_dir, job)
+        check_output_free(cfg.loras_dir, job, LORA_EXTS)
 
     def _trained(self, module: nn.Module) -> list[nn.Parameter]:
         return [p for p in module.parameters() if p.requires_grad]

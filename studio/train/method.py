@@ -134,3 +134,13 @@ class TrainMethod:
     def save(self, step: int, final: bool, run_path: Path | None) -> Path:
         """The result as a shareable file: at checkpoints a copy in the run folder, at the end the real one."""
         raise NotImplementedError
+
+
+def check_output_free(folder: Path, job, exts: tuple[str, ...]) -> None:
+    """Refuse to overwrite someone's file named like the job's output (any of `exts`) unless the job says so."""
+    if job.overwrite:
+        return
+    clash = [p for p in (Path(folder) / f"{job.name}{ext}" for ext in exts) if p.exists()]
+    if clash:
+        raise ValueError(f"{clash[0].name} already exists in {Path(folder).name}/; choose another name or "
+                         "allow overwriting")

@@ -16,7 +16,7 @@ from studio.networks import EMBEDDING_EXTS, save_embedding
 from studio.train.data import STREAM_INIT, rng_seed
 from studio.train.inversion_modules import build_module
 from studio.train.job import METHOD_LABELS, TrainJob
-from studio.train.method import ParamGroup, TrainContext, TrainMethod, rate_function
+from studio.train.method import ParamGroup, TrainContext, TrainMethod, check_output_free, rate_function
 from studio.train.templates import Templates, load_templates
 
 
@@ -46,16 +46,6 @@ def check_token_name(tokenizer, name: str) -> None:
 def embedding_path(embeddings_dir: Path, job: TrainJob) -> Path:
     ext = ".pt" if job.embedding_format == "a1111-pt" else ".safetensors"
     return Path(embeddings_dir) / f"{job.name}{ext}"
-
-
-def check_output_free(embeddings_dir: Path, job: TrainJob) -> None:
-    """Refuse to overwrite someone's embedding unless the job says so."""
-    if job.overwrite:
-        return
-    clash = [p for p in (Path(embeddings_dir) / f"{job.name}{ext}" for ext in EMBEDDING_EXTS) if p.exists()]
-    if clash:
-        raise ValueError(f"{clash[0].name} already exists in {Path(embeddings_dir).name}/; choose another name or "
-                         "allow overwriting")
 
 
 def initial_vectors(tokenizer, text_encoder, init_word: str, n_vectors: int) -> torch.Tensor:
@@ -104,7 +94,7 @@ class InversionMethod(TrainMethod):
 
     @staticmethod
     def check_output(cfg, job: TrainJob) -> None:
-        check_output_free(cfg.embeddings_dir, job)
+        check_output_free(cfg.embeddings_dir, job, EMBEDDING_EXTS)
 
     @staticmethod
     def check_model(pipe, job: TrainJob) -> None:
