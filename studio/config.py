@@ -99,3 +99,13 @@ def check_settings(make: Callable[[dict], object], settings: dict, source: str) 
         except bad as e:
             raise ValueError(f"{source}: setting {key!r} = {value!r} is not valid: {e}") from None
     raise ValueError(f"{source}: the settings {sorted(settings)} do not fit together: {whole}") from None
+
+
+def check_known_keys(cls, values: dict, what: str) -> None:
+    """Unknown keys in a settings dict for dataclass `cls` are an error naming them, not silently dropped."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown {what} setting(s) {unknown}; known: {sorted(names)}")

@@ -6,7 +6,7 @@ import datetime as dt
 import random
 import threading
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +16,7 @@ from studio import __version__, samplers
 from studio.adapters import ActiveLora
 from studio.atomic import atomic_path
 from studio.conditioning import PromptEncoder, TextualInversion
+from studio.config import check_known_keys
 from studio.denoise import DenoiseItem, denoise, initial_latents  # noqa: F401 (initial_latents: re-exported)
 from studio.infotext import format_infotext, png_info
 from studio.models import LoadedModel, ModelManager
@@ -45,10 +46,7 @@ class GenerateJob:
     @classmethod
     def from_dict(cls, values: dict) -> GenerateJob:
         """A job from a preset or API dict; unknown keys are an error, not silently dropped."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown generation setting(s) {unknown}; known: {sorted(names)}")
+        check_known_keys(cls, values, "generation")
         return cls(**values)
 
     def to_dict(self) -> dict:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from studio.config import ROOT, check_settings
+from studio.config import ROOT, check_known_keys, check_settings
 from studio.train.schedule import LR_SCHEDULERS, parse_schedule
 
 TI_METHODS = ("ti", "ti-att", "ti-moe")
@@ -109,10 +109,7 @@ class TrainJob:
     @classmethod
     def from_dict(cls, values: dict) -> TrainJob:
         """A job from a preset, a config.yaml or an API dict; unknown keys are an error, not silently dropped."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(names)}")
+        check_known_keys(cls, values, "training")
         return cls(**values)
 
     def to_dict(self) -> dict:
