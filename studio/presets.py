@@ -45,11 +45,16 @@ def load_preset(path: Path) -> Preset:
 
 def list_presets(presets_dir: Path) -> dict[str, Preset]:
     """Name -> preset; a broken file is skipped rather than hiding the others."""
-    found: dict[str, Preset] = {}
-    for folder in _folders(presets_dir):
+    return scan_presets(_folders(presets_dir), load_preset)
+
+
+def scan_presets(folders: list[Path], load) -> dict:
+    """Name -> preset over `folders` (later ones win a name); a file `load` refuses is skipped, not fatal."""
+    found = {}
+    for folder in folders:
         for path in sorted(folder.glob("*.json")):
             try:
-                preset = load_preset(path)
+                preset = load(path)
             except ValueError:
                 continue
             found[preset.name] = preset

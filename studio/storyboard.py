@@ -36,6 +36,7 @@ from studio.infotext import format_infotext, parse_infotext, png_info
 from studio.library import safe_child
 from studio.models import ModelManager
 from studio.oom import generation_advice, run_with_advice
+from studio.presets import scan_presets
 
 ProgressFn = Callable[[int, int, str], None]
 PROJECT_FILE = "project.json"
@@ -360,15 +361,7 @@ def list_board_presets(presets_dir: Path | None = None) -> dict[str, BoardPreset
     folders = [SHIPPED_PRESETS]
     if presets_dir is not None and (Path(presets_dir) / "storyboard").resolve() != SHIPPED_PRESETS.resolve():
         folders.append(Path(presets_dir) / "storyboard")
-    found = {}
-    for folder in folders:
-        for path in sorted(folder.glob("*.json")):
-            try:
-                preset = load_board_preset(path)
-            except ValueError:
-                continue
-            found[preset.name] = preset
-    return found
+    return scan_presets(folders, load_board_preset)
 
 
 def apply_board_preset(board: Storyboard, preset: BoardPreset) -> None:
