@@ -15,22 +15,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import build_sd15_folder, environment, median, sync, timed, write_report  # noqa: E402
+from bench.common import (  # noqa: E402
+    build_sd15_folder,
+    cfg_step_flops,
+    environment,
+    median,
+    round_robin,
+    sync,
+    write_report,
+)
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting, highly detailed"
 NEGATIVE = "blurry, lowres"
 STEPS, CFG, SIZE, SEED = 25, 7.0, 512, 1234
-
-
-def unet_flops(unet) -> float:
-    """FLOPs of one CFG step (UNet forward, 64×64 latent, batch 2) from torch's flop counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    latent = torch.randn(2, 4, 64, 64, device="cuda", dtype=unet.dtype)
-    text = torch.randn(2, 77, unet.config.cross_attention_dim, device="cuda", dtype=unet.dtype)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(latent, 999, encoder_hidden_states=text)
-    return counter.get_total_flops()
 
 
 def make_kohya_lora(unet, text_encoder, path: Path, rank: int, seed: int) -> Path:
@@ -83,7 +80,7 @@ def main() -> None:
         return p
 
     plain, plain_lora = plain_pipe(), plain_pipe()
-    flops_step = unet_flops(plain.unet)
+    flops_step = cfg_step_flops(plain.unet)
     loras_dir = work / "home" / "loras"
     loras_dir.mkdir(parents=True, exist_ok=True)
     a = make_kohya_lora(plain.unet, plain.text_encoder, loras_dir / "style_a.safetensors", 16, 1)
@@ -124,19 +121,7 @@ def main() -> None:
             compiled_px = np.asarray(compiled_gen.run(j).images[0].image, dtype=np.int16)
             results[f"{key}_max_pixel_diff_vs_eager"] = int(np.abs(eager_px - compiled_px).max())
             runs[key] = (lambda j=j: compiled_gen.run(j))
-    times = {k: [] for k in runs}
-    activation_peak = {k: 0.0 for k in runs}
-    for key, fn in runs.items():  # warm-up, and each one's own peak above what is resident
-        fn()
-        sync()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        sync()
-        activation_peak[key] = (torch.cuda.max_memory_allocated() - base) / 2**30
-    for _ in range(args.repeats):
-        for key, fn in runs.items():
-            times[key] += timed(fn, 1, warmup=0)
+    times, activation_peak = round_robin(runs, args.repeats)
     weights_gib = sum(p.numel() * p.element_size() for m in (plain.unet, plain.vae, plain.text_encoder)
                       for p in m.parameters()) / 2**30
     results["weights_gib"] = weights_gib

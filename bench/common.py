@@ -71,6 +71,46 @@ def timed(fn, repeats: int, warmup: int = 1) -> list[float]:
     return times
 
 
+def round_robin(runs: dict, repeats: int, cuda: bool = True) -> tuple[dict, dict]:
+    """Seconds per call of each of `runs` (name -> fn), in `repeats` rounds of one call each after a warm-up call
+    each: every contender stays resident and they are interleaved, because these runs are launch-bound and the
+    machine drifts by tens of percent within a minute. Also each run's peak GPU memory above what was resident
+    before it (GiB, from one more untimed call; 0 without `cuda`)."""
+    times = {k: [] for k in runs}
+    activation_peak = {k: 0.0 for k in runs}
+    for key, fn in runs.items():
+        fn()
+        sync()
+        if cuda:
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            sync()
+            activation_peak[key] = (torch.cuda.max_memory_allocated() - base) / 2**30
+    for _ in range(repeats):
+        for key, fn in runs.items():
+            times[key] += timed(fn, 1, warmup=0)
+    return times, activation_peak
+
+
+def cfg_step_flops(unet, controlnet=None, latent: int = 64) -> float:
+    """FLOPs of one CFG step (batch 2, latent² of 4 channels, 77 text tokens) from torch's flop counter: the UNet
+    forward, and with `controlnet` also its forward (conditioning image 8·latent²) and the residuals it adds."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    like = {"device": unet.device, "dtype": unet.dtype}
+    x = torch.randn(2, unet.config.in_channels, latent, latent, **like)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, **like)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        residuals = {}
+        if controlnet is not None:
+            image = torch.rand(2, 3, 8 * latent, 8 * latent, **like)
+            down, mid = controlnet(x, 999, encoder_hidden_states=text, controlnet_cond=image, return_dict=False)
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        unet(x, 999, encoder_hidden_states=text, **residuals)
+    return counter.get_total_flops()
+
+
 def median(xs: list[float]) -> float:
     xs = sorted(xs)
     return xs[len(xs) // 2]
