@@ -2,7 +2,7 @@
 train_dreambooth_lora.py, in the same run: 512², fp16 mixed precision, rank 4 and 64, batch 4 and 1 (issue #10
 item 6).
 Usage: python bench/bench_train_lora.py [--steps 40] [--rounds 3] [--ranks 4,64] [--batches 4,1] [--work DIR]
-       [--tiny] [--no-profile]
+       [--tiny] [--no-profile] [--compile MODE]
 
 The method is bench/bench_train_ti.py's, and its helpers are reused from there. For each (rank, batch) the blocks
 alternate: plain, studio, plain, studio, and so on. Step times are the gaps between consecutive steps' ends (the plain
@@ -10,7 +10,9 @@ loop's `loss.item()`, the studio's "loss" event; both wait for the GPU), the fir
 warm-up; we quote medians over every block of a contender. After the timed blocks of a configuration, each
 contender runs once more under torch.profiler (GPU kernel time, kernels and syncs per step); those runs are not
 timed. `--tiny` runs the same logic with the tiny random model at 64 px (on the CPU when there is no GPU): a check
-of the script at no device cost, not a measurement."""
+of the script at no device cost, not a measurement. `--compile MODE` (CUDA only, skipped on the CPU) adds the
+*studio_compiled* contender as in bench_train_ti.py: the Trainer with TrainJob(compile=MODE), which compiles the
+peft-wrapped UNet; its first block per (rank, batch) pays the compile, reported apart as `compile_s`."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.bench_train_ti import (  # noqa: E402
+    COMPILED,
     N_IMAGES,
     PEAK_TFLOPS,
     PROFILE_ACTIVE,
@@ -35,8 +38,11 @@ from bench.bench_train_ti import (  # noqa: E402
     PROFILE_WARMUP,
     SEED,
     WARMUP,
+    block_line,
     build_tiny_folder,
     cleanup,
+    compile_mode,
+    compile_time,
     gaps,
     load_images,
     make_dataset,
@@ -48,6 +54,7 @@ from bench.bench_train_ti import (  # noqa: E402
     studio_train_digest,
 )
 from bench.common import build_sd15_folder, environment, median, write_report  # noqa: E402
+from studio.speed import TRAIN_COMPILE_MODES  # noqa: E402
 
 LR = 1e-4
 NAME = "bench-lora"
@@ -151,12 +158,13 @@ class PlainLoRA:
 # --- blocks ------------------------------------------------------------------------------------------------
 
 
-def studio_job(folder, data_dir, batch, rank, steps, res, precision):
+def studio_job(folder, data_dir, batch, rank, steps, res, precision, compile="off"):
     from studio.train.job import TrainJob
 
     return TrainJob.for_method("lora", model=str(folder), data=str(data_dir), name=NAME, resolution=res,
                                batch_size=batch, max_steps=steps, mixed_precision=precision, rank=rank, alpha=rank,
-                               save_every=steps, preview_every=0, learning_rate=str(LR), seed=SEED, overwrite=True)
+                               save_every=steps, preview_every=0, learning_rate=str(LR), seed=SEED, overwrite=True,
+                               compile=compile)
 
 
 def plain_block(folder, data_dir, captions, batch, rank, steps, device, amp, cuda, want_flops):
@@ -179,7 +187,7 @@ def plain_block(folder, data_dir, captions, batch, rank, steps, device, amp, cud
     return out
 
 
-def studio_block(cfg, folder, data_dir, batch, rank, steps, res, precision, cuda):
+def studio_block(cfg, folder, data_dir, batch, rank, steps, res, precision, cuda, compile="off"):
     from studio.train.loop import Trainer
 
     cleanup(cuda)
@@ -198,7 +206,7 @@ def studio_block(cfg, folder, data_dir, batch, rank, steps, res, precision, cuda
         if text.startswith("encoding") and "encoding" not in marks:
             marks["encoding"] = time.perf_counter()
 
-    job = studio_job(folder, data_dir, batch, rank, steps, res, precision)
+    job = studio_job(folder, data_dir, batch, rank, steps, res, precision, compile)
     trainer = Trainer(cfg, on_progress=on_progress, on_event=on_event)
     t0 = time.perf_counter()
     result = trainer.start(job)
@@ -231,12 +239,12 @@ def profile_plain(folder, data_dir, captions, batch, rank, device, amp, cuda) ->
     return profile_summary(prof)
 
 
-def profile_studio(cfg, folder, data_dir, batch, rank, res, precision, cuda) -> dict:
+def profile_studio(cfg, folder, data_dir, batch, rank, res, precision, cuda, compile="off") -> dict:
     from studio.train.loop import Trainer
 
     cleanup(cuda)
     steps = PROFILE_WAIT + PROFILE_WARMUP + PROFILE_ACTIVE + 1
-    job = studio_job(folder, data_dir, batch, rank, steps, res, precision)
+    job = studio_job(folder, data_dir, batch, rank, steps, res, precision, compile)
     with profiler(cuda) as prof:
         result = Trainer(cfg, on_event=lambda kind, info: prof.step() if kind == "loss" else None).start(job)
     if result.state != "finished":
@@ -258,6 +266,9 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="folder for the random model, dataset and studio home")
     parser.add_argument("--tiny", action="store_true", help="tiny random model at 64 px: checks the script")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler pass after timing")
+    parser.add_argument("--compile", default="off", choices=TRAIN_COMPILE_MODES, metavar="MODE",
+                        help=f"also time the studio with TrainJob(compile=MODE) as '{COMPILED}' (CUDA only): "
+                             f"{', '.join(TRAIN_COMPILE_MODES)}")
     args = parser.parse_args()
     import diffusers
     import peft
@@ -284,6 +295,7 @@ def main() -> None:
     ranks = [int(r) for r in args.ranks.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     configs = [(r, b) for r in ranks for b in batches]
+    compile = compile_mode(args.compile, cuda)
 
     env = environment()
     env["peft"] = peft.__version__
@@ -296,12 +308,13 @@ def main() -> None:
           f"measured: {matmul and round(matmul, 1)} TFLOP/s", flush=True)
     results = {"env": env, "settings": {"resolution": res, "steps_per_block": args.steps, "rounds": args.rounds,
                                         "warmup_steps_skipped": WARMUP, "images": N_IMAGES, "tiny": args.tiny,
-                                        "mixed_precision": precision, "learning_rate": LR, "targets": TARGETS},
+                                        "mixed_precision": precision, "learning_rate": LR, "targets": TARGETS,
+                                        "compile": compile},
                "peak_tflops_used": peak, "matmul_fp16_tflops_measured": matmul, "studio_train_sha256": digest}
     t_start = time.perf_counter()
     for rank, batch in configs:
         key = f"r{rank}_bs{batch}"
-        blocks = {"plain": [], "studio": []}
+        blocks = {"plain": [], "studio": [], **({COMPILED: []} if compile != "off" else {})}
         flops = None
         for r in range(args.rounds):
             p = plain_block(folder, data_dir, captions, batch, rank, args.steps, device, amp, cuda,
@@ -317,6 +330,10 @@ def main() -> None:
                   f"{1 / median(s['times']):6.2f} steps/s, peak {s['peak_gib']:.2f} GiB, start() {s['wall_s']:.1f}s "
                   f"(load {s['load_s']:.1f}s, cache+first step {s['cache_and_first_step_s']:.1f}s, finish "
                   f"{s['finish_s']:.2f}s) [{s['trainable_log']}]", flush=True)
+            if compile != "off":
+                c = studio_block(cfg, folder, data_dir, batch, rank, args.steps, res, precision, cuda, compile)
+                blocks[COMPILED].append(c)
+                print(block_line(f"{key} round {r + 1}", COMPILED, batch, c), flush=True)
         step_flops, text_flops, vae_flops = flops
         entry = {"rank": rank, "batch": batch, "model_tflop_per_step": step_flops / 1e12,
                  "text_encoder_tflop_per_step": text_flops / 1e12, "vae_encode_tflop_per_image": vae_flops / 1e12}
@@ -331,9 +348,21 @@ def main() -> None:
             r["mfu_vs_matmul_pct"] = 100 * r["tflops_per_s"] / matmul if matmul else None
             entry[name] = r
         entry["ratio_studio_over_plain_steps_per_s"] = entry["studio"]["steps_per_s"] / entry["plain"]["steps_per_s"]
+        if compile != "off":
+            entry[COMPILED].update(compile_time(blocks), mode=compile)
+            entry["ratio_compiled_over_plain_steps_per_s"] = (entry[COMPILED]["steps_per_s"]
+                                                              / entry["plain"]["steps_per_s"])
+            entry["ratio_compiled_over_studio_steps_per_s"] = (entry[COMPILED]["steps_per_s"]
+                                                               / entry["studio"]["steps_per_s"])
+            firsts = [round(x, 1) for x in entry[COMPILED]["cache_and_first_step_s_per_block"]]
+            print(f"{key} {COMPILED}: compile {entry[COMPILED]['compile_s']:.1f}s extra in its first block "
+                  f"(cache+first step per block {firsts})", flush=True)
         if not args.no_profile:  # after the timed blocks, so the profiler cannot disturb them
             entry["profile"] = {"plain": profile_plain(folder, data_dir, captions, batch, rank, device, amp, cuda),
                                 "studio": profile_studio(cfg, folder, data_dir, batch, rank, res, precision, cuda)}
+            if compile != "off":
+                entry["profile"][COMPILED] = profile_studio(cfg, folder, data_dir, batch, rank, res, precision,
+                                                            cuda, compile)
             for name, prof in entry["profile"].items():
                 print(f"{key} profile {name:<6}: GPU {prof['gpu_ms_per_step']:.2f} ms/step, "
                       f"{prof['kernels_per_step']:.0f} kernels, {prof['syncs_per_step']:.1f} syncs, "
@@ -345,18 +374,27 @@ def main() -> None:
         print(f"[{time.perf_counter() - t_start:.0f}s since the first block]", flush=True)
 
     path = write_report("train_lora" + ("_tiny" if args.tiny else ""), results)
-    print(f"\n{'run':<16}{'steps/s':>9}{'img/s':>8}{'peak GiB':>10}{'TFLOP/s':>9}{'MFU %':>7}{'MFU/mm %':>9}"
+    width = 16 if compile == "off" else 28
+    print(f"\n{'run':<{width}}{'steps/s':>9}{'img/s':>8}{'peak GiB':>10}{'TFLOP/s':>9}{'MFU %':>7}{'MFU/mm %':>9}"
           f"{'ratio':>7}")
     for rank, batch in configs:
         key = f"r{rank}_bs{batch}"
         entry = results[key]
-        for name in ("plain", "studio"):
+        for name in ("plain", "studio", COMPILED):
+            if name not in entry:
+                continue
             r = entry[name]
-            ratio = entry["ratio_studio_over_plain_steps_per_s"] if name == "studio" else 1.0
+            ratio = {"studio": entry["ratio_studio_over_plain_steps_per_s"],
+                     COMPILED: entry.get("ratio_compiled_over_plain_steps_per_s")}.get(name, 1.0)
             mfu = f"{r['mfu_pct']:7.1f}" if r["mfu_pct"] is not None else f"{'-':>7}"
             mfu_mm = f"{r['mfu_vs_matmul_pct']:9.1f}" if r["mfu_vs_matmul_pct"] is not None else f"{'-':>9}"
-            print(f"{name + ' ' + key:<16}{r['steps_per_s']:>9.2f}{r['images_per_s']:>8.1f}"
+            print(f"{name + ' ' + key:<{width}}{r['steps_per_s']:>9.2f}{r['images_per_s']:>8.1f}"
                   f"{r['peak_gib']:>10.2f}{r['tflops_per_s']:>9.1f}{mfu}{mfu_mm}{ratio:>7.3f}")
+        if COMPILED in entry:
+            c = entry[COMPILED]
+            print(f"  {key} {COMPILED} ({c['mode']}): {entry['ratio_compiled_over_studio_steps_per_s']:.3f}x the "
+                  f"eager studio's steps/s; compile {c['compile_s']:.1f}s in its first block; per-block steps/s "
+                  f"{[round(x, 2) for x in c['block_steps_per_s']]}")
         print(f"  {key}: model (text encoder fwd + UNet fwd+bwd) {entry['model_tflop_per_step']:.3f} TFLOP/step "
               f"(text encoder {entry['text_encoder_tflop_per_step']:.4f}); VAE encode "
               f"{entry['vae_encode_tflop_per_image']:.3f} TFLOP/image (plain loop only); per-block steps/s plain "

@@ -1,6 +1,7 @@
 """Textual Inversion training on the GPU, studio vs a plain loop shaped like diffusers'
 examples/textual_inversion, in the same run: 512², fp16 mixed precision, batch 4 and batch 1 (issue #10 item 5).
 Usage: python bench/bench_train_ti.py [--steps 60] [--rounds 3] [--work DIR] [--tiny] [--no-profile]
+       [--compile MODE]
 
 Blocks alternate (plain bs4, studio bs4, plain bs4, studio bs4, ..., then the same at bs1): a Trainer run cannot
 be interleaved step by step with another loop, so alternating blocks is the fairest order we have. Step times are
@@ -9,7 +10,11 @@ the GPU), the first few of each block skipped as warm-up; we quote medians over 
 After the timed blocks, each contender runs once more under torch.profiler (GPU kernel time, kernels and syncs per
 step) and once under cProfile (where the host's time goes); those runs are not timed.
 `--tiny` runs the same logic with the tiny random model at 64 px (on the CPU when there is no GPU): a check of
-the script at no device cost, not a measurement."""
+the script at no device cost, not a measurement.
+`--compile MODE` (default, max-autotune; CUDA only, skipped on the CPU) adds a third contender, *studio_compiled*:
+the studio's Trainer with TrainJob(compile=MODE), in the same alternation (plain, studio, studio_compiled, ...).
+Its first block pays the compile (dynamo keeps the graphs for the rest of the process, so later blocks reuse them):
+that extra time is reported apart (`compile_s`), and its steps/s, like everyone's, skip each block's warm-up gaps."""
 
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import build_sd15_folder, environment, median, sync, write_report  # noqa: E402
+from studio.speed import TRAIN_COMPILE_MODES  # noqa: E402
 
 N_IMAGES, WARMUP, SEED, LR, INIT_WORD = 8, 5, 0, 0.005, "*"
 NAME = "bench-style"  # the studio's embedding name; the plain loop adds the token <bench-style>
@@ -229,7 +235,7 @@ def plain_block(folder, data_dir, batch, steps, device, amp, cuda, res, want_flo
     return out
 
 
-def studio_block(cfg, folder, data_dir, batch, steps, res, precision, cuda):
+def studio_block(cfg, folder, data_dir, batch, steps, res, precision, cuda, compile="off"):
     from studio.train.job import TrainJob
     from studio.train.loop import Trainer
 
@@ -248,7 +254,7 @@ def studio_block(cfg, folder, data_dir, batch, steps, res, precision, cuda):
 
     job = TrainJob(model=str(folder), data=str(data_dir), name=NAME, resolution=res, batch_size=batch,
                    max_steps=steps, mixed_precision=precision, save_every=steps, preview_every=0,
-                   learning_rate=str(LR), seed=SEED, overwrite=True)
+                   learning_rate=str(LR), seed=SEED, overwrite=True, compile=compile)
     trainer = Trainer(cfg, on_progress=on_progress, on_event=on_event)
     t0 = time.perf_counter()
     result = trainer.start(job)
@@ -318,7 +324,7 @@ def profile_plain(folder, data_dir, batch, device, amp, cuda) -> dict:
     return profile_summary(prof)
 
 
-def profile_studio(cfg, folder, data_dir, batch, res, precision, cuda) -> dict:
+def profile_studio(cfg, folder, data_dir, batch, res, precision, cuda, compile="off") -> dict:
     from studio.train.job import TrainJob
     from studio.train.loop import Trainer
 
@@ -326,7 +332,7 @@ def profile_studio(cfg, folder, data_dir, batch, res, precision, cuda) -> dict:
     steps = PROFILE_WAIT + PROFILE_WARMUP + PROFILE_ACTIVE + 1
     job = TrainJob(model=str(folder), data=str(data_dir), name=NAME, resolution=res, batch_size=batch,
                    max_steps=steps, mixed_precision=precision, save_every=steps, preview_every=0,
-                   learning_rate=str(LR), seed=SEED, overwrite=True)
+                   learning_rate=str(LR), seed=SEED, overwrite=True, compile=compile)
     with profiler(cuda) as prof:
         result = Trainer(cfg, on_event=lambda kind, info: prof.step() if kind == "loss" else None).start(job)
     if result.state != "finished":
@@ -394,7 +400,7 @@ def host_profile_plain(folder, data_dir, batch, device, amp, cuda) -> dict:
     return host_summary(prof, HOST_STEPS)
 
 
-def host_profile_studio(cfg, folder, data_dir, batch, res, precision, cuda) -> dict:
+def host_profile_studio(cfg, folder, data_dir, batch, res, precision, cuda, compile="off") -> dict:
     import cProfile
 
     from studio.train.job import TrainJob
@@ -412,13 +418,45 @@ def host_profile_studio(cfg, folder, data_dir, batch, res, precision, cuda) -> d
 
     job = TrainJob(model=str(folder), data=str(data_dir), name=NAME, resolution=res, batch_size=batch,
                    max_steps=steps, mixed_precision=precision, save_every=steps, preview_every=0,
-                   learning_rate=str(LR), seed=SEED, overwrite=True)
+                   learning_rate=str(LR), seed=SEED, overwrite=True, compile=compile)
     result = Trainer(cfg, on_event=on_event).start(job)
     if result.state != "finished":
         raise RuntimeError(f"studio training {result.state}: {result.message}")
     del result
     cleanup(cuda)
     return host_summary(prof, HOST_STEPS)
+
+
+COMPILED = "studio_compiled"
+
+
+def compile_mode(requested: str, cuda: bool) -> str:
+    """The --compile mode the run uses: off on the CPU (the studio compiles on CUDA only), said once."""
+    if requested != "off" and not cuda:
+        print(f"--compile {requested}: the {COMPILED} contender is skipped (compile is CUDA only)", flush=True)
+        return "off"
+    return requested
+
+
+def block_line(key: str, name: str, batch: int, b: dict) -> str:
+    """One block's console line: speed, peak memory and where start() spent its time."""
+    return (f"{key} {name:<15}: {batch / median(b['times']):6.2f} img/s {1 / median(b['times']):6.2f} steps/s, "
+            f"peak {b['peak_gib']:.2f} GiB, start() {b['wall_s']:.1f}s (load {b['load_s']:.1f}s, cache+first step "
+            f"{b['cache_and_first_step_s']:.1f}s, finish {b['finish_s']:.2f}s)")
+
+
+def compile_time(blocks: dict) -> dict:
+    """What compiling cost, apart from the steps: the first compiled block's latent caching + first step beyond
+    the eager studio's median, and its whole start() beyond the later compiled blocks' median (those reuse the
+    compiled graphs; None with one round). Every compiled block's first-step time is listed: a later block that
+    compiled again would show there."""
+    eager = median([b["cache_and_first_step_s"] for b in blocks["studio"]])
+    compiled = blocks[COMPILED]
+    later = [b["wall_s"] for b in compiled[1:]]
+    return {"compile_s": compiled[0]["cache_and_first_step_s"] - eager,
+            "first_block_extra_wall_s": compiled[0]["wall_s"] - median(later) if later else None,
+            "cache_and_first_step_s_per_block": [b["cache_and_first_step_s"] for b in compiled],
+            "studio_cache_and_first_step_s_median": eager}
 
 
 def studio_train_digest() -> str:
@@ -463,6 +501,9 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="folder for the random model, dataset and studio home")
     parser.add_argument("--tiny", action="store_true", help="tiny random model at 64 px: checks the script")
     parser.add_argument("--no-profile", action="store_true", help="skip the torch.profiler pass after timing")
+    parser.add_argument("--compile", default="off", choices=TRAIN_COMPILE_MODES, metavar="MODE",
+                        help=f"also time the studio with TrainJob(compile=MODE) as '{COMPILED}' (CUDA only): "
+                             f"{', '.join(TRAIN_COMPILE_MODES)}")
     args = parser.parse_args()
     import diffusers
     import transformers
@@ -485,6 +526,7 @@ def main() -> None:
     data_dir = make_dataset(work / f"data{res}", res)
     cfg = StudioConfig.from_env(device="cuda" if cuda else "cpu")
     batches = [int(b) for b in args.batches.split(",")]
+    compile = compile_mode(args.compile, cuda)
 
     env = environment()
     card = env["device"]
@@ -495,11 +537,11 @@ def main() -> None:
           f"{matmul and round(matmul, 1)} TFLOP/s", flush=True)
     results = {"env": env, "settings": {"resolution": res, "steps_per_block": args.steps, "rounds": args.rounds,
                                         "warmup_steps_skipped": WARMUP, "images": N_IMAGES, "tiny": args.tiny,
-                                        "mixed_precision": precision, "learning_rate": LR},
+                                        "mixed_precision": precision, "learning_rate": LR, "compile": compile},
                "peak_tflops_used": peak, "matmul_fp16_tflops_measured": matmul,
                "studio_train_sha256": studio_train_digest()}
     for batch in batches:
-        blocks = {"plain": [], "studio": []}
+        blocks = {"plain": [], "studio": [], **({COMPILED: []} if compile != "off" else {})}
         flops = None
         for r in range(args.rounds):
             p = plain_block(folder, data_dir, batch, args.steps, device, amp, cuda, res, want_flops=(r == 0))
@@ -514,6 +556,10 @@ def main() -> None:
                   f"{1 / median(s['times']):6.2f} steps/s, peak {s['peak_gib']:.2f} GiB, start() {s['wall_s']:.1f}s "
                   f"(load {s['load_s']:.1f}s, cache+first step {s['cache_and_first_step_s']:.1f}s, finish "
                   f"{s['finish_s']:.1f}s)", flush=True)
+            if compile != "off":
+                c = studio_block(cfg, folder, data_dir, batch, args.steps, res, precision, cuda, compile)
+                blocks[COMPILED].append(c)
+                print(block_line(f"bs{batch} round {r + 1}", COMPILED, batch, c), flush=True)
         step_flops, vae_flops = flops
         entry = {"model_tflop_per_step": step_flops / 1e12, "vae_encode_tflop_per_image": vae_flops / 1e12}
         for name, runs in blocks.items():
@@ -527,9 +573,21 @@ def main() -> None:
             r["mfu_vs_matmul_pct"] = 100 * r["tflops_per_s"] / matmul if matmul else None
             entry[name] = r
         entry["ratio_studio_over_plain_steps_per_s"] = entry["studio"]["steps_per_s"] / entry["plain"]["steps_per_s"]
+        if compile != "off":
+            entry[COMPILED].update(compile_time(blocks), mode=compile)
+            entry["ratio_compiled_over_plain_steps_per_s"] = (entry[COMPILED]["steps_per_s"]
+                                                              / entry["plain"]["steps_per_s"])
+            entry["ratio_compiled_over_studio_steps_per_s"] = (entry[COMPILED]["steps_per_s"]
+                                                               / entry["studio"]["steps_per_s"])
+            firsts = [round(x, 1) for x in entry[COMPILED]["cache_and_first_step_s_per_block"]]
+            print(f"bs{batch} {COMPILED}: compile {entry[COMPILED]['compile_s']:.1f}s extra in its first block "
+                  f"(cache+first step per block {firsts})", flush=True)
         if not args.no_profile:  # after the timed blocks, so the profiler cannot disturb them
             entry["profile"] = {"plain": profile_plain(folder, data_dir, batch, device, amp, cuda),
                                 "studio": profile_studio(cfg, folder, data_dir, batch, res, precision, cuda)}
+            if compile != "off":
+                entry["profile"][COMPILED] = profile_studio(cfg, folder, data_dir, batch, res, precision, cuda,
+                                                            compile)
             for name, prof in entry["profile"].items():
                 print(f"bs{batch} profile {name:<6}: GPU {prof['gpu_ms_per_step']:.2f} ms/step, "
                       f"{prof['kernels_per_step']:.0f} kernels, {prof['syncs_per_step']:.1f} syncs, "
@@ -538,6 +596,9 @@ def main() -> None:
                       flush=True)
             entry["host_profile"] = {"plain": host_profile_plain(folder, data_dir, batch, device, amp, cuda),
                                      "studio": host_profile_studio(cfg, folder, data_dir, batch, res, precision, cuda)}
+            if compile != "off":
+                entry["host_profile"][COMPILED] = host_profile_studio(cfg, folder, data_dir, batch, res, precision,
+                                                                      cuda, compile)
             for name, prof in entry["host_profile"].items():
                 print(f"bs{batch} host {name}: {prof['host_ms_per_step']:.1f} ms/step under cProfile; parts: "
                       + ", ".join(f"{k} {v:.1f}" for k, v in prof["cumulative_ms_per_step"].items()), flush=True)
@@ -546,17 +607,26 @@ def main() -> None:
         results[f"bs{batch}"] = entry
 
     path = write_report("train_ti" + ("_tiny" if args.tiny else ""), results)
-    print(f"\n{'run':<12}{'steps/s':>9}{'img/s':>8}{'peak GiB':>10}{'TFLOP/s':>9}{'MFU %':>7}{'MFU/mm %':>9}"
+    width = 12 if compile == "off" else 24
+    print(f"\n{'run':<{width}}{'steps/s':>9}{'img/s':>8}{'peak GiB':>10}{'TFLOP/s':>9}{'MFU %':>7}{'MFU/mm %':>9}"
           f"{'ratio':>7}")
     for batch in batches:
         entry = results[f"bs{batch}"]
-        for name in ("plain", "studio"):
+        for name in ("plain", "studio", COMPILED):
+            if name not in entry:
+                continue
             r = entry[name]
-            ratio = entry["ratio_studio_over_plain_steps_per_s"] if name == "studio" else 1.0
+            ratio = {"studio": entry["ratio_studio_over_plain_steps_per_s"],
+                     COMPILED: entry.get("ratio_compiled_over_plain_steps_per_s")}.get(name, 1.0)
             mfu = f"{r['mfu_pct']:7.1f}" if r["mfu_pct"] is not None else f"{'-':>7}"
             mfu_mm = f"{r['mfu_vs_matmul_pct']:9.1f}" if r["mfu_vs_matmul_pct"] is not None else f"{'-':>9}"
-            print(f"{name + ' bs' + str(batch):<12}{r['steps_per_s']:>9.2f}{r['images_per_s']:>8.1f}"
+            print(f"{name + ' bs' + str(batch):<{width}}{r['steps_per_s']:>9.2f}{r['images_per_s']:>8.1f}"
                   f"{r['peak_gib']:>10.2f}{r['tflops_per_s']:>9.1f}{mfu}{mfu_mm}{ratio:>7.3f}")
+        if COMPILED in entry:
+            c = entry[COMPILED]
+            print(f"  bs{batch} {COMPILED} ({c['mode']}): {entry['ratio_compiled_over_studio_steps_per_s']:.3f}x the "
+                  f"eager studio's steps/s; compile {c['compile_s']:.1f}s in its first block; per-block steps/s "
+                  f"{[round(x, 2) for x in c['block_steps_per_s']]}")
         print(f"  bs{batch}: model (text encoder + UNet, fwd+bwd) {entry['model_tflop_per_step']:.3f} TFLOP/step; "
               f"VAE encode {entry['vae_encode_tflop_per_image']:.3f} TFLOP/image (plain loop only); per-block "
               f"steps/s plain {[round(x, 2) for x in entry['plain']['block_steps_per_s']]}, studio "

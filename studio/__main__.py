@@ -222,7 +222,7 @@ TRAIN_FLAGS = {"model": "model", "data": "data", "name": "name", "method": "meth
                "lr_scheduler": "lr_scheduler", "warmup": "lr_warmup", "optimizer": "optimizer",
                "gradient_checkpointing": "gradient_checkpointing", "min_snr": "min_snr_gamma",
                "noise_offset": "noise_offset", "max_grad_norm": "max_grad_norm", "save_diffusers": "save_diffusers",
-               "ema": "ema", "ema_decay": "ema_decay", "out": "output"}
+               "ema": "ema", "ema_decay": "ema_decay", "out": "output", "compile": "compile"}
 
 
 def train_job_from_args(args):
@@ -261,7 +261,7 @@ def cmd_train(args) -> int:
 
         trainer = Trainer(cfg, on_progress=progress, on_event=on_event, cancel=cancel)
         if args.resume:
-            result = trainer.resume(Path(args.resume), max_steps=args.steps)
+            result = trainer.resume(Path(args.resume), max_steps=args.steps, compile=args.compile)
         else:
             job = train_job_from_args(args)
             job.validate()
@@ -289,6 +289,10 @@ def _train_parser(tsub, kind: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("--flip-p", type=float, help="horizontal flip probability (default: the dataset's)")
     p.add_argument("--seed", type=int)
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"])
+    p.add_argument("--compile", metavar="MODE",
+                   help="torch.compile the UNet, forward and backward (CUDA only): off (default), default or "
+                        "max-autotune (no CUDA graphs in training); the first step waits for the compiler. With "
+                        "--resume: switch it for the rest of the run")
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit"])
     p.add_argument("--lr-scheduler", choices=["constant", "constant_with_warmup", "linear", "cosine"])
     p.add_argument("--warmup", type=float, help="warmup steps, or a fraction of the steps below 1 (0.1 = 10%%)")

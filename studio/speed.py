@@ -3,15 +3,28 @@
 Eager SD 1.5 sampling is launch-bound on a modern GPU (see docs/benchmarks.md): the GPU waits for Python to
 queue thousands of small kernels per step. Compiling the UNet fuses them; CUDA graphs replay a whole step with
 one launch. The first image at each new size (and after a LoRA file is first loaded, which changes the module
-tree) pays the compile time; later ones are fast."""
+tree) pays the compile time; later ones are fast.
+
+Training (TrainJob.compile) compiles the UNet's forward and backward the same way, but never with CUDA graphs:
+see TRAIN_COMPILE_MODES."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 # "off": eager; "default": inductor kernels; "reduce-overhead": inductor kernels replayed as CUDA graphs;
 # "max-autotune": also searches kernel configurations (slow to compile, sometimes faster)
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+# Training: inductor kernels only. CUDA graph trees replay every call into one static memory pool, so a replay
+# overwrites the previous replay's outputs; in training those outputs include the backward graph's parameter
+# gradients, which autograd keeps in `.grad` across micro-batches (accumulation, clipping, the optimizer step) and
+# which the next forward's replay would overwrite. "reduce-overhead" is refused, and "max-autotune" runs as
+# inductor's "max-autotune-no-cudagraphs" (the same kernel search, without CUDA graphs).
+TRAIN_COMPILE_MODES = ("off", "default", "max-autotune")
+TRAIN_INDUCTOR_MODES = {"default": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 def check_compile_mode(mode: str) -> str:
@@ -20,18 +33,44 @@ def check_compile_mode(mode: str) -> str:
     return mode
 
 
-def compile_unet(unet: torch.nn.Module, mode: str, backend: str = "inductor") -> bool:
+def check_train_compile_mode(mode: str) -> str:
+    if mode == "reduce-overhead":
+        raise ValueError("compile mode 'reduce-overhead' (CUDA graphs) is for generation only: training compiles "
+                         "without CUDA graphs, whose replays would overwrite the gradients; use default or "
+                         "max-autotune (or off)")
+    if mode not in TRAIN_COMPILE_MODES:
+        raise ValueError(f"training compile mode must be one of {', '.join(TRAIN_COMPILE_MODES)}; got {mode!r}")
+    return mode
+
+
+def compile_unet(unet: torch.nn.Module, mode: str, backend: str = "inductor", training: bool = False) -> bool:
     """Compile `unet` in place (the module keeps its class, config and weights, so LoRA merging, which writes into
-    the weights in place, still reaches the compiled kernels and CUDA graphs). Returns whether it compiled.
+    the weights in place, still reaches the compiled kernels and CUDA graphs; its state_dict keys carry no
+    `_orig_mod.` prefix). Returns whether it compiled.
 
     Shapes are static: each image size and batch compiles once and is cached (up to torch._dynamo's recompile
-    limit, after which that shape runs eagerly). `backend` is for tests ("eager"/"aot_eager" on CPU)."""
-    check_compile_mode(mode)
+    limit, after which that shape runs eagerly). `training`: forward and backward, without CUDA graphs
+    (TRAIN_COMPILE_MODES). `backend` is for tests ("eager"/"aot_eager" on CPU)."""
+    check_train_compile_mode(mode) if training else check_compile_mode(mode)
     if mode == "off":
         return False
-    options = {} if backend != "inductor" else {"mode": mode}
+    inductor_mode = TRAIN_INDUCTOR_MODES[mode] if training else mode
+    options = {} if backend != "inductor" else {"mode": inductor_mode}
     unet.compile(backend=backend, dynamic=False, **options)
     return True
+
+
+@contextmanager
+def uncompiled(module: torch.nn.Module) -> Iterator[None]:
+    """Run `module` eagerly inside the block, even if it is compiled (training previews: no inference graph to
+    compile for a few images every N steps). Only this module: torch.compiler.set_stance would switch every
+    compiled module of the process, also the Generate tab's, which may be sampling in another thread."""
+    compiled = getattr(module, "_compiled_call_impl", None)
+    module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        module._compiled_call_impl = compiled
 
 
 def is_compiled(module: torch.nn.Module) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from studio import samplers
+from studio import samplers, speed
 from studio.config import StudioConfig
 from studio.infotext import format_infotext
 from studio.models import ModelManager
@@ -87,6 +87,14 @@ def make_accelerator(mixed_precision: str, device: str):
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
+def check_compile_device(mode: str, device_type: str, backend: str = "inductor") -> None:
+    """Compiling the training UNet is CUDA only, as in generation; refused before any model loads. Another
+    `backend` than inductor (tests: aot_eager) runs anywhere."""
+    if mode != "off" and device_type != "cuda" and backend == "inductor":
+        raise ValueError(f"compile {mode!r} (torch.compile of the UNet) needs a CUDA GPU, and this run would be on "
+                         f"{device_type}: set compile to off")
+
+
 def make_optimizer(job: TrainJob, groups, device: torch.device):
     param_groups = [{"params": g.params, "lr": g.rate(1), "name": g.name} for g in groups]
     if job.optimizer == "adamw8bit":
@@ -115,8 +123,11 @@ class Trainer:
     """Runs one TrainJob (new, or resumed from its run folder) to the end, a Stop, or a failure."""
 
     def __init__(self, cfg: StudioConfig, on_progress: ProgressFn | None = None, on_event: EventFn | None = None,
-                 cancel: threading.Event | None = None):
+                 cancel: threading.Event | None = None, compile_backend: str = "inductor"):
+        """`compile_backend`: torch.compile's backend for a job with compile on; inductor (CUDA only) unless a
+        test runs the compiled path on the CPU with "aot_eager"."""
         self.cfg = cfg
+        self.compile_backend = compile_backend
         self.run_folder: RunFolder | None = None
         self.on_progress = on_progress
         self.on_event = on_event or (lambda kind, info: None)
@@ -129,12 +140,13 @@ class Trainer:
         method_class(job).check_output(self.cfg, job)
         return self._run(job, None)
 
-    def resume(self, run_dir: Path, max_steps: int | None = None) -> TrainResult:
+    def resume(self, run_dir: Path, max_steps: int | None = None, compile: str | None = None) -> TrainResult:
+        """Continue a run from its last checkpoint; `max_steps` trains further, `compile` switches compiling (the
+        result does not depend on it)."""
         run = RunFolder.open(run_dir)
         job = run.job()
         check_train_settings(job.to_dict(), str(run.path / "config.yaml"))  # a hand-edited file names the bad key
-        if max_steps is not None:
-            job = job.replace(max_steps=max_steps)
+        job = job.replace(max_steps=max_steps, compile=compile)
         job.validate()
         return self._run(job, run)
 
@@ -150,6 +162,7 @@ class Trainer:
 
         # 2. model, device, precision; everything frozen until the method says what trains
         accelerator = make_accelerator(job.mixed_precision, self.cfg.device)
+        check_compile_device(job.compile, accelerator.device.type, self.compile_backend)
         self.accelerator = accelerator
         self._log(f"loading {job.model}")
         manager = ModelManager(dataclasses.replace(self.cfg, device="cpu", precision="fp32"))
@@ -221,6 +234,11 @@ class Trainer:
             self._log(f"resumed from {checkpoint.path.name}")
         method.prepare(accelerator)
         optimizer = accelerator.prepare(optimizer)
+        # after peft has injected its layers and accelerate has wrapped the module: compiled in place, so state
+        # dicts, peft's adapter state and the saved files see the real module (no `_orig_mod.` keys)
+        if speed.compile_unet(pipe.unet, job.compile, self.compile_backend, training=True):
+            self._log(f"compiling the UNet (torch.compile, mode {job.compile}, {self.compile_backend}): the first "
+                      "step waits for the compiler")
         noise_scheduler = _training_scheduler(pipe, model.prediction_type)
         self.method = method
         self._first_prompt = method.prompts([data.images[0].caption], random.Random(0))[0]
@@ -242,7 +260,11 @@ class Trainer:
             self._preview(job, run, method, 0)
         losses: list[float] = []
         pending_rows: list[dict] = []
+        compiled = speed.is_compiled(self.pipe.unet)
+        if compiled:
+            self._progress(start_step, job.max_steps, "compiling the UNet: the first step waits for torch.compile")
         t0 = time.monotonic()
+        rate_from = (start_step, t0)  # speed and ETA count from here (after the first step when that compiled)
         last_saved = start_step
         step = start_step
         state, message = "finished", ""
@@ -284,8 +306,10 @@ class Trainer:
                                      "aux_loss": f"{float(step_aux):.6g}" if job.method == "ti-moe" else "",
                                      "seconds": f"{time.monotonic() - t0:.2f}"})
                 self.on_event("loss", {"step": step, "loss": mean_loss, "lr": rates[0]})
-                self._progress(step, job.max_steps, self._progress_text(step, start_step, job.max_steps, t0,
+                self._progress(step, job.max_steps, self._progress_text(step, *rate_from, job.max_steps,
                                                                         mean_loss))
+                if compiled and step == start_step + 1:
+                    rate_from = (step, time.monotonic())
                 if is_main and (len(pending_rows) >= 10 or step % job.save_every == 0):
                     run.append_losses(pending_rows)
                     pending_rows = []
@@ -481,8 +505,9 @@ class Trainer:
         for m in modules:
             m.eval()  # no dropout in previews
         try:
-            image = self._render(method.preview_encoder(), prompt, job.preview_seed, job.preview_steps,
-                                 job.resolution)
+            with speed.uncompiled(self.pipe.unet):  # previews run eagerly: no inference graph to compile
+                image = self._render(method.preview_encoder(), prompt, job.preview_seed, job.preview_steps,
+                                     job.resolution)
         finally:
             for m in modules:
                 m.train()
@@ -502,9 +527,9 @@ class Trainer:
                 f"checkpoint ({last}) is kept. Resume with a lower learning rate (it was {lr:g}) or without "
                 "fp16 mixed precision.")
 
-    def _progress_text(self, step, start_step, max_steps, t0, loss) -> str:
-        done = step - start_step
-        rate = done / max(time.monotonic() - t0, 1e-9)
+    def _progress_text(self, step, from_step, from_time, max_steps, loss) -> str:
+        done = step - from_step
+        rate = done / max(time.monotonic() - from_time, 1e-9)
         eta = (max_steps - step) / rate if rate > 0 else 0
         return f"step {step}/{max_steps} · loss {loss:.4f} · {rate:.2f} steps/s · ETA {_clock(eta)}"
 

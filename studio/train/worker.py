@@ -15,7 +15,7 @@ from studio.library import UnsafeNameError, safe_child
 from studio.tokenizer import clip_tokenizer
 from studio.train.data import resolve_data_dir
 from studio.train.job import TrainJob
-from studio.train.loop import Trainer, method_class
+from studio.train.loop import Trainer, check_compile_device, method_class
 from studio.train.run_folder import RunFolder, list_runs
 from studio.train.textual_inversion import check_token_name
 
@@ -97,6 +97,8 @@ class TrainingWorker:
             raise ValueError("fp16 mixed precision needs a CUDA GPU; use bf16 or no on this device")
         if not cuda and job.optimizer == "adamw8bit":
             raise ValueError("8-bit AdamW needs a CUDA GPU (bitsandbytes); use adamw on this device")
+        device = "cuda" if cuda else "cpu" if self.cfg.device == "auto" else self.cfg.device
+        check_compile_device(job.compile, device)
         if job.is_ti:  # SD 1.x and 2.x share CLIP's vocabulary: the name check needs no model
             check_token_name(clip_tokenizer("sd1"), job.name)
         return self._launch(lambda trainer: trainer.start(job), job.name, job.method, job.max_steps)

@@ -15,6 +15,7 @@ import torch
 
 from studio.dataset import MANIFEST, read_manifest
 from studio.dataset_import import scan_inputs
+from studio.speed import TRAIN_COMPILE_MODES
 from studio.tiny import TINY_NAME
 from studio.train.data import MAX_FILE_BYTES, resolve_data_dir
 from studio.train.image_encoder import DEFAULT_IMAGE_ENCODER
@@ -52,7 +53,7 @@ FORM = ("data", "method", "name", "init_word", "vectors", "template", "learning_
         "save_diffusers", "class_prompt", "class_images", "prior_loss_weight", "ema", "ema_decay", "output",
         # optimisation (every method)
         "lr_scheduler", "lr_warmup", "optimizer", "max_grad_norm", "gradient_checkpointing", "min_snr_gamma",
-        "noise_offset")
+        "noise_offset", "compile")
 INT_FIELDS = {"vectors", "batch_size", "grad_accum", "max_steps", "resolution", "seed", "repeats", "heads",
               "experts", "top_k", "save_every", "preview_every", "rank", "class_images"}
 TEXT_FIELDS = {"data", "name", "init_word", "template", "learning_rate", "image_encoder", "preview_prompt",
@@ -121,6 +122,8 @@ def job_from_form(values: dict, model: str, extra: dict | None = None) -> TrainJ
             value = int(value) if value >= 1 and value.is_integer() else value  # steps, or a fraction below 1
         elif key in BOOL_FIELDS:
             value = bool(value)
+        elif key == "compile":
+            value = value or "off"
         job[key] = value
     job["model"] = model
     return TrainJob.from_dict(job)
@@ -169,6 +172,10 @@ def fit_settings(settings: dict, model: str, cuda: bool) -> tuple[dict, list[str
     if out.get("optimizer") == "adamw8bit" and problem:
         out["optimizer"] = "adamw"
         notes.append(f"8-bit AdamW {problem}: the optimizer is AdamW (it needs more memory).")
+    if out.get("compile", "off") != "off" and not cuda:
+        notes.append(f"Compiling the UNet needs a CUDA GPU: compile is `off` on this CPU (the settings ask for "
+                     f"`{out['compile']}`).")
+        out["compile"] = "off"
     return out, notes
 
 
@@ -510,8 +517,14 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
                                     label="Min-SNR γ (0: off, 5 usual)", elem_id="tr-snr")
                     noise_offset = gr.Number(defaults.noise_offset, minimum=0, maximum=1, step=0.01, min_width=100,
                                              label="Noise offset (0: off)", elem_id="tr-noise-offset")
-                checkpointing = gr.Checkbox(defaults.gradient_checkpointing, elem_id="tr-checkpointing",
-                                            label="Gradient checkpointing (less memory, about 30 % slower)")
+                with gr.Row(equal_height=True):
+                    checkpointing = gr.Checkbox(defaults.gradient_checkpointing, elem_id="tr-checkpointing",
+                                                label="Gradient checkpointing (less memory, about 30 % slower)")
+                    compile_mode = gr.Dropdown(
+                        list(TRAIN_COMPILE_MODES) if cuda else ["off"], value=defaults.compile, min_width=120,
+                        label="Compile UNet", elem_id="tr-compile",
+                        info="torch.compile of the UNet, forward and backward: fused kernels; the first step waits "
+                             "for the compiler" + ("" if cuda else " (CUDA only: not offered on this CPU)"))
             with gr.Accordion("Run settings", open=False):
                 with gr.Row():
                     save_every = gr.Number(defaults.save_every, precision=0, minimum=1,
@@ -562,7 +575,8 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
             "save_diffusers": save_diffusers, "class_prompt": class_prompt, "class_images": class_images,
             "prior_loss_weight": prior_weight, "ema": ema, "ema_decay": ema_decay, "output": output,
             "lr_scheduler": scheduler, "lr_warmup": warmup, "optimizer": optimizer, "max_grad_norm": grad_norm,
-            "gradient_checkpointing": checkpointing, "min_snr_gamma": snr, "noise_offset": noise_offset}
+            "gradient_checkpointing": checkpointing, "min_snr_gamma": snr, "noise_offset": noise_offset,
+            "compile": compile_mode}
     widgets = [form[key] for key in FORM]
     networks_outputs = list(networks_outputs)
     view_outputs = [shown, timer, status, progress, plot, previews, log, runs, model_dropdown, *networks_outputs]
