@@ -1,11 +1,12 @@
 """Pretrain the micro model on the procedural world; writes a diffusers folder (fp16) and an evaluation.
 
-    python -m studio.micro.pretrain --out OUT [--vae-seconds 45 --unet-seconds 200 --images 80000]
+    python -m studio.micro.pretrain --out OUT [--vae-seconds 50 --unet-seconds 380 --images 80000]
 
 1. render the world (seeded, in worker processes), 2. train the VAE (reconstruction + small KL),
 3. encode every image once, 4. train UNet and text encoder together on the captions (epsilon
-objective, 10% empty captions for classifier-free guidance, EMA), 5. save and pack, 6. evaluate the
-EMA model with the oracle on the fixed prompt set. Stages are bounded by seconds as well as steps, so
+objective with Min-SNR weighting, 10% empty captions for classifier-free guidance, EMA), 5. save and
+pack, 6. train a canny ControlNet on the world's edge maps against the frozen EMA model, 7. evaluate the
+EMA model with the oracle on the fixed prompt set, and the ControlNet by placing unplaced prompts. Stages are bounded by seconds as well as steps, so
 a run fits the lent GPU's time; the folder is packed into 15 MB parts periodically (the device tool
 returns files of at most 16 MB), and `--init-from` continues from a saved folder.
 """
@@ -30,9 +31,9 @@ import torch.nn.functional as F
 from studio.micro import oracle, world
 
 PART_BYTES = 15 * 1024 * 1024
-# SD 1.5's noise schedule
+# SD 1.5's noise schedule (the prediction type is PretrainConfig.prediction)
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                steps_offset=1, prediction_type="epsilon")
+                steps_offset=1)
 
 
 @dataclass
@@ -44,24 +45,33 @@ class PretrainConfig:
     workers: int = 0  # render processes; 0 = all CPUs
     # VAE
     vae_steps: int = 4000
-    vae_seconds: float = 45.0
+    vae_seconds: float = 50.0
     vae_batch: int = 256
     vae_lr: float = 1e-3
     kl_weight: float = 1e-5  # per latent element against per pixel squared error (sums, as in LDM)
     # extra VAE-only images (as a share of `images`) drawn with every texture, the held-out ones too: the style stays
-    # out of the captions and the UNet, but the VAE can draw it, so TI / LoRA can teach it later. The shipped model
-    # was trained with 0 and its VAE cannot reproduce diagonal stripes (docs/micro-model.md)
-    vae_held_out: float = 0.0
+    # out of the captions and the UNet, but the VAE can draw it, so TI / LoRA can teach it later (with 0, the VAE
+    # cannot reproduce diagonal stripes: docs/micro-model.md)
+    vae_held_out: float = 0.5
     # UNet + text encoder
     unet_steps: int = 100_000
-    unet_seconds: float = 200.0
-    unet_batch: int = 512
+    unet_seconds: float = 380.0
+    unet_batch: int = 256
     unet_lr: float = 5e-4
     warmup: int = 200
     cfg_dropout: float = 0.1  # captions replaced by "" so that guidance works
     noise_offset: float = 0.05  # lets the model reach very dark and very bright backgrounds
+    # v-prediction (as SD 2.x-v): at high noise the target is about -x0, so the loss rewards putting the object where
+    # the prompt says; with epsilon the first run learned colour, shape and size but not position (docs/micro-model.md)
+    prediction: str = "v_prediction"  # or "epsilon"
+    min_snr_gamma: float = 5.0  # Min-SNR-5 loss weights (Hang et al. 2023): faster convergence; 0 = plain MSE
     ema_decay: float = 0.999
-    pack_every_s: float = 60.0
+    pack_every_s: float = 120.0
+    # canny ControlNet (ControlNetModel.from_unet of the EMA UNet), trained on the world's cv2.Canny(100, 200) maps
+    controlnet_seconds: float = 60.0  # 0 skips it
+    controlnet_batch: int = 256
+    controlnet_lr: float = 2e-4
+    controlnet_prompt_dropout: float = 0.5  # as ControlNet's authors: half the captions empty, so edges alone steer
     # evaluation
     eval_prompts: int = 200  # 0 skips the evaluation (python -m studio.micro.evaluate does it later)
     eval_steps: int = 20
@@ -114,10 +124,10 @@ def load_tokenizer(cfg: PretrainConfig):
     return clip_tokenizer("sd1")
 
 
-def make_scheduler():
+def make_scheduler(prediction: str = "v_prediction"):
     from diffusers import DPMSolverMultistepScheduler
 
-    return DPMSolverMultistepScheduler(**SCHEDULE)
+    return DPMSolverMultistepScheduler(**SCHEDULE, prediction_type=prediction)
 
 
 # --- 1. data ----------------------------------------------------------------------------------------
@@ -221,6 +231,24 @@ class EMA:
             p.copy_(s.to(p.dtype))
 
 
+def snr_weights(alphas_cumprod_t: torch.Tensor, gamma: float, prediction: str = "epsilon") -> torch.Tensor:
+    """Min-SNR-gamma weights: min(SNR, gamma) / SNR for epsilon, min(SNR, gamma) / (SNR + 1) for v (1 everywhere
+    when gamma is 0)."""
+    if gamma <= 0:
+        return torch.ones_like(alphas_cumprod_t)
+    snr = alphas_cumprod_t / (1 - alphas_cumprod_t)
+    return snr.clamp(max=gamma) / (snr + 1 if prediction == "v_prediction" else snr)
+
+
+def target_for(prediction: str, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to output: the noise, or v = sqrt(a) noise - sqrt(1 - a) x0."""
+    if prediction == "v_prediction":
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+    if prediction != "epsilon":
+        raise ValueError(f"prediction must be epsilon or v_prediction, got {prediction!r}")
+    return noise
+
+
 def train_unet(unet, text_encoder, means, stds, ids, empty_ids, scaling, cfg, device, log, on_pack):
     from diffusers import DDPMScheduler
 
@@ -258,7 +286,9 @@ def train_unet(unet, text_encoder, means, stds, ids, empty_ids, scaling, cfg, de
         with amp:
             context = text_encoder(tok)[0]
             pred = unet(noisy, t, encoder_hidden_states=context).sample
-        loss = F.mse_loss(pred.float(), noise)
+        loss = (snr_weights(a.view(-1), cfg.min_snr_gamma, cfg.prediction)
+                * F.mse_loss(pred.float(), target_for(cfg.prediction, x0, noise, a), reduction="none").mean(dim=(1, 2, 3))
+                ).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -277,14 +307,84 @@ def train_unet(unet, text_encoder, means, stds, ids, empty_ids, scaling, cfg, de
     return ema, step
 
 
+# --- 6. canny ControlNet ----------------------------------------------------------------------------
+
+CANNY_LOW, CANNY_HIGH = 100, 200  # the storyboard's default thresholds (studio.controlnet.canny_map at 64 px)
+
+
+def canny_edges(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, H, W) uint8 edge maps: cv2.Canny on the RGB pixels, as controlnet_aux's
+    CannyDetector (and so the storyboard) computes them."""
+    import cv2
+
+    return np.stack([cv2.Canny(im, CANNY_LOW, CANNY_HIGH) for im in images]) if len(images) else \
+        np.zeros(images.shape[:3], np.uint8)
+
+
+def build_controlnet(unet):
+    from diffusers import ControlNetModel
+
+    # two stride-2 convolutions in the conditioning embedding: 64 px edge maps -> the 16x16 latent grid
+    return ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64))
+
+
+def edge_condition(edges: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) uint8 edges -> (B, 3, H, W) float in [0, 1], the pipelines' control image layout."""
+    return (edges.float() / 255.0).unsqueeze(1).expand(-1, 3, -1, -1)
+
+
+def train_controlnet(controlnet, unet, text_encoder, means, stds, edges, ids, empty_ids, scaling, cfg, device, log):
+    from diffusers import DDPMScheduler
+
+    noise_sched = DDPMScheduler(**SCHEDULE)
+    alphas = noise_sched.alphas_cumprod.to(device)
+    for m in (unet, text_encoder):
+        m.eval().requires_grad_(False)
+    controlnet.train().requires_grad_(True)
+    opt = torch.optim.AdamW(controlnet.parameters(), lr=cfg.controlnet_lr, weight_decay=0.0)
+    g = torch.Generator(device=device).manual_seed(cfg.seed + 3)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    start, step, recent = time.time(), 0, []
+    while time.time() - start < cfg.controlnet_seconds:
+        idx = torch.randint(0, len(means), (cfg.controlnet_batch,), device=device, generator=g)
+        x0 = (means[idx] + stds[idx] * torch.randn(means[idx].shape, device=device, generator=g)) * scaling
+        tok = ids[idx].clone()
+        tok[torch.rand(len(idx), device=device, generator=g) < cfg.controlnet_prompt_dropout] = empty_ids
+        noise = torch.randn(x0.shape, device=device, generator=g)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), device=device, generator=g)
+        a = alphas[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        with amp:
+            with torch.no_grad():
+                context = text_encoder(tok)[0]
+            down, mid = controlnet(noisy, t, encoder_hidden_states=context, controlnet_cond=edge_condition(edges[idx]),
+                                   return_dict=False)
+            pred = unet(noisy, t, encoder_hidden_states=context, down_block_additional_residuals=down,
+                        mid_block_additional_residual=mid).sample
+        loss = F.mse_loss(pred.float(), target_for(cfg.prediction, x0, noise, a))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if step % 50 == 0:
+            recent.append(loss.item())
+        if step % 200 == 0 or step == 1:
+            log(f"controlnet step {step} loss {np.mean(recent[-10:]) if recent else loss.item():.4f} "
+                f"{time.time() - start:.0f}s")
+    controlnet.eval().requires_grad_(False)
+    log(f"controlnet done: {step} steps in {time.time() - start:.0f}s")
+    return step
+
+
 # --- 5. save and pack -------------------------------------------------------------------------------
 
 
-def assemble(vae, unet, text_encoder, tokenizer, dtype=torch.float16):
+def assemble(vae, unet, text_encoder, tokenizer, prediction: str, dtype=torch.float16):
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=make_scheduler(), safety_checker=None, feature_extractor=None,
+                                   scheduler=make_scheduler(prediction), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dtype=dtype)
@@ -351,6 +451,43 @@ def evaluate(pipe, cfg: PretrainConfig) -> tuple[dict, list[np.ndarray]]:
         if core > best:
             best, best_images = core, images
     return result, best_images
+
+
+def unplaced(scene) -> str:
+    """The scene's caption without its position: where the object goes is left to the ControlNet."""
+    text = world.caption(scene)
+    return text.rsplit(", ", 1)[0] if scene.count == 1 else text
+
+
+@torch.no_grad()
+def evaluate_controlnet(pipe, controlnet, cfg: PretrainConfig, guidance: float = 5.0, batch: int = 200) -> dict:
+    """Oracle accuracy of unplaced prompts with each scene's canny map as the control, and without it (chance
+    for position): the ControlNet works when the object lands where the edges put it."""
+    from diffusers import StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    scenes = world.eval_scenes(cfg.eval_prompts)
+    prompts = [unplaced(s) for s in scenes]
+    edges = canny_edges(np.stack([world.render(s, cfg.size) for s in scenes]))
+    cn_pipe = StableDiffusionControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
+    cn_pipe.set_progress_bar_config(disable=True)
+    attributes = ("background", "colour", "shape", "position", "size")
+    result = {}
+    for label, use in (("with_control", True), ("without_control", False)):
+        images = []
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i: i + batch]
+            gens = [torch.Generator("cpu").manual_seed(i + j) for j in range(len(chunk))]
+            kwargs = dict(num_inference_steps=cfg.eval_steps, guidance_scale=guidance, generator=gens, output_type="np")
+            if use:
+                control = [Image.fromarray(e).convert("RGB") for e in edges[i: i + batch]]
+                out = cn_pipe(chunk, image=control, **kwargs)
+            else:
+                out = pipe(chunk, **kwargs)
+            images += [np.clip(np.rint(im * 255), 0, 255).astype(np.uint8) for im in out.images]
+        result[label] = oracle.accuracy(scenes, images, attributes=attributes)
+    result["guidance"] = guidance
+    return result
 
 
 def save_grid(images: list[np.ndarray], path: Path, cols: int = 10, rows: int = 8, scale: int = 2) -> None:
@@ -420,6 +557,7 @@ def run(cfg: PretrainConfig) -> dict:
     log(f"latents {tuple(means.shape)} scaling {scaling:.4f}")
     ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
     ids = ids.to(device)
+    edges = torch.from_numpy(canny_edges(images_np)).to(device) if cfg.controlnet_seconds > 0 else None
     empty_ids = tokenizer([""], padding="max_length", max_length=77, return_tensors="pt").input_ids[0].to(device)
     del images
 
@@ -435,7 +573,7 @@ def run(cfg: PretrainConfig) -> dict:
         u.load_state_dict(unet.state_dict())
         te.load_state_dict(text_encoder.state_dict())
         ema.copy_to([u, te])
-        pipe = assemble(vae.to("cpu"), u, te, tokenizer)
+        pipe = assemble(vae.to("cpu"), u, te, tokenizer, cfg.prediction)
         save_folder(pipe, folder, {**info, "unet_steps": step, "seconds": round(time.time() - t0)})
         vae.to(device=device, dtype=torch.float32)
         pack(folder, out)
@@ -446,6 +584,17 @@ def run(cfg: PretrainConfig) -> dict:
     ema, steps = train_unet(unet, text_encoder, means, stds, ids, empty_ids, scaling, cfg, device, log, save_ema)
     # 5. save the EMA weights (fp16)
     pipe = save_ema(ema, steps)
+    # 6. a canny ControlNet for the EMA model (what ships), trained against it frozen
+    cn_folder, cn_steps = folder.parent / f"{folder.name}-controlnet-canny", 0
+    if cfg.controlnet_seconds > 0:
+        ema.copy_to([unet, text_encoder])
+        controlnet = build_controlnet(unet).to(device)
+        cn_steps = train_controlnet(controlnet, unet, text_encoder, means, stds, edges, ids, empty_ids, scaling, cfg,
+                                    device, log)
+        controlnet.to(torch.float16).save_pretrained(cn_folder, safe_serialization=True)
+        pack(cn_folder, out, name="micro-controlnet-canny")
+        log("packed the ControlNet")
+        del controlnet
     if cfg.eval_prompts <= 0:
         log("evaluation skipped (--eval-prompts 0)")
         return {**info, "unet_steps": steps}
@@ -456,12 +605,20 @@ def run(cfg: PretrainConfig) -> dict:
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=eval_dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     result, best_images = evaluate(pipe, cfg)
-    report = {**info, "unet_steps": steps, "eval": result, "eval_prompts": cfg.eval_prompts,
+    report = {**info, "unet_steps": steps, "controlnet_steps": cn_steps, "eval": result,
+              "eval_prompts": cfg.eval_prompts,
               "eval_steps": cfg.eval_steps, "scheduler": type(pipe.scheduler).__name__,
               "total_seconds": round(time.time() - t0)}
     (out / "eval.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
     save_grid(best_images, out / "samples.png")
     log(json.dumps(result))
+    if cn_steps:
+        from diffusers import ControlNetModel
+
+        controlnet = ControlNetModel.from_pretrained(cn_folder, torch_dtype=eval_dtype).to(device)
+        report["controlnet"] = evaluate_controlnet(pipe, controlnet, cfg)
+        (out / "eval.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
+        log(json.dumps(report["controlnet"]))
     return report
 
 
