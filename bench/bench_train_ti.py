@@ -235,7 +235,8 @@ def plain_block(folder, data_dir, batch, steps, device, amp, cuda, res, want_flo
     return out
 
 
-def studio_block(cfg, folder, data_dir, batch, steps, res, precision, cuda, compile="off"):
+def studio_block(cfg, folder, data_dir, batch, steps, res, precision, cuda, compile="off", extra=None):
+    """One studio training run timed step by step; `extra` overrides TrainJob fields (method, memory settings)."""
     from studio.train.job import TrainJob
     from studio.train.loop import Trainer
 
@@ -252,9 +253,10 @@ def studio_block(cfg, folder, data_dir, batch, steps, res, precision, cuda, comp
         if text.startswith("encoding") and "encoding" not in marks:
             marks["encoding"] = time.perf_counter()
 
-    job = TrainJob(model=str(folder), data=str(data_dir), name=NAME, resolution=res, batch_size=batch,
-                   max_steps=steps, mixed_precision=precision, save_every=steps, preview_every=0,
-                   learning_rate=str(LR), seed=SEED, overwrite=True, compile=compile)
+    fields = dict(model=str(folder), data=str(data_dir), name=NAME, resolution=res, batch_size=batch,
+                  max_steps=steps, mixed_precision=precision, save_every=steps, preview_every=0,
+                  learning_rate=str(LR), seed=SEED, overwrite=True, compile=compile)
+    job = TrainJob(**{**fields, **(extra or {})})
     trainer = Trainer(cfg, on_progress=on_progress, on_event=on_event)
     t0 = time.perf_counter()
     result = trainer.start(job)
