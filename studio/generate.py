@@ -200,26 +200,47 @@ class Generator:
         pipe = model.pipe
         nets = resolve_networks(job, self.networks, pipe.text_encoder.config.hidden_size)
         model.loras().apply(nets.loras)  # before encoding: a LoRA may change the text encoder
-        encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, nets.embeddings, clip_skip=job.clip_skip)
+        encoder = self.prompt_encoder(model, nets.embeddings, job.clip_skip)
         cond, uncond, used = encoder.encode_pair(nets.prompt, nets.negative_prompt)
         nets.ti_hashes = {name: nets.embedding_files[name].hash for name in used}
         return cond, uncond, nets
+
+    @staticmethod
+    def prompt_encoder(model: LoadedModel, embeddings: dict[str, TextualInversion], clip_skip: int) -> PromptEncoder:
+        """The model's PromptEncoder for these embeddings and clip skip, built once and reused while the model's
+        tokenizer and text encoder and the embeddings (names and vector tensors: the network library hands out the
+        same tensor while a file's size and mtime stay) are the same ones. A new, changed or removed embedding file
+        builds a new one, so embeddings still load without a restart. Call with the manager's lock held."""
+        pipe = model.pipe
+        wanted = [(name, e.vectors) for name, e in embeddings.items()]
+        cached = model.prompt_encoders.get(clip_skip)
+        if cached is not None:
+            tokenizer, text_encoder, had, encoder = cached
+            if (tokenizer is pipe.tokenizer and text_encoder is pipe.text_encoder and len(had) == len(wanted)
+                    and all(a == b and u is v for (a, u), (b, v) in zip(had, wanted, strict=True))):
+                return encoder
+        encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, embeddings, clip_skip=clip_skip)
+        model.prompt_encoders[clip_skip] = (pipe.tokenizer, pipe.text_encoder, wanted, encoder)
+        return encoder
 
     def run(self, job: GenerateJob, outputs_dir: Path | None = None, on_progress: ProgressFn | None = None,
             cancel: threading.Event | None = None) -> GenerateResult:
         # 1. validate
         job.validate()
-        model = self.manager.current
-        if model is None:
+        if self.manager.current is None:
             raise RuntimeError("no model is loaded; load one first")
         # out of GPU memory: memory freed, a message with what to change (studio.oom), the studio keeps serving
-        return run_with_advice(lambda: self._run(job, model, outputs_dir, on_progress, cancel), "generation",
+        return run_with_advice(lambda: self._run(job, outputs_dir, on_progress, cancel), "generation",
                                lambda: generation_advice(job.batch_size, job.width, job.height,
                                                          self.manager.memory))
 
-    def _run(self, job: GenerateJob, model: LoadedModel, outputs_dir: Path | None, on_progress: ProgressFn | None,
+    def _run(self, job: GenerateJob, outputs_dir: Path | None, on_progress: ProgressFn | None,
              cancel: threading.Event | None) -> GenerateResult:
         with self.manager.lock:
+            # the model is taken under the lock, so a model switch cannot come between reading it and using it
+            model = self.manager.current
+            if model is None:
+                raise RuntimeError("no model is loaded; load one first")
             pipe = model.pipe
             model_hash = self.manager.model_hash(model)
             cond, uncond, nets = self.encode(job, model)

@@ -57,6 +57,9 @@ class LoadedModel:
     path: Path | None = None
     hash_: str | None = field(default=None, repr=False)
     lora_slot: LoraSlot | None = field(default=None, repr=False)  # LoRA adapters loaded into this pipe
+    # clip skip -> (tokenizer, text encoder, embeddings, PromptEncoder): studio.generate.Generator.prompt_encoder's
+    # cache, kept with the model so that it goes when the model goes
+    prompt_encoders: dict = field(default_factory=dict, repr=False, compare=False)
 
     def loras(self) -> LoraSlot:
         if self.lora_slot is None:

@@ -136,3 +136,82 @@ def test_prompt_weighting_long_prompts_and_clip_skip_reach_the_image(generator):
     assert to_fields(parse_infotext(skipped.images[0].infotext))["extra"]["Clip skip"] == "2"
     with pytest.raises(ValueError, match="clip skip"):
         gen.run(job(clip_skip=0))
+
+
+def test_prompt_encoder_is_reused_until_the_model_or_the_embeddings_change(generator, monkeypatch):
+    """Building a PromptEncoder tokenizes every embedding name (and used to copy the vocabulary): Generate keeps the
+    model's one and builds a new one only when the embeddings, the clip skip or the model change, so an embedding
+    dropped into embeddings/ still works without a restart."""
+    import os
+
+    import torch
+
+    import studio.generate as generate
+    from studio.networks import save_embedding
+
+    gen, cfg = generator
+    built = []
+
+    class Counted(generate.PromptEncoder):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs.get("clip_skip"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "PromptEncoder", Counted)
+    model = gen.manager.current
+    model.prompt_encoders.clear()
+    prompt = job(prompt="a red circle by cachestyle")
+    plain, _, nets = gen.encode(prompt, model)
+    gen.encode(job(prompt="a blue square by cachestyle"), model)
+    assert len(built) == 1 and nets.ti_hashes == {}
+    gen.encode(job(clip_skip=2), model)
+    gen.encode(job(clip_skip=2), model)
+    assert built == [1, 2]
+    # a new embedding file: a new encoder, and the name is the embedding now
+    path = cfg.embeddings_dir / "cachestyle.safetensors"
+    save_embedding(path, torch.randn(2, 32, generator=torch.Generator().manual_seed(1)))
+    with_embedding, _, nets = gen.encode(prompt, model)
+    assert len(built) == 3 and "cachestyle" in nets.ti_hashes
+    assert not torch.equal(with_embedding, plain)
+    gen.encode(prompt, model)
+    assert len(built) == 3
+    # the file overwritten with other vectors: used at once
+    save_embedding(path, torch.randn(2, 32, generator=torch.Generator().manual_seed(2)))
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    changed, _, _ = gen.encode(prompt, model)
+    assert len(built) == 4 and not torch.equal(changed, with_embedding)
+    # removed: the plain prompt again
+    path.unlink()
+    removed, _, nets = gen.encode(prompt, model)
+    assert len(built) == 5 and nets.ti_hashes == {} and torch.equal(removed, plain)
+    # another model (or the same one loaded again) starts with its own
+    other = gen.manager.open("demo-tiny")
+    gen.encode(prompt, other)
+    assert len(built) == 6 and other.prompt_encoders and model.prompt_encoders[1][3] is not other.prompt_encoders[1][3]
+
+
+def test_the_model_is_taken_under_the_lock(generator):
+    """A model loaded while a generation waits for the manager's lock is the one it runs on (the infotext says so)."""
+    from studio.models import LoadedModel
+    from studio.tiny import build_tiny_pipeline
+
+    gen, _ = generator
+    manager = gen.manager
+    old, real_lock = manager.current, manager.lock
+    other = LoadedModel("other-tiny", "demo", "sd1", "epsilon", build_tiny_pipeline("sd1"))
+
+    class SwitchingLock:
+        def __enter__(self):
+            manager.current = other  # as a load from another tab that finishes first
+            return real_lock.__enter__()
+
+        def __exit__(self, *exc):
+            return real_lock.__exit__(*exc)
+
+    manager.lock = SwitchingLock()
+    try:
+        result = gen.run(job(steps=2))
+    finally:
+        manager.lock, manager.current = real_lock, old
+    assert parse_infotext(result.images[0].infotext)["Model"] == "other-tiny"
