@@ -395,6 +395,7 @@ def cmd_survey(args) -> int:
 
 def cmd_storyboard(args) -> int:
     from studio.config import StudioConfig
+    from studio.controlnet import default_controlnet
     from studio.models import ModelManager
     from studio.storyboard import (
         StoryboardRunner,
@@ -431,6 +432,7 @@ def cmd_storyboard(args) -> int:
     store = StoryboardStore(cfg.storyboards_dir)
     board = new_board(args.name or csv_path.stem)
     board.settings.width = board.settings.height = size
+    board.settings.controlnet = default_controlnet(manager.current, cfg.assets_dir)  # micro-canny for micro
     if preset is not None:
         apply_board_preset(board, preset)
     # flags given on the command line win over the preset
@@ -666,11 +668,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "seed,candidates,canny_low,canny_high,control_scale,control_start,control_end]. A reference "
                         "(a picture or sketch, relative to the CSV) makes its shot follow the picture's canny edges "
                         "through the ControlNet. The project is kept as storyboards/NAME/project.json.")
-    sb.add_argument("--model", default="demo-tiny", help="name in models/, a path, a hub id, or demo-tiny")
+    sb.add_argument("--model", default="demo-tiny", help="name in models/, a path, a hub id, micro or demo-tiny")
     sb.add_argument("--shots", required=True, metavar="FILE.csv", help="the shot list")
     sb.add_argument("--controlnet", default=None,
-                    help="canny ControlNet: a name in controlnet/, a diffusers folder, a .safetensors file or a hub id "
-                         "(default lllyasviel/control_v11p_sd15_canny)")
+                    help="canny ControlNet: a name in controlnet/, micro-canny (built in, for micro), a diffusers "
+                         "folder, a .safetensors file or a hub id (default: micro-canny for the micro model, else "
+                         "lllyasviel/control_v11p_sd15_canny)")
     sb.add_argument("--candidates", type=int, default=1, help="candidates per shot (the first is the one exported)")
     sb.add_argument("--preset", default=None, help="storyboard preset (name or file stem in presets/storyboard/): "
                                                    "shot types, templates, LoRAs and settings, e.g. dreamshot")

@@ -1,5 +1,6 @@
-"""ControlNet for storyboards: find ControlNet weights (controlnet/ folder, a diffusers folder, a single file or a hub
-id), load them offline onto the model's device, and turn a reference picture into a canny edge map.
+"""ControlNet for storyboards: find ControlNet weights (controlnet/ folder, a diffusers folder, a single file, a hub
+id, or the built-in `micro-canny` for the micro model, shipped in assets/), load them offline onto the model's device,
+and turn a reference picture into a canny edge map.
 
 The denoising itself is studio.denoise with a `Control` (the ControlNet's residuals added to the UNet's), so prompt
 weighting, embeddings, LoRAs and the samplers work as in Generate."""
@@ -18,15 +19,18 @@ import numpy as np
 from PIL import Image
 
 from studio.library import safe_child
+from studio.micro import MICRO_CONTROLNET_NAME, micro_controlnet_available, micro_controlnet_dir
 from studio.models import HUB_ID, ModelLoadError, load_pickle_checkpoint
 
+# the default for SD 1.x models (a hub id: downloaded once while online); the micro model's is MICRO_CONTROLNET_NAME
 DEFAULT_CONTROLNET = "lllyasviel/control_v11p_sd15_canny"
 WEIGHT_EXTS = (".safetensors", ".pth", ".ckpt", ".bin", ".pt")
 # what a ControlNet file we write carries in its safetensors metadata: its diffusers config
 CONFIG_METADATA_KEY = "studio.controlnet_config"
 MAX_REFERENCE_PIXELS = 64_000_000
 MAX_REFERENCE_BYTES = 200_000_000
-ASSETS = Path(__file__).resolve().parent.parent / "assets" / "configs"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"  # StudioConfig.assets_dir's default
+ASSETS = ASSETS_DIR / "configs"
 # cross-attention width -> the shipped UNet config a ControlNet of that family copies its shape from
 FAMILY_BY_WIDTH = {768: "sd1", 1024: "sd2-base"}
 
@@ -36,12 +40,29 @@ FAMILY_BY_WIDTH = {768: "sd1", 1024: "sd2-base"}
 
 @dataclass(frozen=True)
 class ControlNetEntry:
-    name: str  # path relative to controlnet/ (posix): what the dropdown shows
+    name: str  # path relative to controlnet/ (posix), or a built-in's name: what the dropdown shows
     path: Path
-    kind: str  # "diffusers" or "single-file"
+    kind: str  # "diffusers", "single-file" or "micro" (built in, a diffusers folder in assets/)
+
+    @property
+    def built_in(self) -> bool:
+        return self.kind == "micro"
 
 
-def list_controlnets(folder: Path) -> list[ControlNetEntry]:
+def built_in_controlnets(assets_dir: Path | None = None) -> list[ControlNetEntry]:
+    """The ControlNets that ship with the studio: micro-canny (when its folder is in assets/)."""
+    assets_dir = Path(assets_dir) if assets_dir is not None else ASSETS_DIR
+    if not micro_controlnet_available(assets_dir):
+        return []
+    return [ControlNetEntry(MICRO_CONTROLNET_NAME, micro_controlnet_dir(assets_dir), "micro")]
+
+
+def list_controlnets(folder: Path, assets_dir: Path | None = None) -> list[ControlNetEntry]:
+    """The ControlNets in `folder` (see local_controlnets), then the built-in ones."""
+    return local_controlnets(folder) + built_in_controlnets(assets_dir)
+
+
+def local_controlnets(folder: Path) -> list[ControlNetEntry]:
     """Diffusers folders (config.json + weights) and single weight files under `folder`, as loras/ is scanned."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -60,29 +81,63 @@ def list_controlnets(folder: Path) -> list[ControlNetEntry]:
     return entries
 
 
-def controlnet_choices(folder: Path) -> list[str]:
-    """What a ControlNet picker offers: the local ones, then the default hub id."""
-    return [e.name for e in list_controlnets(folder)] + [DEFAULT_CONTROLNET]
+def controlnet_choices(folder: Path, assets_dir: Path | None = None) -> list[str]:
+    """What a ControlNet picker offers: the local ones, the built-in ones, then the default hub id."""
+    return list(dict.fromkeys([e.name for e in list_controlnets(folder, assets_dir)] + [DEFAULT_CONTROLNET]))
+
+
+def default_controlnet(model=None, assets_dir: Path | None = None) -> str:
+    """The ControlNet a new storyboard starts with: micro-canny when the loaded model is of its family (the micro
+    model; its 128-wide text encoder fits no SD ControlNet), else the SD 1.5 canny hub id."""
+    for entry in built_in_controlnets(assets_dir):
+        if model is not None and _text_width(model) == _config_width(entry.path):
+            return entry.name
+    return DEFAULT_CONTROLNET
+
+
+def _text_width(model) -> int | None:
+    try:
+        return int(model.pipe.unet.config.cross_attention_dim)
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def _config_width(folder: Path) -> int | None:
+    try:
+        return int(json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))["cross_attention_dim"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _local_and_built_in(folder: Path, assets_dir: Path | None) -> str:
+    """'a, b' of the ControlNets in `folder` (or 'none'), plus the built-in ones: for messages."""
+    text = ", ".join(e.name for e in local_controlnets(folder)) or "none"
+    built_in = [e.name for e in built_in_controlnets(assets_dir)]
+    return text + (f"; built in: {', '.join(built_in)} (for the micro model)" if built_in else "")
 
 
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
-def resolve_controlnet(spec: str, folder: Path, allow_paths: bool = False) -> tuple[str, Path | None]:
-    """(kind, path) for a ControlNet spec: a name in `folder` (never outside it), a hub id, or, with
-    `allow_paths` (the command line), a folder or file anywhere."""
+def resolve_controlnet(spec: str, folder: Path, allow_paths: bool = False,
+                       assets_dir: Path | None = None) -> tuple[str, Path | None]:
+    """(kind, path) for a ControlNet spec: micro-canny (built in, from `assets_dir`), a name in `folder` (never
+    outside it), a hub id, or, with `allow_paths` (the command line), a folder or file anywhere."""
     spec = (spec or "").strip()
-    local = [e.name for e in list_controlnets(folder)]
     if not spec:
-        raise ValueError(f"no ControlNet given; local ones: {', '.join(local) or 'none'}, or {DEFAULT_CONTROLNET}")
+        raise ValueError(f"no ControlNet given; local ones: {_local_and_built_in(folder, assets_dir)}, or "
+                         f"{DEFAULT_CONTROLNET}")
+    for entry in built_in_controlnets(assets_dir):
+        if spec == entry.name:
+            return entry.kind, entry.path
     candidates = []
     if allow_paths and (Path(spec).is_absolute() or Path(spec).expanduser().exists()):
         candidates.append(Path(spec).expanduser())
     if not Path(spec).is_absolute() or not allow_paths:
-        by_name = {e.name: e.path for e in list_controlnets(folder)}
-        by_stem = {Path(e.name).with_suffix("").as_posix(): e.path for e in list_controlnets(folder)
-                   if e.kind == "single-file"}
+        local = local_controlnets(folder)
+        by_name = {e.name: e.path for e in local}
+        by_stem = {Path(e.name).with_suffix("").as_posix(): e.path for e in local if e.kind == "single-file"}
         if spec in by_name or spec in by_stem:
             candidates.insert(0, by_name.get(spec) or by_stem[spec])
         else:
@@ -101,8 +156,8 @@ def resolve_controlnet(spec: str, folder: Path, allow_paths: bool = False) -> tu
             return "single-file", path
     if HUB_ID.match(spec) and not spec.endswith(WEIGHT_EXTS):
         return "hub", None
-    raise ModelLoadError(f"ControlNet {spec!r} not found. Local ControlNets in {folder}: {', '.join(local) or 'none'}; "
-                         f"or a hub id such as {DEFAULT_CONTROLNET}")
+    raise ModelLoadError(f"ControlNet {spec!r} not found. Local ControlNets in {folder}: "
+                         f"{_local_and_built_in(folder, assets_dir)}; or a hub id such as {DEFAULT_CONTROLNET}")
 
 
 # --- loading -----------------------------------------------------------------------------------------------------
@@ -146,20 +201,41 @@ class LoadedControlNet:
     hash: str = ""  # short content hash, as A1111's ControlNet extension writes it
 
 
+def _stamp(path: Path | None) -> tuple:
+    """What changes when a ControlNet's weights change: size and mtime of the file, or of every file in the folder
+    (overwriting a weights file inside a folder leaves the folder's own mtime as it was)."""
+    if path is None:
+        return ()
+    if path.is_file():
+        stat = path.stat()
+        return ((path.name, stat.st_size, stat.st_mtime_ns),)
+    out = []
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            stat = f.stat()
+            out.append((f.relative_to(path).as_posix(), stat.st_size, stat.st_mtime_ns))
+    return tuple(out)
+
+
 class ControlNetLoader:
     """Loads ControlNets and keeps the last one (a storyboard uses one for all its shots)."""
 
-    def __init__(self, folder: Path, cache_dir: Path | None = None):
+    def __init__(self, folder: Path, cache_dir: Path | None = None, assets_dir: Path | None = None):
         self.folder = Path(folder)
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.assets_dir = Path(assets_dir) if assets_dir is not None else ASSETS_DIR
         self._lock = threading.Lock()
         self._last: tuple[tuple, LoadedControlNet] | None = None
 
+    @property
+    def hash_cache(self) -> Path | None:
+        """The file the content hashes are cached in by (path, size, mtime): the model hashes' hashes.json."""
+        return self.cache_dir / "hashes.json" if self.cache_dir else None
+
     def load(self, spec: str, device, dtype, cross_attention_dim: int, allow_paths: bool = False
              ) -> LoadedControlNet:
-        kind, path = resolve_controlnet(spec, self.folder, allow_paths)
-        stamp = (path.stat().st_mtime_ns if path is not None else 0)
-        key = (kind, str(path) if path else spec, stamp, str(device), str(dtype))
+        kind, path = resolve_controlnet(spec, self.folder, allow_paths, self.assets_dir)
+        key = (kind, str(path) if path else spec, _stamp(path), str(device), str(dtype))
         with self._lock:
             if self._last is not None and self._last[0] == key:
                 loaded = self._last[1]
@@ -175,20 +251,28 @@ class ControlNetLoader:
             raise ModelLoadError(
                 f"ControlNet {loaded.name} is made for a model with text width {width} "
                 f"({_family_name(width)}), but the loaded model has {cross_attention_dim} "
-                f"({_family_name(cross_attention_dim)}); pick a ControlNet of the model's family")
+                f"({_family_name(cross_attention_dim)}); pick a ControlNet of the model's family"
+                + self._fitting_hint(cross_attention_dim))
         return loaded
+
+    def _fitting_hint(self, width: int) -> str:
+        fits = [e.name for e in built_in_controlnets(self.assets_dir) if _config_width(e.path) == width]
+        return f" ({', '.join(fits)} fits it)" if fits else ""
 
     def _open(self, spec: str, kind: str, path: Path | None, dtype) -> LoadedControlNet:
         from diffusers import ControlNetModel
 
-        if kind == "diffusers":
+        if kind in ("diffusers", "micro"):
             try:
                 model = ControlNetModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
             except Exception as e:
                 raise ModelLoadError(f"could not load the ControlNet folder {spec}: {type(e).__name__}: {e}") from e
-            return LoadedControlNet(spec, path.name, model, _short_hash_folder(path))
+            # a built-in one is called by its name (what the picker shows), as the micro model is called "micro"
+            name = MICRO_CONTROLNET_NAME if kind == "micro" else path.name
+            return LoadedControlNet(spec, name, model, _short_hash_folder(path, self.hash_cache))
         if kind == "single-file":
-            return LoadedControlNet(spec, path.stem, self._open_file(path, dtype), _short_hash_file(path))
+            return LoadedControlNet(spec, path.stem, self._open_file(path, dtype),
+                                    _short_hash_file(path, self.hash_cache))
         try:
             model = ControlNetModel.from_pretrained(spec, local_files_only=True, torch_dtype=dtype)
         except Exception as cached_error:
@@ -203,10 +287,10 @@ class ControlNetLoader:
         return LoadedControlNet(spec, spec.split("/")[-1], model, "")
 
     def _offline_message(self, spec: str, downloading: bool = True) -> str:
-        local = [e.name for e in list_controlnets(self.folder)]
         head = (f"ControlNet {spec} is not in the Hugging Face cache and the studio is offline (HF_HUB_OFFLINE=1), "
                 "so it cannot be downloaded. " if downloading else "")
-        return (head + f"Local ControlNets in {self.folder}: {', '.join(local) or 'none'}. Put a diffusers folder "
+        return (head + f"Local ControlNets in {self.folder}: {_local_and_built_in(self.folder, self.assets_dir)}. "
+                "Put a diffusers folder "
                 f"(config.json + weights) or a .safetensors file there, or download {spec} once while online.")
 
     def _open_file(self, path: Path, dtype):
@@ -239,19 +323,19 @@ class ControlNetLoader:
 
 
 def _family_name(width: int) -> str:
-    return {768: "SD 1.x", 1024: "SD 2.x"}.get(width, f"width {width}")
+    return {768: "SD 1.x", 1024: "SD 2.x", 128: "the micro model"}.get(width, f"width {width}")
 
 
-def _short_hash_file(path: Path) -> str:
+def _short_hash_file(path: Path, cache_file: Path | None = None) -> str:
     from studio.library import sha256_file
 
-    return sha256_file(path)[:8]
+    return sha256_file(path, cache_file)[:8]
 
 
-def _short_hash_folder(path: Path) -> str:
+def _short_hash_folder(path: Path, cache_file: Path | None = None) -> str:
     from studio.library import sha256_folder
 
-    return sha256_folder(path)[:8]
+    return sha256_folder(path, cache_file)[:8]
 
 
 def save_controlnet_file(model, path: Path) -> Path:

@@ -207,7 +207,9 @@ class BoardSettings:
     height: int = 512
     clip_skip: int = 1
     candidates: int = 4
-    controlnet: str = DEFAULT_CONTROLNET  # a name in controlnet/, a hub id (or a path, from the command line)
+    # a name in controlnet/, micro-canny (built in), a hub id (or a path, from the command line); new boards start with
+    # the loaded model's default (studio.controlnet.default_controlnet: micro-canny for micro)
+    controlnet: str = DEFAULT_CONTROLNET
 
     def job(self, prompt: str, seed: int) -> GenerateJob:
         return GenerateJob(prompt=prompt, negative_prompt=self.negative_prompt, sampler=self.sampler,
@@ -587,7 +589,7 @@ class StoryboardRunner:
         self.manager = manager
         self.store = store
         self.generator = generator or Generator(manager)
-        self.controlnets = ControlNetLoader(controlnet_dir, manager.cfg.cache_dir)
+        self.controlnets = ControlNetLoader(controlnet_dir, manager.cfg.cache_dir, manager.cfg.assets_dir)
         self.allow_paths = allow_paths  # ControlNet given as a path (command line only)
         self.per_pass = PER_PASS
 
@@ -608,8 +610,7 @@ class StoryboardRunner:
         chosen = [board.shot(n) for n in shots] if shots is not None else list(board.shots)
         if only_missing:
             chosen = [s for s in chosen if not s.frames]
-        model = self.manager.current
-        if model is None:
+        if self.manager.current is None:
             raise RuntimeError("no model is loaded; load one first")
         for shot in chosen:
             board.prompt(shot)
@@ -620,14 +621,18 @@ class StoryboardRunner:
             result.message = "nothing to generate"
             return result
         s = board.settings
-        # 2. the ControlNet, before any denoising: a missing one fails now, not after half the board
-        controlnet = None
-        if any(shot.reference for shot in chosen):
-            controlnet = self.controlnets.load(s.controlnet, model.pipe._execution_device, model.pipe.unet.dtype,
-                                               model.pipe.unet.config.cross_attention_dim, self.allow_paths)
         total = sum(self.board_steps(board, shot) for shot in chosen)
         done = 0
         with self.manager.lock:
+            # the model is taken under the lock (a model switch waits for it): every shot runs on this one
+            model = self.manager.current
+            if model is None:
+                raise RuntimeError("no model is loaded; load one first")
+            # 2. the ControlNet for this model, before any denoising: a missing one fails now, not after half the board
+            controlnet = None
+            if any(shot.reference for shot in chosen):
+                controlnet = self.controlnets.load(s.controlnet, model.pipe._execution_device, model.pipe.unet.dtype,
+                                                   model.pipe.unet.config.cross_attention_dim, self.allow_paths)
             model_hash = self.manager.model_hash(model)
             board.model = model.name
             for number, shot in enumerate(chosen, start=1):

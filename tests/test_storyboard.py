@@ -615,3 +615,136 @@ def test_out_of_gpu_memory_says_what_to_change_and_keeps_the_shot(studio, board,
         runner.run(board, ["4"])
     assert [f.file for f in board.shot("4").frames] == old
     assert all((store.path("six shots") / f).is_file() for f in old)
+
+
+# --- the built-in micro ControlNet, caches, model switches ------------------------------------------------------
+
+
+def test_micro_canny_is_built_in_like_micro(studio, tmp_path):
+    from studio.controlnet import (
+        built_in_controlnets,
+        controlnet_choices,
+        default_controlnet,
+        list_controlnets,
+    )
+    from studio.micro import MICRO_CONTROLNET_NAME, micro_controlnet_available, micro_controlnet_dir
+
+    cfg, manager, store, runner = studio
+    if not micro_controlnet_available(cfg.assets_dir):
+        pytest.skip("assets/micro-controlnet-canny is missing")
+    folder = micro_controlnet_dir(cfg.assets_dir)
+    # resolved from assets/, offline, whatever controlnet/ holds; listed after the local ones, before the hub id
+    assert resolve_controlnet(MICRO_CONTROLNET_NAME, cfg.controlnet_dir, assets_dir=cfg.assets_dir) == \
+        ("micro", folder)
+    entries = list_controlnets(cfg.controlnet_dir, cfg.assets_dir)
+    assert entries[-1].name == MICRO_CONTROLNET_NAME and entries[-1].built_in
+    choices = controlnet_choices(cfg.controlnet_dir, cfg.assets_dir)
+    assert choices[-2:] == [MICRO_CONTROLNET_NAME, DEFAULT_CONTROLNET] and "tiny-canny.safetensors" in choices
+    # the default follows the model: micro-canny for the micro family (text width 128), the hub id otherwise
+    assert default_controlnet(None, cfg.assets_dir) == DEFAULT_CONTROLNET
+    assert default_controlnet(manager.current, cfg.assets_dir) == DEFAULT_CONTROLNET  # demo-tiny
+    micro_like = type("Model", (), {"pipe": type("Pipe", (), {"unet": type("UNet", (), {
+        "config": type("Config", (), {"cross_attention_dim": 128})()})()})()})()
+    assert default_controlnet(micro_like, cfg.assets_dir) == MICRO_CONTROLNET_NAME
+    # without it in assets/ it is neither listed nor found
+    assert built_in_controlnets(tmp_path) == [] and MICRO_CONTROLNET_NAME not in controlnet_choices(
+        cfg.controlnet_dir, tmp_path)
+    with pytest.raises(ModelLoadError, match="ControlNet 'micro-canny' not found"):
+        resolve_controlnet(MICRO_CONTROLNET_NAME, cfg.controlnet_dir, assets_dir=tmp_path)
+    # loaded under its own name, refused for another family with the widths named
+    loader = ControlNetLoader(cfg.controlnet_dir, cfg.cache_dir, cfg.assets_dir)
+    loaded = loader.load(MICRO_CONTROLNET_NAME, "cpu", torch.float32, 128)
+    assert loaded.name == MICRO_CONTROLNET_NAME and len(loaded.hash) == 8
+    assert loaded.model.config.cross_attention_dim == 128
+    with pytest.raises(ModelLoadError, match="text width 128 .*the loaded model has 32"):
+        loader.load(MICRO_CONTROLNET_NAME, "cpu", torch.float32, 32)
+    with pytest.raises(ModelLoadError, match=r"offline.*built in: micro-canny \(for the micro model\)"):
+        loader.load(DEFAULT_CONTROLNET, "cpu", torch.float32, 128)
+
+
+def test_controlnet_hash_is_cached_by_path_size_and_mtime(studio, tmp_path):
+    """Hashing a real ControlNet reads 0.7 GB: like the model hash it is cached in .cache/hashes.json by (path, size,
+    mtime), so a new loader (a restart, another storyboard) reads it from there."""
+    cfg, manager, store, runner = studio
+    folder = tmp_path / "controlnet"
+    cn = tiny_controlnet(manager.current.pipe.unet, seed=7)
+    save_controlnet_file(cn, folder / "hashed.safetensors")
+    cn.save_pretrained(folder / "hashed-folder")
+    cache_dir = tmp_path / "cache"
+    first_file = ControlNetLoader(folder, cache_dir).load("hashed", "cpu", torch.float32, 32).hash
+    first_folder = ControlNetLoader(folder, cache_dir).load("hashed-folder", "cpu", torch.float32, 32).hash
+    cache = json.loads((cache_dir / "hashes.json").read_text())
+    assert {Path(k.split("|")[0]).name for k in cache} == {"hashed.safetensors", "diffusion_pytorch_model.safetensors"}
+    # the cached value is what a new loader uses: change it and the loader reports the change
+    for key in cache:
+        cache[key] = "f" * 64 if key.split("|")[0].endswith("hashed.safetensors") else "e" * 64
+    (cache_dir / "hashes.json").write_text(json.dumps(cache))
+    assert ControlNetLoader(folder, cache_dir).load("hashed", "cpu", torch.float32, 32).hash == "ffffffff" != first_file
+    assert ControlNetLoader(folder, cache_dir).load("hashed-folder", "cpu", torch.float32, 32).hash != first_folder
+
+
+def test_a_folder_controlnet_reloads_when_a_weights_file_inside_changes(studio, tmp_path):
+    """Overwriting the weights inside a diffusers folder leaves the folder's mtime as it was: the loader looks at
+    the files inside."""
+    import os
+
+    cfg, manager, store, runner = studio
+    folder = tmp_path / "controlnet"
+    unet = manager.current.pipe.unet
+    tiny_controlnet(unet, seed=8).save_pretrained(folder / "changing")
+    loader = ControlNetLoader(folder)
+    first = loader.load("changing", "cpu", torch.float32, 32)
+    assert loader.load("changing", "cpu", torch.float32, 32) is first  # unchanged: the loaded one is kept
+    folder_stat = (folder / "changing").stat()
+    weights = folder / "changing" / "diffusion_pytorch_model.safetensors"
+    old = weights.stat()
+    newer = tiny_controlnet(unet, seed=9)
+    newer.save_pretrained(folder / "changing")  # the same size, other values
+    assert weights.stat().st_size == old.st_size
+    os.utime(weights, ns=(old.st_atime_ns, old.st_mtime_ns + 10**9))
+    os.utime(folder / "changing", ns=(folder_stat.st_atime_ns, folder_stat.st_mtime_ns))
+    second = loader.load("changing", "cpu", torch.float32, 32)
+    assert second is not first
+    reference = newer.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in second.model.state_dict().items())
+
+
+def test_a_model_switch_before_the_lock_is_taken_runs_the_board_on_the_new_model(studio):
+    """run() takes the model under the manager's lock: a load that finishes while the run waits for the lock is the
+    model every shot (and the ControlNet check) uses, never the one that was current before."""
+    from studio.models import LoadedModel
+    from studio.tiny import build_tiny_pipeline
+
+    cfg, manager, store, runner = studio
+    board = new_board("switch", settings(candidates=1))
+    store.path("switch").mkdir(parents=True, exist_ok=True)
+    board.shots = [Shot("1", "close shot", "a face", seed=3)]
+    store.add_reference(board, board.shots[0], sketch(store.path("switch") / "drawing.png"))
+    old = manager.current
+    other = LoadedModel("other-tiny", "demo", "sd1", "epsilon", build_tiny_pipeline("sd1"))
+    real_lock = manager.lock
+
+    class SwitchingLock:
+        """The manager's lock, with another model loaded just before run() gets it (as a load from another tab)."""
+
+        switched = False
+
+        def __enter__(self):
+            if not SwitchingLock.switched:
+                SwitchingLock.switched = True
+                with real_lock:
+                    manager.current = other
+            return real_lock.__enter__()
+
+        def __exit__(self, *exc):
+            return real_lock.__exit__(*exc)
+
+    manager.lock = SwitchingLock()
+    try:
+        runner.run(board)
+    finally:
+        manager.lock = real_lock
+        manager.current = old
+    assert board.model == "other-tiny"
+    info = parse_infotext(read_image_infotext(store.path("switch") / board.shots[0].frames[0].file))
+    assert info["Model"] == "other-tiny"

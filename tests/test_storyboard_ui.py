@@ -157,3 +157,21 @@ def test_browser_shot_list_generate_pick_and_export(app, browser, tmp_path):
     assert (folder / "export" / "film-contact.png").is_file()
     assert (folder / "export" / "film-frames" / "1.png").read_bytes() == \
         (folder / first["frames"][1]["file"]).read_bytes()
+
+
+def test_the_controlnet_picker_offers_micro_canny_and_starts_on_it_with_micro(tmp_path):
+    from studio.config import StudioConfig
+    from studio.micro import micro_available, micro_controlnet_available
+    from studio.ui import build_ui
+    from studio.ui.state import AppState
+
+    cfg = StudioConfig().with_home(tmp_path / "home")
+    if not (micro_available(cfg.assets_dir) and micro_controlnet_available(cfg.assets_dir)):
+        pytest.skip("assets/micro or assets/micro-controlnet-canny is missing")
+    app_state = AppState.create(cfg)
+    app_state.manager.load("micro")
+    demo = build_ui(app_state)
+    picker = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "sb-controlnet")
+    assert picker.value == "micro-canny"
+    assert [c[0] if isinstance(c, tuple) else c for c in picker.choices][-2:] == \
+        ["micro-canny", "lllyasviel/control_v11p_sd15_canny"]

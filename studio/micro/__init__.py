@@ -1,12 +1,14 @@
 """`micro`: a tiny SD 1.x-family text-to-image model pretrained on a procedural world of captioned shapes.
 
 world.py draws the scenes and their captions, oracle.py reads the attributes back from any image,
-pretrain.py trains the model (on the lent GPU) and writes the diffusers folder in assets/micro/.
+pretrain.py trains the model (on the lent GPU) and writes the diffusers folder in assets/micro/, and a canny
+ControlNet for it in assets/micro-controlnet-canny/ (the built-in ControlNet `micro-canny`, for storyboards).
 """
 
 from pathlib import Path
 
 MICRO_NAME = "micro"
+MICRO_CONTROLNET_NAME = "micro-canny"
 
 
 def micro_dir(assets_dir: Path) -> Path:
@@ -17,3 +19,13 @@ def micro_dir(assets_dir: Path) -> Path:
 def micro_available(assets_dir: Path) -> bool:
     folder = micro_dir(assets_dir)
     return (folder / "model_index.json").is_file() and (folder / "unet" / "config.json").is_file()
+
+
+def micro_controlnet_dir(assets_dir: Path) -> Path:
+    """Where the shipped canny ControlNet of the micro model lives (a diffusers ControlNetModel folder)."""
+    return Path(assets_dir) / "micro-controlnet-canny"
+
+
+def micro_controlnet_available(assets_dir: Path) -> bool:
+    folder = micro_controlnet_dir(assets_dir)
+    return (folder / "config.json").is_file() and any(folder.glob("diffusion_pytorch_model.*"))

@@ -9,7 +9,14 @@ from pathlib import Path
 import gradio as gr
 
 from studio import samplers
-from studio.controlnet import ControlSettings, canny_map, controlnet_choices, fit_to_frame, read_reference
+from studio.controlnet import (
+    ControlSettings,
+    canny_map,
+    controlnet_choices,
+    default_controlnet,
+    fit_to_frame,
+    read_reference,
+)
 from studio.library import UnsafeNameError
 from studio.models import ModelLoadError
 from studio.storyboard import (
@@ -145,8 +152,15 @@ def build(state: AppState) -> dict:
     cfg = state.cfg
     store = StoryboardStore(cfg.storyboards_dir)
     runner = StoryboardRunner(state.manager, store, cfg.controlnet_dir, state.generator)
-    size = state.manager.current.native_size if state.manager.current else 512
-    defaults = new_board("new storyboard", BoardSettings(width=size, height=size))
+
+    def new_settings() -> BoardSettings:
+        """A new board's settings for the loaded model: its native size and its ControlNet (micro-canny for micro)."""
+        model = state.manager.current
+        side = model.native_size if model else 512
+        return BoardSettings(width=side, height=side, controlnet=default_controlnet(model, cfg.assets_dir))
+
+    defaults = new_board("new storyboard", new_settings())
+    size = defaults.settings.width
 
     gr.Markdown("A shot list becomes frames in their shot type (seed 004 §5.6). Shots with a reference picture or "
                 "sketch follow its canny edges through a ControlNet. Make several candidates per shot, pick one, "
@@ -179,7 +193,7 @@ def build(state: AppState) -> dict:
     with gr.Accordion("Generation settings and ControlNet", open=False):
         with gr.Row():
             negative = gr.Textbox(label="Negative prompt", scale=3)
-            controlnet = gr.Dropdown(controlnet_choices(cfg.controlnet_dir), value=defaults.settings.controlnet,
+            controlnet = gr.Dropdown(controlnet_choices(cfg.controlnet_dir, cfg.assets_dir), value=defaults.settings.controlnet,
                                      allow_custom_value=True, label="ControlNet (canny)", scale=2,
                                      elem_id="sb-controlnet")
         with gr.Row():
@@ -272,7 +286,7 @@ def build(state: AppState) -> dict:
 
     def everything(board: Storyboard, number: str | None = None):
         values = settings_values(board)
-        values[-1] = gr.update(choices=controlnet_choices(cfg.controlnet_dir), value=board.settings.controlnet)
+        values[-1] = gr.update(choices=controlnet_choices(cfg.controlnet_dir, cfg.assets_dir), value=board.settings.controlnet)
         return (board.name, gr.update(choices=store.names(), value=board.name), shot_rows(board), type_rows(board),
                 board.style.kind, board.style.name, board.style.weight, *values, *shot_view(board, number))
 
@@ -288,7 +302,7 @@ def build(state: AppState) -> dict:
             if store.exists(name):
                 board = store.load(name)
             else:
-                board = new_board(name, BoardSettings(width=size, height=size))
+                board = new_board(name, new_settings())
                 store.save(board)
                 gr.Info(f"new storyboard {name!r}")
         except ERRORS as e:
