@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from studio.config import StudioConfig
 from studio.micro import MICRO_NAME, micro_available, oracle, world
