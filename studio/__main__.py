@@ -235,8 +235,9 @@ def train_job_from_args(args):
         values.update(find_train_preset(args.preset, StudioConfig.from_env().presets_dir).settings)
     if args.config:
         values.update(job_from_yaml(Path(args.config).read_text(encoding="utf-8"), args.config).to_dict())
+    # `is not`, not `in (None, False)`: 0 == False, and `--preview-every 0`, `--seed 0`, `--dropout 0` are values
     values.update({field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()
-                   if getattr(args, flag, None) not in (None, False)})
+                   if getattr(args, flag, None) is not None and getattr(args, flag) is not False})
     if getattr(args, "te_lr", None) is not None:
         values["train_text_encoder"] = True  # a text-encoder rate means: train it
     if args.kind != "ti" and values["method"] != args.kind:

@@ -76,6 +76,25 @@ def launch_app(home, root):
         log.close()
 
 
+@pytest.fixture(scope="session")
+def shared_app(request, tmp_path_factory):
+    """One `python app.py` (launch_app) for the browser modules whose tests work in names of their own and do not
+    look at each other's files: the storyboard, dataset, survey and train tabs. Each app start costs ~14 s of CPU
+    (torch, diffusers, gradio), so they share one instead of starting four. Yields (url, home).
+
+    Before the app starts, every collected module that uses this fixture and defines `prepare_shared_home(home)`
+    puts its files into the home (a dataset, a ControlNet), as users drop them into those folders."""
+    home = tmp_path_factory.mktemp("shared-app-home")
+    modules = {item.module for item in request.session.items if "shared_app" in getattr(item, "fixturenames", ())}
+    for module in sorted(modules, key=lambda m: m.__name__):
+        prepare = getattr(module, "prepare_shared_home", None)
+        if prepare is not None:
+            prepare(home)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for url in launch_app(home, root):
+        yield url, home
+
+
 CHROMIUM = "/usr/bin/chromium"
 
 

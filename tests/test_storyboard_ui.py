@@ -9,7 +9,6 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pytest
-from conftest import launch_app
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,22 +89,25 @@ def test_form_to_board_keeps_candidates_and_names_bad_rows(state, tmp_path):
     assert picked == 0 and items[0][1] == "#0 · seed 7 · picked"
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    """The app (launch_app opens it on demo-tiny) with a tiny ControlNet for demo-tiny in controlnet/, as users drop
-    one there."""
+def prepare_shared_home(home: Path) -> None:
+    """A tiny ControlNet for demo-tiny in controlnet/, as users drop one there, before the shared app starts (see
+    conftest's shared_app)."""
     from diffusers import ControlNetModel
 
     from studio.controlnet import save_controlnet_file
     from studio.tiny import build_tiny_pipeline
 
-    home = tmp_path_factory.mktemp("home")
     unet = build_tiny_pipeline("sd1").unet
-    (home / "controlnet").mkdir()
+    (home / "controlnet").mkdir(parents=True, exist_ok=True)
     save_controlnet_file(ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 16)),
                          home / "controlnet" / "tiny-canny.safetensors")
-    for url in launch_app(home, ROOT):
-        yield url, home
+
+
+@pytest.fixture(scope="module")
+def app(shared_app):
+    """The app (launch_app opens it on demo-tiny) with that ControlNet (conftest's shared_app; this module's
+    storyboard is 'film'); (url, home)."""
+    return shared_app
 
 
 @pytest.mark.browser

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from test_networks import _diffusers_image, image
 from test_networks import job as gen_job
-from test_train_ti import home_cfg, run_cli
+from test_train_ti import home_cfg, run_main
 
 from studio.generate import Generator
 from studio.models import ModelManager
@@ -183,21 +183,23 @@ def test_min_snr_weights_by_hand():
     assert math.isclose(snr_weights(scheduler, t, 5.0)[2].item(), 1.0, rel_tol=1e-6)
 
 
-def test_cli_trains_lora_and_finetune(tmp_path):
+def test_cli_trains_lora_and_finetune(tmp_path, monkeypatch, capsys):
     cfg = home_cfg(tmp_path)
-    out = run_cli(["train", "lora", "--data", "stripes", "--name", NAME, "--steps", "2", "--resolution", "64",
-                   "--rank", "2", "--alpha", "1", "--unet-lr", "1e-3", "--te-lr", "5e-4", "--batch-size", "1",
-                   "--preview-every", "0"], tmp_path / "home")
+    out = run_main(["train", "lora", "--data", "stripes", "--name", NAME, "--steps", "2", "--resolution", "64",
+                    "--rank", "2", "--alpha", "1", "--unet-lr", "1e-3", "--te-lr", "5e-4", "--batch-size", "1",
+                    "--preview-every", "0"], tmp_path / "home", monkeypatch, capsys)
     assert out.returncode == 0, out.stderr
     with safe_open(str(cfg.loras_dir / f"{NAME}.safetensors"), framework="pt") as f:
         meta = f.metadata()
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_text_encoder_lr"]) == ("2", "1.0", "0.0005")
     target = tmp_path / "tuned.safetensors"
-    ft = run_cli(["train", "finetune", "--data", "stripes", "--name", "tuned", "--steps", "2", "--resolution", "64",
-                  "--ema", "--out", str(target), "--preview-every", "0"], tmp_path / "home")
+    ft = run_main(["train", "finetune", "--data", "stripes", "--name", "tuned", "--steps", "2", "--resolution", "64",
+                   "--ema", "--out", str(target), "--preview-every", "0"], tmp_path / "home", monkeypatch, capsys)
     assert ft.returncode == 0, ft.stderr
     assert target.is_file() and f"output: {target}" in ft.stdout
-    cuda_only = run_cli(["train", "lora", "--data", "stripes", "--name", "x-lora", "--preset", "kohya-lora-defaults",
-                         "--steps", "1", "--resolution", "64", "--mixed-precision", "no"], tmp_path / "home")
+    assert not list(cfg.runs_dir.glob("*/previews/*.png"))  # `--preview-every 0`: none
+    cuda_only = run_main(["train", "lora", "--data", "stripes", "--name", "x-lora", "--preset", "kohya-lora-defaults",
+                          "--steps", "1", "--resolution", "64", "--mixed-precision", "no"], tmp_path / "home",
+                         monkeypatch, capsys)
     assert cuda_only.returncode == 2 and "8-bit AdamW needs a CUDA GPU" in cuda_only.stderr
     assert not (cfg.loras_dir / "x-lora.safetensors").exists()

@@ -245,39 +245,58 @@ def test_broken_images_in_the_dataset_are_skipped_with_the_reason(tmp_path):
 
 
 def run_cli(args, home, **kw):
+    """`python -m studio ARGS` as a real process (for what needs one: SIGKILL, a fresh interpreter resuming)."""
     env = {**os.environ, "STUDIO_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "studio", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300, **kw)
 
 
-def test_cli_trains_repeats_from_config_and_refuses_bad_input(tmp_path):
+def run_main(args, home, monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """`python -m studio ARGS` in this process: the same main(argv) (parser, engine, exit codes, stdout and stderr)
+    that `python -m studio` calls with sys.exit, without starting an interpreter and importing torch and diffusers
+    again (~10 s of CPU each on two cores)."""
+    from studio.__main__ import main
+
+    monkeypatch.setenv("STUDIO_HOME", str(home))
+    capsys.readouterr()
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["python", "-m", "studio", *args], code, out, err)
+
+
+def test_cli_trains_repeats_from_config_and_refuses_bad_input(tmp_path, monkeypatch, capsys):
     cfg = home_cfg(tmp_path)
     args = ["train", "ti", "--data", "stripes", "--name", NAME, "--steps", "3", "--resolution", "64",
             "--preview-every", "0", "--method", "ti-moe", "--image-encoder", "demo-tiny", "--preset",
             "seed000-ti-moe", "--batch-size", "1", "--repeats", "2"]
-    out = run_cli(args, tmp_path / "home")
+    out = run_main(args, tmp_path / "home", monkeypatch, capsys)
     assert out.returncode == 0, out.stderr
     assert f"embedding: {cfg.embeddings_dir / NAME}.safetensors" in out.stdout
     run_dir = Path(out.stdout.split("run: ")[1].split()[0])
     repeated = RunFolder.open(run_dir).job()
-    # the preset's values, overridden by the flags given
+    # the preset's values, overridden by the flags given (a 0 too: `--preview-every 0` means no previews)
     assert (repeated.method, repeated.experts, repeated.top_k, repeated.learning_rate, repeated.max_steps,
-            repeated.batch_size, repeated.repeats) == ("ti-moe", 4, 2, "0.001", 3, 1, 2)
-    again = run_cli(["train", "ti", "--config", str(run_dir / "config.yaml"), "--name", "again-style"],
-                    tmp_path / "home")
+            repeated.batch_size, repeated.repeats, repeated.preview_every) == ("ti-moe", 4, 2, "0.001", 3, 1, 2, 0)
+    assert RunFolder.open(run_dir).previews() == []
+    again = run_main(["train", "ti", "--config", str(run_dir / "config.yaml"), "--name", "again-style"],
+                     tmp_path / "home", monkeypatch, capsys)
     assert again.returncode == 0, again.stderr
     assert (cfg.embeddings_dir / "again-style.safetensors").is_file()
-    bad = run_cli(["train", "ti", "--data", "stripes", "--name", "x-style", "--lr", "0.005:100, oops"],
-                  tmp_path / "home")
+    bad = run_main(["train", "ti", "--data", "stripes", "--name", "x-style", "--lr", "0.005:100, oops"],
+                   tmp_path / "home", monkeypatch, capsys)
     assert bad.returncode == 2 and "'oops'" in bad.stderr
 
 
-def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
-    """SIGKILL mid-run (no chance to clean up), then --resume: the result equals a run that was never killed."""
+def test_killed_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path, monkeypatch, capsys):
+    """SIGKILL mid-run (no chance to clean up), then --resume: the result equals a run that was never killed.
+
+    The killed run and the resuming one are real `python -m studio` processes; the uninterrupted run to compare
+    with is the same main(argv) in this process (not at the same time as them: two torch processes on two cores
+    slow each other down many times over)."""
     args = ["train", "ti", "--data", "stripes", "--name", NAME, "--steps", "40", "--resolution", "64",
             "--preview-every", "0", "--save-every", "2", "--lr", "0.01", "--batch-size", "1"]
     home_cfg(tmp_path, "a")
-    whole = run_cli(args, tmp_path / "a")
+    whole = run_main(args, tmp_path / "a", monkeypatch, capsys)
     assert whole.returncode == 0, whole.stderr
     cfg = home_cfg(tmp_path, "b")
     env = {**os.environ, "STUDIO_HOME": str(tmp_path / "b"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}

@@ -4,7 +4,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import launch_app
 from dataset_files import photo, tree_digest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -13,11 +12,10 @@ EDITED = "a hand-written caption, sks style"
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    """`python app.py` on a free port with a throwaway home; yields (url, home)."""
-    home = tmp_path_factory.mktemp("home")
-    for url in launch_app(home, ROOT):
-        yield url, home
+def app(shared_app):
+    """`python app.py` on a free port with a throwaway home (conftest's shared_app, which the storyboard, survey and
+    train tab modules use too; this module's dataset is 'my-style'); (url, home)."""
+    return shared_app
 
 
 def pick(page, elem_id: str, value: str) -> None:

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import launch_app
 from PIL import Image
 
 from studio.infotext import png_info
@@ -18,10 +17,9 @@ N_PAIRS = 3
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    for url in launch_app(home, ROOT):
-        yield url, home
+def app(shared_app):
+    """`python app.py` with a throwaway home (conftest's shared_app; this module's survey is 'shots'); (url, home)."""
+    return shared_app
 
 
 def pictures(folder: Path, color, lora: str = "") -> Path:

@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import launch_app
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -232,13 +231,16 @@ def test_dataset_info_and_runs(tmp_path):
 # --- the real app ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory):
-    """`python app.py` on a free port with a throwaway home holding one dataset; yields (url, home)."""
-    home = tmp_path_factory.mktemp("home")
+def prepare_shared_home(home: Path) -> None:
+    """The dataset this module trains on, in the shared app's home before it starts (see conftest's shared_app)."""
     make_dataset(home / "datasets" / "tiny-set")
-    for url in launch_app(home, ROOT):
-        yield url, home
+
+
+@pytest.fixture(scope="module")
+def app(shared_app):
+    """`python app.py` on a free port with a throwaway home holding the dataset 'tiny-set' (conftest's shared_app;
+    this module's runs are 'blue-*'); (url, home)."""
+    return shared_app
 
 
 def fill(page, elem_id: str, value, key: str = "Tab") -> None:
