@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from studio import speed
 from studio.library import safe_child
 from studio.micro import MICRO_CONTROLNET_NAME, micro_controlnet_available, micro_controlnet_dir
 from studio.models import HUB_ID, ModelLoadError, load_pickle_checkpoint
@@ -232,10 +233,12 @@ class ControlNetLoader:
         """The file the content hashes are cached in by (path, size, mtime): the model hashes' hashes.json."""
         return self.cache_dir / "hashes.json" if self.cache_dir else None
 
-    def load(self, spec: str, device, dtype, cross_attention_dim: int, allow_paths: bool = False
-             ) -> LoadedControlNet:
+    def load(self, spec: str, device, dtype, cross_attention_dim: int, allow_paths: bool = False,
+             compile_as: tuple[str, str] | None = None) -> LoadedControlNet:
+        """`compile_as`: (mode, backend) of the UNet it will feed (speed.compiled_as), to compile the ControlNet the
+        same way: the UNet alone compiled leaves half of each step's work eager (docs/benchmarks.md)."""
         kind, path = resolve_controlnet(spec, self.folder, allow_paths, self.assets_dir)
-        key = (kind, str(path) if path else spec, _stamp(path), str(device), str(dtype))
+        key = (kind, str(path) if path else spec, _stamp(path), str(device), str(dtype), compile_as)
         with self._lock:
             if self._last is not None and self._last[0] == key:
                 loaded = self._last[1]
@@ -245,6 +248,8 @@ class ControlNetLoader:
                 loaded.model.to(device=device)
                 loaded.model.eval()
                 loaded.model.requires_grad_(False)
+                if compile_as is not None:
+                    speed.compile_unet(loaded.model, *compile_as)
                 self._last = (key, loaded)
         width = loaded.model.config.cross_attention_dim
         if width != cross_attention_dim:

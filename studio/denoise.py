@@ -150,7 +150,9 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
         embeds = torch.cat([embeds, embeds])
     # 3. denoise
     interrupted = False
-    compiled = speed.is_compiled(pipe.unet)
+    # CUDA graph trees: one step = [ControlNet graph ->] UNet graph; the step starts before the ControlNet, whose
+    # outputs the UNet's graph then reads
+    compiled = speed.is_compiled(pipe.unet) or (control is not None and speed.is_compiled(control.model))
     control_image = None
     if control is not None:
         control_image = control.image.to(device, control.model.dtype).expand(embeds.shape[0], -1, -1, -1)
@@ -161,13 +163,13 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
             model_input = scheduler.scale_model_input(model_input, t)
             if pad:
                 model_input = torch.cat([model_input, model_input])
+            if compiled:
+                speed.mark_step()
             residuals = {}
             if control is not None:
                 down, mid = control.model(model_input, t, encoder_hidden_states=embeds, controlnet_cond=control_image,
                                           conditioning_scale=control.scale_at(i, len(timesteps)), return_dict=False)
                 residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-            if compiled:
-                speed.mark_step()
             noise_pred = pipe.unet(model_input, t, encoder_hidden_states=embeds, timestep_cond=None,
                                    cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=False,
                                    **residuals)[0]

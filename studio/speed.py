@@ -1,4 +1,5 @@
-"""Optional speed-ups that keep outputs equivalent: torch.compile of the UNet (optionally with CUDA graphs).
+"""Optional speed-ups that keep outputs equivalent: torch.compile of the UNet (optionally with CUDA graphs), and of
+a storyboard's ControlNet the same way as the UNet it feeds.
 
 Eager SD 1.5 sampling is launch-bound on a modern GPU (see docs/benchmarks.md): the GPU waits for Python to
 queue thousands of small kernels per step. Compiling the UNet fuses them; CUDA graphs replay a whole step with
@@ -57,7 +58,13 @@ def compile_unet(unet: torch.nn.Module, mode: str, backend: str = "inductor", tr
     inductor_mode = TRAIN_INDUCTOR_MODES[mode] if training else mode
     options = {} if backend != "inductor" else {"mode": inductor_mode}
     unet.compile(backend=backend, dynamic=False, **options)
+    unet._studio_compile = (mode, backend)  # what compiled_as reports, for modules compiled to match this one
     return True
+
+
+def compiled_as(module: torch.nn.Module) -> tuple[str, str] | None:
+    """(mode, backend) that compile_unet compiled `module` with (generation, not training), or None."""
+    return getattr(module, "_studio_compile", None) if is_compiled(module) else None
 
 
 @contextmanager

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from studio import speed
 from studio.atomic import atomic_dir, atomic_path, write_text
 from studio.controlnet import (
     DEFAULT_CONTROLNET,
@@ -632,7 +633,8 @@ class StoryboardRunner:
             controlnet = None
             if any(shot.reference for shot in chosen):
                 controlnet = self.controlnets.load(s.controlnet, model.pipe._execution_device, model.pipe.unet.dtype,
-                                                   model.pipe.unet.config.cross_attention_dim, self.allow_paths)
+                                                   model.pipe.unet.config.cross_attention_dim, self.allow_paths,
+                                                   compile_as=speed.compiled_as(model.pipe.unet))
             model_hash = self.manager.model_hash(model)
             board.model = model.name
             for number, shot in enumerate(chosen, start=1):

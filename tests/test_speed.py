@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from test_networks import make_kohya_lora
 
@@ -73,3 +74,41 @@ def test_compile_mode_is_checked_and_ignored_off_cuda(studio_cfg):
     assert "only applies on CUDA" in note
     assert not speed.is_compiled(manager.current.pipe.unet)
     assert not speed.compile_unet(torch.nn.Linear(2, 2), "off")
+
+
+def test_storyboard_compiles_the_controlnet_like_the_unet_and_frames_stay_the_same(tmp_path):
+    """A compiled UNet makes the storyboard compile its ControlNet the same way (the UNet alone compiled leaves the
+    ControlNet's half of every step eager), and the frame equals the eager runner's frame."""
+    from test_storyboard import settings, sketch, tiny_controlnet
+    from torch._dynamo.utils import counters
+
+    from studio.controlnet import save_controlnet_file
+    from studio.storyboard import Shot, StoryboardRunner, StoryboardStore, new_board
+
+    def frame(name: str, compiled: bool) -> tuple[np.ndarray, StoryboardRunner]:
+        cfg = StudioConfig().with_home(tmp_path / name)
+        cfg.ensure_dirs()
+        manager = ModelManager(cfg)
+        manager.load("demo-tiny")
+        save_controlnet_file(tiny_controlnet(manager.current.pipe.unet), cfg.controlnet_dir / "tiny-canny.safetensors")
+        if compiled:
+            assert speed.compile_unet(manager.current.pipe.unet, "default", backend="aot_eager")
+        store = StoryboardStore(cfg.storyboards_dir)
+        runner = StoryboardRunner(manager, store, cfg.controlnet_dir)
+        board = new_board("b", settings(candidates=1))
+        store.path("b").mkdir(parents=True, exist_ok=True)
+        board.shots = [Shot("1", "close shot", "a face", seed=9)]
+        store.add_reference(board, board.shots[0], sketch(store.path("b") / "drawing.png"))
+        runner.run(board)
+        return np.asarray(Image.open(store.path("b") / board.shots[0].frames[0].file).convert("RGB")).astype(
+            np.int16), runner
+
+    torch._dynamo.reset()
+    eager, eager_runner = frame("eager", False)
+    before = counters["stats"]["unique_graphs"]
+    compiled, runner = frame("compiled", True)
+    cn = runner.controlnets._last[1].model
+    assert speed.compiled_as(cn) == ("default", "aot_eager")
+    assert not speed.is_compiled(eager_runner.controlnets._last[1].model)
+    assert counters["stats"]["unique_graphs"] >= before + 2  # UNet and ControlNet both went through the compiler
+    assert np.abs(compiled - eager).max() <= 1
