@@ -7,9 +7,9 @@ with ControlNetModel.from_unet, its zero convolutions given PyTorch's default in
 saved in fp16 as the diffusers folder controlnet/bench-canny in the studio home. The reference is a picture of
 shapes drawn in code; its canny map (cv2.Canny 100/200, as diffusers' ControlNet docs make it) is plain's `image=`.
 Contenders, all resident, timed round-robin after a warm-up call each (bench.common.round_robin):
-- plain: the pipeline with DPMSolverMultistepScheduler(use_karras_sigmas=True), the canny map computed once, the
-  latents drawn on a CPU generator as the studio draws them (so both start from the same noise; the max pixel
-  difference between their images is recorded).
+- plain: the pipeline with DPMSolverMultistepScheduler(use_karras_sigmas=True), the canny map computed once, and
+  the studio's starting noise passed as `latents` (so both start from the same noise; the pixel differences between
+  their images are recorded).
 - studio: StoryboardRunner.run(board, ["1"]), the storyboard tab's "regenerate this shot", for a one-shot board
   whose shot has the reference, a locked seed and 1 candidate. Each call validates the board, computes the canny
   map from the reference PNG, encodes the prompt, denoises through studio.denoise with a Control, and writes the
@@ -125,7 +125,7 @@ def main() -> None:
 
     from studio import speed
     from studio.config import StudioConfig
-    from studio.denoise import Control, DenoiseItem, denoise
+    from studio.denoise import Control, DenoiseItem, denoise, initial_latents
     from studio.models import ModelManager
     from studio.storyboard import StoryboardRunner, StoryboardStore
 
@@ -155,10 +155,15 @@ def main() -> None:
     canny = plain_canny(reference)
     flops_step = cfg_step_flops(plain.unet, plain.controlnet, latent=size // 8)
 
+    # the studio's starting noise (fp32 draws on a CPU generator, then cast), given to plain as `latents`: diffusers
+    # draws a CPU generator's noise in the pipeline's dtype, and torch's CPU normal sampler gives other numbers for
+    # fp16 than for fp32 (torch 2.11: fp16 takes the scalar path, fp32 the vectorized one), so the same seed alone
+    # would start them from different noise on the GPU
+    noise = initial_latents(plain, [SEED], size, size)
+
     def plain_call():
         return plain(PROMPT, image=canny, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
-                     width=size, height=size, controlnet_conditioning_scale=SCALE,
-                     generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
+                     width=size, height=size, controlnet_conditioning_scale=SCALE, latents=noise).images[0]
 
     # the studio: its own manager, runner (own ControlNet loader) and board per contender
     store = StoryboardStore(cfg.storyboards_dir)
