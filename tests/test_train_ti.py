@@ -407,3 +407,29 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     # and the run resumes from it once there is room again
     monkeypatch.setattr(run_folder, "save_file", original)
     assert Trainer(cfg).resume(run.path).state == "finished"
+
+
+
+def test_gradient_checkpointing_recomputes_the_unet_and_trains_the_same_embedding(strong_model, tmp_path, monkeypatch):
+    """TI with gradient checkpointing: the UNet's blocks run through torch.utils.checkpoint (their activations are
+    recomputed in the backward, not kept), and the run ends with the embedding the run without it ends with."""
+    import torch.utils.checkpoint as ckpt
+
+    calls = {"n": 0}
+    real = ckpt.checkpoint
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "checkpoint", counting)  # diffusers binds it when checkpointing is enabled
+    results, counts = {}, {}
+    for checkpointing in (False, True):
+        calls["n"] = 0
+        results[checkpointing] = Trainer(home_cfg(tmp_path, f"home-{checkpointing}")).start(
+            job(model=str(strong_model), max_steps=3, save_every=100, gradient_checkpointing=checkpointing))
+        assert results[checkpointing].state == "finished", results[checkpointing].message
+        counts[checkpointing] = calls["n"]
+    assert counts[False] == 0 and counts[True] > 0, counts
+    a, b = (load_embedding(results[c].embedding).vectors for c in (False, True))
+    assert torch.allclose(a, b, atol=1e-6)

@@ -91,6 +91,10 @@ class InversionMethod(TrainMethod):
                                            job.vectors, job.heads, job.experts, job.top_k)
         self.module.to(ctx.device)
         self.modules = {"embedding": self.module}
+        if job.gradient_checkpointing:
+            # the gradient reaches the prompt through the frozen UNet, whose activations the backward keeps;
+            # checkpointing recomputes them instead (diffusers checkpoints whenever grad is on, eval mode or not)
+            self.unet.enable_gradient_checkpointing()
 
     @staticmethod
     def check_output(cfg, job: TrainJob) -> None:
