@@ -9,7 +9,7 @@
 Each row: seconds per image or steps/s (median), and the peak GPU memory of the run (`max_memory_allocated`, reset
 before it). One process, settings in turn (no round-robin: a setting that reloads the model or moves it to the CPU
 cannot stay resident beside the others), so compare ratios taken in the same run.
-Usage: python bench/bench_memory.py [--repeats 5] [--steps 30] [--work DIR] [--tiny]
+Usage: python bench/bench_memory.py [--repeats 5] [--steps 30] [--work DIR] [--tiny] [--only generation|training]
 `--tiny` runs it with the tiny random model at 64 px on the CPU: a check of the script, not a measurement."""
 
 from __future__ import annotations
@@ -130,6 +130,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="training steps per setting")
     parser.add_argument("--work", default=None)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--only", choices=("generation", "training"), default=None, help="run one half")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
     work = Path(args.work or tempfile.mkdtemp(prefix="studio-bench-memory-"))
@@ -139,14 +140,16 @@ def main() -> None:
     data_dir = make_dataset(work / "data", size)
     results = {"env": environment(), "settings": {"tiny": args.tiny, "size": size, "big": big,
                                                   "repeats": args.repeats, "train_steps": args.steps}}
-    results["generation"] = generation_rows(folder, size, big, args.repeats, cuda)
-    with_ratios(results["generation"], "size")
-    results["training"] = training_rows(folder, data_dir, size, args.steps, cuda)
-    with_ratios(results["training"], "method")
+    if args.only != "training":
+        results["generation"] = generation_rows(folder, size, big, args.repeats, cuda)
+        with_ratios(results["generation"], "size")
+    if args.only != "generation":
+        results["training"] = training_rows(folder, data_dir, size, args.steps, cuda)
+        with_ratios(results["training"], "method")
     path = write_report("memory", results)
     print(f"{'row':<34}{'time vs none':>14}{'peak GiB':>10}{'vs none':>9}")
     for group in ("generation", "training"):
-        for key, row in results[group].items():
+        for key, row in results.get(group, {}).items():
             if isinstance(row, dict) and "time_vs_none" in row:
                 print(f"{group[:5] + ' ' + key:<34}{row['time_vs_none']:>13.2f}x{row['peak_gib']:>10.2f}"
                       f"{row['peak_vs_none_gib']:>+9.2f}")
