@@ -24,6 +24,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from micro_kit import dataset_home, micro_generator, one_thread
+from micro_kit import generate as generate_images
 from PIL import Image
 
 from studio.config import StudioConfig
@@ -81,49 +83,31 @@ def prompt(scene: world.Scene, with_: str | None = None) -> str:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The micro model's small matrices run fastest on one thread; two threads on a busy 2-core machine are many
-    times slower. One thread also keeps the results the same on machines with more cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def single_thread():
+    with one_thread():
+        yield
+
+
+def plain_caption(scene: world.Scene) -> str:
+    caption = world.caption(replace(scene, texture="plain"))
+    assert "striped" not in caption
+    return caption
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """A studio home with the dataset: PNGs and .txt captions without the texture word (and without "a large",
     which the TI template and the LoRA instance prompt put back, so that TI's token sits where texture words go)."""
-    cfg = StudioConfig(device="cpu").with_home(tmp_path_factory.mktemp("home"))
-    cfg.ensure_dirs()
-    folder = cfg.datasets_dir / DATA
-    folder.mkdir()
-    for i, scene in enumerate(TRAIN):
-        Image.fromarray(world.render(scene)).save(folder / f"{i:02d}.png")
-        caption = world.caption(replace(scene, texture="plain"))
-        assert caption.startswith(SLOT) and "striped" not in caption
-        (folder / f"{i:02d}.txt").write_text(caption.removeprefix(SLOT), encoding="utf-8")
-    templates = cfg.presets_dir / "templates"  # a user template, picked by name
-    templates.mkdir(parents=True, exist_ok=True)
-    (templates / f"{TEMPLATE}.txt").write_text(f"{SLOT}[name] [filewords]\n", encoding="utf-8")
-    return cfg
+    return dataset_home(tmp_path_factory.mktemp("home"), DATA, TRAIN, plain_caption, SLOT, TEMPLATE)
 
 
 @pytest.fixture(scope="module")
 def generator(home):
-    from studio.generate import Generator
-    from studio.models import ModelManager
-
-    manager = ModelManager(home)
-    manager.load(MICRO_NAME)
-    return Generator(manager)
+    return micro_generator(home)
 
 
 def generate(generator, with_: str | None = None) -> list[np.ndarray]:
-    from studio.generate import GenerateJob
-
-    return [np.asarray(generator.run(GenerateJob(prompt=prompt(scene, with_), seed=i, **GENERATE)).images[0].image
-                       .convert("RGB")) for i, scene in enumerate(EVAL)]
+    return generate_images(generator, [prompt(scene, with_) for scene in EVAL], GENERATE)
 
 
 def diagonal(images) -> float:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
+from micro_kit import dataset_home, micro_generator, one_thread
+from micro_kit import generate as generate_images
 
 from studio.config import StudioConfig
 from studio.micro import MICRO_NAME, micro_available, oracle, world
@@ -83,47 +83,27 @@ def style_score(images) -> float:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def single_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):
     """A studio home with the dataset: PNGs and .txt captions without colour, background and "a large" (which the
     template puts back around the token)."""
-    cfg = StudioConfig(device="cpu").with_home(tmp_path_factory.mktemp("home"))
-    cfg.ensure_dirs()
-    folder = cfg.datasets_dir / DATA
-    folder.mkdir()
-    for i, scene in enumerate(TRAIN):
-        Image.fromarray(world.render(scene)).save(folder / f"{i:02d}.png")
-        caption = prompt(scene)
-        assert caption.startswith(SLOT) and COLOUR not in caption and BACKGROUND not in caption
-        (folder / f"{i:02d}.txt").write_text(caption.removeprefix(SLOT), encoding="utf-8")
-    templates = cfg.presets_dir / "templates"
-    templates.mkdir(parents=True, exist_ok=True)
-    (templates / f"{TEMPLATE}.txt").write_text(f"{SLOT}[name] [filewords]\n", encoding="utf-8")
-    return cfg
+    for scene in TRAIN:
+        assert COLOUR not in prompt(scene) and BACKGROUND not in prompt(scene)
+    return dataset_home(tmp_path_factory.mktemp("home"), DATA, TRAIN, prompt, SLOT, TEMPLATE)
 
 
 @pytest.fixture(scope="module")
 def generator(home):
-    from studio.generate import Generator
-    from studio.models import ModelManager
-
-    manager = ModelManager(home)
-    manager.load(MICRO_NAME)
-    return Generator(manager)
+    return micro_generator(home)
 
 
 def generate(generator, token: str | None = None) -> list[np.ndarray]:
-    from studio.generate import GenerateJob
-
-    return [np.asarray(generator.run(GenerateJob(prompt=prompt(scene, token), seed=i, **GENERATE)).images[0].image
-                       .convert("RGB")) for i, scene in enumerate(EVAL)]
+    return generate_images(generator, [prompt(scene, token) for scene in EVAL], GENERATE)
 
 
 @pytest.fixture(scope="module")

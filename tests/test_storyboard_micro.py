@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 import pytest
-import torch
+from micro_kit import one_thread
 from PIL import Image
 
 from studio.config import StudioConfig
@@ -52,17 +52,13 @@ def unplaced(scene: world.Scene) -> str:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    # the micro model's small matrices run fastest on one thread (docs/micro-model.md), and two threads on a busy
-    # 2-core machine are many times slower still
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def single_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
-def generated(one_thread, tmp_path_factory):
+def generated(single_thread, tmp_path_factory):
     from studio.controlnet import default_controlnet
     from studio.models import ModelManager
     from studio.storyboard import BoardSettings, Shot, ShotType, StoryboardRunner, StoryboardStore, new_board
@@ -150,7 +146,7 @@ def test_pdf_export_holds_the_frames(generated, tmp_path):
         assert copy.read_bytes() == (store.path("micro board") / shot.picked_frame.file).read_bytes()
 
 
-def test_storyboard_command_on_micro_uses_micro_canny_offline(one_thread, tmp_path, monkeypatch, capsys):
+def test_storyboard_command_on_micro_uses_micro_canny_offline(single_thread, tmp_path, monkeypatch, capsys):
     from studio.__main__ import main
     from studio.infotext import parse_infotext, read_image_infotext
     from studio.storyboard import StoryboardStore
