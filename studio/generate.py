@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from studio import __version__, samplers
+from studio import __version__, samplers, speed
 from studio.adapters import ActiveLora
 from studio.atomic import atomic_path
 from studio.conditioning import PromptEncoder, TextualInversion
@@ -261,6 +261,9 @@ class Generator:
                                     f"batch {batch + 1}/{job.batch_count}, step {step}/{job.steps}")
 
                 items = [DenoiseItem(cond, uncond, job.cfg_scale, seed) for seed in seeds]
+                note = speed.compile_note(pipe.unet, (len(items), job.width, job.height, False))
+                if note and on_progress:
+                    on_progress(done_before, total, note)
                 out = denoise(pipe, items, job.sampler, job.schedule, job.steps, job.width, job.height,
                               on_step=on_step, cancel=cancel)
                 images, interrupted = out.images, out.interrupted

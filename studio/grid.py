@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from studio import samplers
+from studio import samplers, speed
 from studio.atomic import write_text
 from studio.denoise import DenoiseItem, denoise, pass_noise_is_shared
 from studio.generate import MAX_SEED, GeneratedImage, GenerateJob, Generator, build_infotext, save_png
@@ -566,6 +566,9 @@ class GridRunner:
                         step = -(-i * first.steps // n)  # 2nd-order samplers take more timesteps than steps
                         on_progress(done + step, total, f"{label}, step {step}/{first.steps}")
 
+                note = speed.compile_note(pipe.unet, (len(items), first.width, first.height, False))
+                if note and on_progress:
+                    on_progress(done, total, f"{label}: {note}")
                 t0 = time.perf_counter()
                 out = denoise(pipe, items, first.sampler, first.schedule, first.steps, first.width, first.height,
                               on_step=on_step, cancel=cancel)

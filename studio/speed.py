@@ -80,6 +80,23 @@ def uncompiled(module: torch.nn.Module) -> Iterator[None]:
         module._compiled_call_impl = compiled
 
 
+COMPILE_NOTE = "compiling for this image size (Compile UNet: the first pass at a size waits, about 1-3 minutes)"
+
+
+def compile_note(module: torch.nn.Module, shape: tuple) -> str | None:
+    """COMPILE_NOTE the first time a compiled `module` is about to run at `shape` (the batch and sizes its caller
+    passes), so progress says why the first step is slow; None when it is not compiled or has seen the shape."""
+    if not is_compiled(module):
+        return None
+    seen = getattr(module, "_studio_shapes_seen", None)
+    if seen is None:
+        seen = module._studio_shapes_seen = set()
+    if shape in seen:
+        return None
+    seen.add(shape)
+    return COMPILE_NOTE
+
+
 def is_compiled(module: torch.nn.Module) -> bool:
     # nn.Module.compile() sets this; there is no public getter
     return getattr(module, "_compiled_call_impl", None) is not None

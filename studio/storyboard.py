@@ -707,6 +707,9 @@ class StoryboardRunner:
                         step = -(-i * s.steps // count)
                         on_progress(done + step, total, f"{what}, step {step}/{s.steps}")
 
+                note = speed.compile_note(model.pipe.unet, (len(items), s.width, s.height, control is not None))
+                if note and on_progress:
+                    on_progress(done, total, f"{what}: {note}")
                 out = denoise(model.pipe, items, s.sampler, s.schedule, s.steps, s.width, s.height, on_step=on_step,
                               cancel=cancel, control=control)
                 if out.interrupted:

@@ -99,12 +99,15 @@ def test_storyboard_compiles_the_controlnet_like_the_unet_and_frames_stay_the_sa
         store.path("b").mkdir(parents=True, exist_ok=True)
         board.shots = [Shot("1", "close shot", "a face", seed=9)]
         store.add_reference(board, board.shots[0], sketch(store.path("b") / "drawing.png"))
-        runner.run(board)
+        runner.run(board, on_progress=lambda done, total, message: notes.append(message))
         return np.asarray(Image.open(store.path("b") / board.shots[0].frames[0].file).convert("RGB")).astype(
             np.int16), runner
 
+    notes: list[str] = []
     torch._dynamo.reset()
     eager, eager_runner = frame("eager", False)
+    assert not any(speed.COMPILE_NOTE in m for m in notes)
+    notes.clear()
     before = counters["stats"]["unique_graphs"]
     compiled, runner = frame("compiled", True)
     cn = runner.controlnets._last[1].model
@@ -112,3 +115,20 @@ def test_storyboard_compiles_the_controlnet_like_the_unet_and_frames_stay_the_sa
     assert not speed.is_compiled(eager_runner.controlnets._last[1].model)
     assert counters["stats"]["unique_graphs"] >= before + 2  # UNet and ControlNet both went through the compiler
     assert np.abs(compiled - eager).max() <= 1
+    assert sum(speed.COMPILE_NOTE in m for m in notes) == 1  # progress says why the first frame waits
+
+
+def test_progress_says_when_the_first_image_at_a_size_compiles(pair):
+    """The first pass of a compiled UNet at a new size waits for the compiler: progress says so, once per size;
+    the eager path never does."""
+    eager, compiled = pair
+
+    def notes(gen, width):
+        messages = []
+        job = GenerateJob(prompt="a lighthouse", steps=2, width=width, height=64, seed=1, sampler="Euler",
+                          schedule="Automatic", cfg_scale=5.0)
+        gen.run(job, on_progress=lambda done, total, message: messages.append(message))
+        return sum(m == speed.COMPILE_NOTE for m in messages)
+
+    assert (notes(compiled, 72), notes(compiled, 72), notes(compiled, 80)) == (1, 0, 1)
+    assert notes(eager, 88) == 0
