@@ -132,3 +132,15 @@ def test_progress_says_when_the_first_image_at_a_size_compiles(pair):
 
     assert (notes(compiled, 72), notes(compiled, 72), notes(compiled, 80)) == (1, 0, 1)
     assert notes(eager, 88) == 0
+
+
+def test_grid_progress_says_when_a_pass_compiles(pair):
+    from studio.grid import AxisSpec, GridJob, GridRunner
+
+    eager, compiled = pair
+    for gen, expected in ((compiled, 1), (eager, 0)):
+        messages = []
+        job = GridJob(GenerateJob(prompt="a lighthouse", steps=2, width=64, height=96, seed=1, sampler="Euler",
+                                  schedule="Automatic", cfg_scale=5.0), x=AxisSpec.parse("Seed: 1, 2"))
+        GridRunner(gen.manager, gen).run(job, on_progress=lambda done, total, m, out=messages: out.append(m))
+        assert sum(speed.COMPILE_NOTE in m for m in messages) == expected, messages
