@@ -83,7 +83,7 @@ def file_access(cfg) -> dict:
 def create_app(args: argparse.Namespace, network: dict):
     """(the Blocks app, the keywords for its launch(), the AppState): everything `python app.py` serves."""
     from studio.config import StudioConfig
-    from studio.models import ModelLoadError
+    from studio.models.checkpoints import ModelLoadError
     from studio.ui import build_ui, startup_model
     from studio.ui.state import AppState
     from studio.ui.survey_page import NAV_CSS

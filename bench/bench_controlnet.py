@@ -12,9 +12,9 @@ Contenders, all resident, timed round-robin after a warm-up call each (bench.com
   their images are recorded).
 - studio: StoryboardRunner.run(board, ["1"]), the storyboard tab's "regenerate this shot", for a one-shot board
   whose shot has the reference, a locked seed and 1 candidate. Each call validates the board, computes the canny
-  map from the reference PNG, encodes the prompt, denoises through studio.denoise with a Control, and writes the
+  map from the reference PNG, encodes the prompt, denoises through studio.generation.denoise with a Control, and writes the
   frame PNG (with infotext), canny.png and project.json: what a user pays.
-- studio_denoise: only the studio.denoise(..., control=Control(...)) call the runner makes per frame (prompt and
+- studio_denoise: only the studio.generation.denoise(..., control=Control(...)) call the runner makes per frame (prompt and
   canny map prepared once), to split the runner's own cost from the loop's.
 - studio_compiled: `studio` on a ModelManager with compile=MODE (first call timed apart as compile time; its frame
   compared with the eager studio frame). The runner compiles the ControlNet as the UNet is compiled.
@@ -91,7 +91,7 @@ def build_controlnet(model_folder: Path, out: Path, seed: int = 0) -> Path:
 
 def make_board(store, name: str, reference: Path, size: int):
     """A one-shot board: the shot's prompt is PROMPT itself (template "[description]"), with the reference."""
-    from studio.storyboard import BoardSettings, Shot, ShotType, new_board
+    from studio.storyboard.board import BoardSettings, Shot, ShotType, new_board
 
     board = new_board(name, BoardSettings(negative_prompt=NEGATIVE, sampler="DPM++ 2M", schedule="Karras",
                                           steps=STEPS, cfg_scale=CFG, width=size, height=size, candidates=1,
@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--work", default=None, help="folder for the random models and the studio home (default: temp)")
     parser.add_argument("--compile", default="reduce-overhead", help="compile mode of studio_compiled "
-                        "(studio.speed.COMPILE_MODES; 'off' leaves it out)")
+                        "(studio.models.speed.COMPILE_MODES; 'off' leaves it out)")
     parser.add_argument("--tiny", action="store_true", help="tiny random model at 64 px on the CPU: checks the script")
     args = parser.parse_args()
     import diffusers
@@ -123,11 +123,12 @@ def main() -> None:
     from diffusers import ControlNetModel, DPMSolverMultistepScheduler, StableDiffusionControlNetPipeline
     from diffusers.image_processor import VaeImageProcessor
 
-    from studio import speed
     from studio.config import StudioConfig
-    from studio.denoise import Control, DenoiseItem, denoise, initial_latents
-    from studio.models import ModelManager
-    from studio.storyboard import StoryboardRunner, StoryboardStore
+    from studio.generation.denoise import Control, DenoiseItem, denoise, initial_latents
+    from studio.models import speed
+    from studio.models.manager import ModelManager
+    from studio.storyboard.board import StoryboardStore
+    from studio.storyboard.runner import StoryboardRunner
 
     cuda = not args.tiny
     device, dtype, precision = ("cuda", torch.float16, "fp16") if cuda else ("cpu", torch.float32, "fp32")
@@ -143,7 +144,7 @@ def main() -> None:
                "settings": {"steps": STEPS, "cfg": CFG, "size": size, "sampler": "DPM++ 2M Karras", "batch": 1,
                             "dtype": precision, "controlnet_conditioning_scale": SCALE, "canny": CANNY,
                             "tiny": args.tiny, "studio_times": studio_call,
-                            "studio_denoise_times": "studio.denoise(..., control=Control(...)) alone, the runner's "
+                            "studio_denoise_times": "studio.generation.denoise(..., control=Control(...)) alone, the runner's "
                                                     "per-frame call (prompt encoded and canny map made once)"}}
 
     # plain diffusers

@@ -34,7 +34,7 @@ def make_kohya_lora(unet, text_encoder, path: Path, rank: int, seed: int) -> Pat
     """A kohya-format LoRA on every attention projection (UNet) and q/k/v/out (text encoder)."""
     from safetensors.torch import save_file
 
-    from studio.networks import kohya_name
+    from studio.files.networks import kohya_name
 
     g = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--work", default=None, help="folder for the random model and LoRAs (default: temp)")
     parser.add_argument("--compile", default="reduce-overhead", help="compile mode of the studio_compiled contenders "
-                        "(studio.speed.COMPILE_MODES; 'off' leaves them out)")
+                        "(studio.models.speed.COMPILE_MODES; 'off' leaves them out)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="studio-bench-"))
     os.environ["STUDIO_HOME"] = str(work / "home")
@@ -63,8 +63,9 @@ def main() -> None:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     from studio.config import StudioConfig
-    from studio.generate import GenerateJob, Generator
-    from studio.models import ModelManager
+    from studio.generation.generate import Generator
+    from studio.generation.job import GenerateJob
+    from studio.models.manager import ModelManager
 
     folder = build_sd15_folder(work / "sd15-random")
     results = {"env": environment(), "settings": {"steps": STEPS, "cfg": CFG, "size": SIZE, "sampler":

@@ -33,9 +33,10 @@ def main() -> None:
     os.environ["STUDIO_HOME"] = str(work / "home")
 
     from studio.config import StudioConfig
-    from studio.generate import GenerateJob, Generator
-    from studio.grid import AxisSpec, GridJob, GridRunner
-    from studio.models import ModelManager
+    from studio.explorer.grid import AxisSpec, GridJob, GridRunner
+    from studio.generation.generate import Generator
+    from studio.generation.job import GenerateJob
+    from studio.models.manager import ModelManager
 
     folder = build_sd15_folder(work / "sd15-random")
     cfg = StudioConfig.from_env(device="cuda", precision="fp16")

@@ -50,8 +50,9 @@ def eight_bit_available(cuda: bool) -> bool:
 
 def generation_rows(folder: Path, size: int, big: int, repeats: int, cuda: bool) -> dict:
     from studio.config import StudioConfig
-    from studio.generate import GenerateJob, Generator
-    from studio.models import ModelManager
+    from studio.generation.generate import Generator
+    from studio.generation.job import GenerateJob
+    from studio.models.manager import ModelManager
 
     manager = ModelManager(StudioConfig.from_env(device="cuda" if cuda else "cpu",
                                                  precision="fp16" if cuda else "fp32"))

@@ -54,7 +54,7 @@ from bench.bench_train_ti import (  # noqa: E402
     studio_train_digest,
 )
 from bench.common import build_sd15_folder, environment, median, write_report  # noqa: E402
-from studio.speed import TRAIN_COMPILE_MODES  # noqa: E402
+from studio.models.speed import TRAIN_COMPILE_MODES  # noqa: E402
 
 LR = 1e-4
 NAME = "bench-lora"

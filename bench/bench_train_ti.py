@@ -34,7 +34,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import build_sd15_folder, environment, median, sync, write_report  # noqa: E402
-from studio.speed import TRAIN_COMPILE_MODES  # noqa: E402
+from studio.models.speed import TRAIN_COMPILE_MODES  # noqa: E402
 
 N_IMAGES, WARMUP, SEED, LR, INIT_WORD = 8, 5, 0, 0.005, "*"
 NAME = "bench-style"  # the studio's embedding name; the plain loop adds the token <bench-style>
@@ -75,7 +75,7 @@ def make_dataset(folder: Path, size: int, seed: int = SEED) -> Path:
 
 
 def build_tiny_folder(folder: Path) -> Path:
-    from studio.tiny import build_tiny_pipeline
+    from studio.models.tiny import build_tiny_pipeline
 
     if not (folder / "model_index.json").is_file():
         build_tiny_pipeline("sd1").save_pretrained(folder)

@@ -21,7 +21,7 @@ def build_sd15_folder(folder: Path, seed: int = 0) -> Path:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from studio.tokenizer import clip_tokenizer
+    from studio.models.tokenizer import clip_tokenizer
 
     if (folder / "model_index.json").is_file():
         return folder

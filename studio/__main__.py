@@ -10,7 +10,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
-from studio import samplers
+from studio.generation import samplers
 
 
 def _progress_printer(label: str):
@@ -52,8 +52,9 @@ def _cli_progress(label: str):
 
 def cmd_generate(args) -> int:
     from studio.config import StudioConfig
-    from studio.generate import GenerateJob, Generator
-    from studio.models import ModelManager
+    from studio.generation.generate import Generator
+    from studio.generation.job import GenerateJob
+    from studio.models.manager import ModelManager
 
     sampler, schedule = args.sampler, args.schedule
     if schedule is None:
@@ -78,9 +79,9 @@ def cmd_generate(args) -> int:
 
 def cmd_grid(args) -> int:
     from studio.config import StudioConfig
-    from studio.generate import GenerateJob
-    from studio.grid import AxisSpec, GridJob, GridRunner, plan_grid
-    from studio.models import ModelManager
+    from studio.explorer.grid import AxisSpec, GridJob, GridRunner, plan_grid
+    from studio.generation.job import GenerateJob
+    from studio.models.manager import ModelManager
 
     sampler, schedule = args.sampler, args.schedule
     if schedule is None:
@@ -111,7 +112,7 @@ def cmd_grid(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from studio.infotext import parse_infotext, read_image_infotext, to_fields
+    from studio.generation.infotext import parse_infotext, read_image_infotext, to_fields
 
     text = read_image_infotext(args.image)
     if text is None:
@@ -122,8 +123,8 @@ def cmd_info(args) -> int:
 
 def cmd_convert(args) -> int:
     from studio.config import StudioConfig
-    from studio.convert import save_diffusers_folder, save_single_file
-    from studio.models import ModelManager
+    from studio.files.convert import save_diffusers_folder, save_single_file
+    from studio.models.manager import ModelManager
 
     cfg = StudioConfig.from_env(device="cpu", precision="fp32")
     manager = ModelManager(cfg)
@@ -145,8 +146,8 @@ def cmd_convert(args) -> int:
 
 def cmd_models(args) -> int:
     from studio.config import StudioConfig
-    from studio.library import list_models
-    from studio.micro import micro_available
+    from studio.models.builtin import micro_available
+    from studio.models.listing import list_models
 
     cfg = StudioConfig.from_env()
     for entry in list_models(cfg.models_dir):
@@ -159,7 +160,7 @@ def cmd_models(args) -> int:
 
 def cmd_networks(args) -> int:
     from studio.config import StudioConfig
-    from studio.networks import NetworkLibrary, embedding_card, lora_card
+    from studio.files.networks import NetworkLibrary, embedding_card, lora_card
 
     cfg = StudioConfig.from_env()
     lib = NetworkLibrary(cfg.loras_dir, cfg.embeddings_dir)
@@ -175,9 +176,9 @@ def cmd_networks(args) -> int:
 
 
 def cmd_curate(args) -> int:
-    from studio.captioning import DEFAULT_CAPTIONER
     from studio.config import StudioConfig
-    from studio.dataset import CurateJob, curate
+    from studio.dataset.captioning import DEFAULT_CAPTIONER
+    from studio.dataset.curate import CurateJob, curate
 
     aliases = {"blip": DEFAULT_CAPTIONER, "blip2": "Salesforce/blip2-opt-2.7b"}
     flip = "stored" if args.flip_copies else ("random" if args.flip else "none")
@@ -396,17 +397,17 @@ def cmd_survey(args) -> int:
 
 def cmd_storyboard(args) -> int:
     from studio.config import StudioConfig
-    from studio.controlnet import default_controlnet
-    from studio.models import ModelManager
-    from studio.storyboard import (
-        StoryboardRunner,
+    from studio.control.controlnet import default_controlnet
+    from studio.models.manager import ModelManager
+    from studio.storyboard.board import (
         StoryboardStore,
         apply_board_preset,
         list_board_presets,
         new_board,
         shots_from_csv,
     )
-    from studio.storyboard_export import export_board
+    from studio.storyboard.export import export_board
+    from studio.storyboard.runner import StoryboardRunner
 
     csv_path = Path(args.shots)
     if not csv_path.is_file():
@@ -471,7 +472,7 @@ def cmd_storyboard(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from studio.grid_syntax import AXIS_TYPES, NOTHING
+    from studio.explorer.syntax import AXIS_TYPES, NOTHING
 
     axis_names = [n for n in AXIS_TYPES if n != NOTHING]
     parser = argparse.ArgumentParser(prog="python -m studio", description=__doc__)

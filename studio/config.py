@@ -39,7 +39,7 @@ class StudioConfig:
     attention_slicing: bool = False
     vae_tiling: bool = False
     cpu_offload: bool = False
-    # torch.compile the UNet (studio.speed.COMPILE_MODES); CUDA only: faster after the first image at each size
+    # torch.compile the UNet (studio.models.speed.COMPILE_MODES); CUDA only: faster after the first image at each size
     compile: str = "off"
     extra: dict = field(default_factory=dict)
 

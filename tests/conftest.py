@@ -14,14 +14,14 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """The demo-tiny SD 1.x pipeline (do not mutate it; build your own if you must)."""
-    from studio.tiny import build_tiny_pipeline
+    from studio.models.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline("sd1")
 
 
 @pytest.fixture(scope="session")
 def tiny_pipe_sd2():
-    from studio.tiny import build_tiny_pipeline
+    from studio.models.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline("sd2")
 

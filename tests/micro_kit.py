@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from studio.config import StudioConfig
-from studio.micro import MICRO_NAME, world
+from studio.micro import world
+from studio.models.builtin import MICRO_NAME
 
 
 @contextmanager
@@ -48,8 +49,8 @@ def dataset_home(folder, data: str, scenes: list[world.Scene], caption: Callable
 
 
 def micro_generator(cfg: StudioConfig):
-    from studio.generate import Generator
-    from studio.models import ModelManager
+    from studio.generation.generate import Generator
+    from studio.models.manager import ModelManager
 
     manager = ModelManager(cfg)
     manager.load(MICRO_NAME)
@@ -58,7 +59,7 @@ def micro_generator(cfg: StudioConfig):
 
 def generate(generator, prompts: list[str], settings: dict) -> list[np.ndarray]:
     """One image per prompt, seed = its index."""
-    from studio.generate import GenerateJob
+    from studio.generation.job import GenerateJob
 
     return [np.asarray(generator.run(GenerateJob(prompt=p, seed=i, **settings)).images[0].image.convert("RGB"))
             for i, p in enumerate(prompts)]

@@ -9,9 +9,9 @@ import pytest
 import torch
 from dataset_files import photo
 
-from studio import dataset as ds
-from studio.captioning import CaptionerLoadError, compose_caption, load_captioner, tiny_blip_dir
-from studio.clipscore import ClipLoadError, load_clip_scorer, parse_clip_spec, tiny_clip_dir
+from studio.dataset import curate as ds
+from studio.dataset.captioning import CaptionerLoadError, compose_caption, load_captioner, tiny_blip_dir
+from studio.dataset.clipscore import ClipLoadError, load_clip_scorer, parse_clip_spec, tiny_clip_dir
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from studio.conditioning import EncodedPrompt, PromptEncoder, TextualInversion, _inject_hook, apply_emphasis
+from studio.generation.conditioning import (
+    EncodedPrompt,
+    PromptEncoder,
+    TextualInversion,
+    _inject_hook,
+    apply_emphasis,
+)
 
 WIDTH = 32  # the tiny CLIP's hidden size
 
@@ -279,7 +285,7 @@ def test_embedding_hook_leaves_other_threads_forward_passes_alone(tiny_pipe):
 def test_comma_id_is_read_without_copying_the_vocabulary(any_pipe, monkeypatch):
     """get_vocab() copies CLIP's 49,408 entries (21 ms, most of a Generate encode); the comma's id is looked up alone,
     and the comma backtrack still sees it."""
-    from studio.conditioning import COMMA_TOKEN, token_id
+    from studio.generation.conditioning import COMMA_TOKEN, token_id
 
     tokenizer = any_pipe.tokenizer
     expected = tokenizer.get_vocab().get(COMMA_TOKEN)

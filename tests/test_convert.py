@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from studio.convert import (
+from studio.files.convert import (
     CONFIG_METADATA_KEY,
     UNET_PREFIX,
     VAE_PREFIX,

@@ -12,9 +12,9 @@ import pytest
 from dataset_files import BAD_FILES, CONVERTED, PLAIN, make_mixed_folder, photo, tree_digest
 from PIL import Image, ImageDraw
 
-from studio import dataset as ds
-from studio.crop import bucket_resolutions, plan_crop
-from studio.dataset_import import is_zip_slip
+from studio.dataset import curate as ds
+from studio.dataset.crop import bucket_resolutions, plan_crop
+from studio.dataset.sources import is_zip_slip
 
 SMALL = dict(size=64, min_side=32, max_pixels=4_000_000)
 

@@ -13,7 +13,7 @@ from PIL import Image
 from studio.evaluate import metrics as M
 from studio.evaluate.experiment import shard
 from studio.evaluate.folders import EvaluateJob, evaluate_folders, read_prompts
-from studio.infotext import png_info
+from studio.generation.infotext import png_info
 
 # two references and two generated images in 2-D; cos[r, g]:
 #          g1=(1,0)  g2=(3,4)/5
@@ -125,7 +125,7 @@ def test_prompts_come_from_a_file_or_the_images(tmp_path):
 
 
 def test_folder_evaluation_groups_by_prompt_and_matches_the_metric_functions(tmp_path):
-    from studio.clipscore import load_clip_scorer
+    from studio.dataset.clipscore import load_clip_scorer
 
     gen = _images(tmp_path / "gen", 4, 0, prompt="a cat in the style of x")
     ref = _images(tmp_path / "ref", 3, 1)

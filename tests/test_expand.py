@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 
-from studio.expand import (
+from studio.generation.expand import (
     DEFAULT_EXPANDER,
     TINY_EXPANDER,
     ExpandError,

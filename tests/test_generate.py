@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from studio import samplers
-from studio.generate import GenerateJob, Generator
-from studio.infotext import parse_infotext, read_image_infotext, to_fields
-from studio.models import ModelManager
+from studio.generation import samplers
+from studio.generation.generate import Generator
+from studio.generation.infotext import parse_infotext, read_image_infotext, to_fields
+from studio.generation.job import GenerateJob
+from studio.models.manager import ModelManager
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +147,8 @@ def test_prompt_encoder_is_reused_until_the_model_or_the_embeddings_change(gener
 
     import torch
 
-    import studio.generate as generate
-    from studio.networks import save_embedding
+    import studio.generation.generate as generate
+    from studio.files.networks import save_embedding
 
     gen, cfg = generator
     built = []
@@ -193,8 +194,8 @@ def test_prompt_encoder_is_reused_until_the_model_or_the_embeddings_change(gener
 
 def test_the_model_is_taken_under_the_lock(generator):
     """A model loaded while a generation waits for the manager's lock is the one it runs on (the infotext says so)."""
-    from studio.models import LoadedModel
-    from studio.tiny import build_tiny_pipeline
+    from studio.models.manager import LoadedModel
+    from studio.models.tiny import build_tiny_pipeline
 
     gen, _ = generator
     manager = gen.manager

@@ -15,19 +15,13 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from studio.generate import GenerateJob, Generator
-from studio.grid import (
-    MAX_CELLS,
-    MAX_GRID_MEGAPIXELS,
-    AxisSpec,
-    GridJob,
-    GridRunner,
-    plan_grid,
-)
-from studio.grid_image import GAP, _draw_lines, legend_font
-from studio.infotext import parse_infotext, read_image_infotext, to_fields
-from studio.models import ModelManager
-from studio.tiny import build_tiny_pipeline
+from studio.explorer.grid import MAX_CELLS, MAX_GRID_MEGAPIXELS, AxisSpec, GridJob, GridRunner, plan_grid
+from studio.explorer.grid_image import GAP, _draw_lines, legend_font
+from studio.generation.generate import Generator
+from studio.generation.infotext import parse_infotext, read_image_infotext, to_fields
+from studio.generation.job import GenerateJob
+from studio.models.manager import ModelManager
+from studio.models.tiny import build_tiny_pipeline
 
 
 def kohya_lora(pipe, seed: int, scale: float = 0.3) -> dict[str, torch.Tensor]:
@@ -48,7 +42,7 @@ def kohya_lora(pipe, seed: int, scale: float = 0.3) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def studio(tmp_path_factory):
     from studio.config import StudioConfig
-    from studio.convert import save_single_file
+    from studio.files.convert import save_single_file
 
     cfg = StudioConfig().with_home(tmp_path_factory.mktemp("home"))
     cfg.ensure_dirs()

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from studio.grid_syntax import (
+from studio.explorer.syntax import (
     AxisSyntaxError,
     apply_prompt_sr,
     axis_type,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 import pytest
 
-from studio.grid_syntax import NOTHING
+from studio.explorer.syntax import NOTHING
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from studio.infotext import (
+from studio.generation.infotext import (
     format_infotext,
     from_fields,
     parse_infotext,

@@ -4,7 +4,9 @@ import os
 
 import pytest
 
-from studio.library import UnsafeNameError, list_models, safe_child, sha256_file
+from studio.files.hashes import sha256_file
+from studio.files.names import UnsafeNameError, safe_child
+from studio.models.listing import list_models
 
 
 @pytest.mark.parametrize("name", [

@@ -29,7 +29,8 @@ from micro_kit import generate as generate_images
 from PIL import Image
 
 from studio.config import StudioConfig
-from studio.micro import MICRO_NAME, micro_available, oracle, world
+from studio.micro import oracle, world
+from studio.models.builtin import MICRO_NAME, micro_available
 
 pytestmark = pytest.mark.skipif(not micro_available(StudioConfig().assets_dir), reason="assets/micro is missing")
 
@@ -156,7 +157,7 @@ def held_out_loss(manager, word: str | None = None, vectors: torch.Tensor | None
     captions); fixed noise at timesteps 50, 150, 300 and 500, two draws each."""
     from diffusers import DDPMScheduler
 
-    from studio.conditioning import PromptEncoder, TextualInversion
+    from studio.generation.conditioning import PromptEncoder, TextualInversion
 
     with torch.no_grad(), manager.lock:
         manager.current.loras().apply([])  # the base model, whatever the last image used
@@ -182,7 +183,7 @@ def held_out_loss(manager, word: str | None = None, vectors: torch.Tensor | None
 
 @pytest.mark.parametrize("name", [TI, MOE], ids=["ti", "ti-moe"])
 def test_embedding_learns_the_style_the_frozen_unet_cannot_draw(name, trained, base_images, generator):
-    from studio.networks import load_embedding
+    from studio.files.networks import load_embedding
 
     result, images = trained(name)
     vectors = load_embedding(result.output).vectors

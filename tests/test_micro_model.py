@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 
 from studio.config import StudioConfig
-from studio.micro import MICRO_NAME, micro_available, oracle, world
+from studio.micro import oracle, world
+from studio.models.builtin import MICRO_NAME, micro_available
 
 pytestmark = pytest.mark.skipif(not micro_available(StudioConfig().assets_dir), reason="assets/micro is missing")
 
 
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory):
-    from studio.models import ModelManager
+    from studio.models.manager import ModelManager
 
     cfg = StudioConfig(device="cpu").with_home(tmp_path_factory.mktemp("home"))
     cfg.ensure_dirs()
@@ -32,8 +33,8 @@ def test_loads_offline_as_an_sd1_model(micro):
 
 
 def test_a_real_checkpoint_comes_before_micro(studio_cfg, tiny_pipe):
-    from studio.convert import save_single_file
-    from studio.models import ModelManager
+    from studio.files.convert import save_single_file
+    from studio.models.manager import ModelManager
 
     save_single_file(tiny_pipe, studio_cfg.models_dir / "mine.safetensors", "sd1")
     assert ModelManager(studio_cfg).default_choice() == "mine.safetensors"
@@ -42,7 +43,8 @@ def test_a_real_checkpoint_comes_before_micro(studio_cfg, tiny_pipe):
 def test_generated_images_show_the_prompted_attributes(micro):
     """Nine prompts of the fixed evaluation set, one per position, through the studio's own sampling loop (v-prediction,
     A1111 sampler names): background, colour, shape, size and position read back by the oracle."""
-    from studio.generate import GenerateJob, Generator
+    from studio.generation.generate import Generator
+    from studio.generation.job import GenerateJob
 
     evals = world.eval_scenes(200)
     scenes = [next(s for s in evals if s.position == p) for p in world.POSITIONS]

@@ -26,7 +26,8 @@ from micro_kit import dataset_home, micro_generator, one_thread
 from micro_kit import generate as generate_images
 
 from studio.config import StudioConfig
-from studio.micro import MICRO_NAME, micro_available, oracle, world
+from studio.micro import oracle, world
+from studio.models.builtin import MICRO_NAME, micro_available
 
 pytestmark = pytest.mark.skipif(not micro_available(StudioConfig().assets_dir), reason="assets/micro is missing")
 

@@ -8,9 +8,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from studio.convert import save_diffusers_folder, save_single_file
-from studio.generate import GenerateJob, Generator
-from studio.models import ModelLoadError, ModelManager, detect_family, probe_v_prediction
+from studio.files.convert import save_diffusers_folder, save_single_file
+from studio.generation.generate import Generator
+from studio.generation.job import GenerateJob
+from studio.models.checkpoints import ModelLoadError, detect_family, probe_v_prediction
+from studio.models.manager import ModelManager
 
 
 @pytest.fixture
@@ -38,7 +40,7 @@ def test_demo_tiny_is_deterministic(studio_cfg):
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_single_file_and_diffusers_folder_load_offline_and_match(studio_cfg, no_network, family):
-    from studio.tiny import build_tiny_pipeline
+    from studio.models.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(family)
     save_diffusers_folder(pipe, studio_cfg.models_dir / "tiny-folder")
@@ -179,7 +181,7 @@ def test_v_prediction_probe_reads_the_weights(tiny_pipe):
 
 
 def test_v_prediction_file_keeps_its_prediction_type(studio_cfg):
-    from studio.tiny import build_tiny_pipeline
+    from studio.models.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("sd2")
     pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")

@@ -13,10 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from studio.generate import GenerateJob, Generator
-from studio.infotext import parse_infotext, read_image_infotext
-from studio.models import ModelManager
-from studio.networks import (
+from studio.files.networks import (
     LoraLayer,
     NetworkFileError,
     NetworkLibrary,
@@ -29,7 +26,11 @@ from studio.networks import (
     save_embedding,
     save_kohya_lora,
 )
-from studio.tiny import build_tiny_pipeline
+from studio.generation.generate import Generator
+from studio.generation.infotext import parse_infotext, read_image_infotext
+from studio.generation.job import GenerateJob
+from studio.models.manager import ModelManager
+from studio.models.tiny import build_tiny_pipeline
 
 # --- files made by test code with plain torch / safetensors, the way kohya and A1111 write them ---
 
@@ -144,7 +145,7 @@ def test_text_encoder_and_unet_weights_are_separate(studio):
 
 def test_two_loras_add_their_deltas_and_removal_restores_bit_for_bit(studio):
     """Active LoRAs are merged into the base weights: W = W0 + 0.7·ΔA + 0.4·ΔB; removing them gives W0 exactly."""
-    from studio.adapters import ActiveLora
+    from studio.files.adapters import ActiveLora
 
     gen, _ = studio
     model = gen.manager.current
@@ -291,7 +292,7 @@ def test_written_embedding_loads_in_diffusers_and_a1111_layouts(studio, tmp_path
         (cfg.embeddings_dir / "oilpaint.safetensors").unlink()
     for fmt in ("a1111", "diffusers"):
         pipe = build_tiny_pipeline("sd1")
-        from studio.samplers import make_scheduler
+        from studio.generation.samplers import make_scheduler
 
         pipe.scheduler = make_scheduler("DPM++ 2M", "Karras", dict(pipe.scheduler.config))
         kwargs = {"token": "oilpaint"} if fmt == "a1111" else {}
@@ -319,7 +320,7 @@ def test_written_kohya_lora_loads_in_diffusers_with_same_image(studio, tmp_path)
     try:
         ours = image(gen, job("a harbour <lora:studio_style:1>", sampler="DPM++ 2M", schedule="Karras"))
         # the peft model itself (what was trained) gives the same image
-        trained.scheduler = __import__("studio.samplers").samplers.make_scheduler(
+        trained.scheduler = __import__("studio.generation.samplers").generation.samplers.make_scheduler(
             "DPM++ 2M", "Karras", dict(trained.scheduler.config))
         assert np.abs(_diffusers_image(trained, "a harbour") - ours).max() <= 1
         # diffusers' own loader reads our kohya file
@@ -370,7 +371,7 @@ def test_wrong_family_lora_is_a_clear_error(studio, tmp_path):
 
 
 def test_pasted_prompt_finds_a_renamed_lora_by_hash(studio):
-    from studio.networks import restore_lora_names
+    from studio.generation.paste import restore_lora_names
 
     gen, cfg = studio
     h = gen.networks.find_lora("inkwash").hash
@@ -400,7 +401,7 @@ def test_diffusers_format_lora_file_is_used_by_name(studio):
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, get_peft_model_state_dict
 
-    from studio.samplers import make_scheduler
+    from studio.generation.samplers import make_scheduler
 
     gen, cfg = studio
     trained = build_tiny_pipeline("sd1")
@@ -421,7 +422,7 @@ def test_diffusers_format_lora_file_is_used_by_name(studio):
 def test_preview_image_beside_the_file_becomes_the_card(studio):
     from PIL import Image
 
-    from studio.networks import preview_image
+    from studio.files.networks import preview_image
     from studio.ui.networks_panel import _cards
 
     gen, cfg = studio

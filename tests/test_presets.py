@@ -2,8 +2,8 @@
 
 import pytest
 
-from studio.generate import GenerateJob
-from studio.presets import apply_preset, list_presets, load_preset, save_preset
+from studio.generation.job import GenerateJob
+from studio.generation.presets import apply_preset, list_presets, load_preset, save_preset
 
 
 def test_shipped_presets_are_valid(studio_cfg):

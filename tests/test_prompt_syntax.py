@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from studio.prompt_syntax import (
+from studio.generation.prompt_syntax import (
     NetworkTag,
     PromptSyntaxError,
     extract_network_tags,

@@ -17,7 +17,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-from studio.samplers import (
+from studio.generation.samplers import (
     SAMPLERS,
     SCHEDULE_TYPES,
     check,

@@ -142,7 +142,7 @@ def _gallery_image(gallery) -> np.ndarray:
 
 
 def test_two_sessions_generate_while_training_runs(served, monkeypatch):
-    from studio import generate
+    from studio.generation import generate
     from studio.train.job import TrainJob
 
     url, home, state, _ = served
@@ -204,7 +204,7 @@ def test_two_sessions_generate_while_training_runs(served, monkeypatch):
 
 
 def test_out_of_memory_is_a_message_and_the_app_keeps_serving(served, monkeypatch):
-    from studio import generate
+    from studio.generation import generate
 
     url, *_ = served
     original, calls = generate.denoise, {"n": 0}
@@ -224,7 +224,7 @@ def test_out_of_memory_is_a_message_and_the_app_keeps_serving(served, monkeypatc
 
 
 def test_stop_in_one_session_does_not_stop_another_sessions_generation(served, monkeypatch):
-    from studio import generate
+    from studio.generation import generate
 
     url, *_ = served
     original, started = generate.denoise, threading.Event()

@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import save_file
 
 from studio.config import StudioConfig
-from studio.convert import save_single_file
-from studio.models import ModelLoadError, ModelManager
-from studio.networks import NetworkFileError, NetworkLibrary, read_tensor_file
+from studio.files.convert import save_single_file
+from studio.files.networks import NetworkFileError, NetworkLibrary, read_tensor_file
+from studio.models.checkpoints import ModelLoadError
+from studio.models.manager import ModelManager
 from studio.train.job import TrainJob
 from studio.train.run_folder import RunFolder
 
@@ -209,7 +210,7 @@ def test_resume_refuses_a_checkpoint_whose_pickles_carry_code(resumable_run, tmp
 @pytest.mark.parametrize("ext", [".pth", ".ckpt", ".bin", ".pt"])
 def test_controlnet_folder_refuses_payload(home, tmp_path, ext):
     """controlnet/ (storyboards): pickled ControlNet files are read as tensors only, a payload is refused."""
-    from studio.controlnet import ControlNetLoader, list_controlnets
+    from studio.control.controlnet import ControlNetLoader, list_controlnets
 
     marker = tmp_path / "pwned"
     evil = write_hostile(home.controlnet_dir / f"control_evil{ext}", marker)
@@ -225,7 +226,7 @@ def test_controlnet_folder_refuses_payload(home, tmp_path, ext):
 def test_transformers_model_folders_refuse_payload(tmp_path):
     """Folders the user names as image encoder (TI-Att/MoE), DINO (evaluation) or captioner: transformers reads a
     pytorch_model.bin with weights_only=True; the studio says which file was refused."""
-    from studio.captioning import CaptionerLoadError, load_captioner, tiny_blip_dir
+    from studio.dataset.captioning import CaptionerLoadError, load_captioner, tiny_blip_dir
     from studio.evaluate.encoders import EncoderLoadError, load_dino, tiny_dino_dir
     from studio.train.image_encoder import ImageEncoderError, load_image_encoder, tiny_image_encoder_dir
 
@@ -249,7 +250,7 @@ def test_clip_weights_file_with_payload_is_refused(tmp_path):
     studio names the file."""
     import open_clip
 
-    from studio.clipscore import ClipLoadError, load_clip_scorer, tiny_clip_dir
+    from studio.dataset.clipscore import ClipLoadError, load_clip_scorer, tiny_clip_dir
 
     marker = tmp_path / "pwned"
     config_dir = tmp_path / "configs"
@@ -267,9 +268,9 @@ def test_model_folders_carrying_python_code_are_not_run(tmp_path, monkeypatch):
     """A folder whose config.json points transformers at its own modeling code (auto_map) is refused: the studio
     passes trust_remote_code=False, so nothing is imported and no "run the custom code? [y/N]" question can wait
     on the server's terminal."""
-    from studio.captioning import CaptionerLoadError, load_captioner
+    from studio.dataset.captioning import CaptionerLoadError, load_captioner
     from studio.evaluate.encoders import EncoderLoadError, load_dino
-    from studio.expand import ExpandError, ExpandJob, PromptExpander
+    from studio.generation.expand import ExpandError, ExpandJob, PromptExpander
 
     marker = tmp_path / "pwned"
     folder = tmp_path / "custom"

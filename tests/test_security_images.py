@@ -16,7 +16,7 @@ import pytest
 from dataset_files import photo, png_header_only
 from PIL import Image
 
-from studio import dataset as ds
+from studio.dataset import curate as ds
 
 # name -> words the reason must contain (dataset import and ControlNet references)
 BAD = {
@@ -121,7 +121,7 @@ def test_dataset_import_gives_reasons_and_keeps_the_good_ones(imported):
 
 
 def test_captioning_the_imported_corpus(imported, tmp_path):
-    from studio.captioning import load_captioner
+    from studio.dataset.captioning import load_captioner
 
     captioner = load_captioner("demo-tiny", tmp_path / "cache", device="cpu")
     good = [imported[name].image for name in GOOD]
@@ -130,7 +130,7 @@ def test_captioning_the_imported_corpus(imported, tmp_path):
 
 
 def test_png_info_reader_answers_every_file_with_text_none_or_a_clear_error(corpus):
-    from studio.infotext import read_image_infotext
+    from studio.generation.infotext import read_image_infotext
 
     for path in sorted(corpus.iterdir()):
         try:
@@ -142,7 +142,7 @@ def test_png_info_reader_answers_every_file_with_text_none_or_a_clear_error(corp
 
 
 def test_png_info_refuses_a_big_image_before_decoding_it(tmp_path, monkeypatch):
-    from studio import infotext
+    from studio.generation import infotext
 
     zlib_bomb(tmp_path / "big.png", 9_000)  # 81 MP: below PIL's warning, over the PNG-info limit
     decoded = []
@@ -153,7 +153,7 @@ def test_png_info_refuses_a_big_image_before_decoding_it(tmp_path, monkeypatch):
 
 
 def test_controlnet_reference_loader(corpus):
-    from studio.controlnet import read_reference
+    from studio.control.preprocess import read_reference
 
     for name, words in BAD.items():
         if name == "wide.png":

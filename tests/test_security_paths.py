@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import save_file
 
 from studio.config import StudioConfig
-from studio.generate import GenerateJob, resolve_networks
-from studio.library import UnsafeNameError, list_models
-from studio.networks import NetworkLibrary, UnknownNetworkError
+from studio.files.names import UnsafeNameError
+from studio.files.networks import NetworkLibrary, UnknownNetworkError
+from studio.generation.generate import resolve_networks
+from studio.generation.job import GenerateJob
+from studio.models.listing import list_models
 
 HOSTILE_NAMES = ["../outside", "../../outside", "..\\..\\outside", "/tmp/outside", "\\\\server\\share\\outside",
                  "C:\\outside", "C:/outside", "sub/../../outside", "out\x00side", "link"]
@@ -49,8 +51,8 @@ def test_lora_names_in_prompts_only_match_files_inside_loras(cfg, name):
 
 
 def test_models_folder_lists_no_symlink_leading_out_and_names_mean_models(cfg, tmp_path, monkeypatch, tiny_pipe):
-    from studio.convert import save_single_file
-    from studio.models import ModelManager
+    from studio.files.convert import save_single_file
+    from studio.models.manager import ModelManager
 
     outside = save_single_file(tiny_pipe, tmp_path / "elsewhere" / "ext.safetensors", "sd1")
     os.symlink(outside, cfg.models_dir / "ext.safetensors")
@@ -85,9 +87,9 @@ def test_finetune_output_from_the_ui_stays_in_models(cfg, output):
 @pytest.mark.parametrize("name", [n for n in HOSTILE_NAMES if n != "link"] + ["/etc/cron.d/x", "..", "."])
 def test_names_typed_in_the_ui_become_files_inside_their_folder_or_are_refused(cfg, name):
     """Preset, dataset, training-output and storyboard names: slugged into the folder, or refused."""
-    from studio import dataset as ds
-    from studio.presets import save_preset
-    from studio.storyboard import check_board_name
+    from studio.dataset import curate as ds
+    from studio.generation.presets import save_preset
+    from studio.storyboard.board import check_board_name
     from studio.train.job import TrainJob
 
     try:

@@ -14,11 +14,12 @@ import torch
 import yaml
 
 import app
-from studio import atomic
 from studio.config import StudioConfig
-from studio.generate import GenerateJob, Generator
-from studio.models import ModelManager
-from studio.oom import OutOfMemory
+from studio.files import atomic
+from studio.generation.generate import Generator
+from studio.generation.job import GenerateJob
+from studio.generation.oom import OutOfMemory
+from studio.models.manager import ModelManager
 
 # --- network exposure (pure argument handling; tests/test_security_app.py checks a launched app) ------------
 
@@ -103,7 +104,7 @@ def generator(tmp_path_factory):
 @pytest.fixture
 def freed(monkeypatch):
     """Records gc.collect and torch.cuda.empty_cache calls made by studio.oom."""
-    from studio import oom
+    from studio.generation import oom
 
     calls = []
     real_collect = oom.gc.collect
@@ -127,7 +128,7 @@ def _oom_once(monkeypatch, module, name="denoise"):
 
 
 def test_generation_out_of_memory_is_advice_frees_memory_and_the_next_job_runs(generator, freed, monkeypatch):
-    from studio import generate
+    from studio.generation import generate
 
     _oom_once(monkeypatch, generate)
     job = GenerateJob(prompt="a lighthouse", steps=2, width=64, height=64, seed=1, batch_size=4, sampler="Euler",
@@ -145,7 +146,7 @@ def test_generation_out_of_memory_is_advice_frees_memory_and_the_next_job_runs(g
 
 
 def test_advice_leaves_out_what_is_already_on(generator):
-    from studio.oom import generation_advice
+    from studio.generation.oom import generation_advice
 
     text = generation_advice(1, 512, 512, {"vae_tiling": True, "attention_slicing": True, "cpu_offload": False})
     assert "batch size" not in text and "VAE tiling" not in text and "model CPU offload" in text
@@ -153,8 +154,8 @@ def test_advice_leaves_out_what_is_already_on(generator):
 
 
 def test_grid_out_of_memory_names_cells_per_pass(generator, freed, monkeypatch):
-    from studio import grid
-    from studio.grid import GridJob, GridRunner
+    from studio.explorer import grid
+    from studio.explorer.grid import GridJob, GridRunner
 
     _oom_once(monkeypatch, grid)
     base = GenerateJob(prompt="a lighthouse", steps=2, width=64, height=64, seed=1, sampler="Euler",
@@ -252,7 +253,7 @@ def test_no_partial_file_is_ever_visible_under_its_final_name(tmp_path):
 def test_generated_png_is_written_atomically(tmp_path, monkeypatch):
     from PIL import Image
 
-    from studio.generate import save_png
+    from studio.generation.generate import save_png
 
     def crash_midway(self, fp, *args, **kw):
         Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n half an image")
@@ -276,7 +277,7 @@ def test_generated_png_is_written_atomically(tmp_path, monkeypatch):
     ({"steps": 30, "batch_size": 0}, "batch_size", "0"),
 ])
 def test_generation_preset_errors_name_the_key_and_value(tmp_path, settings, key, value):
-    from studio.presets import list_presets, load_preset
+    from studio.generation.presets import list_presets, load_preset
 
     folder = tmp_path / "generation"
     folder.mkdir()

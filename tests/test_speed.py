@@ -13,10 +13,11 @@ from PIL import Image
 from safetensors.torch import save_file
 from test_networks import make_kohya_lora
 
-from studio import speed
 from studio.config import StudioConfig
-from studio.generate import GenerateJob, Generator
-from studio.models import ModelManager
+from studio.generation.generate import Generator
+from studio.generation.job import GenerateJob
+from studio.models import speed
+from studio.models.manager import ModelManager
 
 
 def _studio(home):
@@ -82,8 +83,9 @@ def test_storyboard_compiles_the_controlnet_like_the_unet_and_frames_stay_the_sa
     from test_storyboard import settings, sketch, tiny_controlnet
     from torch._dynamo.utils import counters
 
-    from studio.controlnet import save_controlnet_file
-    from studio.storyboard import Shot, StoryboardRunner, StoryboardStore, new_board
+    from studio.control.controlnet import save_controlnet_file
+    from studio.storyboard.board import Shot, StoryboardStore, new_board
+    from studio.storyboard.runner import StoryboardRunner
 
     def frame(name: str, compiled: bool) -> tuple[np.ndarray, StoryboardRunner]:
         cfg = StudioConfig().with_home(tmp_path / name)
@@ -135,7 +137,7 @@ def test_progress_says_when_the_first_image_at_a_size_compiles(pair):
 
 
 def test_grid_progress_says_when_a_pass_compiles(pair):
-    from studio.grid import AxisSpec, GridJob, GridRunner
+    from studio.explorer.grid import AxisSpec, GridJob, GridRunner
 
     eager, compiled = pair
     for gen, expected in ((compiled, 1), (eager, 0)):

@@ -15,25 +15,24 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from studio.controlnet import (
+from studio.control.controlnet import (
     DEFAULT_CONTROLNET,
     ControlNetLoader,
-    canny_map,
-    fit_to_frame,
-    read_reference,
     resolve_controlnet,
     save_controlnet_file,
 )
-from studio.generate import GenerateJob, Generator
-from studio.infotext import parse_infotext, read_image_infotext
-from studio.library import UnsafeNameError
-from studio.models import ModelLoadError, ModelManager
-from studio.storyboard import (
+from studio.control.preprocess import canny_map, fit_to_frame, read_reference
+from studio.files.names import UnsafeNameError
+from studio.generation.generate import Generator
+from studio.generation.infotext import parse_infotext, read_image_infotext
+from studio.generation.job import GenerateJob
+from studio.models.checkpoints import ModelLoadError
+from studio.models.manager import ModelManager
+from studio.storyboard.board import (
     BoardSettings,
     Shot,
     ShotType,
     Storyboard,
-    StoryboardRunner,
     StoryboardStore,
     Style,
     lock_seed,
@@ -42,7 +41,8 @@ from studio.storyboard import (
     shots_from_csv,
     shots_to_csv,
 )
-from studio.storyboard_export import export_board
+from studio.storyboard.export import export_board
+from studio.storyboard.runner import StoryboardRunner
 
 SIX_SHOTS = """shot,type,description,reference,seed
 1,long shot,"Sarah and Callum talking to each other in the middle of a room",sketch.png,
@@ -517,7 +517,7 @@ def test_shot_type_lora_and_presets(studio, tmp_path, monkeypatch, capsys):
     from test_grid import kohya_lora
 
     from studio.__main__ import main
-    from studio.storyboard import apply_board_preset, list_board_presets
+    from studio.storyboard.board import apply_board_preset, list_board_presets
 
     cfg, manager, store, runner = studio
     save_file(kohya_lora(manager.current.pipe, 1, scale=0.5), str(cfg.loras_dir / "lora_cs.safetensors"))
@@ -560,7 +560,7 @@ def test_shot_type_lora_and_presets(studio, tmp_path, monkeypatch, capsys):
 def original_layout(controlnet, unet_config: dict) -> dict:
     """A diffusers ControlNet's weights in the original layout (`control_model.input_blocks...`, `zero_convs`,
     `input_hint_block`, `middle_block_out`), as lllyasviel's ControlNet files hold them."""
-    from studio.convert import _map_key, _unet_prefix_map
+    from studio.files.convert import _map_key, _unet_prefix_map
 
     state = controlnet.state_dict()
     prefix_map = _unet_prefix_map(list(state), unet_config)
@@ -586,7 +586,7 @@ def original_layout(controlnet, unet_config: dict) -> dict:
 def test_controlnet_file_in_the_original_layout_loads(tmp_path):
     from safetensors.torch import save_file
 
-    from studio.tiny import build_tiny_pipeline
+    from studio.models.tiny import build_tiny_pipeline
 
     unet = build_tiny_pipeline("sd1").unet  # the demo-tiny UNet, untouched by other tests' LoRAs
     cn = tiny_controlnet(unet, seed=6)
@@ -601,8 +601,8 @@ def test_controlnet_file_in_the_original_layout_loads(tmp_path):
 
 
 def test_out_of_gpu_memory_says_what_to_change_and_keeps_the_shot(studio, board, monkeypatch):
-    import studio.storyboard as engine
-    from studio.oom import OutOfMemory
+    import studio.storyboard.board as engine
+    from studio.generation.oom import OutOfMemory
 
     cfg, manager, store, runner = studio
     old = [f.file for f in board.shot("4").frames]
@@ -621,13 +621,13 @@ def test_out_of_gpu_memory_says_what_to_change_and_keeps_the_shot(studio, board,
 
 
 def test_micro_canny_is_built_in_like_micro(studio, tmp_path):
-    from studio.controlnet import (
+    from studio.control.controlnet import (
         built_in_controlnets,
         controlnet_choices,
         default_controlnet,
         list_controlnets,
     )
-    from studio.micro import MICRO_CONTROLNET_NAME, micro_controlnet_available, micro_controlnet_dir
+    from studio.models.builtin import MICRO_CONTROLNET_NAME, micro_controlnet_available, micro_controlnet_dir
 
     cfg, manager, store, runner = studio
     if not micro_controlnet_available(cfg.assets_dir):
@@ -712,8 +712,8 @@ def test_a_folder_controlnet_reloads_when_a_weights_file_inside_changes(studio, 
 def test_a_model_switch_before_the_lock_is_taken_runs_the_board_on_the_new_model(studio):
     """run() takes the model under the manager's lock: a load that finishes while the run waits for the lock is the
     model every shot (and the ControlNet check) uses, never the one that was current before."""
-    from studio.models import LoadedModel
-    from studio.tiny import build_tiny_pipeline
+    from studio.models.manager import LoadedModel
+    from studio.models.tiny import build_tiny_pipeline
 
     cfg, manager, store, runner = studio
     board = new_board("switch", settings(candidates=1))

@@ -18,13 +18,12 @@ from micro_kit import one_thread
 from PIL import Image
 
 from studio.config import StudioConfig
-from studio.micro import (
+from studio.micro import oracle, world
+from studio.models.builtin import (
     MICRO_CONTROLNET_NAME,
     MICRO_NAME,
     micro_available,
     micro_controlnet_available,
-    oracle,
-    world,
 )
 
 ASSETS = StudioConfig().assets_dir
@@ -59,9 +58,10 @@ def single_thread():
 
 @pytest.fixture(scope="module")
 def generated(single_thread, tmp_path_factory):
-    from studio.controlnet import default_controlnet
-    from studio.models import ModelManager
-    from studio.storyboard import BoardSettings, Shot, ShotType, StoryboardRunner, StoryboardStore, new_board
+    from studio.control.controlnet import default_controlnet
+    from studio.models.manager import ModelManager
+    from studio.storyboard.board import BoardSettings, Shot, ShotType, StoryboardStore, new_board
+    from studio.storyboard.runner import StoryboardRunner
 
     cfg = StudioConfig(device="cpu").with_home(tmp_path_factory.mktemp("home"))
     cfg.ensure_dirs()
@@ -95,7 +95,7 @@ def reads(store, shot) -> list[dict]:
 
 
 def test_micro_canny_is_the_default_controlnet_for_micro(generated):
-    from studio.infotext import parse_infotext, read_image_infotext
+    from studio.generation.infotext import parse_infotext, read_image_infotext
 
     store, board, controlnet = generated
     assert controlnet == MICRO_CONTROLNET_NAME
@@ -132,7 +132,7 @@ def test_frames_follow_the_sketch_cell_and_not_without_it(generated):
 def test_pdf_export_holds_the_frames(generated, tmp_path):
     from pypdf import PdfReader
 
-    from studio.storyboard_export import export_board
+    from studio.storyboard.export import export_board
 
     store, board, _ = generated
     out = export_board(store, board, pdf_path=tmp_path / "micro.pdf")
@@ -148,8 +148,8 @@ def test_pdf_export_holds_the_frames(generated, tmp_path):
 
 def test_storyboard_command_on_micro_uses_micro_canny_offline(single_thread, tmp_path, monkeypatch, capsys):
     from studio.__main__ import main
-    from studio.infotext import parse_infotext, read_image_infotext
-    from studio.storyboard import StoryboardStore
+    from studio.generation.infotext import parse_infotext, read_image_infotext
+    from studio.storyboard.board import StoryboardStore
 
     monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
     Image.fromarray(world.render(SCENES[0])).save(tmp_path / "sketch.png")

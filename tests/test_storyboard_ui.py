@@ -45,7 +45,7 @@ def test_the_tab_is_in_the_ui_with_its_api(state):
 
 
 def test_form_to_board_keeps_candidates_and_names_bad_rows(state, tmp_path):
-    from studio.storyboard import Frame, StoryboardStore, new_board
+    from studio.storyboard.board import Frame, StoryboardStore, new_board
     from studio.ui.storyboard_tab import (
         board_from_form,
         candidate_items,
@@ -94,8 +94,8 @@ def prepare_shared_home(home: Path) -> None:
     conftest's shared_app)."""
     from diffusers import ControlNetModel
 
-    from studio.controlnet import save_controlnet_file
-    from studio.tiny import build_tiny_pipeline
+    from studio.control.controlnet import save_controlnet_file
+    from studio.models.tiny import build_tiny_pipeline
 
     unet = build_tiny_pipeline("sd1").unet
     (home / "controlnet").mkdir(parents=True, exist_ok=True)
@@ -163,7 +163,7 @@ def test_browser_shot_list_generate_pick_and_export(app, browser, tmp_path):
 
 def test_the_controlnet_picker_offers_micro_canny_and_starts_on_it_with_micro(tmp_path):
     from studio.config import StudioConfig
-    from studio.micro import micro_available, micro_controlnet_available
+    from studio.models.builtin import micro_available, micro_controlnet_available
     from studio.ui import build_ui
     from studio.ui.state import AppState
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from studio.evaluate import survey as sv
-from studio.infotext import png_info
+from studio.generation.infotext import png_info
 
 RED, BLUE = (220, 20, 20), (20, 20, 220)
 

@@ -4,7 +4,7 @@ import open_clip
 import pytest
 import torch
 
-from studio.tokenizer import clip_tokenizer
+from studio.models.tokenizer import clip_tokenizer
 
 TEXTS = [
     "a painting in the style of monet",

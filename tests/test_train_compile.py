@@ -19,9 +19,9 @@ from test_train_lora import lora_job
 from test_train_ti import home_cfg
 from test_train_ti import job as ti_job
 
-from studio import speed
-from studio.samplers import make_scheduler
-from studio.tiny import build_tiny_pipeline
+from studio.generation.samplers import make_scheduler
+from studio.models import speed
+from studio.models.tiny import build_tiny_pipeline
 from studio.train.job import TrainJob, check_train_settings, job_from_yaml, job_to_yaml
 from studio.train.loop import Trainer
 from studio.train.run_folder import RunFolder

@@ -12,10 +12,10 @@ from test_networks import _diffusers_image, image
 from test_networks import job as gen_job
 from test_train_ti import home_cfg, run_main
 
-from studio.generate import Generator
-from studio.models import ModelManager
-from studio.samplers import make_scheduler
-from studio.tiny import build_tiny_pipeline
+from studio.generation.generate import Generator
+from studio.generation.samplers import make_scheduler
+from studio.models.manager import ModelManager
+from studio.models.tiny import build_tiny_pipeline
 from studio.train.job import TrainJob
 from studio.train.loop import Trainer, snr_weights
 from studio.train.run_folder import RunFolder
@@ -170,7 +170,7 @@ def test_existing_lora_file_is_refused_unless_overwriting(tmp_path):
 def test_min_snr_weights_by_hand():
     from diffusers import DDPMScheduler
 
-    from studio.tiny import SD_SCHEDULER
+    from studio.models.tiny import SD_SCHEDULER
 
     scheduler = DDPMScheduler(**{k: v for k, v in SD_SCHEDULER.items() if k not in ("set_alpha_to_one",
                                                                                      "skip_prk_steps")})

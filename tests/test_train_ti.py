@@ -17,9 +17,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from studio.config import StudioConfig
-from studio.infotext import read_image_infotext
-from studio.networks import NetworkLibrary, load_embedding
-from studio.tiny import build_tiny_pipeline
+from studio.files.networks import NetworkLibrary, load_embedding
+from studio.generation.infotext import read_image_infotext
+from studio.models.tiny import build_tiny_pipeline
 from studio.train.job import TrainJob
 from studio.train.loop import Trainer
 from studio.train.run_folder import RunFolder
@@ -107,9 +107,10 @@ def test_only_the_embedding_trains_and_the_model_stays_bit_identical(strong_mode
 
 
 def test_embedding_loads_in_diffusers_and_by_name_and_changes_the_image(strong_model, tmp_path):
-    from studio.conditioning import PromptEncoder, TextualInversion
-    from studio.generate import GenerateJob, Generator
-    from studio.models import ModelManager
+    from studio.generation.conditioning import PromptEncoder, TextualInversion
+    from studio.generation.generate import Generator
+    from studio.generation.job import GenerateJob
+    from studio.models.manager import ModelManager
     from studio.train.textual_inversion import initial_vectors
 
     cfg = home_cfg(tmp_path)

@@ -65,7 +65,7 @@ def test_browser_generate_shows_image(app, browser):
     # dropping an A1111 PNG fills in its parameters
     from PIL import Image
 
-    from studio.infotext import png_info
+    from studio.generation.infotext import png_info
 
     a1111 = home / "from-a1111.png"
     Image.new("RGB", (64, 64), "white").save(a1111, pnginfo=png_info(A1111_TEXT))

@@ -109,7 +109,7 @@ def test_browser_dataset_import_caption_edit_save(app, tmp_path, browser):
 
 def test_tab_views_and_choices_round_trip(tmp_path):
     """What the tab shows (duplicate pairs side by side, the caption grid) and how edits come back."""
-    from studio import dataset as ds
+    from studio.dataset import curate as ds
     from studio.ui import dataset_tab as tab
 
     folder = tmp_path / "in"

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from studio.atomic import atomic_dir, atomic_path
-from studio.library import folder_refusal
+from studio.files.atomic import atomic_dir, atomic_path
+from studio.files.pickles import folder_refusal
 
 TINY_NAME = "demo-tiny"
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -68,7 +68,7 @@ def load_dino(spec: str, cache_dir: Path, device: str = "auto") -> DinoEncoder:
     """DINO from a hub id (the local Hugging Face cache when offline), a local folder, or demo-tiny."""
     from transformers import AutoImageProcessor, ViTModel
 
-    from studio.models import pick_device
+    from studio.models.manager import pick_device
 
     spec = (spec or "").strip() or DEFAULT_DINO
     dev = pick_device(device)
@@ -176,7 +176,7 @@ class TinyFeatures(torch.nn.Module):
 def load_fid_features(spec: str, cache_dir: Path, device: str = "auto", clip=None, dino=None) -> FeatureNet:
     """`inception` (weights from a local file: inception:/path, else the cache), `clip` / `dino` (the embeddings
     of the CLIP / DINO model chosen for the other metrics, passed in), or demo-tiny."""
-    from studio.models import pick_device
+    from studio.models.manager import pick_device
 
     spec = (spec or "").strip() or DEFAULT_FID_FEATURES
     dev = pick_device(device)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from studio.atomic import write_text
 from studio.config import StudioConfig
+from studio.files.atomic import write_text
 
 PE = "pe"
 METHODS = (PE, "ti", "ti-att", "ti-moe", "lora", "finetune")
@@ -123,7 +123,7 @@ class Experiment:
 
     def validate(self, cfg: StudioConfig | None = None) -> None:
         """Raise ValueError naming the bad value; also builds and checks every cell's training job."""
-        from studio.generate import GenerateJob
+        from studio.generation.job import GenerateJob
 
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name):
             raise ValueError(f"name must be 1-64 letters, digits, '-', '_' or '.', got {self.name!r}")
@@ -467,8 +467,8 @@ class ExperimentRunner:
             self._manager = None
 
     def _generator(self, model: str):
-        from studio.generate import Generator
-        from studio.models import ModelManager
+        from studio.generation.generate import Generator
+        from studio.models.manager import ModelManager
 
         if self._manager is None or self._manager_model != model:
             self._release_model()
@@ -482,7 +482,8 @@ class ExperimentRunner:
 
     def generate(self, style: StyleSpec, method: str, model: str, items: list[tuple[int, int, int]]) -> bool:
         """Generate the images of `items` that are not there yet; False when stopped."""
-        from studio.generate import GenerateJob, save_png
+        from studio.generation.generate import save_png
+        from studio.generation.job import GenerateJob
 
         todo = [it for it in items if not self.image_path(style, method, *it).is_file()]
         if not todo:
@@ -535,7 +536,7 @@ class ExperimentRunner:
         from PIL import Image
         from safetensors.torch import save_file
 
-        from studio.atomic import atomic_path
+        from studio.files.atomic import atomic_path
 
         images = []
         for it in items:

@@ -81,7 +81,7 @@ def read_images(folder: Path) -> tuple[list[Path], list[Image.Image], dict[str, 
 def read_prompts(paths: list[Path], prompts_file: str = "") -> list[str | None]:
     """Each image's prompt: from the prompts file (.json {file: prompt}, or .txt with one line for every image or
     one line per image in name order), else the PNG's generation parameters, else a `name.txt` beside it."""
-    from studio.infotext import parse_infotext, read_image_infotext
+    from studio.generation.infotext import parse_infotext, read_image_infotext
 
     if prompts_file:
         path = Path(prompts_file).expanduser()
@@ -128,7 +128,7 @@ class Embedders:
 
 
 def load_embedders(job: EvaluateJob, cache_dir: Path) -> Embedders:
-    from studio.clipscore import ClipLoadError, load_clip_scorer
+    from studio.dataset.clipscore import ClipLoadError, load_clip_scorer
     from studio.evaluate.encoders import EncoderLoadError, load_dino, load_fid_features
 
     metrics = set(job.metrics)
@@ -146,7 +146,7 @@ def load_embedders(job: EvaluateJob, cache_dir: Path) -> Embedders:
     except EncoderLoadError as e:
         raise ValueError(str(e)) from e
     if "captions" in metrics:
-        from studio.captioning import CaptionerLoadError, load_captioner
+        from studio.dataset.captioning import CaptionerLoadError, load_captioner
 
         try:
             out.captioner = load_captioner(job.caption_model, cache_dir, job.device)
@@ -254,7 +254,7 @@ def evaluate_folders(job: EvaluateJob, cache_dir: Path, on_progress: ProgressFn 
 
 
 def write_report(report: dict, path: Path) -> Path:
-    from studio.atomic import write_text
+    from studio.files.atomic import write_text
 
     write_text(path, json.dumps(report, indent=2, ensure_ascii=False, default=_json_default) + "\n")
     return Path(path)

@@ -73,7 +73,7 @@ def _check(x: torch.Tensor, name: str) -> None:
 def strip_style(prompt: str, phrases: Iterable[str] = ()) -> str:
     """The prompt CLIP-T compares with: without <lora:...> tags and emphasis syntax, without the given style
     phrases (an embedding's name, "Claude Monet") and without "in the style of ..." up to the next comma."""
-    from studio.prompt_syntax import extract_network_tags, parse_attention
+    from studio.generation.prompt_syntax import extract_network_tags, parse_attention
 
     text, _ = extract_network_tags(prompt)
     # the words without A1111's emphasis brackets and weights; BREAK becomes a space

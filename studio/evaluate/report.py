@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from studio.atomic import atomic_path, write_text
+from studio.files.atomic import atomic_path, write_text
 
 METHOD_LABELS = {"pe": "PE", "ti": "TI", "ti-att": "TI-Att", "ti-moe": "TI-MoE", "lora": "LoRA",
                  "finetune": "Fine-tune"}

@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from studio.atomic import atomic_dir, write_text
+from studio.files.atomic import atomic_dir, write_text
 
 QUESTIONS = (
     ("like", "Which picture do you like most?"),
@@ -65,8 +65,8 @@ def _image_files(folder: Path) -> list[Path]:
 
 def _params(path: Path) -> tuple[str, int | None]:
     """(prompt without <lora:...> tags, seed) from an image's generation parameters."""
-    from studio.infotext import parse_infotext, read_image_infotext, to_fields
-    from studio.prompt_syntax import extract_network_tags
+    from studio.generation.infotext import parse_infotext, read_image_infotext, to_fields
+    from studio.generation.prompt_syntax import extract_network_tags
 
     text = read_image_infotext(path)
     if not text:
@@ -334,7 +334,7 @@ def list_surveys(surveys_dir: Path) -> list[str]:
 
 
 def open_survey(surveys_dir: Path, name: str) -> Survey:
-    from studio.library import UnsafeNameError, safe_child
+    from studio.files.names import UnsafeNameError, safe_child
 
     try:
         folder = safe_child(Path(surveys_dir), name)

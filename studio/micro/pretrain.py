@@ -119,7 +119,7 @@ def load_tokenizer(cfg: PretrainConfig):
         from transformers import CLIPTokenizer
 
         return CLIPTokenizer.from_pretrained(cfg.tokenizer_dir)
-    from studio.tokenizer import clip_tokenizer
+    from studio.models.tokenizer import clip_tokenizer
 
     return clip_tokenizer("sd1")
 
@@ -309,7 +309,7 @@ def train_unet(unet, text_encoder, means, stds, ids, empty_ids, scaling, cfg, de
 
 # --- 6. canny ControlNet ----------------------------------------------------------------------------
 
-CANNY_LOW, CANNY_HIGH = 100, 200  # the storyboard's default thresholds (studio.controlnet.canny_map at 64 px)
+CANNY_LOW, CANNY_HIGH = 100, 200  # the storyboard's default thresholds (studio.control.preprocess.canny_map at 64 px)
 
 
 def canny_edges(images: np.ndarray) -> np.ndarray:

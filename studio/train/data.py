@@ -11,10 +11,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from studio.crop import apply_crop, center_box
-from studio.dataset import MANIFEST, read_manifest
-from studio.dataset_import import SkipImage, load_image, scan_inputs
-from studio.library import UnsafeNameError, safe_child
+from studio.dataset.crop import apply_crop, center_box
+from studio.dataset.curate import MANIFEST, read_manifest
+from studio.dataset.sources import scan_inputs
+from studio.files.images import SkipImage, load_image
+from studio.files.names import UnsafeNameError, safe_child
 
 MAX_FILE_BYTES = 200_000_000
 MAX_PIXELS = 64_000_000

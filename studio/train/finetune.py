@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from studio.conditioning import PromptEncoder
+from studio.generation.conditioning import PromptEncoder
 from studio.train.job import TrainJob
 from studio.train.lora import caption_prompt
 from studio.train.method import ParamGroup, TrainContext, TrainMethod, rate_function
@@ -83,7 +83,7 @@ class FinetuneMethod(TrainMethod):
     def save(self, step: int, final: bool, run_path: Path | None) -> Path:
         """Final: models/NAME.safetensors (original layout, fp16) and runs/RUN/diffusers/. Checkpoints keep the
         weights in the run folder only (no extra copy: a UNet is gigabytes)."""
-        from studio.convert import save_diffusers_folder, save_single_file
+        from studio.files.convert import save_diffusers_folder, save_single_file
 
         if not final:
             return run_path / "checkpoints"

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from studio.atomic import atomic_dir
-from studio.library import folder_refusal
+from studio.files.atomic import atomic_dir
+from studio.files.pickles import folder_refusal
 
 DEFAULT_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
 TINY_NAME = "demo-tiny"

@@ -68,7 +68,7 @@ class TrainJob:
     max_grad_norm: float = 0.0  # clip the gradient norm to this (0: no clipping; seed 003: 1)
     gradient_checkpointing: bool = False  # less memory, about 30 % slower
     # torch.compile the UNet, forward and backward (TI's frozen one, LoRA's peft-wrapped one, a fine-tune's):
-    # off | default | max-autotune (studio.speed.TRAIN_COMPILE_MODES; no CUDA graphs). CUDA only; the first step
+    # off | default | max-autotune (studio.models.speed.TRAIN_COMPILE_MODES; no CUDA graphs). CUDA only; the first step
     # waits for the compiler. Results and files are the same as eager (up to float rounding)
     compile: str = "off"
     min_snr_gamma: float = 0.0  # Min-SNR loss weighting (Hang et al.; 5 is usual); 0: off
@@ -160,7 +160,7 @@ class TrainJob:
         if self.flip_p is not None and not (isinstance(self.flip_p, (int, float)) and 0 <= self.flip_p <= 1):
             raise ValueError(f"flip probability must be between 0 and 1, got {self.flip_p!r}")
         parse_schedule(self.learning_rate)  # raises with the bad piece quoted
-        from studio.speed import check_train_compile_mode
+        from studio.models.speed import check_train_compile_mode
 
         check_train_compile_mode(self.compile)  # raises naming the modes (and why not reduce-overhead)
         if self.mixed_precision not in MIXED_PRECISION:

@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from studio import samplers, speed
 from studio.config import StudioConfig
-from studio.infotext import format_infotext
-from studio.models import ModelManager
-from studio.oom import free_memory
+from studio.generation import samplers
+from studio.generation.infotext import format_infotext
+from studio.generation.oom import free_memory
+from studio.models import speed
+from studio.models.manager import ModelManager
 from studio.train.data import (
     STREAM_CLASS,
     STREAM_DROPOUT,
@@ -426,7 +427,7 @@ class Trainer:
         (also on resume). Made before the method changes the model."""
         from PIL import Image
 
-        from studio.conditioning import PromptEncoder
+        from studio.generation.conditioning import PromptEncoder
 
         folder = run.path / "class_images" if run is not None else None
         images = []
@@ -440,7 +441,7 @@ class Trainer:
             seed = rng_seed(job.seed, STREAM_CLASS, i) % 2**32
             image = self._render(encoder, job.class_prompt, seed, job.preview_steps, job.resolution)
             if path is not None:
-                from studio.generate import save_png
+                from studio.generation.generate import save_png
 
                 save_png(image, format_infotext(job.class_prompt, "", {"Steps": job.preview_steps, "Seed": seed,
                                                                        "Sampler": "DPM++ 2M", "Model":
@@ -455,7 +456,7 @@ class Trainer:
         folder (a resumed or continued run reads the very same inputs)."""
         from safetensors.torch import load_file, save_file
 
-        from studio.atomic import atomic_path
+        from studio.files.atomic import atomic_path
         from studio.train.image_encoder import load_image_encoder
 
         path = run.path / "image_features.safetensors" if run is not None else None
@@ -486,7 +487,7 @@ class Trainer:
     @torch.no_grad()
     def _render(self, encoder, prompt: str, seed: int, steps: int, size: int):
         """One image with DPM++ 2M Karras, CFG 7, drawn like Generate draws it (CPU noise from the seed)."""
-        from studio.generate import initial_latents
+        from studio.generation.generate import initial_latents
 
         pipe = self.pipe
         cond, uncond, _ = encoder.encode_pair(prompt, "")
@@ -498,7 +499,7 @@ class Trainer:
 
     def _preview(self, job: TrainJob, run: RunFolder, method: TrainMethod, step: int) -> Path:
         """One image from the fixed preview prompt and seed with what the method has learned so far."""
-        from studio.generate import save_png
+        from studio.generation.generate import save_png
 
         prompt = job.preview_prompt.replace("[name]", job.name) or self._first_prompt
         modules = [m for m in (self.pipe.unet, self.pipe.text_encoder) if m.training]

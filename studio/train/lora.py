@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from studio.atomic import atomic_path
-from studio.conditioning import PromptEncoder
-from studio.networks import LORA_EXTS, kohya_metadata, peft_to_layers, save_kohya_lora
+from studio.files.atomic import atomic_path
+from studio.files.networks import LORA_EXTS, kohya_metadata, peft_to_layers, save_kohya_lora
+from studio.generation.conditioning import PromptEncoder
 from studio.train.data import STREAM_INIT, rng_seed
 from studio.train.job import LORA_TARGETS, TEXT_ENCODER_TARGETS, TrainJob
 from studio.train.method import (

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from studio.conditioning import PromptEncoder
 from studio.config import StudioConfig
+from studio.generation.conditioning import PromptEncoder
 from studio.train.job import TrainJob
 from studio.train.schedule import lr_factor, parse_schedule, warmup_steps
 
@@ -22,7 +22,7 @@ class TrainContext:
 
     job: TrainJob
     cfg: StudioConfig
-    model: object  # studio.models.LoadedModel
+    model: object  # studio.models.manager.LoadedModel
     device: torch.device
     weight_dtype: torch.dtype
     run_path: Path | None

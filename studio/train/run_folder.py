@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from studio.atomic import atomic_dir, write_text
-from studio.library import unpickling_refusal
+from studio.files.atomic import atomic_dir, write_text
+from studio.files.pickles import unpickling_refusal
 from studio.train.job import TrainJob, job_from_yaml, job_to_yaml
 
 CONFIG, LOSS, STATUS = "config.yaml", "loss.csv", "status.json"

@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from studio.library import safe_child
+from studio.files.names import safe_child
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from studio.conditioning import PromptEncoder, TextualInversion
-from studio.networks import EMBEDDING_EXTS, save_embedding
+from studio.files.networks import EMBEDDING_EXTS, save_embedding
+from studio.generation.conditioning import PromptEncoder, TextualInversion
 from studio.train.data import STREAM_INIT, rng_seed
 from studio.train.inversion_modules import build_module
 from studio.train.job import METHOD_LABELS, TrainJob

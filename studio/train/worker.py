@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from studio.config import StudioConfig
-from studio.library import UnsafeNameError, safe_child
-from studio.tokenizer import clip_tokenizer
+from studio.files.names import UnsafeNameError, safe_child
+from studio.models.tokenizer import clip_tokenizer
 from studio.train.data import resolve_data_dir
 from studio.train.job import TrainJob
 from studio.train.loop import Trainer, check_compile_device, method_class

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio.models import ModelLoadError
+from studio.models.checkpoints import ModelLoadError
 from studio.ui import (
     dataset_tab,
     evaluate_tab,

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from studio import dataset as ds
-from studio.captioning import DEFAULT_CAPTIONER, KNOWN_CAPTIONERS, CaptionerLoadError, load_captioner
-from studio.clipscore import DEFAULT_CLIP, ClipLoadError, load_clip_scorer
-from studio.crop import CROP_MODES
-from studio.library import UnsafeNameError, safe_child
+from studio.dataset import curate as ds
+from studio.dataset.captioning import DEFAULT_CAPTIONER, KNOWN_CAPTIONERS, CaptionerLoadError, load_captioner
+from studio.dataset.clipscore import DEFAULT_CLIP, ClipLoadError, load_clip_scorer
+from studio.dataset.crop import CROP_MODES
+from studio.files.names import UnsafeNameError, safe_child
 from studio.ui.state import AppState
 
 INTRO = ("Bring 4 to 200 pictures. The studio checks every file, converts what it can, crops to the training "

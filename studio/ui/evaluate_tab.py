@@ -9,9 +9,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from studio.captioning import DEFAULT_CAPTIONER, KNOWN_CAPTIONERS
-from studio.clipscore import DEFAULT_CLIP
 from studio.config import ROOT
+from studio.dataset.captioning import DEFAULT_CAPTIONER, KNOWN_CAPTIONERS
+from studio.dataset.clipscore import DEFAULT_CLIP
 from studio.evaluate.encoders import DEFAULT_DINO, FID_FEATURES
 from studio.evaluate.folders import METRICS, Cancelled, EvaluateJob, evaluate_folders, write_report
 from studio.ui.state import AppState

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from studio import samplers
-from studio.generate import GenerateJob
-from studio.grid import AxisSpec, GridJob, GridPlan, GridRunner
-from studio.grid_syntax import AXIS_TYPES, NONE_VALUE, NOTHING, lora_tags
+from studio.explorer.grid import AxisSpec, GridJob, GridPlan, GridRunner
+from studio.explorer.syntax import AXIS_TYPES, NONE_VALUE, NOTHING, lora_tags
+from studio.generation import samplers
+from studio.generation.job import GenerateJob
 from studio.ui.state import AppState
 
 AXIS_NAMES = list(AXIS_TYPES)
@@ -225,7 +225,7 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
         path = paths[evt.index] if paths and evt.index is not None and evt.index < len(paths) else None
         if path is None:
             return None, ""
-        from studio.infotext import read_image_infotext
+        from studio.generation.infotext import read_image_infotext
 
         return path, read_image_infotext(path) or ""
 

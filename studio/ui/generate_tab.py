@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import gradio as gr
 
-from studio import samplers
-from studio.expand import DEFAULT_EXPANDER, ExpandError, ExpandJob
-from studio.generate import GenerateJob
-from studio.infotext import parse_infotext, read_image_infotext, to_fields
-from studio.networks import restore_lora_names
-from studio.presets import apply_preset, list_presets, save_preset
+from studio.generation import samplers
+from studio.generation.expand import DEFAULT_EXPANDER, ExpandError, ExpandJob
+from studio.generation.infotext import parse_infotext, read_image_infotext, to_fields
+from studio.generation.job import GenerateJob
+from studio.generation.paste import restore_lora_names
+from studio.generation.presets import apply_preset, list_presets, save_preset
 from studio.ui import networks_panel
 from studio.ui.state import AppState
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import gradio as gr
 import torch
 
-from studio.convert import save_diffusers_folder, save_single_file
-from studio.library import safe_child
-from studio.models import DEFAULT_DOWNLOAD, ModelLoadError
-from studio.speed import COMPILE_MODES
+from studio.files.convert import save_diffusers_folder, save_single_file
+from studio.files.names import safe_child
+from studio.models.checkpoints import ModelLoadError
+from studio.models.manager import DEFAULT_DOWNLOAD
+from studio.models.speed import COMPILE_MODES
 from studio.ui.state import AppState
 
 

@@ -7,8 +7,8 @@ import hashlib
 import gradio as gr
 from PIL import Image, ImageDraw
 
-from studio.networks import NetworkLibrary, embedding_card, lora_card, preview_image
-from studio.prompt_syntax import format_lora_tag
+from studio.files.networks import NetworkLibrary, embedding_card, lora_card, preview_image
+from studio.generation.prompt_syntax import format_lora_tag
 from studio.ui.state import AppState
 
 TILE = 160

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import torch
 
 from studio.config import StudioConfig
-from studio.expand import PromptExpander
-from studio.generate import Generator
-from studio.models import ModelManager
+from studio.generation.expand import PromptExpander
+from studio.generation.generate import Generator
+from studio.models.manager import ModelManager
 from studio.train.worker import TrainingWorker
 
 

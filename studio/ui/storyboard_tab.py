@@ -8,23 +8,16 @@ from pathlib import Path
 
 import gradio as gr
 
-from studio import samplers
-from studio.controlnet import (
-    ControlSettings,
-    canny_map,
-    controlnet_choices,
-    default_controlnet,
-    fit_to_frame,
-    read_reference,
-)
-from studio.library import UnsafeNameError
-from studio.models import ModelLoadError
-from studio.storyboard import (
+from studio.control.controlnet import ControlSettings, controlnet_choices, default_controlnet
+from studio.control.preprocess import canny_map, fit_to_frame, read_reference
+from studio.files.names import UnsafeNameError
+from studio.generation import samplers
+from studio.models.checkpoints import ModelLoadError
+from studio.storyboard.board import (
     BoardSettings,
     Shot,
     ShotType,
     Storyboard,
-    StoryboardRunner,
     StoryboardStore,
     Style,
     apply_board_preset,
@@ -35,7 +28,8 @@ from studio.storyboard import (
     pick,
     unlock_seed,
 )
-from studio.storyboard_export import export_board
+from studio.storyboard.export import export_board
+from studio.storyboard.runner import StoryboardRunner
 from studio.ui.state import AppState
 
 SHOT_COLUMNS = ["shot", "type", "description", "characters / notes", "reference", "seed", "candidates"]

@@ -13,10 +13,10 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from studio.dataset import MANIFEST, read_manifest
-from studio.dataset_import import scan_inputs
-from studio.speed import TRAIN_COMPILE_MODES
-from studio.tiny import TINY_NAME
+from studio.dataset.curate import MANIFEST, read_manifest
+from studio.dataset.sources import scan_inputs
+from studio.models.speed import TRAIN_COMPILE_MODES
+from studio.models.tiny import TINY_NAME
 from studio.train.data import MAX_FILE_BYTES, resolve_data_dir
 from studio.train.image_encoder import DEFAULT_IMAGE_ENCODER
 from studio.train.job import (

@@ -16,11 +16,12 @@ from pathlib import Path, PurePosixPath
 from PIL import Image, ImageDraw
 
 from studio import __version__
-from studio.atomic import atomic_dir
-from studio.captioning import compose_caption
-from studio.crop import CROP_MODES, apply_crop, plan_crop
-from studio.dataset_import import SkipImage, Source, load_image, scan_inputs
-from studio.library import safe_child
+from studio.dataset.captioning import compose_caption
+from studio.dataset.crop import CROP_MODES, apply_crop, plan_crop
+from studio.dataset.sources import scan_inputs
+from studio.files.atomic import atomic_dir
+from studio.files.images import SkipImage, Source, load_image
+from studio.files.names import safe_child
 
 ProgressFn = Callable[[int, int, str], None]
 NON_RGB_CHOICES = ("convert", "prune")
@@ -620,7 +621,7 @@ def curate(job: CurateJob, cache_dir: Path, device: str = "auto", on_progress: P
     curation = import_images(job, step("import"), cancel)
     scorer = None
     if job.near_duplicates is not None or job.clip_threshold is not None:
-        from studio.clipscore import load_clip_scorer
+        from studio.dataset.clipscore import load_clip_scorer
 
         scorer = load_clip_scorer(job.clip_model, cache_dir, device)
     # 3. near duplicates (the larger picture is kept)
@@ -628,7 +629,7 @@ def curate(job: CurateJob, cache_dir: Path, device: str = "auto", on_progress: P
         near_duplicate_pass(curation, scorer, job.near_duplicates, step("duplicates"), cancel)
     # 4. captions
     if job.caption_model not in ("", "none"):
-        from studio.captioning import load_captioner
+        from studio.dataset.captioning import load_captioner
 
         captioner = load_captioner(job.caption_model, cache_dir, device)
         caption_items(curation, captioner, step("captions"), cancel)

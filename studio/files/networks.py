@@ -20,13 +20,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from studio.atomic import atomic_path
-from studio.library import unpickling_refusal
+from studio.files.atomic import atomic_path
+from studio.files.pickles import unpickling_refusal
 
 EMBEDDING_EXTS = (".safetensors", ".pt", ".bin")
+
+
 LORA_EXTS = (".safetensors", ".pt", ".ckpt", ".bin")
+
+
 PICKLE_EXTS = (".pt", ".ckpt", ".bin", ".pth")
+
+
 PREVIEW_SUFFIXES = (".preview.png", ".preview.jpg", ".preview.jpeg", ".preview.webp", ".png", ".jpg", ".webp")
+
+
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 
 
@@ -36,9 +44,6 @@ class NetworkFileError(ValueError):
 
 class UnknownNetworkError(NetworkFileError):
     """A name in a prompt that matches no file."""
-
-
-# --- reading tensors safely ---
 
 
 def read_tensor_file(path: Path) -> tuple[dict, dict[str, str]]:
@@ -79,9 +84,9 @@ def read_metadata(path: Path) -> dict[str, str]:
         raise NetworkFileError(f"{Path(path).name} is not a valid safetensors file ({e})") from e
 
 
-# --- hashes (A1111: LoRA "addnet" hash over the tensor bytes; embeddings over the whole file) ---
-
 _hash_cache: dict[tuple, str] = {}
+
+
 _hash_lock = threading.Lock()
 
 
@@ -114,9 +119,6 @@ def lora_hash(path: Path) -> str:
 def embedding_hash(path: Path) -> str:
     """A1111's embedding short hash: 12 hex digits of SHA-256 over the whole file."""
     return _cached_sha256(path, skip_header=False)[:12]
-
-
-# --- embeddings ---
 
 
 def embedding_vectors(data: Mapping, name: str = "embedding") -> torch.Tensor:
@@ -211,9 +213,6 @@ def check_lora_state_dict(data: Mapping, name: str = "LoRA") -> None:
     bad = [k for k in keys if not torch.isfinite(data[k]).all()]
     if bad:
         raise NetworkFileError(f"{name}: NaN or infinite values in {bad[0]}")
-
-
-# --- folders ---
 
 
 @dataclass
@@ -348,9 +347,6 @@ def _unknown(kind: str, name: str, known: list[str], folder: Path, scan: Scan) -
     return msg
 
 
-# --- describing files for the UI ---
-
-
 def preview_image(path: Path) -> Path | None:
     """`name.preview.png` (A1111) or `name.png` beside the file."""
     path = Path(path)
@@ -410,8 +406,6 @@ def embedding_card(emb: EmbeddingFile) -> dict:
             card[key.replace("sd_checkpoint_name", "trained on")] = emb.info[key]
     return card
 
-
-# --- writing files for sharing ---
 
 EMBEDDING_FORMATS = ("a1111", "diffusers", "a1111-pt")
 
@@ -535,44 +529,3 @@ def kohya_metadata(*, output_name: str, family: str, rank: int, alpha: float, ba
     out = {k: str(v) for k, v in values.items() if v not in (None, "")}
     out.update({k: str(v) for k, v in (extra or {}).items()})
     return out
-
-
-# --- reading A1111's hash fields back ---
-
-
-def parse_hash_field(value: str) -> dict[str, str]:
-    """`"name: 0123456789ab, other: ..."` (Lora hashes / TI hashes) -> {name: hash}."""
-    out = {}
-    for part in (value or "").split(","):
-        name, sep, digest = part.rpartition(":")
-        if sep and name.strip() and digest.strip():
-            out[name.strip()] = digest.strip().lower()
-    return out
-
-
-def restore_lora_names(prompt: str, lora_hashes: str, library: NetworkLibrary) -> tuple[str, list[str]]:
-    """Point the `<lora:name…>` tags of a pasted prompt at local files: a name not found here whose hash matches a
-    local file is renamed to it (the file was renamed or shared under another name). Returns (prompt, notes)."""
-    from studio.prompt_syntax import extract_network_tags
-
-    hashes = parse_hash_field(lora_hashes)
-    if not hashes:
-        return prompt, []
-    scan = library.loras()
-    _, tags = extract_network_tags(prompt)
-    notes = []
-    for tag in tags:
-        if tag.kind != "lora" or tag.name not in hashes:
-            continue
-        try:
-            library.find_lora(tag.name, scan)
-            continue
-        except UnknownNetworkError:
-            pass
-        local = library.find_lora_by_hash(hashes[tag.name], scan)
-        if local is None:
-            notes.append(f"LoRA {tag.name} (hash {hashes[tag.name]}) is not in {library.loras_dir.name}/")
-            continue
-        prompt = prompt.replace(tag.text, tag.text.replace(f":{tag.name}", f":{local.name}", 1), 1)
-        notes.append(f"LoRA {tag.name} found by its hash as {local.name}")
-    return prompt, notes

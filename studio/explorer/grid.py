@@ -3,7 +3,7 @@ weight, LoRA / embedding and checkpoint, run as batched denoising passes.
 
 A GridJob (base generation settings + up to three axes) is validated and planned before anything runs: every
 cell becomes a GenerateJob, and cells that share checkpoint, LoRA set, sampler, schedule, steps, size and clip
-skip form a group that runs as batched passes (studio.denoise, the code path Generate uses, so a cell is the
+skip form a group that runs as batched passes (studio.generation.denoise, the code path Generate uses, so a cell is the
 image Generate makes for its parameters and seed). Groups are ordered so that checkpoints, then LoRA sets,
 change as rarely as possible. Output: a labelled grid PNG with the plot's infotext, every cell as a PNG with its
 own infotext, and the table of cells as JSON and CSV.
@@ -25,12 +25,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from studio import samplers, speed
-from studio.atomic import write_text
-from studio.denoise import DenoiseItem, denoise, pass_noise_is_shared
-from studio.generate import MAX_SEED, GeneratedImage, GenerateJob, Generator, build_infotext, save_png
-from studio.grid_image import GridDrawing, GridLayout, draw_grid, grid_layout
-from studio.grid_syntax import (
+from studio.explorer.grid_image import GridDrawing, GridLayout, draw_grid, grid_layout
+from studio.explorer.syntax import (
     AXIS_TYPES,
     NONE_VALUE,
     NOTHING,
@@ -52,10 +48,16 @@ from studio.grid_syntax import (
     split_values,
     swap_network,
 )
-from studio.infotext import format_infotext, parse_infotext
-from studio.models import ModelManager
-from studio.oom import generation_advice, run_with_advice
-from studio.prompt_syntax import extract_network_tags
+from studio.files.atomic import write_text
+from studio.generation import samplers
+from studio.generation.denoise import DenoiseItem, denoise, pass_noise_is_shared
+from studio.generation.generate import GeneratedImage, Generator, build_infotext, save_png
+from studio.generation.infotext import format_infotext, parse_infotext
+from studio.generation.job import MAX_SEED, GenerateJob
+from studio.generation.oom import generation_advice, run_with_advice
+from studio.generation.prompt_syntax import extract_network_tags
+from studio.models import speed
+from studio.models.manager import ModelManager
 
 MAX_CELLS = 1000
 MAX_GRID_MEGAPIXELS = 200  # A1111's default "maximum grid size" (img_max_size_mp)

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from studio import samplers, speed
+from studio.generation import samplers
+from studio.models import speed
 
 StepFn = Callable[[int, int], None]  # (timestep index done, number of timesteps)
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from studio.atomic import atomic_dir, atomic_path
+from studio.files.atomic import atomic_dir, atomic_path
 
 FAMILIES = ("sd1", "sd2")
 UNET_PREFIX = "model.diffusion_model."

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from studio.atomic import atomic_dir
-from studio.library import folder_refusal
+from studio.files.atomic import atomic_dir
+from studio.files.pickles import folder_refusal
 
 DEFAULT_EXPANDER = "Gustavosta/MagicPrompt-Stable-Diffusion"
 TINY_EXPANDER = "demo-tiny"

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from studio.atomic import atomic_dir
-from studio.library import folder_refusal
+from studio.files.atomic import atomic_dir
+from studio.files.pickles import folder_refusal
 
 TINY_NAME = "demo-tiny"
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
@@ -94,7 +94,7 @@ def load_captioner(spec: str, cache_dir: Path, device: str = "auto", precision: 
     spec = (spec or "").strip()
     if not spec or spec == "none":
         raise CaptionerLoadError("no captioning model chosen")
-    from studio.models import pick_device, pick_dtype
+    from studio.models.manager import pick_device, pick_dtype
 
     dev = pick_device(device)
     key = (spec, str(dev))

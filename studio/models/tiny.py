@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from studio.tokenizer import clip_tokenizer
+from studio.models.tokenizer import clip_tokenizer
 
 TINY_NAME = "demo-tiny"
 # the noise schedule of SD 1.5's scheduler config (scaled_linear 0.00085 .. 0.012)

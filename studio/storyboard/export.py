@@ -12,10 +12,10 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from studio.atomic import atomic_path
-from studio.grid_image import legend_font, wrap
-from studio.infotext import read_image_infotext
-from studio.storyboard import Shot, Storyboard, StoryboardStore
+from studio.explorer.grid_image import legend_font, wrap
+from studio.files.atomic import atomic_path
+from studio.generation.infotext import read_image_infotext
+from studio.storyboard.board import Shot, Storyboard, StoryboardStore
 
 FONT_DIRS = ("/usr/share/fonts/truetype/dejavu", "/usr/share/fonts/dejavu", "/Library/Fonts",
              "C:/Windows/Fonts")

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from studio.prompt_syntax import BREAK, parse_attention
+from studio.generation.prompt_syntax import BREAK, parse_attention
 
 CHUNK_LENGTH = 75  # CLIP's 77 positions less BOS and EOS
 # a full chunk moves the words after a comma this close to its end into the next chunk (A1111's default)

@@ -13,7 +13,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from studio.prompt_syntax import NETWORK_TAG_RE, extract_network_tags, format_lora_tag
+from studio.generation.prompt_syntax import NETWORK_TAG_RE, extract_network_tags, format_lora_tag
 
 MAX_SEED = 2**32 - 1
 NONE_VALUE = "None"  # in the LoRA / embedding axis: the prompt without the tag or word

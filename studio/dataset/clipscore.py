@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from studio.atomic import atomic_dir
-from studio.library import folder_refusal, unpickling_refusal
+from studio.files.atomic import atomic_dir
+from studio.files.pickles import folder_refusal, unpickling_refusal
 
 TINY_NAME = "demo-tiny"
 DEFAULT_CLIP = "ViT-L-14"
@@ -89,7 +89,7 @@ _cache_lock = threading.Lock()
 
 def load_clip_scorer(spec: str, cache_dir: Path, device: str = "auto") -> CLIPScorer:
     """Load a CLIP model (see the module docstring for specs) once per process and device."""
-    from studio.models import pick_device
+    from studio.models.manager import pick_device
 
     spec = (spec or "").strip()
     if not spec or spec == "none":

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from studio.networks import KOHYA_PREFIXES, LoraFile, NetworkFileError, kohya_name
+from studio.files.networks import KOHYA_PREFIXES, LoraFile, NetworkFileError, kohya_name
 
 log = logging.getLogger(__name__)
 

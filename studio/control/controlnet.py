@@ -2,7 +2,7 @@
 id, or the built-in `micro-canny` for the micro model, shipped in assets/), load them offline onto the model's device,
 and turn a reference picture into a canny edge map.
 
-The denoising itself is studio.denoise with a `Control` (the ControlNet's residuals added to the UNet's), so prompt
+The denoising itself is studio.generation.denoise with a `Control` (the ControlNet's residuals added to the UNet's), so prompt
 weighting, embeddings, LoRAs and the samplers work as in Generate."""
 
 from __future__ import annotations
@@ -12,31 +12,34 @@ import json
 import os
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
-from studio import speed
-from studio.library import safe_child
-from studio.micro import MICRO_CONTROLNET_NAME, micro_controlnet_available, micro_controlnet_dir
-from studio.models import HUB_ID, ModelLoadError, load_pickle_checkpoint
+from studio.files.names import safe_child
+from studio.models import speed
+from studio.models.builtin import MICRO_CONTROLNET_NAME, micro_controlnet_available, micro_controlnet_dir
+from studio.models.checkpoints import ModelLoadError, load_pickle_checkpoint
+from studio.models.manager import HUB_ID
 
 # the default for SD 1.x models (a hub id: downloaded once while online); the micro model's is MICRO_CONTROLNET_NAME
 DEFAULT_CONTROLNET = "lllyasviel/control_v11p_sd15_canny"
+
+
 WEIGHT_EXTS = (".safetensors", ".pth", ".ckpt", ".bin", ".pt")
+
+
 # what a ControlNet file we write carries in its safetensors metadata: its diffusers config
 CONFIG_METADATA_KEY = "studio.controlnet_config"
-MAX_REFERENCE_PIXELS = 64_000_000
-MAX_REFERENCE_BYTES = 200_000_000
+
+
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"  # StudioConfig.assets_dir's default
+
+
 ASSETS = ASSETS_DIR / "configs"
+
+
 # cross-attention width -> the shipped UNet config a ControlNet of that family copies its shape from
 FAMILY_BY_WIDTH = {768: "sd1", 1024: "sd2-base"}
-
-
-# --- where ControlNets come from ---------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -159,9 +162,6 @@ def resolve_controlnet(spec: str, folder: Path, allow_paths: bool = False,
         return "hub", None
     raise ModelLoadError(f"ControlNet {spec!r} not found. Local ControlNets in {folder}: "
                          f"{_local_and_built_in(folder, assets_dir)}; or a hub id such as {DEFAULT_CONTROLNET}")
-
-
-# --- loading -----------------------------------------------------------------------------------------------------
 
 
 def controlnet_config_for(unet_config: dict) -> dict:
@@ -332,13 +332,13 @@ def _family_name(width: int) -> str:
 
 
 def _short_hash_file(path: Path, cache_file: Path | None = None) -> str:
-    from studio.library import sha256_file
+    from studio.files.hashes import sha256_file
 
     return sha256_file(path, cache_file)[:8]
 
 
 def _short_hash_folder(path: Path, cache_file: Path | None = None) -> str:
-    from studio.library import sha256_folder
+    from studio.files.hashes import sha256_folder
 
     return sha256_folder(path, cache_file)[:8]
 
@@ -347,83 +347,13 @@ def save_controlnet_file(model, path: Path) -> Path:
     """A ControlNet as one diffusers-layout .safetensors file that carries its config (loads offline here)."""
     from safetensors.torch import save_file
 
-    from studio.atomic import atomic_path
+    from studio.files.atomic import atomic_path
 
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     config = {k: v for k, v in dict(model.config).items() if not k.startswith("_")}
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={CONFIG_METADATA_KEY: json.dumps(config)})
     return Path(path)
-
-
-# --- reference pictures and canny maps ---------------------------------------------------------------------------
-
-
-@dataclass
-class Reference:
-    image: Image.Image  # upright RGB
-    notes: list[str] = field(default_factory=list)  # conversions done (CMYK, palette, alpha, EXIF rotation)
-
-
-def read_reference(path: Path) -> Reference:
-    """A reference picture or sketch as upright RGB; a file that is not a usable image raises ValueError naming it
-    and why (empty, corrupt, truncated, oversized). CMYK, palette, grayscale and transparent images are converted,
-    and the notes say so."""
-    from studio.dataset_import import SkipImage, Source, load_image
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"reference image {path.name!r} does not exist")
-    try:
-        decoded = load_image(Source(path.name, path), min_side=8, max_pixels=MAX_REFERENCE_PIXELS,
-                             max_bytes=MAX_REFERENCE_BYTES)
-    except SkipImage as e:
-        raise ValueError(f"reference image {path.name}: {e}") from None
-    return Reference(decoded.image, decoded.notes)
-
-
-def fit_to_frame(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Crop to the frame's aspect ratio around the centre, then resize (A1111's "Crop and Resize")."""
-    from PIL import ImageOps
-
-    if image.size == (width, height):
-        return image
-    return ImageOps.fit(image, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
-
-
-def check_thresholds(low, high) -> tuple[int, int]:
-    for name, value in (("low threshold", low), ("high threshold", high)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
-            raise ValueError(f"canny {name} must be a whole number, got {value!r}")
-        if not 1 <= int(value) <= 255:
-            raise ValueError(f"canny {name} must be between 1 and 255, got {value}")
-    if int(low) > int(high):
-        raise ValueError(f"canny low threshold must not be above the high threshold, got {low} > {high}")
-    return int(low), int(high)
-
-
-def canny_map(image: Image.Image, low: int, high: int) -> Image.Image:
-    """The canny edge map of `image` at its own size (controlnet_aux's CannyDetector: cv2.Canny on the RGB pixels),
-    white edges on black, RGB."""
-    import warnings
-
-    with warnings.catch_warnings():
-        # the first import loads every controlnet_aux detector (slow; timm and mediapipe notices): not the user's
-        warnings.simplefilter("ignore")
-        from controlnet_aux.canny import CannyDetector
-
-    low, high = check_thresholds(low, high)
-    rgb = np.asarray(image.convert("RGB"))
-    h, w = rgb.shape[:2]
-    side = min(w, h)
-    # detect and output at the image's own resolution; CannyDetector rounds sides to multiples of 64
-    edges = CannyDetector()(rgb, low_threshold=low, high_threshold=high, detect_resolution=side,
-                            image_resolution=side, output_type="np")
-    if edges.shape[:2] != (h, w):
-        import cv2
-
-        edges = cv2.resize(edges, (w, h), interpolation=cv2.INTER_NEAREST)
-    return Image.fromarray(edges)
 
 
 @dataclass

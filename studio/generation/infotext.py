@@ -13,7 +13,7 @@ from typing import IO, Any
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
-from studio import samplers
+from studio.generation import samplers
 
 PNG_KEY = "parameters"
 NEGATIVE_PREFIX = "Negative prompt:"

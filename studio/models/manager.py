@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import re
 import tempfile
 import threading
@@ -20,31 +19,34 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from studio import speed
-from studio.adapters import LoraSlot
 from studio.config import StudioConfig
-from studio.library import (
-    hostile_pickle_in,
-    list_models,
-    safe_child,
-    sha256_file,
-    sha256_folder,
-    unpickling_refusal,
+from studio.files.adapters import LoraSlot
+from studio.files.hashes import sha256_file, sha256_folder
+from studio.files.names import safe_child
+from studio.files.pickles import hostile_pickle_in, unpickling_refusal
+from studio.models import speed
+from studio.models.builtin import MICRO_NAME, micro_available, micro_dir
+from studio.models.checkpoints import (
+    ModelLoadError,
+    detect_family,
+    prediction_hint,
+    probe_v_prediction,
+    read_checkpoint_keys,
 )
-from studio.micro import MICRO_NAME, micro_available, micro_dir
-from studio.tiny import TINY_NAME, build_tiny_pipeline
-from studio.tokenizer import clip_tokenizer
+from studio.models.listing import list_models
+from studio.models.tiny import TINY_NAME, build_tiny_pipeline
+from studio.models.tokenizer import clip_tokenizer
 
 DEFAULT_DOWNLOAD = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
 # the files of a hub SD repo that the studio needs (fp32 safetensors weights, configs, tokenizer)
 HUB_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*",
                 "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
                 "text_encoder/model.safetensors"]
-
-
-class ModelLoadError(RuntimeError):
-    """A model that cannot be loaded; the message says why and what to do."""
 
 
 @dataclass
@@ -57,7 +59,7 @@ class LoadedModel:
     path: Path | None = None
     hash_: str | None = field(default=None, repr=False)
     lora_slot: LoraSlot | None = field(default=None, repr=False)  # LoRA adapters loaded into this pipe
-    # clip skip -> (tokenizer, text encoder, embeddings, PromptEncoder): studio.generate.Generator.prompt_encoder's
+    # clip skip -> (tokenizer, text encoder, embeddings, PromptEncoder): studio.generation.generate.Generator.prompt_encoder's
     # cache, kept with the model so that it goes when the model goes
     prompt_encoders: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -100,96 +102,6 @@ def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
             raise ValueError("fp16 is not supported on the CPU; use fp32 or bf16")
         return table[precision]
     return torch.float16 if device.type in ("cuda", "mps") else torch.float32
-
-
-# --- reading checkpoints safely -------------------------------------------------------------
-
-
-def read_checkpoint_keys(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    """Key -> shape of a single-file checkpoint, plus safetensors metadata, without running pickles."""
-    path = Path(path)
-    if path.stat().st_size == 0:
-        raise ModelLoadError(f"{path.name} is empty (0 bytes); the download or copy did not finish")
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        except Exception as e:  # safetensors raises its own error types for a bad header
-            raise ModelLoadError(f"{path.name} is not a valid safetensors file ({e}); it may be truncated") from e
-        return shapes, meta
-    state = load_pickle_checkpoint(path)
-    return {k: tuple(v.shape) for k, v in state.items() if hasattr(v, "shape")}, {}
-
-
-def load_pickle_checkpoint(path: Path) -> dict:
-    """A .ckpt/.pt state dict through torch.load(weights_only=True): tensors only, never code."""
-    try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as e:
-        raise ModelLoadError(unpickling_refusal(Path(path), e)) from e
-    except Exception as e:
-        raise ModelLoadError(f"{Path(path).name} is not a readable checkpoint ({type(e).__name__}: {e})") from e
-    while isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ModelLoadError(f"{Path(path).name} holds a {type(state).__name__}, not a state dict")
-    return state
-
-
-def detect_family(shapes: dict[str, tuple[int, ...]], name: str = "checkpoint") -> str:
-    """'sd1' or 'sd2' from the keys of an original-layout checkpoint; a clear error otherwise."""
-    keys = shapes.keys()
-    if any(k.startswith("conditioner.embedders") for k in keys):
-        raise ModelLoadError(f"{name} is an SDXL checkpoint; the studio supports SD 1.x and SD 2.x for now")
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in keys):
-        raise ModelLoadError(f"{name} is a LoRA, not a checkpoint: put it in loras/ and use <lora:name:1> in a prompt")
-    if not any(k.startswith("model.diffusion_model.") for k in keys):
-        hint = " (it looks like a VAE)" if any(k.startswith(("encoder.", "decoder.")) for k in keys) else ""
-        raise ModelLoadError(f"{name} has no Stable Diffusion UNet (model.diffusion_model.*){hint}")
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
-        return "sd2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return "sd1"
-    raise ModelLoadError(f"{name}: the text encoder weights (cond_stage_model.*) are missing or of an unknown kind")
-
-
-def prediction_hint(path: Path, metadata: dict[str, str]) -> str | None:
-    """v-prediction or epsilon from what travels with the file (A1111's sidecar .yaml, our metadata)."""
-    sidecar = Path(path).with_suffix(".yaml")
-    if sidecar.is_file():
-        text = sidecar.read_text(encoding="utf-8", errors="replace")
-        return "v_prediction" if re.search(r"parameterization:\s*['\"]?v['\"]?", text) else "epsilon"
-    arch = metadata.get("modelspec.architecture", "")
-    if arch.endswith("-v") or "v-prediction" in metadata.get("modelspec.prediction_type", ""):
-        return "v_prediction"
-    if arch:
-        return "epsilon"
-    return None
-
-
-@torch.no_grad()
-def probe_v_prediction(unet) -> bool:
-    """True when a UNet predicts v rather than noise.
-
-    At the last timestep a noise predictor returns roughly the input noise, while a v predictor
-    returns about minus the input; so feeding a constant latent shows which one the weights learned.
-    """
-    param = next(unet.parameters())
-    x = torch.full((1, 4, 8, 8), 0.5, device=param.device, dtype=param.dtype)
-    context = torch.zeros((1, 77, unet.config.cross_attention_dim), device=param.device, dtype=param.dtype)
-    out = unet(x, torch.tensor([999], device=param.device), encoder_hidden_states=context).sample
-    return bool((out - x).float().mean() < -1)
-
-
-# --- the owner ---------------------------------------------------------------------------------
 
 
 class ModelManager:

@@ -7,9 +7,9 @@ import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from studio.atomic import write_text
 from studio.config import ROOT, check_settings
-from studio.generate import GenerateJob
+from studio.files.atomic import write_text
+from studio.generation.job import GenerateJob
 
 SHIPPED = ROOT / "presets" / "generation"
 # settings a preset may carry: everything of a job except what is per image

@@ -1,0 +1,43 @@
+"""Pasting an A1111 infotext: its `Lora hashes` field read back, and `<lora:...>` tags pointed at local files by hash."""
+
+from __future__ import annotations
+
+from studio.files.networks import NetworkLibrary, UnknownNetworkError
+
+
+def parse_hash_field(value: str) -> dict[str, str]:
+    """`"name: 0123456789ab, other: ..."` (Lora hashes / TI hashes) -> {name: hash}."""
+    out = {}
+    for part in (value or "").split(","):
+        name, sep, digest = part.rpartition(":")
+        if sep and name.strip() and digest.strip():
+            out[name.strip()] = digest.strip().lower()
+    return out
+
+
+def restore_lora_names(prompt: str, lora_hashes: str, library: NetworkLibrary) -> tuple[str, list[str]]:
+    """Point the `<lora:name…>` tags of a pasted prompt at local files: a name not found here whose hash matches a
+    local file is renamed to it (the file was renamed or shared under another name). Returns (prompt, notes)."""
+    from studio.generation.prompt_syntax import extract_network_tags
+
+    hashes = parse_hash_field(lora_hashes)
+    if not hashes:
+        return prompt, []
+    scan = library.loras()
+    _, tags = extract_network_tags(prompt)
+    notes = []
+    for tag in tags:
+        if tag.kind != "lora" or tag.name not in hashes:
+            continue
+        try:
+            library.find_lora(tag.name, scan)
+            continue
+        except UnknownNetworkError:
+            pass
+        local = library.find_lora_by_hash(hashes[tag.name], scan)
+        if local is None:
+            notes.append(f"LoRA {tag.name} (hash {hashes[tag.name]}) is not in {library.loras_dir.name}/")
+            continue
+        prompt = prompt.replace(tag.text, tag.text.replace(f":{tag.name}", f":{local.name}", 1), 1)
+        notes.append(f"LoRA {tag.name} found by its hash as {local.name}")
+    return prompt, notes
