@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from studio.__main__ import main
+from studio.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -31,7 +31,7 @@ def by_label(curation: ds.Curation) -> dict[str, ds.Item]:
 
 
 def test_cli_curates_mixed_folder_and_leaves_input_untouched(tmp_path, capsys, monkeypatch):
-    from studio.__main__ import main
+    from studio.cli import main
 
     src = make_mixed_folder(tmp_path / "art")
     before = tree_digest(src)
@@ -314,7 +314,7 @@ def test_job_validation_says_what_is_wrong(bad, message):
 
 
 def test_cli_errors_exit_2(tmp_path, capsys, monkeypatch):
-    from studio.__main__ import main
+    from studio.cli import main
 
     monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
     folder = tmp_path / "in"

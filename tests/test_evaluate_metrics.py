@@ -162,7 +162,7 @@ def test_evaluation_refuses_what_it_cannot_do(tmp_path):
 
 
 def test_evaluate_command_on_tiny_models(tmp_path, monkeypatch, capsys):
-    from studio.__main__ import main
+    from studio.cli import main
 
     gen = _images(tmp_path / "gen", 3, 0)
     ref = _images(tmp_path / "ref", 3, 1)

@@ -362,7 +362,7 @@ def test_plan_summary_and_estimate():
 
 
 def test_cli_grid_writes_the_grid_its_table_and_cells(tmp_path, monkeypatch, capsys):
-    from studio.__main__ import main
+    from studio.cli import main
 
     monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
     out = tmp_path / "plot.png"

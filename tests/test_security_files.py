@@ -126,7 +126,7 @@ def test_diffusers_folder_naming_its_own_python_code_is_not_run(tiny_pipe, home,
 
 
 def test_model_flag_of_the_command_line_refuses_payload(home, tmp_path, capsys, monkeypatch):
-    from studio.__main__ import main
+    from studio.cli import main
 
     marker = tmp_path / "pwned"
     evil = write_hostile(tmp_path / "elsewhere" / "model.ckpt", marker)

@@ -484,7 +484,7 @@ def test_controlnet_from_folder_file_and_hub_id(studio, tmp_path):
 def test_storyboard_command(studio, tmp_path, monkeypatch, capsys):
     from pypdf import PdfReader
 
-    from studio.__main__ import main
+    from studio.cli import main
 
     cfg, manager, store, runner = studio
     monkeypatch.setenv("STUDIO_HOME", str(cfg.models_dir.parent))
@@ -516,7 +516,7 @@ def test_shot_type_lora_and_presets(studio, tmp_path, monkeypatch, capsys):
     from safetensors.torch import save_file
     from test_grid import kohya_lora
 
-    from studio.__main__ import main
+    from studio.cli import main
     from studio.storyboard.board import apply_board_preset, list_board_presets
 
     cfg, manager, store, runner = studio

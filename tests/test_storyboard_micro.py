@@ -147,7 +147,7 @@ def test_pdf_export_holds_the_frames(generated, tmp_path):
 
 
 def test_storyboard_command_on_micro_uses_micro_canny_offline(single_thread, tmp_path, monkeypatch, capsys):
-    from studio.__main__ import main
+    from studio.cli import main
     from studio.generation.infotext import parse_infotext, read_image_infotext
     from studio.storyboard.board import StoryboardStore
 

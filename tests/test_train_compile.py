@@ -126,7 +126,8 @@ def test_resume_switches_compile_and_ends_where_the_other_run_ends(lora):
 
 
 def test_compile_setting_is_checked_round_trips_and_needs_cuda(tmp_path, monkeypatch, capsys):
-    from studio.__main__ import build_parser, main, train_job_from_args
+    from studio.cli import build_parser, main
+    from studio.cli.train import train_job_from_args
     from studio.train.worker import TrainingWorker
     from studio.ui.train_tab import FORM, fit_settings, job_from_form
 

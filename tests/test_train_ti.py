@@ -256,7 +256,7 @@ def run_main(args, home, monkeypatch, capsys) -> subprocess.CompletedProcess:
     """`python -m studio ARGS` in this process: the same main(argv) (parser, engine, exit codes, stdout and stderr)
     that `python -m studio` calls with sys.exit, without starting an interpreter and importing torch and diffusers
     again (~10 s of CPU each on two cores)."""
-    from studio.__main__ import main
+    from studio.cli import main
 
     monkeypatch.setenv("STUDIO_HOME", str(home))
     capsys.readouterr()

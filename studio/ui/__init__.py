@@ -1,4 +1,5 @@
-"""The Gradio UI: one module per tab, each only wiring widgets to engine functions."""
+"""The Gradio UI: one module per tab, each only wiring widgets to engine functions. Top layer, beside cli/:
+it may import every engine package, and no engine package imports it (the engine never imports Gradio)."""
 
 from __future__ import annotations
 

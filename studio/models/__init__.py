@@ -1,0 +1,2 @@
+"""The one owner of loaded models (manager.py): sources resolved, checkpoint families told apart, loaded offline,
+placed on a device, compiled. May import studio.config and studio.files only."""
