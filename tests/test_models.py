@@ -50,11 +50,17 @@ def test_single_file_and_diffusers_folder_load_offline_and_match(studio_cfg, no_
 
     manager.load("tiny-folder")
     assert manager.current.source == "diffusers" and manager.current.family == family
+    folder_pipe = manager.current.pipe
     from_folder = image(manager)
     manager.load("tiny.safetensors")
     assert manager.current.source == "single-file" and manager.current.family == family
+    for name in ("unet", "vae", "text_encoder"):  # every weight the same, bit for bit
+        a, b = getattr(folder_pipe, name).state_dict(), getattr(manager.current.pipe, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     from_file = image(manager)
-    assert np.array_equal(from_folder, from_file)
+    # CPU kernels may round the last bit differently for tensors in the file's memory map (alignment: seen
+    # with diffusers 0.42 for sd2), so one level of 255 is allowed, as in the convert test below
+    assert np.abs(from_folder.astype(int) - from_file.astype(int)).max() <= 1
 
 
 def test_cli_convert_then_load_single_file(studio_cfg, no_network):

@@ -1,9 +1,5 @@
-"""ControlNet for storyboards: find ControlNet weights (controlnet/ folder, a diffusers folder, a single file, a hub
-id, or the built-in `micro-canny` for the micro model, shipped in assets/), load them offline onto the model's device,
-and turn a reference picture into a canny edge map.
-
-The denoising itself is studio.generation.denoise with a `Control` (the ControlNet's residuals added to the UNet's), so prompt
-weighting, embeddings, LoRAs and the samplers work as in Generate."""
+"""ControlNets: find them (controlnet/, a diffusers folder, a single file, a hub id, or the built-in `micro-canny`),
+and load them offline onto the model's device. The denoise loop takes them as a `Control`."""
 
 from __future__ import annotations
 

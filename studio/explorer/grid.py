@@ -1,13 +1,6 @@
-"""The parameter explorer: A1111's X/Y/Z plot over seed, steps, CFG, sampler, schedule, size, prompt S/R, LoRA
-weight, LoRA / embedding and checkpoint, run as batched denoising passes.
-
-A GridJob (base generation settings + up to three axes) is validated and planned before anything runs: every
-cell becomes a GenerateJob, and cells that share checkpoint, LoRA set, sampler, schedule, steps, size and clip
-skip form a group that runs as batched passes (studio.generation.denoise, the code path Generate uses, so a cell is the
-image Generate makes for its parameters and seed). Groups are ordered so that checkpoints, then LoRA sets,
-change as rarely as possible. Output: a labelled grid PNG with the plot's infotext, every cell as a PNG with its
-own infotext, and the table of cells as JSON and CSV.
-"""
+"""The parameter explorer: A1111's X/Y/Z plot planned into GenerateJobs, run as batched passes of the Generate
+denoise loop (cells sharing checkpoint, LoRAs, sampler, steps and size), written as a lettered grid PNG, a PNG
+per cell and the table of cells (JSON, CSV)."""
 
 from __future__ import annotations
 

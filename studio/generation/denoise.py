@@ -1,15 +1,6 @@
-"""One batched denoising pass: items that share model, LoRAs, sampler, schedule, steps and size, each with its
-own conditioning, CFG scale and seed. Generate and the parameter explorer both run their images through here,
-so a grid cell is the image Generate makes for the same parameters and seed.
-
-The loop is StableDiffusionPipeline's text-to-image loop, step for step, with two changes:
-- classifier-free guidance is applied per item (each item has its own CFG scale; items with CFG <= 1 use the
-  conditional prediction alone, as the pipeline does when guidance is off);
-- results do not depend on which other items share the pass (batch invariance, measured on CPU fp32):
-  the timestep MLP sees one row (every item has the same timestep), a UNet batch of one is padded to two,
-  and the VAE decodes one image at a time. Without these, CPU kernels pick other code paths for other
-  batch sizes and the last bits of the images change. GPU kernels can still differ by batch size.
-"""
+"""One batched denoising pass (StableDiffusionPipeline's loop, step for step) over items that share model,
+LoRAs, sampler, steps and size, each with its own conditioning, CFG scale and seed. Generate, the explorer and
+storyboards all denoise here; results do not depend on which items share a pass (docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from studio.files.atomic import atomic_path
 from studio.files.networks import EmbeddingFile, NetworkLibrary
 from studio.generation import samplers
 from studio.generation.conditioning import PromptEncoder, TextualInversion
-from studio.generation.denoise import DenoiseItem, denoise, initial_latents  # noqa: F401 (initial_latents: re-exported)
+from studio.generation.denoise import DenoiseItem, denoise
 from studio.generation.infotext import format_infotext, png_info
 from studio.generation.job import GenerateJob, resolve_seed
 from studio.generation.oom import generation_advice, run_with_advice

@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass
 
 from studio.config import check_known_keys
 from studio.generation import samplers
-from studio.generation.denoise import DenoiseItem, denoise, initial_latents  # noqa: F401 (initial_latents: re-exported)
 
 MAX_SEED = 2**32 - 1
 

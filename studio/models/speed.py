@@ -1,13 +1,6 @@
-"""Optional speed-ups that keep outputs equivalent: torch.compile of the UNet (optionally with CUDA graphs), and of
-a storyboard's ControlNet the same way as the UNet it feeds.
-
-Eager SD 1.5 sampling is launch-bound on a modern GPU (see docs/benchmarks.md): the GPU waits for Python to
-queue thousands of small kernels per step. Compiling the UNet fuses them; CUDA graphs replay a whole step with
-one launch. The first image at each new size (and after a LoRA file is first loaded, which changes the module
-tree) pays the compile time; later ones are fast.
-
-Training (TrainJob.compile) compiles the UNet's forward and backward the same way, but never with CUDA graphs:
-see TRAIN_COMPILE_MODES."""
+"""Optional speed-ups that keep outputs equivalent: torch.compile of the UNet (with CUDA graphs in
+reduce-overhead mode) and of a storyboard's ControlNet; training compiles forward and backward, never with CUDA
+graphs. Why and what it costs: docs/benchmarks.md."""
 
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""Storyboards (seed 004 §5.6): a shot list whose shots become frames in their shot type, optionally following a
-reference sketch through ControlNet canny, with N candidates per shot to pick from.
-
-A Storyboard (shots, shot types with prompt templates and LoRAs, a board-wide style, generation settings) is kept
-as `storyboards/<name>/project.json` with its references and frames beside it. Each shot's prompt is an ordinary
-studio prompt (A1111 syntax, `<lora:...>` tags, embeddings), encoded and denoised by the code Generate uses, so a
-frame without a reference is the image Generate makes for the same prompt, settings and seed. Export (PDF and
-contact sheet) is in studio.storyboard.export.
-"""
+"""Storyboards (seed 004 §5.6): the shot list, shot types with prompt templates and LoRAs, a board-wide style and
+settings, kept as `storyboards/<name>/project.json` with references and frames beside it; CSV import, presets,
+picking and seed locking. Frames are made by runner.py, exported by export.py."""
 
 from __future__ import annotations
 

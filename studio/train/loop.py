@@ -487,7 +487,7 @@ class Trainer:
     @torch.no_grad()
     def _render(self, encoder, prompt: str, seed: int, steps: int, size: int):
         """One image with DPM++ 2M Karras, CFG 7, drawn like Generate draws it (CPU noise from the seed)."""
-        from studio.generation.generate import initial_latents
+        from studio.generation.denoise import initial_latents
 
         pipe = self.pipe
         cond, uncond, _ = encoder.encode_pair(prompt, "")
