@@ -601,7 +601,7 @@ def test_controlnet_file_in_the_original_layout_loads(tmp_path):
 
 
 def test_out_of_gpu_memory_says_what_to_change_and_keeps_the_shot(studio, board, monkeypatch):
-    import studio.storyboard.board as engine
+    import studio.storyboard.runner as engine
     from studio.generation.oom import OutOfMemory
 
     cfg, manager, store, runner = studio

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from contextlib import contextmanager
 
 
 def progress_printer(label: str):
@@ -28,6 +29,7 @@ def progress_printer(label: str):
     return update
 
 
+@contextmanager
 def cli_progress(label: str):
     """(on_progress, cancel) for one long command: a progress bar with ETA on stderr; Ctrl+C also sets `cancel`, so
     work running on other threads stops at its next step."""

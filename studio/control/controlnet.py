@@ -11,6 +11,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from studio.config import ROOT
 from studio.files.names import safe_child
 from studio.models import speed
 from studio.models.builtin import MICRO_CONTROLNET_NAME, micro_controlnet_available, micro_controlnet_dir
@@ -28,7 +29,7 @@ WEIGHT_EXTS = (".safetensors", ".pth", ".ckpt", ".bin", ".pt")
 CONFIG_METADATA_KEY = "studio.controlnet_config"
 
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"  # StudioConfig.assets_dir's default
+ASSETS_DIR = ROOT / "assets"  # StudioConfig.assets_dir's default
 
 
 ASSETS = ASSETS_DIR / "configs"

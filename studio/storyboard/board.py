@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from studio.config import ROOT
 from studio.control.controlnet import DEFAULT_CONTROLNET, ControlSettings
 from studio.control.preprocess import check_thresholds, read_reference
 from studio.files.atomic import atomic_path, write_text
@@ -326,7 +327,7 @@ def check_board_name(name: str) -> str:
     return name
 
 
-SHIPPED_PRESETS = Path(__file__).resolve().parent.parent / "presets" / "storyboard"
+SHIPPED_PRESETS = ROOT / "presets" / "storyboard"
 
 
 @dataclass(frozen=True)
