@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import sys
 from pathlib import Path
@@ -16,7 +17,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
     p.add_argument("--listen", action="store_true",
                    help="serve on all network interfaces (0.0.0.0) so other devices on your network can open "
-                        "the studio; default is this machine only (127.0.0.1)")
+                        "the studio; default is this machine only (127.0.0.1). Same as --host 0.0.0.0")
+    p.add_argument("--host", default=None, metavar="ADDRESS",
+                   help="the address to serve on: 127.0.0.1 (default, this machine only), one interface's address "
+                        "(e.g. 192.168.1.20 or a VPN address), or 0.0.0.0 for all; anything but loopback needs "
+                        "--auth or --insecure-no-auth")
     p.add_argument("--model", default=None,
                    help="model to open with: a name in models/, a .safetensors/.ckpt path, a diffusers folder, "
                         "a Hugging Face repo id, micro or demo-tiny (default: the first in models/, else micro)")
@@ -42,9 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def network_options(args: argparse.Namespace) -> tuple[dict, list[str]]:
     """(launch() keywords for address, login and share link; warnings to print). Pure: no server is started.
 
-    This machine only (127.0.0.1) unless --listen; no share link unless --share; serving beyond this machine
-    needs --auth user:password, or --insecure-no-auth to say it is meant. Raises ValueError on a bad combination.
-    """
+    This machine only (127.0.0.1) unless --host or --listen; no share link unless --share; serving beyond this
+    machine needs --auth user:password, or --insecure-no-auth to say it is meant. Raises ValueError on a bad
+    combination."""
     auth = None
     if args.auth is not None:
         value = args.auth
@@ -59,7 +64,10 @@ def network_options(args: argparse.Namespace) -> tuple[dict, list[str]]:
         if args.insecure_no_auth:
             raise ValueError("--auth and --insecure-no-auth contradict each other; give one of them")
         auth = (user.strip(), password)
+    host = server_host(args)
     exposed = [flag for flag, on in (("--listen", args.listen), ("--share", args.share)) if on]
+    if not args.listen and not is_loopback(host):
+        exposed.insert(0, f"--host {host}")
     warnings = []
     if exposed and auth is None:
         if not args.insecure_no_auth:
@@ -68,8 +76,29 @@ def network_options(args: argparse.Namespace) -> tuple[dict, list[str]]:
         warnings.append(f"warning: {' and '.join(exposed)} without --auth: anyone who can reach this server can "
                         "generate, train and read your outputs")
     # explicit values, so GRADIO_SERVER_NAME / GRADIO_SHARE in the environment cannot widen them
-    options = {"server_name": "0.0.0.0" if args.listen else "127.0.0.1", "share": bool(args.share), "auth": auth}
+    options = {"server_name": host, "share": bool(args.share), "auth": auth}
     return options, warnings
+
+
+def server_host(args: argparse.Namespace) -> str:
+    """The address to bind: --host, else 0.0.0.0 with --listen, else 127.0.0.1. Raises ValueError on a bad one."""
+    host = getattr(args, "host", None)
+    if host is None:
+        return "0.0.0.0" if args.listen else "127.0.0.1"
+    host = host.strip()
+    if args.listen and host != "0.0.0.0":
+        raise ValueError(f"--listen means --host 0.0.0.0; give one of them, not --listen with --host {host}")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"--host must be an IP address such as 127.0.0.1, 192.168.1.20 or 0.0.0.0, "
+                             f"got {host!r}") from None
+    return host
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or ipaddress.ip_address(host).is_loopback
 
 
 def file_access(cfg) -> dict:
@@ -100,8 +129,14 @@ def create_app(args: argparse.Namespace, network: dict):
         state.manager.load("demo-tiny")
     demo = build_ui(state)
     demo.queue(default_concurrency_limit=1)
+    from starlette.middleware import Middleware
+
+    from studio.ui.access import LoginRequired
+
     launch = {
         "server_port": args.port,
+        # with --auth, every route needs the login (Gradio leaves /cancel, /reset and others open)
+        "app_kwargs": {"middleware": [Middleware(LoginRequired)]},
         **network,
         **file_access(cfg),
         "show_error": True,

@@ -5,8 +5,31 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
+
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask (Linux: read from /proc without changing it; elsewhere set and restored under a lock)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return mask
+
+
+def ordinary_mode(folder: bool = False) -> int:
+    """The mode open() or mkdir() would give a new file or folder: 0o666 / 0o777 less the umask (tempfile's
+    0o600 / 0o700 would hide finished files from other accounts, file servers and backups)."""
+    return (0o777 if folder else 0o666) & ~current_umask()
 
 
 def fsync_file(path: Path | str) -> None:
@@ -37,6 +60,7 @@ def atomic_path(path: Path | str):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, ordinary_mode())
         fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
@@ -53,6 +77,7 @@ def atomic_dir(path: Path | str):
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        os.chmod(tmp, ordinary_mode(folder=True))
         for f in tmp.rglob("*"):
             if f.is_file():
                 fsync_file(f)
