@@ -51,3 +51,16 @@ def _read_cache(cache_file: Path | None) -> dict:
         return json.loads(Path(cache_file).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}  # a damaged cache only costs a re-hash
+
+
+def addnet_hashes(tensors: dict, metadata: dict[str, str]) -> tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash) as kohya's trainers precompute them for a LoRA file: SHA-256 of the
+    tensor bytes after the safetensors header (A1111's LoRA hash, independent of metadata), and the old 8-digit
+    hash of the 64 KiB at offset 1 MiB of the file serialized with its `ss_*` metadata only."""
+    from safetensors.torch import save
+
+    blob = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header_len = int.from_bytes(blob[:8], "little")
+    model_hash = hashlib.sha256(blob[8 + header_len:]).hexdigest()
+    legacy_hash = hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy_hash

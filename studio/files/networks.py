@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from studio.files.atomic import atomic_path
+from studio.files.hashes import addnet_hashes
 from studio.files.pickles import unpickling_refusal
 
 EMBEDDING_EXTS = (".safetensors", ".pt", ".bin")
@@ -191,7 +192,10 @@ class LoraFile:
 
     @property
     def hash(self) -> str:
-        return lora_hash(self.path)
+        """What A1111 writes in `Lora hashes`: the file's precomputed `sshs_model_hash` if it has one, else the
+        hash of its tensor bytes (the same value for a file kohya or the studio wrote), 12 digits."""
+        stored = self.metadata.get("sshs_model_hash", "").strip().lower()
+        return stored[:12] if stored else lora_hash(self.path)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         data, _ = read_tensor_file(self.path)
@@ -499,8 +503,11 @@ def save_kohya_lora(path: Path, unet: Mapping[str, LoraLayer] | None = None,
         raise ValueError("a LoRA needs at least one layer")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    # the file's own hashes, as kohya writes them: A1111 takes sshs_model_hash as the LoRA's hash
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(tensors, meta)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={k: str(v) for k, v in (metadata or {}).items()})
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

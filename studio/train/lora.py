@@ -149,7 +149,7 @@ class LoraMethod(TrainMethod):
             lr_scheduler=job.lr_scheduler, optimizer=job.optimizer, seed=job.seed, trigger_phrase=trigger,
             tag_frequency=tag_frequency(self.captions, data_name),
             comment=f"trained with studio ({job.method}); run {ctx.run_path.name if ctx.run_path else ''}",
-            extra={"ss_sd_model_hash": ctx.model_hash[:10], "sshs_model_hash": ctx.model_hash,
+            extra={"ss_sd_model_hash": ctx.model_hash[:10], "ss_new_sd_model_hash": ctx.model_hash,
                    "ss_network_dropout": job.dropout, "ss_max_train_steps": job.max_steps,
                    "ss_batch_size_per_device": job.batch_size, "ss_gradient_accumulation_steps": job.grad_accum,
                    "ss_mixed_precision": job.mixed_precision, "ss_min_snr_gamma": job.min_snr_gamma or "",
