@@ -90,3 +90,72 @@ def test_trained_lora_keeps_the_base_model_apart_and_infotext_names_its_own_hash
     assert parse_infotext(infotext)["Lora hashes"] == f"{NAME}: {meta['sshs_model_hash'][:12]}"
     lib = NetworkLibrary(cfg.loras_dir, cfg.embeddings_dir)
     assert lib.find_lora_by_hash(meta["sshs_model_hash"][:12]).name == NAME
+
+
+def _te_lora(path, te_prefix: str, extra_layers: dict | None = None):
+    """A kohya LoRA on demo-tiny's first text-encoder layer's q/v projections, with `te_prefix` naming."""
+    g = torch.Generator().manual_seed(5)
+    tensors = {}
+    for proj in ("q_proj", "v_proj"):
+        base = f"{te_prefix}encoder_layers_0_self_attn_{proj}"
+        tensors[f"{base}.lora_down.weight"] = torch.randn(2, 32, generator=g) * 3
+        tensors[f"{base}.lora_up.weight"] = torch.randn(32, 2, generator=g) * 3
+        tensors[f"{base}.alpha"] = torch.tensor(2.0)
+    tensors.update(extra_layers or {})
+    save_file(tensors, str(path), metadata={"ss_output_name": path.stem})  # kohya's alias, as trainers write it
+
+
+def test_text_encoder_keys_in_either_naming_apply_and_unmatched_layers_are_told(tmp_path):
+    cfg = home_cfg(tmp_path)
+    cfg.loras_dir.mkdir(parents=True, exist_ok=True)
+    _te_lora(cfg.loras_dir / "classic.safetensors", "lora_te_text_model_")
+    _te_lora(cfg.loras_dir / "tf5.safetensors", "lora_te_")  # transformers 5's names: no text_model
+    stray = {"lora_unet_no_such_block.lora_down.weight": torch.ones(2, 8),
+             "lora_unet_no_such_block.lora_up.weight": torch.ones(8, 2)}
+    _te_lora(cfg.loras_dir / "partly.safetensors", "lora_te_text_model_", stray)
+    manager = ModelManager(cfg)
+    manager.load("demo-tiny")
+    gen = Generator(manager)
+
+    def run(prompt):
+        result = gen.run(GenerateJob(prompt=prompt, steps=2, width=64, height=64, seed=3))
+        return torch.tensor(list(result.images[0].image.getdata())).float(), result.notes
+
+    base, _ = run("a harbour")
+    classic, notes_classic = run("a harbour <lora:classic:1>")
+    tf5, notes_tf5 = run("a harbour <lora:tf5:1>")
+    assert (classic - base).abs().mean() > 1  # the text-encoder LoRA changes the image
+    assert torch.equal(classic, tf5)  # both namings reach the same layers
+    assert not notes_classic and not notes_tf5
+    _, notes = run("a harbour <lora:partly:1>")
+    assert any("LoRA partly: 1 of its layers match nothing" in n and "lora_unet_no_such_block" in n for n in notes)
+
+
+def test_infotext_says_rng_cpu_and_a_pasted_gpu_seed_is_flagged(tmp_path):
+    from studio.generation.infotext import rng_note
+
+    cfg = home_cfg(tmp_path)
+    manager = ModelManager(cfg)
+    manager.load("demo-tiny")
+    infotext = Generator(manager).run(GenerateJob(prompt="a cat", steps=1, width=64, height=64, seed=1)).images[0].infotext
+    parsed = parse_infotext(infotext)
+    assert parsed["RNG"] == "CPU" and rng_note(parsed) is None
+    a1111 = parse_infotext("a cat\nSteps: 20, Sampler: Euler a, Seed: 1, Size: 512x512, Version: v1.10.1")
+    assert "GPU" in rng_note(a1111) and "different image" in rng_note(a1111)
+    assert "RNG: NV" in rng_note(parse_infotext("a cat\nSteps: 20, Seed: 1, RNG: NV"))
+    assert rng_note(parse_infotext("a cat\nSteps: 20, Seed: 1, RNG: CPU")) is None
+
+
+def test_unknown_lora_lists_each_available_name_once(tmp_path):
+    from studio.files.networks import UnknownNetworkError
+
+    cfg = home_cfg(tmp_path)
+    cfg.loras_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("plusl", "zeta"):
+        _te_lora(cfg.loras_dir / f"{name}.safetensors", "lora_te_text_model_")
+    lib = NetworkLibrary(cfg.loras_dir, cfg.embeddings_dir)
+    try:
+        lib.find_lora("qqqqqqqq")
+    except UnknownNetworkError as e:
+        message = str(e)
+    assert "available: plusl, zeta" in message and message.count("plusl") == 1

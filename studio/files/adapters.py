@@ -39,6 +39,10 @@ def _kohya_index(pipe) -> dict[str, tuple[str, str, nn.Module]]:
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 path = path.replace(".base_layer", "")  # a module already wrapped by peft keeps its kohya name
                 index.setdefault(kohya_name(component, path), (component, path, module))
+                if component == "text_encoder":
+                    # files written from transformers 5's module names lack text_model (lora_te_encoder_layers_*)
+                    short = path.removeprefix("text_model.")
+                    index.setdefault("lora_te_" + short.replace(".", "_"), (component, path, module))
     return index
 
 
@@ -143,6 +147,16 @@ class LoraSlot:
             raise NetworkFileError(f"could not apply LoRA {lora.name}: {type(e).__name__}: {e}") from e
         self.loaded[key] = lora
         return key
+
+    def unmatched_notes(self, active: list[ActiveLora]) -> list[str]:
+        """A line for the user per active LoRA with layers that match nothing in this model (not applied)."""
+        notes = []
+        for lora in active:
+            missed = self.warnings.get(adapter_id(lora.file), [])
+            if missed:
+                notes.append(f"LoRA {lora.file.name}: {len(missed)} of its layers match nothing in this model and "
+                             f"were not applied (e.g. {missed[0]}); it may be for another model family")
+        return notes
 
     def _forget(self, key: str) -> None:
         if key in self.merged:

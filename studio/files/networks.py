@@ -339,12 +339,13 @@ def _family_of_width(dim: int) -> str:
 
 
 def _unknown(kind: str, name: str, known: list[str], folder: Path, scan: Scan) -> str:
+    known = sorted(set(known))  # a file's alias is often its own name
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
     msg = f"unknown {kind} {name!r}: no file with that name in {folder.name}/"
     if close:
         msg += f"; close matches: {', '.join(close)}"
     elif known:
-        msg += f"; available: {', '.join(sorted(known)[:10])}"
+        msg += f"; available: {', '.join(known[:10])}"
     refused = [rel for rel in scan.skipped if Path(rel).stem == name]
     if refused:
         msg += f" ({refused[0]} exists but was skipped: {scan.skipped[refused[0]]})"

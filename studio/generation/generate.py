@@ -61,6 +61,7 @@ def build_infotext(job: GenerateJob, seed: int, model: LoadedModel, model_hash: 
     }
     if job.clip_skip > 1:
         params["Clip skip"] = job.clip_skip
+    params["RNG"] = "CPU"  # the noise is drawn on the CPU generator; without the field A1111 assumes GPU
     if networks is not None:
         if networks.lora_hashes:
             params["Lora hashes"] = ", ".join(f"{n}: {h}" for n, h in networks.lora_hashes.items())
@@ -137,6 +138,7 @@ class Generator:
         pipe = model.pipe
         nets = resolve_networks(job, self.networks, pipe.text_encoder.config.hidden_size)
         model.loras().apply(nets.loras)  # before encoding: a LoRA may change the text encoder
+        nets.notes += model.loras().unmatched_notes(nets.loras)
         encoder = self.prompt_encoder(model, nets.embeddings, job.clip_skip)
         cond, uncond, used = encoder.encode_pair(nets.prompt, nets.negative_prompt)
         nets.ti_hashes = {name: nets.embedding_files[name].hash for name in used}

@@ -282,3 +282,15 @@ def png_info(infotext: str) -> PngInfo:
     info = PngInfo()
     info.add_text(PNG_KEY, infotext)
     return info
+
+
+def rng_note(parsed: Mapping[str, str]) -> str | None:
+    """What to tell a user who pastes parameters whose noise came from a GPU generator (A1111's default, which it
+    writes as no `RNG` field or `RNG: GPU`): the studio draws noise on the CPU, so that seed gives another image."""
+    rng = (parsed.get("RNG") or "").strip()
+    from_studio = str(parsed.get("Version", "")).startswith("studio")
+    if rng.upper() == "CPU" or (not rng and from_studio):
+        return None
+    source = f"RNG: {rng}" if rng else "no RNG field, which A1111 reads as GPU"
+    return (f"these parameters drew their noise on the GPU ({source}); the studio draws it on the CPU like A1111's "
+            "RNG: CPU setting, so the same seed gives a different image")
