@@ -534,7 +534,7 @@ class GridRunner:
         encoded = {}
         for index in group.cells:
             j = plan.cells[index].job
-            key = (j.prompt, j.negative_prompt, j.clip_skip)
+            key = _encoding_key(j)
             if key not in encoded:
                 encoded[key] = self.generator.encode(j, model)
                 for note in encoded[key][2].notes:
@@ -545,14 +545,14 @@ class GridRunner:
             by_length: dict[int, list[int]] = {}
             for index in planned:
                 j = plan.cells[index].job
-                by_length.setdefault(encoded[(j.prompt, j.negative_prompt, j.clip_skip)][0].shape[1], []).append(index)
+                by_length.setdefault(encoded[_encoding_key(j)][0].shape[1], []).append(index)
             for indices in by_length.values():
                 jobs = [plan.cells[i].job for i in indices]
                 first = jobs[0]
                 items = []
                 for j in jobs:
-                    cond, uncond, _ = encoded[(j.prompt, j.negative_prompt, j.clip_skip)]
-                    items.append(DenoiseItem(cond, uncond, j.cfg_scale, j.seed))
+                    cond, uncond, nets = encoded[_encoding_key(j)]
+                    items.append(DenoiseItem(cond, uncond, j.cfg_scale, j.seed, nets.schedule))
                 number = result.passes_run + 1
                 label = f"pass {number}/{n_passes}" if number <= n_passes else f"pass {number}"
 
@@ -578,7 +578,7 @@ class GridRunner:
                 done += first.steps
                 # 6. save each cell with the infotext Generate writes for it
                 for index, j, image in zip(indices, jobs, out.images, strict=True):
-                    nets = encoded[(j.prompt, j.negative_prompt, j.clip_skip)][2]
+                    nets = encoded[_encoding_key(j)][2]
                     info = build_infotext(j, j.seed, model, model_hash, nets)
                     item = GeneratedImage(image, j.seed, info)
                     if cells_dir is not None:
@@ -617,6 +617,11 @@ class GridRunner:
         write_text(json_path, json.dumps(table, indent=2, ensure_ascii=False))
         write_text(csv_path, cells_csv(rows))
         result.table_paths = [json_path, csv_path]
+
+
+def _encoding_key(job: GenerateJob) -> tuple:
+    """What a cell's conditioning depends on (steps too: prompt editing switches at a step)."""
+    return job.prompt, job.negative_prompt, job.clip_skip, job.steps
 
 
 def grid_infotext(plan: GridPlan, result: GridResult) -> str:

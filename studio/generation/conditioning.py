@@ -293,6 +293,19 @@ class PromptEncoder:
         return cond_embeds, uncond_embeds, used
 
 
+def encode_spans(encoder: PromptEncoder, spans: Sequence[tuple[int, str, str]]
+                 ) -> tuple[tuple[tuple[int, torch.Tensor, torch.Tensor], ...], list[str]]:
+    """(last step, cond, uncond) per span of a prompt-editing schedule, every tensor as long as the longest
+    (empty-prompt chunks appended), each distinct text encoded once; and the embeddings used."""
+    texts = list(dict.fromkeys(text for _, cond, uncond in spans for text in (cond, uncond)))
+    encoded = {text: encoder.encode(text) for text in texts}
+    length = max(e.embeds.shape[1] for e in encoded.values())
+    empty = encoder.encode("").embeds if any(e.embeds.shape[1] != length for e in encoded.values()) else None
+    padded = {text: _pad_with(e.embeds, empty, length) for text, e in encoded.items()}
+    used = list(dict.fromkeys(name for e in encoded.values() for name in e.used_embeddings))
+    return tuple((end, padded[cond], padded[uncond]) for end, cond, uncond in spans), used
+
+
 def _pad_with(embeds: torch.Tensor, empty: torch.Tensor | None, length: int) -> torch.Tensor:
     """`embeds` lengthened to `length` positions with copies of the empty prompt's chunk."""
     if embeds.shape[1] == length:

@@ -25,6 +25,19 @@ class DenoiseItem:
     uncond: torch.Tensor  # [1, tokens, dim] negative prompt conditioning (same token count as cond)
     cfg_scale: float
     seed: int  # draws the initial latent and the sampler noise of this item
+    # prompt editing / alternation: (last step, cond, uncond) spans, each as long as cond; the span used at UNet
+    # call i is the first whose last step >= i (A1111's rule); empty = cond and uncond at every step
+    schedule: tuple[tuple[int, torch.Tensor, torch.Tensor], ...] = ()
+
+    def span(self, i: int) -> int:
+        """Which schedule entry UNet call `i` uses (-1: no schedule)."""
+        if not self.schedule:
+            return -1
+        return next((k for k, (end, _, _) in enumerate(self.schedule) if i <= end), len(self.schedule) - 1)
+
+    def at_step(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.span(i)
+        return (self.cond, self.uncond) if k < 0 else self.schedule[k][1:]
 
 
 @dataclass
@@ -132,14 +145,21 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
     timesteps = scheduler.timesteps
     latents = initial_latents(pipe, seeds, width, height) * scheduler.init_noise_sigma
     step_kwargs = _step_kwargs(scheduler, seeds)
-    # 2. conditioning: [uncond; cond] when any item is guided
+    # 2. conditioning: [uncond; cond] when any item is guided; rebuilt only at the steps where a prompt edit
+    # or alternation switches it
     dtype = pipe.unet.dtype
-    cond = torch.cat([item.cond for item in items]).to(device, dtype)
     any_cfg = any(item.cfg_scale > 1 for item in items)
-    embeds = torch.cat([torch.cat([item.uncond for item in items]).to(device, dtype), cond]) if any_cfg else cond
-    pad = embeds.shape[0] == 1  # a UNet batch of one takes other CPU kernels: pad it to two
-    if pad:
-        embeds = torch.cat([embeds, embeds])
+    pad = len(items) == 1 and not any_cfg  # a UNet batch of one takes other CPU kernels: pad it to two
+
+    def conditioning(i: int) -> torch.Tensor:
+        pairs = [item.at_step(i) for item in items]
+        cond = torch.cat([c for c, _ in pairs]).to(device, dtype)
+        embeds = torch.cat([torch.cat([u for _, u in pairs]).to(device, dtype), cond]) if any_cfg else cond
+        return torch.cat([embeds, embeds]) if pad else embeds
+
+    scheduled = any(item.schedule for item in items)
+    embeds = conditioning(0)
+    picks = None
     # 3. denoise
     interrupted = False
     # CUDA graph trees: one step = [ControlNet graph ->] UNet graph; the step starts before the ControlNet, whose
@@ -151,6 +171,11 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
     with batch_invariant_time_embedding(pipe.unet), \
             batch_invariant_time_embedding(control.model if control is not None else None):
         for i, t in enumerate(timesteps):
+            if scheduled:
+                now = tuple(item.span(i) for item in items)
+                if picks is not None and now != picks:
+                    embeds = conditioning(i)
+                picks = now
             model_input = torch.cat([latents] * 2) if any_cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
             if pad:

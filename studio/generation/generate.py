@@ -16,11 +16,12 @@ from studio.files.adapters import ActiveLora
 from studio.files.atomic import atomic_path
 from studio.files.networks import EmbeddingFile, NetworkLibrary
 from studio.generation import samplers
-from studio.generation.conditioning import PromptEncoder, TextualInversion
+from studio.generation.conditioning import PromptEncoder, TextualInversion, encode_spans
 from studio.generation.denoise import DenoiseItem, denoise
 from studio.generation.infotext import format_infotext, png_info
 from studio.generation.job import GenerateJob, resolve_seed
 from studio.generation.oom import generation_advice, run_with_advice
+from studio.generation.prompt_schedule import merge_schedules, prompt_schedule
 from studio.generation.prompt_syntax import extract_network_tags
 from studio.models import speed
 from studio.models.manager import LoadedModel, ModelManager
@@ -98,6 +99,7 @@ class PromptNetworks:
     skipped_embeddings: dict[str, str] = field(default_factory=dict)
     lora_hashes: dict[str, str] = field(default_factory=dict)  # filled in as A1111 writes them
     ti_hashes: dict[str, str] = field(default_factory=dict)
+    schedule: tuple = ()  # DenoiseItem.schedule when the prompts edit or alternate during sampling
     notes: list[str] = field(default_factory=list)
 
 
@@ -140,7 +142,13 @@ class Generator:
         model.loras().apply(nets.loras)  # before encoding: a LoRA may change the text encoder
         nets.notes += model.loras().unmatched_notes(nets.loras)
         encoder = self.prompt_encoder(model, nets.embeddings, job.clip_skip)
-        cond, uncond, used = encoder.encode_pair(nets.prompt, nets.negative_prompt)
+        # A1111's prompt editing and alternation: the conditioning at each step ([from:to:when], [a|b])
+        spans = merge_schedules(prompt_schedule(nets.prompt, job.steps), prompt_schedule(nets.negative_prompt, job.steps))
+        if len(spans) == 1:  # nothing switches (`[a:b:0]` is b throughout)
+            cond, uncond, used = encoder.encode_pair(spans[0][1], spans[0][2])
+        else:
+            nets.schedule, used = encode_spans(encoder, spans)
+            _, cond, uncond = nets.schedule[0]
         nets.ti_hashes = {name: nets.embedding_files[name].hash for name in used}
         return cond, uncond, nets
 
@@ -199,7 +207,7 @@ class Generator:
                         on_progress(done_before + step, total,
                                     f"batch {batch + 1}/{job.batch_count}, step {step}/{job.steps}")
 
-                items = [DenoiseItem(cond, uncond, job.cfg_scale, seed) for seed in seeds]
+                items = [DenoiseItem(cond, uncond, job.cfg_scale, seed, nets.schedule) for seed in seeds]
                 note = speed.compile_note(pipe.unet, (len(items), job.width, job.height, False))
                 if note and on_progress:
                     on_progress(done_before, total, note)

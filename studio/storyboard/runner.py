@@ -182,7 +182,7 @@ class StoryboardRunner:
         with atomic_dir(folder) as tmp:
             for start in range(0, n, per_pass):
                 pass_seeds = seeds[start : start + per_pass]
-                items = [DenoiseItem(cond, uncond, s.cfg_scale, seed) for seed in pass_seeds]
+                items = [DenoiseItem(cond, uncond, s.cfg_scale, seed, nets.schedule) for seed in pass_seeds]
 
                 what = f"{label}, candidates {start + 1}-{start + len(items)} of {n}"
 
