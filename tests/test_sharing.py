@@ -11,7 +11,7 @@ from safetensors.torch import save, save_file
 from test_train_lora import NAME, lora_job
 from test_train_ti import home_cfg
 
-from studio.files.networks import LoraFile, LoraLayer, NetworkLibrary, save_kohya_lora
+from studio.files.networks import LoraFile, LoraLayer, NetworkLibrary, lora_card, save_kohya_lora
 from studio.generation.generate import Generator
 from studio.generation.infotext import parse_infotext
 from studio.generation.job import GenerateJob
@@ -159,3 +159,64 @@ def test_unknown_lora_lists_each_available_name_once(tmp_path):
     except UnknownNetworkError as e:
         message = str(e)
     assert "available: plusl, zeta" in message and message.count("plusl") == 1
+
+
+# --- card pictures and A1111's user metadata -------------------------------------------------------------------
+
+
+def test_card_reads_a1111_user_metadata_and_pictures_in_a1111s_order(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from studio.files.networks import preview_image, user_metadata
+    from studio.ui.networks_panel import card_picture, insert_tag, lora_insertion
+
+    path = _big_lora(tmp_path / "inkwash.safetensors", 3)
+    (tmp_path / "inkwash.json").write_text(json.dumps({
+        "description": "ink wash style", "sd version": "SD1", "activation text": "inkwash style, monochrome",
+        "preferred weight": 0.6, "notes": "works best at CFG 5"}), encoding="utf-8")
+    meta = user_metadata(path)
+    assert meta == {"description": "ink wash style", "sd version": "SD1",
+                    "activation text": "inkwash style, monochrome", "preferred weight": 0.6,
+                    "notes": "works best at CFG 5"}
+    card = {**lora_card(LoraFile("inkwash", path, {})), "path": str(path)}
+    assert card["activation text"] == "inkwash style, monochrome" and card["preferred weight"] == 0.6
+    tag, activation = lora_insertion(card, 1.0)
+    assert tag == "<lora:inkwash:0.6>"
+    assert insert_tag("a harbour", tag, activation) == "a harbour <lora:inkwash:0.6> inkwash style, monochrome"
+    assert insert_tag("a harbour <lora:inkwash:0.6>", tag, "") == "a harbour <lora:inkwash:0.6>"
+    # A1111's order: name.png before name.preview.png, png before jpg
+    assert preview_image(path) is None
+    Image.new("RGB", (8, 8), "blue").save(tmp_path / "inkwash.preview.jpg")
+    assert preview_image(path).name == "inkwash.preview.jpg"
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "inkwash.preview.png")
+    assert preview_image(path).name == "inkwash.preview.png"
+    Image.new("RGB", (8, 8), "green").save(tmp_path / "inkwash.png")
+    assert preview_image(path).name == "inkwash.png"
+    assert card_picture(preview_image(path), "inkwash").getpixel((0, 0)) == (0, 128, 0)
+    (tmp_path / "broken.json").write_text("{not json", encoding="utf-8")
+    assert user_metadata(tmp_path / "broken.safetensors") == {}
+
+
+def test_last_generated_image_becomes_the_card_picture_and_training_writes_one(tmp_path):
+    from PIL import Image
+
+    from studio.files.networks import preview_image
+    from studio.ui.networks_panel import use_last_image
+
+    cfg = home_cfg(tmp_path)
+    result = Trainer(cfg).start(lora_job(max_steps=2, save_every=100, preview_every=2))
+    assert result.state == "finished", result.message
+    lora = cfg.loras_dir / f"{NAME}.safetensors"
+    written = preview_image(lora)
+    assert written is not None and written.name == f"{NAME}.preview.png"  # the trainer's last preview
+    last_preview = sorted((result.run_dir / "previews").glob("*.png"))[-1]
+    assert Image.open(written).tobytes() == Image.open(last_preview).convert("RGB").tobytes()
+    manager = ModelManager(cfg)
+    manager.load("demo-tiny")
+    out = Generator(manager).run(GenerateJob(prompt="a red square", steps=1, width=64, height=64, seed=4),
+                                 outputs_dir=cfg.outputs_dir)
+    message = use_last_image({"name": NAME, "path": str(lora)}, cfg.outputs_dir)
+    assert NAME in message
+    assert Image.open(written).tobytes() == out.images[0].image.convert("RGB").tobytes()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import pickle
 import struct
 import threading
@@ -33,7 +34,10 @@ LORA_EXTS = (".safetensors", ".pt", ".ckpt", ".bin")
 PICKLE_EXTS = (".pt", ".ckpt", ".bin", ".pth")
 
 
-PREVIEW_SUFFIXES = (".preview.png", ".preview.jpg", ".preview.jpeg", ".preview.webp", ".png", ".jpg", ".webp")
+# A1111's search order for a card picture: NAME.png, NAME.preview.png, then the same for each other type
+PREVIEW_SUFFIXES = tuple(s for ext in ("png", "jpg", "jpeg", "webp", "gif") for s in (f".{ext}", f".preview.{ext}"))
+USER_METADATA_KEYS = ("description", "sd version", "activation text", "preferred weight", "negative text", "notes")
+MAX_USER_METADATA_BYTES = 1_000_000
 
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
@@ -353,13 +357,44 @@ def _unknown(kind: str, name: str, known: list[str], folder: Path, scan: Scan) -
 
 
 def preview_image(path: Path) -> Path | None:
-    """`name.preview.png` (A1111) or `name.png` beside the file."""
+    """The card picture beside a file, in A1111's order (`name.png`, `name.preview.png`, then jpg, webp, gif)."""
     path = Path(path)
     for suffix in PREVIEW_SUFFIXES:
         candidate = path.with_name(path.stem + suffix)
         if candidate.is_file():
             return candidate
     return None
+
+
+def save_preview(path: Path, image) -> Path:
+    """Write `image` (a PIL image) as `name.preview.png` beside the file at `path`, the picture A1111's card shows."""
+    target = Path(path).with_name(Path(path).stem + ".preview.png")
+    with atomic_path(target) as tmp:
+        image.convert("RGB").save(tmp, format="PNG")
+    return target
+
+
+def user_metadata(path: Path) -> dict:
+    """A1111's `name.json` beside a LoRA or embedding (activation text, preferred weight, notes, ...): the keys
+    A1111 writes, read as text (preferred weight as a number); {} when there is none or it is not readable."""
+    sidecar = Path(path).with_suffix(".json")
+    try:
+        if not sidecar.is_file() or sidecar.stat().st_size > MAX_USER_METADATA_BYTES:
+            return {}
+        data = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    out = {k: str(data[k]).strip() for k in USER_METADATA_KEYS if data.get(k) not in (None, "")}
+    try:
+        weight = float(data.get("preferred weight") or 0)
+        out.pop("preferred weight", None)
+        if weight and math.isfinite(weight):
+            out["preferred weight"] = weight
+    except (TypeError, ValueError):
+        out.pop("preferred weight", None)
+    return out
 
 
 def _top_tags(tag_frequency: str, n: int = 8) -> list[str]:
@@ -395,6 +430,7 @@ def lora_card(lora: LoraFile) -> dict:
         tags = _top_tags(m["ss_tag_frequency"])
         if tags:
             card["frequent tags"] = ", ".join(tags)
+    card.update(user_metadata(lora.path))
     if "rank" not in card and lora.path.suffix.lower() == ".safetensors":
         with safe_open(str(lora.path), framework="pt") as f:
             down = next((k for k in f.keys() if k.endswith(("lora_down.weight", "lora_A.weight"))), None)
@@ -409,6 +445,7 @@ def embedding_card(emb: EmbeddingFile) -> dict:
     for key in ("step", "sd_checkpoint_name", "modelspec.trigger_phrase", "studio.method"):
         if key in emb.info:
             card[key.replace("sd_checkpoint_name", "trained on")] = emb.info[key]
+    card.update(user_metadata(emb.path))
     return card
 
 

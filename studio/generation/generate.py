@@ -81,6 +81,16 @@ def output_path(outputs_dir: Path, seed: int, when: dt.datetime | None = None) -
     return folder / f"{max(numbers, default=-1) + 1:05d}-{seed}.png"
 
 
+def latest_output(outputs_dir: Path) -> Path | None:
+    """The image Generate wrote last: the highest number in the newest outputs/<YYYY-MM-DD>/ folder."""
+    days = sorted((d for d in Path(outputs_dir).glob("????-??-??") if d.is_dir()), reverse=True)
+    for day in days:
+        numbered = [p for p in day.glob("*.png") if p.name.split("-")[0].isdigit()]
+        if numbered:
+            return max(numbered, key=lambda p: int(p.name.split("-")[0]))
+    return None
+
+
 def save_png(image: Image.Image, infotext: str, path: Path) -> Path:
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=png_info(infotext))

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.nn import functional as F
 
 from studio.config import StudioConfig
+from studio.files.networks import save_preview
 from studio.generation import samplers
 from studio.generation.infotext import format_infotext
 from studio.generation.oom import free_memory
@@ -344,6 +346,7 @@ class Trainer:
                 if job.preview_every and step % job.preview_every:
                     self._preview(job, run, method, step)  # the final state, also of a stopped run
                 output = method.save(step, final=True, run_path=run.path)
+                self._card_picture(run, step, output)
                 if state == "finished":
                     message = f"finished {step} steps; saved {output.name}"
                 else:
@@ -496,6 +499,14 @@ class Trainer:
         with self.accelerator.autocast():
             return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
                         guidance_scale=7.0, width=size, height=size, latents=latents).images[0]
+
+    @staticmethod
+    def _card_picture(run: RunFolder, step: int, output: Path) -> None:
+        """The last preview becomes the output's card picture (`NAME.preview.png`, as A1111 shows it)."""
+        last = run.preview_path(step)
+        if last.is_file():
+            with Image.open(last) as im:
+                save_preview(output, im)
 
     def _preview(self, job: TrainJob, run: RunFolder, method: TrainMethod, step: int) -> Path:
         """One image from the fixed preview prompt and seed with what the method has learned so far."""
