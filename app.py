@@ -154,8 +154,17 @@ def main(argv=None) -> int:
         return 2
     for line in warnings:
         print(line, file=sys.stderr)
-    demo, launch, _ = create_app(args, network)
-    demo.launch(**launch)
+    from studio import quiet_libraries
+
+    quiet_libraries()
+    demo, launch, state = create_app(args, network)
+    host = network["server_name"]
+    shown = "127.0.0.1" if host == "0.0.0.0" else (f"[{host}]" if ":" in host else host)
+    model = state.manager.current.name if state.manager.current else "no model"
+    # Gradio's own start-up lines (and its share-link hint, which the studio's flags replace) stay quiet
+    print(f"Studio running at http://{shown}:{args.port} (model: {model}{', all interfaces' if host == '0.0.0.0' else ''})",
+          flush=True)
+    demo.launch(**launch, quiet=True)
     return 0
 
 

@@ -5,6 +5,9 @@ import sys
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from studio import quiet_libraries
     from studio.cli import main
+
+    quiet_libraries()
 
     sys.exit(main())
