@@ -103,10 +103,10 @@ def is_loopback(host: str) -> bool:
 
 def file_access(cfg) -> dict:
     """launch() keywords for the files the browser may fetch: outputs/, runs/ (training previews) and storyboards/
-    (frames, references, exports) only. Everything else (models, LoRAs, datasets, the rest of the disk) answers 403
-    to /gradio_api/file=."""
+    (frames, references, exports) only, and not outputs/surveys/ (the key to a blind survey, and its answers).
+    Everything else (models, LoRAs, datasets, the rest of the disk) answers 403 to /gradio_api/file=."""
     return {"allowed_paths": [str(cfg.outputs_dir), str(cfg.runs_dir), str(cfg.storyboards_dir)],
-            "blocked_paths": [str(cfg.models_dir), str(cfg.cache_dir)]}
+            "blocked_paths": [str(cfg.models_dir), str(cfg.cache_dir), str(cfg.outputs_dir / "surveys")]}
 
 
 def create_app(args: argparse.Namespace, network: dict):

@@ -50,31 +50,32 @@ def test_images_are_blind_and_placement_is_random_per_respondent(tmp_path):
     survey = make_survey(tmp_path, n=8)
     names = {p.name for p in (survey.folder / "images").iterdir()}
     assert len(names) == 16 and not any("base" in n or "cand" in n for n in names)
-    assert survey.start()["respondent"] != survey.start()["respondent"]  # new respondents get random ids
-    first, second = survey.start("0000aaaa"), survey.start("0000bbbb")  # ids fix the draws
+    (first, token), (second, _) = survey.start(), survey.start()
+    assert first["respondent"] != second["respondent"]  # new respondents get random ids
     assert sorted(first["order"]) == sorted(survey.pairs) and first["order"] != second["order"]
-    placements = set(first["placement"].values())
-    assert placements == {"baseline", "candidate"}  # both placements occur
+    placements = [*first["placement"].values(), *second["placement"].values()]
+    assert set(placements) == {"baseline", "candidate"}  # both placements occur (all 16 alike: p = 2^-15)
     for pair_id, role in first["placement"].items():  # A shows the baseline exactly when placement says so
         assert is_red(survey.image(pair_id, "A", first)) == (role == "baseline")
         assert is_red(survey.image(pair_id, "B", first)) == (role != "baseline")
+        assert (survey.picture(pair_id, "A", first).getpixel((0, 0)) == RED) == (role == "baseline")
     # the same respondent continues where it was
-    assert survey.start(first["respondent"])["order"] == first["order"]
-    assert len(make_survey(tmp_path / "sub", n=8, per_respondent=3).start()["order"]) == 3
+    assert survey.start(token)[0]["order"] == first["order"]
+    assert len(make_survey(tmp_path / "sub", n=8, per_respondent=3).start()[0]["order"]) == 3
 
 
 def test_answers_are_kept_per_respondent_and_the_report_counts_them(tmp_path):
     survey = make_survey(tmp_path, n=4)
-    r1, r2 = survey.start(), survey.start()
+    (r1, t1), (r2, t2) = survey.start(), survey.start()
     expected = {q: {"baseline": 0, "candidate": 0, "neither": 0} for q in ("like", "style", "prompt")}
     per_cat = {}
-    for record in (r1, r2):
+    for record, token in ((r1, t1), (r2, t2)):
         for pair_id in record["order"]:
             a_is_candidate = record["placement"][pair_id] == "candidate"
             answers = {"like": "A" if a_is_candidate else "B",  # always the candidate
                        "style": "A",  # whatever A is
                        "prompt": "neither"}
-            survey.answer(record["respondent"], pair_id, answers)
+            survey.answer(token, pair_id, answers)
             expected["like"]["candidate"] += 1
             expected["style"]["candidate" if a_is_candidate else "baseline"] += 1
             expected["prompt"]["neither"] += 1
@@ -99,14 +100,14 @@ def test_answers_are_kept_per_respondent_and_the_report_counts_them(tmp_path):
 
 def test_bad_answers_and_ids_are_refused(tmp_path):
     survey = make_survey(tmp_path, n=2)
-    record = survey.start()
+    record, token = survey.start()
     pair = record["order"][0]
     with pytest.raises(ValueError, match="missing: prompt"):
-        survey.answer(record["respondent"], pair, {"like": "A", "style": "B"})
-    with pytest.raises(ValueError, match="not a respondent id"):
+        survey.answer(token, pair, {"like": "A", "style": "B"})
+    with pytest.raises(ValueError, match="unknown respondent"):
         survey.answer("../../etc", pair, {"like": "A", "style": "B", "prompt": "A"})
     with pytest.raises(ValueError, match="not one of this respondent's pairs"):
-        survey.answer(record["respondent"], "p999", {"like": "A", "style": "B", "prompt": "A"})
+        survey.answer(token, "p999", {"like": "A", "style": "B", "prompt": "A"})
     with pytest.raises(ValueError, match="no survey named"):
         sv.open_survey(tmp_path / "surveys", "../shots")
     with pytest.raises(ValueError, match="already exists"):

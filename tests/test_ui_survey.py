@@ -33,6 +33,7 @@ def pictures(folder: Path, color, lora: str = "") -> Path:
 def shown_side(page, elem_id: str) -> str:
     """'baseline' (red) or 'candidate' (blue): what the browser really shows in #elem_id."""
     src = page.locator(f"#{elem_id} img").first.get_attribute("src")
+    assert "/surveys/" not in src  # the page gets Gradio's copy of the pixels, never a survey file
     body = page.request.get(src).body()
     return "baseline" if Image.open(io.BytesIO(body)).convert("RGB").getpixel((5, 5)) == RED else "candidate"
 
