@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--insecure-no-auth", action="store_true",
                    help="allow --listen or --share without --auth: anyone who can reach the port can use the "
                         "studio and read its outputs")
+    p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                   help="raise (or lower) one of the limits on what a request may cost, e.g. --limit "
+                        "max_prompt_chars=50000 (repeatable; names in docs/guide.md; also STUDIO_LIMIT_<NAME>)")
     p.add_argument("--share", action="store_true",
                    help="also open a public gradio.live link (off unless asked; needs --auth)")
     return p.parse_args(argv)
@@ -111,13 +114,14 @@ def file_access(cfg) -> dict:
 
 def create_app(args: argparse.Namespace, network: dict):
     """(the Blocks app, the keywords for its launch(), the AppState): everything `python app.py` serves."""
-    from studio.config import StudioConfig
+    from studio.config import StudioConfig, parse_limit_overrides
     from studio.models.checkpoints import ModelLoadError
     from studio.ui import build_ui, startup_model
     from studio.ui.state import AppState
     from studio.ui.survey_page import NAV_CSS
 
-    cfg = StudioConfig.from_env(device=args.device, precision=args.precision, compile=args.compile)
+    cfg = StudioConfig.from_env(device=args.device, precision=args.precision, compile=args.compile,
+                                limits=parse_limit_overrides(getattr(args, "limit", None)))
     if args.home:
         cfg = cfg.with_home(Path(args.home))
     state = AppState.create(cfg)
@@ -140,6 +144,8 @@ def create_app(args: argparse.Namespace, network: dict):
         **network,
         **file_access(cfg),
         "show_error": True,
+        # the largest file the engine takes (a dataset image or a storyboard reference); larger zips by path
+        "max_file_size": "200mb",
         "css": NAV_CSS,  # no navbar: the survey page is reached by its link only
     }
     return demo, launch, state
@@ -148,6 +154,9 @@ def create_app(args: argparse.Namespace, network: dict):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        from studio.config import parse_limit_overrides
+
+        parse_limit_overrides(args.limit)
         network, warnings = network_options(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

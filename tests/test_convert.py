@@ -291,3 +291,51 @@ def test_sd1_text_encoder_layout(tiny_pipe):
     assert len(orig) == len(tiny_pipe.text_encoder.state_dict())
     assert all(k.startswith("cond_stage_model.transformer.text_model.") for k in orig)
     assert "cond_stage_model.transformer.text_model.encoder.layers.2.mlp.fc2.weight" in orig
+
+
+def test_real_sdxl_architecture_key_names():
+    """SDXL base from the shipped configs, on the meta device: the SGM names, and diffusers' converter agrees."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from transformers import CLIPTextModelWithProjection
+
+    configs = Path(__file__).resolve().parent.parent / "assets" / "configs" / "sdxl"
+
+    def config(part):
+        return json.loads((configs / part / "config.json").read_text())
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(config("unet"))
+        vae = AutoencoderKL.from_config(config("vae"))
+        te1 = CLIPTextModel(CLIPTextConfig.from_dict(config("text_encoder")))
+        te2 = CLIPTextModelWithProjection(CLIPTextConfig.from_dict(config("text_encoder_2")))
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684  # the released SDXL base UNet
+    pipe = SimpleNamespace(unet=unet, vae=vae, text_encoder=te1, text_encoder_2=te2)
+    checkpoint = pipeline_to_original(pipe, "sdxl")
+    unet_keys = [k for k in checkpoint if k.startswith(UNET_PREFIX)]
+    assert len(unet_keys) == len(unet.state_dict()) == 1680
+    for key in (
+        "label_emb.0.0.weight",
+        "label_emb.0.2.bias",
+        "input_blocks.3.0.op.weight",
+        "input_blocks.7.1.transformer_blocks.9.attn2.to_k.weight",
+        "middle_block.1.transformer_blocks.9.ff.net.2.weight",
+        "output_blocks.2.2.conv.weight",
+        "output_blocks.5.2.conv.weight",
+        "output_blocks.8.0.skip_connection.weight",
+    ):
+        assert UNET_PREFIX + key in checkpoint, key
+    assert checkpoint[UNET_PREFIX + "label_emb.0.0.weight"].shape == (1280, 2816)
+    assert not any(k.startswith((UNET_PREFIX + "output_blocks.8.1", UNET_PREFIX + "output_blocks.8.2"))
+                   for k in checkpoint)
+    g = "conditioner.embedders.1.model."
+    assert checkpoint[g + "transformer.resblocks.31.attn.in_proj_weight"].shape == (3840, 1280)
+    assert checkpoint[g + "text_projection"].shape == (1280, 1280)
+    assert checkpoint[g + "positional_embedding"].shape == (77, 1280)
+    assert "conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc2.weight" in checkpoint
+    assert sfu.infer_diffusers_model_type(checkpoint) == "xl_base"
+    back = sfu.convert_ldm_unet_checkpoint(checkpoint, dict(unet.config))
+    assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in unet.state_dict().items()}
+    back = sfu.convert_open_clip_checkpoint(te2, checkpoint, prefix=g)
+    assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in te2.state_dict().items()}

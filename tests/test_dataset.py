@@ -271,13 +271,13 @@ def test_manifest_flip_copies_and_kohya_export(tmp_path):
     assert np.array_equal(flipped, np.asarray(Image.open(out / "art0.png"))[:, ::-1])
     assert (out / "art0_flip.txt").read_text() == "painting number 0"
     manifest = ds.read_manifest(out)
-    assert manifest["format"] == "studio-dataset" and manifest["name"] == "monet_style"
+    assert manifest["format"] == "studio-dataset" and manifest["name"] == "monet style"  # as typed
     assert manifest["training"]["images_per_epoch"] == 4 * 100 * 2
     assert manifest["settings"]["crop"] == "center" and manifest["sources"] == [str(folder.resolve())]
     entry = manifest["images"][0]
     assert entry["crop"]["box"] == [8, 0, 88, 80] and entry["original_size"] == [96, 80]
     kohya = ds.export_kohya(out, tmp_path / "kohya")
-    assert kohya == (tmp_path / "kohya" / "100_monet_style").resolve()
+    assert kohya == (tmp_path / "kohya" / "100_monet style").resolve()
     assert sorted(p.name for p in kohya.glob("*.txt")) == sorted(p.name for p in out.glob("*.txt"))
     assert len(list(kohya.glob("*.png"))) == 8
 

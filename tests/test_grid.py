@@ -15,7 +15,8 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
-from studio.explorer.grid import MAX_CELLS, MAX_GRID_MEGAPIXELS, AxisSpec, GridJob, GridRunner, plan_grid
+from studio.config import Limits
+from studio.explorer.grid import AxisSpec, GridJob, GridRunner, plan_grid
 from studio.explorer.grid_image import GAP, _draw_lines, legend_font
 from studio.generation.generate import Generator
 from studio.generation.infotext import parse_infotext, read_image_infotext, to_fields
@@ -340,13 +341,14 @@ def test_size_guard_gives_the_limits():
     big = GridJob(base(), x=AxisSpec.parse("Size: 2048x2048"), y=AxisSpec.parse("Seed: 1-60"))
     with pytest.raises(ValueError) as e:
         plan_grid(big)
-    assert f"the limit is {MAX_GRID_MEGAPIXELS} megapixels" in str(e.value) and "megapixels)" in str(e.value)
-    many = GridJob(base(), x=AxisSpec.parse(f"Seed: 1-{MAX_CELLS + 1}"))
-    with pytest.raises(ValueError, match=f"the grid has {MAX_CELLS + 1} cells; the limit is {MAX_CELLS}"):
+    limits = Limits()
+    assert f"the limit is {limits.max_grid_megapixels} (max_grid_megapixels)" in str(e.value)
+    many = GridJob(base(), x=AxisSpec.parse("Seed: 1-40"), y=AxisSpec.parse("Steps: 1-26"))
+    with pytest.raises(ValueError, match="the grid has 1,040 cells .*; the limit is 1,000 \\(max_grid_cells\\)"):
         plan_grid(many)
     ok = plan_grid(GridJob(base(), x=AxisSpec.parse("Size: 2048x2048"), y=AxisSpec.parse("Seed: 1-30")))
     w, h = ok.layout.size
-    assert w * h <= MAX_GRID_MEGAPIXELS * 1e6 and len(ok.cells) == 30
+    assert w * h <= limits.max_grid_megapixels * 1e6 and len(ok.cells) == 30
 
 
 def test_plan_summary_and_estimate():

@@ -157,13 +157,15 @@ def test_a_lora_or_vae_given_as_model_gets_a_useful_message(studio_cfg):
     (["model.diffusion_model.a", "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"],
      "sd1"),
     (["model.diffusion_model.a", "cond_stage_model.model.token_embedding.weight"], "sd2"),
+    (["model.diffusion_model.a", "conditioner.embedders.0.transformer.text_model.x",
+      "conditioner.embedders.1.model.token_embedding.weight"], "sdxl"),
 ])
 def test_detect_family(keys, family):
     assert detect_family({k: (1,) for k in keys}) == family
 
 
-def test_sdxl_refused_with_reason():
-    with pytest.raises(ModelLoadError, match="SDXL"):
+def test_incomplete_sdxl_refused_with_reason():
+    with pytest.raises(ModelLoadError, match="SDXL checkpoint but lacks the OpenCLIP ViT-bigG"):
         detect_family({"conditioner.embedders.0.transformer.x": (1,), "model.diffusion_model.a": (1,)})
 
 

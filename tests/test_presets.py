@@ -24,16 +24,16 @@ def test_dreamshot_preset_matches_table_5_2(studio_cfg):
 def test_save_and_reload_user_preset(studio_cfg):
     job = GenerateJob(prompt="secret prompt", sampler="Euler a", schedule="Automatic", steps=33, cfg_scale=4.5,
                       width=768, height=512)
-    path = save_preset(studio_cfg.presets_dir, "My look / v2", job)
-    assert path.parent == studio_cfg.presets_dir / "generation" and ".." not in path.name
-    preset = list_presets(studio_cfg.presets_dir)["My look / v2"]
+    path = save_preset(studio_cfg.presets_dir, "My look v2", job)
+    assert path == studio_cfg.presets_dir / "generation" / "My look v2.json"
+    preset = list_presets(studio_cfg.presets_dir)["My look v2"]
     assert "prompt" not in preset.settings
     restored = apply_preset(GenerateJob(prompt="other"), preset)
     assert (restored.sampler, restored.steps, restored.cfg_scale, restored.width) == ("Euler a", 33, 4.5, 768)
 
 
 def test_bad_presets_are_refused(studio_cfg, tmp_path):
-    with pytest.raises(ValueError, match="letters or digits"):
+    with pytest.raises(ValueError, match="preset name '../..' cannot be used"):
         save_preset(studio_cfg.presets_dir, "../..", GenerateJob(prompt="x"))
     bad = tmp_path / "bad.json"
     bad.write_text('{"name": "bad", "settings": {"sampler_name": "Euler"}}')

@@ -252,3 +252,34 @@ def test_stop_in_one_session_does_not_stop_another_sessions_generation(served, m
     mine.predict(api_name="/stop")  # this tab's own Stop ends its run at the next step
     _, seed_md, _ = job.result(timeout=120)
     assert "stopped during batch 1/1" in seed_md
+
+
+def test_the_api_gets_refusals_not_rounded_numbers_and_a_huge_prompt_is_refused_at_once(served, monkeypatch):
+    """The probes of /generate: 2.7 steps ran as 2, width 71.9 as 71, batch 1.5 as 1, steps=true as 1 step,
+    schedule=None crashed, and a 1 MB prompt held the GPU lane for 72 s. Each is now a refusal naming the field or
+    the limit, and nothing reaches the denoiser."""
+    from studio.generation import generate
+
+    url, *_ = served
+    passes = []
+    original = generate.denoise
+    monkeypatch.setattr(generate, "denoise", lambda *a, **kw: passes.append(1) or original(*a, **kw))
+    c = client(url)
+    for index, value, message in ((4, 2.7, "steps must be a whole number, got 2.7"),
+                                  (7, 71.9, "width must be a whole number, got 71.9"),
+                                  (9, 1.5, "batch size must be a whole number, got 1.5"),
+                                  (4, True, "steps must be a whole number, got True"),
+                                  (3, None, "schedule type must be text, got None"),
+                                  (6, 2.5, "seed must be a whole number, got 2.5")):
+        inputs = gen("a lighthouse", 1)
+        inputs[index] = value
+        with pytest.raises(Exception, match=message):
+            c.predict(*inputs, api_name="/generate")
+    start = time.monotonic()
+    with pytest.raises(Exception, match=r"prompt is 1,050,000 characters; the limit is 20,000 \(max_prompt_chars\)\. "
+                                        r"For a local run, raise it with STUDIO_LIMIT_MAX_PROMPT_CHARS="):
+        c.predict(*gen("a red circle, " * 75000, 1), api_name="/generate")
+    assert time.monotonic() - start < 10
+    assert passes == []
+    gallery, _, infotext = c.predict(*gen("a lighthouse", 1), api_name="/generate")  # whole values still run
+    assert len(gallery) == 1 and "Steps: 2," in infotext and passes == [1]

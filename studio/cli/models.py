@@ -19,4 +19,5 @@ def run(args) -> int:
     if micro_available(cfg.assets_dir):
         print("micro\tbuilt-in (pretrained on the micro world of shapes, assets/micro)")
     print("demo-tiny\tbuilt-in (random weights)")
+    print("demo-tiny-xl\tbuilt-in (SDXL classes, random weights)")
     return 0

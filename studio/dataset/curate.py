@@ -21,7 +21,7 @@ from studio.dataset.crop import CROP_MODES, apply_crop, plan_crop
 from studio.dataset.sources import scan_inputs
 from studio.files.atomic import atomic_dir
 from studio.files.images import SkipImage, Source, load_image
-from studio.files.names import safe_child
+from studio.files.names import check_name, safe_child
 
 ProgressFn = Callable[[int, int, str], None]
 NON_RGB_CHOICES = ("convert", "prune")
@@ -32,6 +32,10 @@ THUMB_SIDE = 256
 
 
 # --- the job ---------------------------------------------------------------------------------------
+
+
+class DatasetExistsError(ValueError):
+    """Saving would replace an earlier dataset of the same name, and the caller did not ask to replace it."""
 
 
 @dataclass
@@ -103,8 +107,8 @@ class CurateJob:
             raise ValueError(f"flip probability must be between 0 and 1, got {self.flip_p}")
         if self.repeats is not None and not 1 <= self.repeats <= 10_000:
             raise ValueError(f"repeats must be between 1 and 10000, got {self.repeats}")
-        if self.name and not _slug(self.name):
-            raise ValueError(f"dataset name {self.name!r} has no usable characters (letters, digits, - _ .)")
+        if self.name:
+            check_name(self.name, "dataset")  # refused as typed, never changed (a/b is not a-b)
 
     def settings(self) -> dict:
         """The job without its paths: what the manifest records under "settings"."""
@@ -473,8 +477,9 @@ def near_duplicate_pass(curation: Curation, scorer, threshold: float, on_progres
 # --- 5. write ------------------------------------------------------------------------------------
 
 
-def check_output(output: Path, inputs: Iterable[Path]) -> Path:
-    """Refuse an output folder that would overwrite someone's files or the inputs themselves."""
+def check_output(output: Path, inputs: Iterable[Path], replace: bool = True) -> Path:
+    """Refuse an output folder that would overwrite someone's files or the inputs themselves (or, without
+    `replace`, an earlier studio dataset)."""
     output = Path(output).expanduser().resolve()
     for raw in inputs:
         src = Path(raw).expanduser().resolve()
@@ -487,13 +492,17 @@ def check_output(output: Path, inputs: Iterable[Path]) -> Path:
         if any(output.iterdir()) and not (output / MANIFEST).is_file():
             raise ValueError(f"output folder {output} already holds files that are not a studio dataset; "
                              "choose a new or empty folder")
+        if not replace and any(output.iterdir()):
+            raise DatasetExistsError(f"a dataset named {output.name!r} already exists in {output.parent.name}/; "
+                                     "choose another name, or ask to replace it")
     return output
 
 
-def write_dataset(curation: Curation, output: Path | None = None) -> Path:
-    """Write images, .txt captions, metadata.jsonl, dataset.json and report.json in one atomic step."""
+def write_dataset(curation: Curation, output: Path | None = None, replace: bool = True) -> Path:
+    """Write images, .txt captions, metadata.jsonl, dataset.json and report.json in one atomic step; an earlier
+    studio dataset there is replaced only with `replace`."""
     job = curation.job
-    output = check_output(output or job.output or Path("dataset"), job.inputs)
+    output = check_output(output or job.output or Path("dataset"), job.inputs, replace)
     kept = curation.kept()
     if not kept:
         raise ValueError("no images to write: every file was skipped or removed (see the report)")
@@ -559,7 +568,10 @@ def build_report(curation: Curation) -> dict:
 
 
 def dataset_name(job: CurateJob, output: Path | None) -> str:
-    return _slug(job.name) or (_slug(Path(output).name) if output else "") or "dataset"
+    """The name the user gave (check_name'd, never changed), else one made from the output folder's name."""
+    if job.name:
+        return check_name(job.name, "dataset")
+    return (_slug(Path(output).name) if output else "") or "dataset"
 
 
 def export_kohya(dataset_dir: Path, parent: Path, name: str | None = None,
@@ -570,7 +582,7 @@ def export_kohya(dataset_dir: Path, parent: Path, name: str | None = None,
     if not manifest_path.is_file():
         raise ValueError(f"{dataset_dir} is not a studio dataset (no {MANIFEST})")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    name = _slug(name or manifest.get("name", "")) or "dataset"
+    name = check_name(name or manifest.get("name") or "dataset", "dataset")
     repeats = int(repeats or manifest.get("training", {}).get("repeats", 1))
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")

@@ -21,6 +21,7 @@ import yaml
 
 from studio.config import StudioConfig
 from studio.files.atomic import write_text
+from studio.files.names import check_name
 
 PE = "pe"
 METHODS = (PE, "ti", "ti-att", "ti-moe", "lora", "finetune")
@@ -127,6 +128,7 @@ class Experiment:
 
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name):
             raise ValueError(f"name must be 1-64 letters, digits, '-', '_' or '.', got {self.name!r}")
+        check_name(self.name, "experiment")  # its folder's name: not CON, aux, lpt1, nor ending with a dot
         if not isinstance(self.methods, list) or not self.methods:
             raise ValueError(f"methods must be a list, some of {', '.join(METHODS)}, got {self.methods!r}")
         bad = [m for m in self.methods if m not in METHODS]
@@ -158,6 +160,7 @@ class Experiment:
             if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,50}", s.slug):
                 raise ValueError(f"style token {s.slug!r} (style {s.name!r}) must be 1-50 lowercase letters, digits, "
                                  "'-', '_' or '.'")
+            check_name(s.slug, "style token")  # a folder name: not con, aux, lpt1, nor ending with a dot
             for what, folder in (("references", s.references), ("train_data", s.train_data)):
                 if folder and not self.path(folder).is_dir():
                     where = f" nor a dataset in {self.datasets_dir}" if self.datasets_dir else ""

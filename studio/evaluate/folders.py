@@ -17,6 +17,8 @@ from studio.evaluate import metrics as M
 METRICS = ("clip-i", "clip-t", "dino", "fid", "kid", "captions")
 DEFAULT_METRICS = ("clip-i", "clip-t")
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+MAX_IMAGE_PIXELS = 64_000_000  # larger images are skipped before decoding (possible decompression bombs)
+MAX_IMAGE_BYTES = 200_000_000
 ProgressFn = Callable[[int, int, str], None]
 
 
@@ -64,17 +66,19 @@ class EvaluateJob:
 
 
 def read_images(folder: Path) -> tuple[list[Path], list[Image.Image], dict[str, str]]:
-    """The images directly in `folder`, sorted by name, as RGB; unreadable files are skipped with the reason."""
+    """The images directly in `folder`, sorted by name, as RGB; unreadable or oversized files (header checked before
+    decoding) are skipped with the reason."""
+    from studio.files.images import SkipImage, Source, load_image
+
     paths, images, skipped = [], [], {}
     for path in sorted(Path(folder).expanduser().iterdir()):
         if not path.is_file() or path.suffix.lower() not in IMAGE_EXTS or path.name.startswith("."):
             continue
         try:
-            with Image.open(path) as im:
-                images.append(im.convert("RGB"))
+            images.append(load_image(Source(path.name, path), 1, MAX_IMAGE_PIXELS, MAX_IMAGE_BYTES).image)
             paths.append(path)
-        except (OSError, Image.DecompressionBombError, ValueError) as e:
-            skipped[path.name] = f"not a readable image: {e}"
+        except SkipImage as e:
+            skipped[path.name] = str(e)
     return paths, images, skipped
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from studio.config import LimitExceeded, Limits, whole_number
 from studio.explorer.grid_image import GridDrawing, GridLayout, draw_grid, grid_layout
 from studio.explorer.syntax import (
     AXIS_TYPES,
@@ -46,14 +47,14 @@ from studio.generation import samplers
 from studio.generation.denoise import DenoiseItem, denoise, pass_noise_is_shared
 from studio.generation.generate import GeneratedImage, Generator, build_infotext, save_png
 from studio.generation.infotext import format_infotext, parse_infotext
-from studio.generation.job import MAX_SEED, GenerateJob
+from studio.generation.job import MAX_SEED, GenerateJob, work
 from studio.generation.oom import generation_advice, run_with_advice
 from studio.generation.prompt_syntax import extract_network_tags
 from studio.models import speed
 from studio.models.manager import ModelManager
 
-MAX_CELLS = 1000
-MAX_GRID_MEGAPIXELS = 200  # A1111's default "maximum grid size" (img_max_size_mp)
+# the cells of a grid, its image size and its work are bounded by Limits (max_grid_cells, max_grid_megapixels,
+# max_work); this one bounds the memory of one denoising pass
 MAX_CELLS_PER_PASS = 64
 ProgressFn = Callable[[int, int, str], None]
 LETTERS = ("X", "Y", "Z")
@@ -99,17 +100,15 @@ class GridJob:
     def axes(self) -> list[AxisSpec]:
         return [self.x, self.y, self.z]
 
-    def validate(self) -> None:
+    def validate(self, limits: Limits | None = None) -> None:
         """Raise ValueError naming the bad value; cell values are checked when the grid is planned."""
         if not any(a.active for a in self.axes()):
             raise ValueError("choose at least one axis (X, Y or Z) with values")
-        if isinstance(self.cells_per_pass, bool) or not isinstance(self.cells_per_pass, int) \
-                or not 1 <= self.cells_per_pass <= MAX_CELLS_PER_PASS:
-            raise ValueError(f"cells per pass must be between 1 and {MAX_CELLS_PER_PASS}, got {self.cells_per_pass!r}")
+        self.cells_per_pass = whole_number("cells per pass", self.cells_per_pass, 1, MAX_CELLS_PER_PASS)
+        self.base.validate(limits)
         if self.base.batch_size != 1 or self.base.batch_count != 1:
             raise ValueError(f"a grid makes one image per cell: batch size and batch count must be 1, got "
                              f"{self.base.batch_size} and {self.base.batch_count} (cells per pass sets the batching)")
-        self.base.validate()
         kinds = [axis_type(a.type).name for a in self.axes() if a.active]
         for name in set(kinds):
             repeatable = AXIS_TYPES[name].kind in ("prompt_sr", "negative_sr", "network", "lora_weight")
@@ -205,19 +204,26 @@ def _label(axis_type_: AxisType, value_text: str) -> str:
 
 def read_axis(letter: str, spec: AxisSpec, base: GenerateJob, keep_random_seeds: bool = False,
               rng: random.Random | None = None, check_checkpoint: Callable[[str], str] | None = None,
-              check_network: Callable[[str, str], None] | None = None) -> Axis:
+              check_network: Callable[[str, str], None] | None = None, limits: Limits | None = None) -> Axis:
     """Read one axis's values against the base job (pure unless the two checks are given). Errors name the axis
-    and quote the value."""
+    and quote the value; an axis of more values than max_grid_cells is refused before its ranges are listed."""
     atype = axis_type(spec.type)
     axis = Axis(letter, spec, atype)
     if atype.kind == "nothing":
         return axis
     where = f"{letter} axis ({spec.title()})"
+    max_values = (limits or Limits.from_env()).max_grid_cells
     try:
-        values, texts = _read_values(atype, spec, base, check_checkpoint, check_network)
+        if not isinstance(spec.values, str):
+            raise AxisSyntaxError(f"the values must be text, got {spec.values!r}")
+        values, texts = _read_values(atype, spec, base, check_checkpoint, check_network, max_values)
+        if len(values) > max_values:
+            raise LimitExceeded("max_grid_cells", max_values, f"{len(values):,} values")
         if atype.kind == "lora_weight":
             axis.target = spec.target or default_lora_target(base.prompt)
             set_lora_weight(base.prompt, axis.target, 1.0)  # the tag must be in the prompt
+    except LimitExceeded as e:
+        raise LimitExceeded(e.name, e.limit, f"{where}: {e.what}") from None
     except AxisSyntaxError as e:
         raise AxisSyntaxError(f"{where}: {e}") from None
     if not values:
@@ -237,13 +243,13 @@ _EXAMPLES = {"int": "10, 20, 30", "float": "3, 7, 11", "sampler": "Euler a, DPM+
              "lora_weight": "0, 0.5, 1", "network": "inkwash, paperfold, None", "checkpoint": "demo-tiny"}
 
 
-def _read_values(atype, spec, base, check_checkpoint, check_network) -> tuple[list, list[str]]:
+def _read_values(atype, spec, base, check_checkpoint, check_network, max_values) -> tuple[list, list[str]]:
     kind, text = atype.kind, spec.values
     if kind == "int":
-        values = parse_int_values(text, atype.name.lower())
+        values = parse_int_values(text, atype.name.lower(), max_values)
         return values, [str(v) for v in values]
     if kind in ("float", "lora_weight"):
-        values = parse_float_values(text, "weight" if kind == "lora_weight" else atype.name)
+        values = parse_float_values(text, "weight" if kind == "lora_weight" else atype.name, max_values)
         return values, [_number(v) for v in values]
     raw = split_values(text)
     if kind == "sampler":
@@ -286,7 +292,15 @@ def _read_values(atype, spec, base, check_checkpoint, check_network) -> tuple[li
     raise AxisSyntaxError(f"axis type {atype.name!r} has no reader")  # a new AxisType without a reader
 
 
-def _apply(axis: Axis, value, job: GenerateJob, cell: dict) -> None:
+def _check_sr_length(search: str, replacement: str, texts: dict[str, str], limits: Limits) -> None:
+    """Refuse a Prompt S/R value that would make a prompt longer than max_prompt_chars, before it is made."""
+    for label, text in texts.items():
+        length = len(text) + text.count(search) * (len(replacement) - len(search))
+        limits.check("max_prompt_chars", length, f"Prompt S/R value {replacement[:40]!r} makes the {label} "
+                                                 f"{length:,} characters")
+
+
+def _apply(axis: Axis, value, job: GenerateJob, cell: dict, limits: Limits | None = None) -> None:
     """Set one axis value on a cell's job (A1111 applies X, then Y, then Z)."""
     kind = axis.type.kind
     if kind == "nothing":
@@ -306,6 +320,10 @@ def _apply(axis: Axis, value, job: GenerateJob, cell: dict) -> None:
     elif kind == "size":
         job.width, job.height = value
     elif kind in ("prompt_sr", "negative_sr"):
+        texts = {"negative prompt": job.negative_prompt}
+        if kind == "prompt_sr":
+            texts["prompt"] = job.prompt
+        _check_sr_length(axis.values[0], value, texts, limits or Limits.from_env())
         job.prompt, job.negative_prompt = apply_prompt_sr(axis.values[0], value, job.prompt, job.negative_prompt,
                                                           negative_only=kind == "negative_sr")
     elif kind == "lora_weight":
@@ -344,17 +362,19 @@ def plan_groups(cells: list[GridCell], cells_per_pass: int) -> list[GridGroup]:
 
 
 def plan_grid(job: GridJob, rng: random.Random | None = None, check_checkpoint: Callable[[str], str] | None = None,
-              check_network: Callable[[str, str], None] | None = None) -> GridPlan:
+              check_network: Callable[[str, str], None] | None = None, limits: Limits | None = None) -> GridPlan:
     """Validate the job, read the axes, make every cell's GenerateJob, group the cells into passes and lay out
-    the grid image. Errors name the axis and quote the value; nothing has run yet."""
+    the grid image. Errors name the axis and quote the value; nothing has run yet. `limits` (default:
+    Limits.from_env()) bounds the cells, each cell's prompts, the grid image and the work."""
     # 1. validate the job and read the axes
-    job.validate()
+    limits = limits or Limits.from_env()
+    job.validate(limits)
     rng = rng or random.Random()
-    axes = [read_axis(letter, spec, job.base, job.keep_random_seeds, rng, check_checkpoint, check_network)
+    axes = [read_axis(letter, spec, job.base, job.keep_random_seeds, rng, check_checkpoint, check_network, limits)
             for letter, spec in zip(LETTERS, job.axes(), strict=True)]
     n_cells = len(axes[0].values) * len(axes[1].values) * len(axes[2].values)
-    if n_cells > MAX_CELLS:
-        raise ValueError(f"the grid has {n_cells} cells; the limit is {MAX_CELLS} (use fewer values)")
+    shape = " × ".join(str(len(a.values)) for a in axes if a.active)
+    limits.check("max_grid_cells", n_cells, f"the grid has {n_cells:,} cells ({shape}; use fewer values)")
     # 2. one GenerateJob per cell; seeds: -1 is one random seed for all cells, or one per cell with keep -1
     shared_seed = rng.randint(0, MAX_SEED) if job.base.seed == -1 and not job.keep_random_seeds else job.base.seed
     cells: list[GridCell] = []
@@ -364,26 +384,36 @@ def plan_grid(job: GridJob, rng: random.Random | None = None, check_checkpoint: 
                 cell_job = replace(job.base, seed=shared_seed)
                 extra = {"checkpoint": job.checkpoint}
                 pos = (ix, iy, iz)
-                for axis, value in zip(axes, (x, y, z), strict=True):
-                    _apply(axis, value, cell_job, extra)
-                if cell_job.seed == -1:
-                    cell_job.seed = rng.randint(0, MAX_SEED)
                 labels = tuple(a.labels[i] for a, i in zip(axes, pos, strict=True))
                 try:
-                    cell_job.validate()
+                    for axis, value in zip(axes, (x, y, z), strict=True):
+                        _apply(axis, value, cell_job, extra, limits)
+                    if cell_job.seed == -1:
+                        cell_job.seed = rng.randint(0, MAX_SEED)
+                    cell_job.validate(limits)
+                except LimitExceeded as e:
+                    raise LimitExceeded(e.name, e.limit, f"cell {_where(axes, labels)}: {e.what}") from None
                 except ValueError as e:
-                    where = ", ".join(f"{a.letter} {lab!r}" for a, lab in zip(axes, labels, strict=True) if a.active)
-                    raise ValueError(f"cell {where}: {e}") from None
+                    raise ValueError(f"cell {_where(axes, labels)}: {e}") from None
                 cells.append(GridCell(len(cells), pos, cell_job, extra["checkpoint"], labels))
+    total = sum(work(1, c.job.steps, c.job.width, c.job.height) for c in cells)
+    limits.check("max_work", total, f"the grid's {len(cells):,} cells are {total:,.0f} step-megapixels of work "
+                                    "(steps x width x height / 1e6, summed)")
     # 3. groups and passes
     groups = plan_groups(cells, job.cells_per_pass)
     # 4. the size guard: the grid image must stay drawable
     layout = layout_for(axes, cells)
     w, h = layout.size
-    if w * h > MAX_GRID_MEGAPIXELS * 1_000_000:
-        raise ValueError(f"the grid image would be {w}×{h} px ({w * h / 1e6:.0f} megapixels); the limit is "
-                         f"{MAX_GRID_MEGAPIXELS} megapixels (use fewer values or a smaller size)")
+    limits.check("max_grid_megapixels", w * h / 1e6, f"the grid image would be {w}×{h} px ({w * h / 1e6:,.0f} "
+                                                     "megapixels; use fewer values or a smaller size)")
     return GridPlan(job, axes, cells, groups, layout)
+
+
+def _where(axes: list[Axis], labels: tuple[str, str, str]) -> str:
+    def short(label: str) -> str:
+        return label if len(label) <= 60 else f"{label[:40]}... ({len(label):,} characters)"
+
+    return ", ".join(f"{a.letter} {short(lab)!r}" for a, lab in zip(axes, labels, strict=True) if a.active)
 
 
 def layout_for(axes: list[Axis], cells: list[GridCell]) -> GridLayout:
@@ -454,7 +484,23 @@ class GridRunner:
             raise ValueError(f"no embedding {name!r} in {lib.embeddings_dir} (found: {known})")
 
     def plan(self, job: GridJob, rng: random.Random | None = None) -> GridPlan:
-        return plan_grid(job, rng, self._check_checkpoint, self._check_network)
+        return plan_grid(job, rng, self._check_checkpoint, self._check_network, self.manager.cfg.limits)
+
+    def check_chunks(self, plan: GridPlan) -> None:
+        """Every cell's prompts within max_prompt_chunks, counted with the loaded model's tokenizer before any
+        cell runs (a long prompt in the last group fails now, not after the others)."""
+        with self.manager.lock:
+            model = self.manager.current
+            seen = set()
+            for cell in plan.cells:
+                key = _encoding_key(cell.job)
+                if key in seen:
+                    continue
+                seen.add(key)
+                try:
+                    self.generator.check_chunks(cell.job, model)
+                except LimitExceeded as e:
+                    raise LimitExceeded(e.name, e.limit, f"cell {_where(plan.axes, cell.labels)}: {e.what}") from None
 
     def estimate(self, plan: GridPlan) -> float | None:
         model = self.manager.current
@@ -481,6 +527,7 @@ class GridRunner:
         plan = job if isinstance(job, GridPlan) else self.plan(job)
         if self.manager.current is None:
             raise RuntimeError("no model is loaded; load one first")
+        self.check_chunks(plan)
         if grid_path is None and outputs_dir is not None:
             with self._path_lock:
                 grid_path = next_grid_path(outputs_dir)

@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from studio.config import LimitExceeded
 from studio.generation.prompt_syntax import NETWORK_TAG_RE, extract_network_tags, format_lora_tag
 
 MAX_SEED = 2**32 - 1
@@ -97,7 +98,8 @@ _INT_STEP_RE = re.compile(rf"\s*{_INT}\s*-\s*{_INT}(?:\s*\(\s*{_INT}\s*\))?\s*")
 _INT_COUNT_RE = re.compile(rf"\s*{_INT}\s*-\s*{_INT}\s*\[\s*(\d+)\s*\]\s*")
 _FLOAT_STEP_RE = re.compile(rf"\s*{_FLOAT}\s*-\s*{_FLOAT}(?:\s*\(\s*{_FLOAT}\s*\))?\s*")
 _FLOAT_COUNT_RE = re.compile(rf"\s*{_FLOAT}\s*-\s*{_FLOAT}\s*\[\s*(\d+)\s*\]\s*")
-_PLAIN_FLOAT_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+# possessive: `\d+\.?\d*` would try every split of a long digit run (quadratic)
+_PLAIN_FLOAT_RE = re.compile(r"[+-]?(?:\d++(?:\.\d*+)?|\.\d++)(?:[eE][+-]?\d++)?")
 
 
 def _num(text: str, kind: type):
@@ -121,8 +123,16 @@ def _linspace(start: float, end: float, n: int) -> list[float]:
     return [start + (end - start) * i / (n - 1) for i in range(n)]
 
 
-def parse_int_values(text: str, label: str = "value") -> list[int]:
-    """Whole numbers: `1, 5`, `1-5` (1..5), `1-5 (+2)` (1,3,5), `5-1 (-2)` (5,3,1), `10-30 [5]` (5 values)."""
+def _room(value: str, had: int, more: int, max_values: int | None) -> None:
+    """Refuse a value list growing past `max_values` (the grid's cell limit) before the values are made."""
+    if max_values is not None and had + more > max_values:
+        raise LimitExceeded("max_grid_cells", max_values, f"the values up to {value[:40]!r} are {had + more:,} "
+                            "values (an axis cannot have more values than the grid has cells)")
+
+
+def parse_int_values(text: str, label: str = "value", max_values: int | None = None) -> list[int]:
+    """Whole numbers: `1, 5`, `1-5` (1..5), `1-5 (+2)` (1,3,5), `5-1 (-2)` (5,3,1), `10-30 [5]` (5 values).
+    More than `max_values` values is refused before a range is listed."""
     out: list[int] = []
     for value in split_values(text):
         if m := _INT_STEP_RE.fullmatch(value):
@@ -130,12 +140,14 @@ def parse_int_values(text: str, label: str = "value") -> list[int]:
             step = _num(m[3], int) if m[3] else 1
             if step == 0:
                 raise AxisSyntaxError(f"the step of {value!r} is 0; use e.g. '1-5 (+2)'")
-            values = list(range(start, end + (1 if step > 0 else -1), step))
+            values = range(start, end + (1 if step > 0 else -1), step)
             if not values:
                 raise _empty_range(value, start, end, step)
+            _room(value, len(out), len(values), max_values)
             out += values
         elif m := _INT_COUNT_RE.fullmatch(value):
             start, end, n = _num(m[1], int), _num(m[2], int), _count(value, int(m[3]))
+            _room(value, len(out), n, max_values)
             out += [int(v) for v in _linspace(start, end, n)]  # int() truncates, as A1111's does
         else:
             try:
@@ -143,6 +155,7 @@ def parse_int_values(text: str, label: str = "value") -> list[int]:
             except ValueError:
                 raise AxisSyntaxError(f"{label} {value!r} is not a whole number or a range "
                                       "(write e.g. '7', '1-5', '1-5 (+2)' or '10-30 [5]')") from None
+            _room(value, len(out), 0, max_values)
     return out
 
 
@@ -151,8 +164,9 @@ def _clean_float(x: float) -> float:
     return float(round(x, 10))
 
 
-def parse_float_values(text: str, label: str = "value") -> list[float]:
-    """Numbers: `3, 7.5`, `0.5-1.5 (+0.25)` (end included), `3-11 [5]` (5 evenly spaced values)."""
+def parse_float_values(text: str, label: str = "value", max_values: int | None = None) -> list[float]:
+    """Numbers: `3, 7.5`, `0.5-1.5 (+0.25)` (end included), `3-11 [5]` (5 evenly spaced values). More than
+    `max_values` values is refused before a range is listed."""
     out: list[float] = []
     for value in split_values(text):
         if m := _FLOAT_STEP_RE.fullmatch(value):
@@ -163,11 +177,14 @@ def parse_float_values(text: str, label: str = "value") -> list[float]:
             n = math.floor((end - start) / step + 1e-9) + 1
             if n < 1:
                 raise _empty_range(value, start, end, step)
+            _room(value, len(out), n, max_values)
             out += [_clean_float(start + i * step) for i in range(n)]
         elif m := _FLOAT_COUNT_RE.fullmatch(value):
             start, end, n = _num(m[1], float), _num(m[2], float), _count(value, int(m[3]))
+            _room(value, len(out), n, max_values)
             out += [_clean_float(v) for v in _linspace(start, end, n)]
         elif _PLAIN_FLOAT_RE.fullmatch(value.replace(" ", "")):
+            _room(value, len(out), 1, max_values)
             out.append(_num(value, float))
         else:
             raise AxisSyntaxError(f"{label} {value!r} is not a number or a range "

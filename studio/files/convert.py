@@ -1,5 +1,5 @@
-"""Save a StableDiffusionPipeline as a diffusers folder, or as one .safetensors file in the original
-CompVis/LDM key layout (what AUTOMATIC1111 and diffusers' `from_single_file` read), for SD 1.x and 2.x."""
+"""Save a Stable Diffusion pipeline as a diffusers folder, or as one .safetensors file in the original key layout
+(what AUTOMATIC1111, ComfyUI and diffusers' `from_single_file` read): CompVis/LDM for SD 1.x and 2.x, SGM for SDXL."""
 
 from __future__ import annotations
 
@@ -15,11 +15,15 @@ from safetensors.torch import save_file
 
 from studio.files.atomic import atomic_dir, atomic_path
 
-FAMILIES = ("sd1", "sd2")
+FAMILIES = ("sd1", "sd2", "sdxl")
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer.text_model."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
+# SDXL (SGM): OpenAI CLIP ViT-L as in SD 1.x, OpenCLIP ViT-bigG (with its text projection) as in SD 2.x
+XL_TEXT_PREFIXES = ("conditioner.embedders.0.transformer.text_model.", "conditioner.embedders.1.model.")
+# ComfyUI's markers of a v-prediction / zero-terminal-SNR SDXL file: empty tensors under these names
+XL_MARKERS = ("v_pred", "ztsnr")
 # the metadata key holding the diffusers configs, so files whose shapes are not a standard SD can be rebuilt
 CONFIG_METADATA_KEY = "studio.diffusers_config"
 
@@ -138,6 +142,9 @@ def _unet_prefix_map(keys: list[str], config: Mapping) -> PrefixMap:
         "conv_norm_out": ("out.0", None),
         "conv_out": ("out.2", None),
     }
+    if config.get("addition_embed_type") == "text_time":  # SDXL: the size-and-pooled-text embedding
+        m["add_embedding.linear_1"] = ("label_emb.0.0", None)
+        m["add_embedding.linear_2"] = ("label_emb.0.2", None)
     # input_blocks is one flat list: each resnet(+attention) layer, then the level's downsampler as a block of its own
     idx = 0
     for b in range(n):
@@ -213,22 +220,21 @@ def vae_to_original(vae_state_dict: dict, vae_config: dict) -> dict:
     return out
 
 
-def _sd1_text_encoder(state_dict: Mapping[str, torch.Tensor]) -> dict:
+def _clip_text_encoder(state_dict: Mapping[str, torch.Tensor], prefix: str, what: str) -> dict:
+    """OpenAI CLIP: the transformers names under `prefix`."""
     out, unmapped = {}, []
     for key, tensor in state_dict.items():
         if key.startswith(("embeddings.", "encoder.layers.", "final_layer_norm.")):
-            out[SD1_TEXT_PREFIX + key] = tensor
+            out[prefix + key] = tensor
         else:
             unmapped.append(key)
     if unmapped:
-        raise ValueError(
-            f"text encoder (sd1): {len(unmapped)} weight(s) have no original key, e.g. {unmapped[:5]}"
-        )
+        raise ValueError(f"text encoder ({what}): {len(unmapped)} weight(s) have no original key, e.g. {unmapped[:5]}")
     return out
 
 
-def _sd2_text_encoder(state_dict: Mapping[str, torch.Tensor]) -> dict:
-    p = SD2_TEXT_PREFIX
+def _open_clip_text_encoder(state_dict: Mapping[str, torch.Tensor], p: str, what: str) -> dict:
+    """OpenCLIP under `p`: fused in_proj, bare positional_embedding, ln_final, text_projection as x @ P."""
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     unmapped = []
@@ -254,9 +260,7 @@ def _sd2_text_encoder(state_dict: Mapping[str, torch.Tensor]) -> dict:
         else:
             unmapped.append(key)
     if unmapped:
-        raise ValueError(
-            f"text encoder (sd2): {len(unmapped)} weight(s) have no original key, e.g. {unmapped[:5]}"
-        )
+        raise ValueError(f"text encoder ({what}): {len(unmapped)} weight(s) have no original key, e.g. {unmapped[:5]}")
     for (layer, kind), parts in sorted(qkv.items()):
         if set(parts) != {"q", "k", "v"}:
             raise ValueError(
@@ -266,6 +270,12 @@ def _sd2_text_encoder(state_dict: Mapping[str, torch.Tensor]) -> dict:
         out[f"{p}transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat(
             [parts["q"], parts["k"], parts["v"]], dim=0
         )
+    return out
+
+
+def _sd2_text_encoder(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    p = SD2_TEXT_PREFIX
+    out = _open_clip_text_encoder(state_dict, p, "sd2")
     token = out.get(p + "token_embedding.weight")
     if p + "text_projection" not in out and token is not None:
         # CLIPTextModel has no projection, yet real SD 2.x files carry one and some loaders expect the key.
@@ -273,7 +283,8 @@ def _sd2_text_encoder(state_dict: Mapping[str, torch.Tensor]) -> dict:
         # its first dimension as the width for splitting in_proj, so it must be hidden x hidden: an identity is.
         width = token.shape[1]
         out[p + "text_projection"] = torch.eye(width, dtype=token.dtype, device=token.device)
-    if qkv and max(layer for layer, _ in qkv) >= 23:
+    layers = {int(k.split(".")[4]) for k in out if k.startswith(p + "transformer.resblocks.")}
+    if layers and max(layers) >= 23:
         warnings.warn(
             "text encoder has 24+ layers: diffusers' single-file loader skips resblocks.23 (real SD 2.x files have "
             "24 layers and run 23) and AUTOMATIC1111 stops at the penultimate layer, so the last layer is unused",
@@ -282,12 +293,25 @@ def _sd2_text_encoder(state_dict: Mapping[str, torch.Tensor]) -> dict:
     return out
 
 
-def text_encoder_to_original(te_state_dict: dict, family: str) -> dict:
-    """CLIPTextModel weights -> full original keys ("cond_stage_model...."): OpenAI CLIP for sd1, OpenCLIP for sd2."""
+def text_encoder_to_original(te_state_dict: dict, family: str, index: int = 0) -> dict:
+    """Text encoder weights -> full original keys: OpenAI CLIP (sd1, sdxl index 0), OpenCLIP (sd2, sdxl index 1)."""
     _check_family(family)
-    # transformers < 5.6 nested CLIPTextModel's weights under "text_model."; newer ones do not
+    if index not in ((0, 1) if family == "sdxl" else (0,)):
+        raise ValueError(f"{family} has no text encoder number {index}")
+    # transformers < 5.6 nested CLIPTextModel's weights under "text_model."; newer ones do not (but still nest
+    # CLIPTextModelWithProjection's, beside its text_projection)
     state_dict = {k.removeprefix("text_model."): v for k, v in te_state_dict.items()}
-    return _sd1_text_encoder(state_dict) if family == "sd1" else _sd2_text_encoder(state_dict)
+    if family == "sd1":
+        return _clip_text_encoder(state_dict, SD1_TEXT_PREFIX, "sd1")
+    if family == "sd2":
+        return _sd2_text_encoder(state_dict)
+    if index == 0:
+        return _clip_text_encoder(state_dict, XL_TEXT_PREFIXES[0], "sdxl, CLIP ViT-L")
+    out = _open_clip_text_encoder(state_dict, XL_TEXT_PREFIXES[1], "sdxl, OpenCLIP ViT-bigG")
+    if XL_TEXT_PREFIXES[1] + "text_projection" not in out:
+        raise ValueError("text encoder 2 (sdxl) has no text_projection: SDXL's second encoder is a "
+                         "CLIPTextModelWithProjection, whose pooled output conditions the UNet")
+    return out
 
 
 def _family_of_text_encoder(text_encoder) -> str | None:
@@ -296,7 +320,9 @@ def _family_of_text_encoder(text_encoder) -> str | None:
 
 
 def family_of(pipe) -> str:
-    """ "sd1" for an OpenAI CLIP text encoder (quick_gelu), "sd2" for OpenCLIP (gelu)."""
+    """ "sdxl" for a pipeline with two text encoders, else "sd1" (OpenAI CLIP, quick_gelu) or "sd2" (OpenCLIP, gelu)."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return "sdxl"
     family = _family_of_text_encoder(pipe.text_encoder)
     if family is None:
         act = getattr(pipe.text_encoder.config, "hidden_act", None)
@@ -314,19 +340,23 @@ def _unwrap(model):
 def pipeline_to_original(pipe, family: str) -> dict[str, torch.Tensor]:
     """The whole pipeline as one original-layout checkpoint (UNet, VAE, text encoder), contiguous tensors."""
     _check_family(family)
-    detected = _family_of_text_encoder(pipe.text_encoder)
+    has_second = getattr(pipe, "text_encoder_2", None) is not None
+    detected = "sdxl" if has_second else _family_of_text_encoder(pipe.text_encoder)
     if detected is not None and detected != family:
         # the other layout would make AUTOMATIC1111 and diffusers build the wrong text encoder
         raise ValueError(
             f"family {family!r} does not match the pipeline's text encoder, which is {detected!r} "
-            f"(hidden_act={pipe.text_encoder.config.hidden_act!r})"
+            f"(hidden_act={pipe.text_encoder.config.hidden_act!r}, "
+            f"{'two text encoders' if has_second else 'one text encoder'})"
         )
-    unet, vae, text_encoder = _unwrap(pipe.unet), _unwrap(pipe.vae), _unwrap(pipe.text_encoder)
-    parts = (
+    if family == "sdxl" and not has_second:
+        raise ValueError("family 'sdxl' needs a pipeline with text_encoder_2 (StableDiffusionXLPipeline)")
+    unet, vae = _unwrap(pipe.unet), _unwrap(pipe.vae)
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
+    parts = [
         (UNET_PREFIX, unet_to_original(unet.state_dict(), dict(unet.config))),
         (VAE_PREFIX, vae_to_original(vae.state_dict(), dict(vae.config))),
-        ("", text_encoder_to_original(text_encoder.state_dict(), family)),
-    )
+    ] + [("", text_encoder_to_original(_unwrap(te).state_dict(), family, i)) for i, te in enumerate(encoders)]
     return {prefix + key: t.detach().contiguous() for prefix, part in parts for key, t in part.items()}
 
 
@@ -352,18 +382,21 @@ def _jsonable(value):
 
 def diffusers_config(pipe) -> dict:
     """The configs needed to rebuild the pipeline's models from an original-layout file."""
-    return _jsonable(
-        {
-            "unet": dict(_unwrap(pipe.unet).config),
-            "vae": dict(_unwrap(pipe.vae).config),
-            "text_encoder": _unwrap(pipe.text_encoder).config.to_dict(),
-            "scheduler": dict(pipe.scheduler.config),
-        }
-    )
+    configs = {
+        "unet": dict(_unwrap(pipe.unet).config),
+        "vae": dict(_unwrap(pipe.vae).config),
+        "text_encoder": _unwrap(pipe.text_encoder).config.to_dict(),
+        "scheduler": {"_class_name": type(pipe.scheduler).__name__, **pipe.scheduler.config},
+    }
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        configs["text_encoder_2"] = _unwrap(pipe.text_encoder_2).config.to_dict()
+    return _jsonable(configs)
 
 
 def modelspec_architecture(family: str, prediction_type: str | None = None) -> str:
     _check_family(family)
+    if family == "sdxl":
+        return "stable-diffusion-xl-v1-base"  # v-prediction goes in modelspec.prediction_type
     if family == "sd1":
         return "stable-diffusion-v1"
     return "stable-diffusion-v2-768-v" if prediction_type == "v_prediction" else "stable-diffusion-v2-512"
@@ -388,15 +421,20 @@ def save_single_file(
             tensor = tensor.to(dtype)
         tensors[key] = tensor.to("cpu").contiguous()
 
+    prediction = pipe.scheduler.config.get("prediction_type")
     header = {
         "format": "pt",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": modelspec_architecture(
-            family, pipe.scheduler.config.get("prediction_type")
-        ),
+        "modelspec.architecture": modelspec_architecture(family, prediction),
         "modelspec.title": path.stem,
         CONFIG_METADATA_KEY: json.dumps(diffusers_config(pipe)),
     }
+    if family == "sdxl":
+        header["modelspec.prediction_type"] = "v" if prediction == "v_prediction" else "epsilon"
+        marked = (prediction == "v_prediction", bool(pipe.scheduler.config.get("rescale_betas_zero_snr")))
+        for marker, on in zip(XL_MARKERS, marked, strict=True):
+            if on:
+                tensors[marker] = torch.zeros(0, dtype=dtype or torch.float32)
     header.update(extra)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=header)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import threading
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +21,8 @@ IMAGE_FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "BMP", "DIB", "TIFF", "GIF")
 GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
 _MODE_NAMES = {"P": "palette", "L": "grayscale", "1": "black-and-white", "YCbCr": "YCbCr", "LAB": "Lab",
                "HSV": "HSV"}
+DECODE_SLOTS = 2  # user images decoded at once in this process, whoever asks (parallel uploads wait their turn)
+_decoding = threading.BoundedSemaphore(DECODE_SLOTS)
 
 
 class SkipImage(Exception):
@@ -39,9 +44,25 @@ class Source:
         """The file's bytes, never more than `limit` + 1 (the caller refuses a larger file)."""
         if self.member is None:
             with open(self.path, "rb") as f:
-                return f.read(limit + 1)
+                return read_bounded(f, limit)
         with zipfile.ZipFile(self.path) as z, z.open(self.member) as f:
-            return f.read(limit + 1)
+            return read_bounded(f, limit)
+
+    def size(self) -> int | None:
+        """The file's size in bytes, read from the folder (None for a zip member: `read` is bounded anyway)."""
+        return os.stat(self.path).st_size if self.member is None else None
+
+
+def read_bounded(f, limit: int) -> bytes:
+    """At most `limit` + 1 bytes of `f`, in 1 MB pieces (`f.read(limit + 1)` would allocate all of `limit` at once)."""
+    chunks, total = [], 0
+    while total <= limit:
+        chunk = f.read(min(1 << 20, limit + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
 @dataclass
@@ -56,24 +77,48 @@ class Decoded:
     notes: list[str] = field(default_factory=list)
 
 
-def load_image(source: Source, min_side: int, max_pixels: int, max_bytes: int,
-               prune_gray: bool = False) -> Decoded:
-    """Decode `source` into an upright RGB image. Raises SkipImage with the reason for anything unusable."""
+@contextmanager
+def decode_slot():
+    """Hold one of the DECODE_SLOTS while decoding or converting a user image: bounds the memory of parallel uploads."""
+    with _decoding:
+        yield
+
+
+def open_checked(source: Source | str | os.PathLike, max_pixels: int, max_bytes: int) -> Image.Image:
+    """The image decoded (its own mode, text chunks read) once its header passed: size on disk, format, pixel count.
+    Raises SkipImage with the reason; nothing refused is decoded."""
+    with decode_slot():
+        return _decode(source, max_pixels, max_bytes)[0]
+
+
+def _decode(source: Source | str | os.PathLike, max_pixels: int,
+            max_bytes: int) -> tuple[Image.Image, bytes, list[str], bool]:
+    """(decoded image, the file's bytes, notes, 16-bit?); the caller holds a decode slot."""
+    if not isinstance(source, Source):
+        source = Source(Path(source).name, Path(source))
+    try:
+        size = source.size()
+    except OSError as e:
+        raise SkipImage(f"cannot read the file: {e.strerror or type(e).__name__}") from e
+    if size is not None and size > max_bytes:
+        raise SkipImage(f"file of {size / 1e6:.0f} MB, larger than the {max_bytes / 1e6:.0f} MB limit: not read")
     try:
         data = source.read(max_bytes)
     except (OSError, zipfile.BadZipFile, RuntimeError) as e:  # RuntimeError: an encrypted zip member
-        raise SkipImage(f"cannot read the file: {e}") from e
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise SkipImage(f"cannot read the file: {reason}") from e
     if not data:
         raise SkipImage("empty file (0 bytes)")
     if len(data) > max_bytes:
         raise SkipImage(f"file larger than {max_bytes / 1e6:.0f} MB: not read")
     notes: list[str] = []
     with warnings.catch_warnings():
-        # PIL only warns between its own limit and twice that; every bomb must stop here
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # PIL only warns between its own limit and twice that: `max_pixels` below decides, with the image's size
+        # in the message (above twice PIL's limit, open itself refuses)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             im = Image.open(io.BytesIO(data))
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        except Image.DecompressionBombError as e:
             raise SkipImage(f"oversized (decompression bomb), refused before decoding: {e}") from e
         except UnidentifiedImageError as e:
             raise SkipImage("not a readable image (corrupt, or not the format its name says)") from e
@@ -93,15 +138,23 @@ def load_image(source: Source, min_side: int, max_pixels: int, max_bytes: int,
             im.load()
         except Exception as e:  # truncated data raises OSError, broken codecs other types
             raise SkipImage(f"truncated or damaged image data: {e}") from e
-    mode = im.mode
-    orientation = im.getexif().get(0x0112, 1)
-    if orientation not in (1, None):
-        im = ImageOps.exif_transpose(im)
-        notes.append(f"EXIF orientation {orientation} applied")
-    if min(im.size) < min_side:
-        raise SkipImage(f"too small: {im.width}x{im.height}, shorter side below the minimum of {min_side} px")
-    rgb = to_rgb(im, notes, prune_gray=prune_gray, deep=deep)
-    pixel_hash = hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
+    return im, data, notes, deep
+
+
+def load_image(source: Source, min_side: int, max_pixels: int, max_bytes: int,
+               prune_gray: bool = False) -> Decoded:
+    """Decode `source` into an upright RGB image. Raises SkipImage with the reason for anything unusable."""
+    with decode_slot():
+        im, data, notes, deep = _decode(source, max_pixels, max_bytes)
+        mode = im.mode
+        orientation = im.getexif().get(0x0112, 1)
+        if orientation not in (1, None):
+            im = ImageOps.exif_transpose(im)
+            notes.append(f"EXIF orientation {orientation} applied")
+        if min(im.size) < min_side:
+            raise SkipImage(f"too small: {im.width}x{im.height}, shorter side below the minimum of {min_side} px")
+        rgb = to_rgb(im, notes, prune_gray=prune_gray, deep=deep)
+        pixel_hash = hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
     return Decoded(rgb, hashlib.sha256(data).hexdigest(), pixel_hash, mode, rgb.size, notes)
 
 

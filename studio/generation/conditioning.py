@@ -235,6 +235,10 @@ class PromptEncoder:
                 position += len(ids)
         return packer.finish(), used
 
+    def count_chunks(self, text: str) -> int:
+        """How many 75-token chunks `text` takes (BREAKs and embeddings included): the tokenizer only."""
+        return len(self._pack(text)[0])
+
     def _chunk_ids(self, chunk: _Chunk) -> list[int]:
         pad = [self.tokenizer.pad_token_id] * (CHUNK_LENGTH - len(chunk.tokens))
         return [self.tokenizer.bos_token_id, *chunk.tokens, self.tokenizer.eos_token_id, *pad]

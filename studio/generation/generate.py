@@ -24,6 +24,7 @@ from studio.generation.oom import generation_advice, run_with_advice
 from studio.generation.prompt_schedule import merge_schedules, prompt_schedule
 from studio.generation.prompt_syntax import extract_network_tags
 from studio.models import speed
+from studio.models.checkpoints import require_family
 from studio.models.manager import LoadedModel, ModelManager
 
 ProgressFn = Callable[[int, int, str], None]
@@ -147,13 +148,11 @@ class Generator:
     def encode(self, job: GenerateJob, model: LoadedModel) -> tuple[torch.Tensor, torch.Tensor, PromptNetworks]:
         """Apply the job's LoRAs to the model and encode its prompts the A1111 way (weights, long prompts,
         embeddings). Call with the manager's lock held."""
-        pipe = model.pipe
-        nets = resolve_networks(job, self.networks, pipe.text_encoder.config.hidden_size)
+        require_family(model, ("sd1", "sd2"), "generating")  # SDXL generation: the next step of issue 21
+        nets, spans = self._prompts(job, model)  # the chunk limit is checked here, before any model work
         model.loras().apply(nets.loras)  # before encoding: a LoRA may change the text encoder
         nets.notes += model.loras().unmatched_notes(nets.loras)
         encoder = self.prompt_encoder(model, nets.embeddings, job.clip_skip)
-        # A1111's prompt editing and alternation: the conditioning at each step ([from:to:when], [a|b])
-        spans = merge_schedules(prompt_schedule(nets.prompt, job.steps), prompt_schedule(nets.negative_prompt, job.steps))
         if len(spans) == 1:  # nothing switches (`[a:b:0]` is b throughout)
             cond, uncond, used = encoder.encode_pair(spans[0][1], spans[0][2])
         else:
@@ -161,6 +160,28 @@ class Generator:
             _, cond, uncond = nets.schedule[0]
         nets.ti_hashes = {name: nets.embedding_files[name].hash for name in used}
         return cond, uncond, nets
+
+    def _prompts(self, job: GenerateJob, model: LoadedModel) -> tuple[PromptNetworks, list[tuple[int, str, str]]]:
+        """The job's networks and its prompt-editing spans, each distinct text within max_prompt_chunks (counted
+        with the tokenizer; no LoRA is applied and the text encoder does not run)."""
+        nets = resolve_networks(job, self.networks, model.pipe.text_encoder.config.hidden_size)
+        # A1111's prompt editing and alternation: the conditioning at each step ([from:to:when], [a|b])
+        spans = merge_schedules(prompt_schedule(nets.prompt, job.steps), prompt_schedule(nets.negative_prompt, job.steps))
+        encoder = self.prompt_encoder(model, nets.embeddings, job.clip_skip)
+        limits = self.manager.cfg.limits
+        seen: set[str] = set()
+        for _, prompt, negative in spans:
+            for label, text in (("prompt", prompt), ("negative prompt", negative)):
+                if text not in seen:
+                    seen.add(text)
+                    n = encoder.count_chunks(text)
+                    limits.check("max_prompt_chunks", n, f"{label} is {n:,} chunks of 75 tokens (after BREAKs)")
+        return nets, spans
+
+    def check_chunks(self, job: GenerateJob, model: LoadedModel) -> None:
+        """Refuse the job's prompts above max_prompt_chunks before any model work (grids and storyboards check every
+        cell up front). Call with the manager's lock held."""
+        self._prompts(job, model)
 
     @staticmethod
     def prompt_encoder(model: LoadedModel, embeddings: dict[str, TextualInversion], clip_skip: int) -> PromptEncoder:
@@ -182,8 +203,8 @@ class Generator:
 
     def run(self, job: GenerateJob, outputs_dir: Path | None = None, on_progress: ProgressFn | None = None,
             cancel: threading.Event | None = None) -> GenerateResult:
-        # 1. validate
-        job.validate()
+        # 1. validate (the prompts' chunks are counted with the tokenizer in encode, before the text encoder runs)
+        job.validate(self.manager.cfg.limits)
         if self.manager.current is None:
             raise RuntimeError("no model is loaded; load one first")
         # out of GPU memory: memory freed, a message with what to change (studio.oom), the studio keeps serving

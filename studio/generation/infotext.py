@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import IO, Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from studio.files.images import SkipImage, Source, open_checked, read_bounded
 from studio.generation import samplers
 
 PNG_KEY = "parameters"
@@ -21,6 +22,7 @@ EXIF_IFD = 0x8769
 USER_COMMENT = 0x9286
 # PNG info decodes the whole image (text chunks may follow the pixels): larger images are refused, not decoded
 MAX_INFO_PIXELS = 64_000_000
+MAX_INFO_BYTES = 100_000_000
 
 # A1111's own pattern for one `Label: value` pair of the last line
 PARAM_RE = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -247,34 +249,38 @@ def _infotext_of(image: Image.Image) -> str | None:
 
 
 def read_image_infotext(path_or_image: str | os.PathLike | IO[bytes] | Image.Image) -> str | None:
-    """The infotext in an image (PNG "parameters" chunk or EXIF UserComment), None if it has none.
-
-    A file that is not a readable image raises ValueError naming the file.
-    """
+    """The infotext in an image (PNG "parameters" chunk or EXIF UserComment), None if it has none. A file that is
+    not a readable image, or is over MAX_INFO_PIXELS / MAX_INFO_BYTES (checked before decoding), raises ValueError."""
     if isinstance(path_or_image, Image.Image):
         return _infotext_of(path_or_image)
-    name = os.fspath(path_or_image) if isinstance(path_or_image, (str, os.PathLike)) else None
-    name = name or getattr(path_or_image, "name", None) or "<image data>"
+    if isinstance(path_or_image, (str, os.PathLike)):
+        path = Path(path_or_image)
+        if not path.is_file():
+            raise FileNotFoundError(f"no image file {path.name!r}")
+        source = Source(path.name, path)
+    else:
+        name = Path(str(getattr(path_or_image, "name", "") or "image data")).name
+        source = _StreamSource(name, Path(name), stream=path_or_image)
     try:
-        with warnings.catch_warnings():
-            # PIL only warns between its pixel limit and twice that; every oversized image stops here
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path_or_image) as image:
-                width, height = image.size
-                if width * height > MAX_INFO_PIXELS:
-                    raise ValueError(f"{width}x{height} is too large to decode (over {MAX_INFO_PIXELS / 1e6:.0f} "
-                                     "megapixels; a possible decompression bomb)")
-                image.load()  # decode fully: catches truncated files and reads chunks after the image data
-                return _infotext_of(image)
-    except FileNotFoundError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ValueError(f"cannot read generation parameters from {name}: oversized image, refused before "
-                         f"decoding ({exc})") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(
-            f"cannot read generation parameters from {name}: not a readable image ({exc})"
-        ) from exc
+        image = open_checked(source, MAX_INFO_PIXELS, MAX_INFO_BYTES)
+    except SkipImage as exc:
+        raise ValueError(f"cannot read generation parameters from {source.label}: {exc}") from None
+    with image:
+        return _infotext_of(image)
+
+
+class _StreamSource(Source):
+    """A Source over an open binary stream (read_image_infotext's file-like argument)."""
+
+    def __init__(self, label: str, path: Path, stream: IO[bytes]):
+        super().__init__(label, path)
+        self.stream = stream
+
+    def read(self, limit: int) -> bytes:
+        return read_bounded(self.stream, limit)
+
+    def size(self) -> None:
+        return None
 
 
 def png_info(infotext: str) -> PngInfo:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 
-from studio.config import check_known_keys
+from studio.config import Limits, check_known_keys, real_number, text, whole_number
 from studio.generation import samplers
+from studio.generation.prompt_syntax import check_prompt_limits
 
 MAX_SEED = 2**32 - 1
 
@@ -35,39 +36,43 @@ class GenerateJob:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def validate(self) -> None:
-        """Raise ValueError naming the bad value and what would be right. Nothing is corrected."""
-        if not isinstance(self.prompt, str):
-            raise ValueError("prompt must be text")
-        for name in ("steps", "width", "height", "batch_size", "batch_count", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                if isinstance(value, float) and value.is_integer():
-                    setattr(self, name, int(value))  # 20.0 from a slider is 20
-                else:
-                    raise ValueError(f"{name} must be a whole number, got {value!r}")
-        if not 1 <= self.steps <= 150:
-            raise ValueError(f"steps must be between 1 and 150, got {self.steps}")
+    def validate(self, limits: Limits | None = None) -> None:
+        """Raise ValueError naming the bad value and what would be right. Nothing is corrected (20.0 becomes 20,
+        the same number). `limits` (default: Limits.from_env()) bounds the prompts and the work."""
+        limits = limits or Limits.from_env()
+        for name, label in (("prompt", "prompt"), ("negative_prompt", "negative prompt")):
+            check_prompt_limits(text(label, getattr(self, name)), label, limits)
+        text("sampler", self.sampler)
+        text("schedule type", self.schedule)
+        self.steps = whole_number("steps", self.steps, 1, 150)
         for name in ("width", "height"):
-            value = getattr(self, name)
+            value = whole_number(name, getattr(self, name))
             if value % 8 != 0:
                 lo, hi = value - value % 8, value - value % 8 + 8
                 raise ValueError(f"{name} must be a multiple of 8, got {value} (try {lo or 8} or {hi})")
-            if not 64 <= value <= 2048:
-                raise ValueError(f"{name} must be between 64 and 2048, got {value}")
-        if not 1 <= self.batch_size <= 16:
-            raise ValueError(f"batch size must be between 1 and 16, got {self.batch_size}")
-        if not 1 <= self.batch_count <= 100:
-            raise ValueError(f"batch count must be between 1 and 100, got {self.batch_count}")
-        if not isinstance(self.cfg_scale, (int, float)) or not 0 <= self.cfg_scale <= 30:
-            raise ValueError(f"CFG scale must be between 0 and 30, got {self.cfg_scale!r}")
-        if isinstance(self.clip_skip, float) and self.clip_skip.is_integer():
-            self.clip_skip = int(self.clip_skip)
-        if not isinstance(self.clip_skip, int) or not 1 <= self.clip_skip <= 12:
-            raise ValueError(f"clip skip must be between 1 and 12, got {self.clip_skip!r}")
-        if not -1 <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {self.seed}")
+            setattr(self, name, whole_number(name, value, 64, 2048))
+        self.batch_size = whole_number("batch size", self.batch_size, 1, 16)
+        self.batch_count = whole_number("batch count", self.batch_count, 1, 100)
+        real_number("CFG scale", self.cfg_scale, 0, 30)
+        self.clip_skip = whole_number("clip skip", self.clip_skip, 1, 12)
+        seed = whole_number("seed", self.seed)
+        if not -1 <= seed <= MAX_SEED:
+            raise ValueError(f"seed must be -1 (random) or between 0 and {MAX_SEED}, got {seed}")
+        self.seed = seed
         samplers.check(self.sampler, self.schedule)
+        images = self.batch_size * self.batch_count
+        limits.check("max_work", work(images, self.steps, self.width, self.height),
+                     f"{describe_work(images, self.steps, self.width, self.height)}")
+
+
+def work(images: int, steps: int, width: int, height: int) -> float:
+    """The cost measure of Limits.max_work: images x steps x megapixels."""
+    return images * steps * width * height / 1e6
+
+
+def describe_work(images: int, steps: int, width: int, height: int) -> str:
+    return (f"{images:,} image{'s' if images != 1 else ''} x {steps} steps x {width}x{height} px is "
+            f"{work(images, steps, width, height):,.0f} step-megapixels of work")
 
 
 def resolve_seed(seed: int) -> int:

@@ -7,8 +7,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# what A1111's grammar takes as the `when` of a scheduled edit (a lark NUMBER, optionally padded with spaces)
-_WHEN_RE = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*")
+# what A1111's grammar takes as the `when` of a scheduled edit (a lark NUMBER, optionally padded with spaces);
+# possessive quantifiers: `\d+\.?\d*` would try every split of a long digit run (quadratic)
+_WHEN_RE = re.compile(r"\s*+([+-]?(?:\d++(?:\.\d*+)?|\.\d++)(?:[eE][+-]?\d++)?)\s*+")
 
 
 @dataclass(frozen=True)

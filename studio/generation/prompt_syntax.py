@@ -7,10 +7,13 @@ import math
 import re
 from dataclasses import dataclass
 
+from studio.config import Limits
+
 # A1111's pattern for an extra-network tag: <kind:arguments>
 NETWORK_TAG_RE = re.compile(r"<(\w+):([^>]+)>")
-# float() alone would also take "nan", "inf" and "1_0"; a weight is a plain decimal number
-_NUMBER_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")
+# float() alone would also take "nan", "inf" and "1_0"; a weight is a plain decimal number. Possessive quantifiers
+# (no backtracking): `\d+\.?\d*` tries every split of a long digit run, quadratic in its length
+_NUMBER_RE = re.compile(r"[+-]?(?:\d++(?:\.\d*+)?|\.\d++)(?:[eE][+-]?\d++)?")
 # lycoris' `dyn=` (dynamic rank) is valid A1111 syntax that this studio has no use for
 _IGNORED_NAMED_ARGS = frozenset({"dyn"})
 _WEIGHT_NAMES = frozenset({"te", "unet"})
@@ -20,9 +23,12 @@ _MAX_POSITIONAL_WEIGHTS = 3
 # one emphasis token: escapes, brackets, a `:weight)` closer, a run of plain text, or a stray colon.
 # A1111 reads the weight as `[.\d]+`; a stricter number keeps `(a:1.2.3)` literal text instead of a crash.
 _ATTENTION_RE = re.compile(
-    r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|]|[^\\()\[\]:]+|:"
+    r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*+([+-]?(?:\d++(?:\.\d*+)?|\.\d++))\s*+\)|\)|]|[^\\()\[\]:]+|:"
 )
-_BREAK_RE = re.compile(r"\s*\bBREAK\b\s*")
+# BREAK as a word; the blanks around it are stripped in Python (`\s*\bBREAK\b\s*` is quadratic in a run of blanks)
+_BREAK_RE = re.compile(r"\bBREAK\b")
+# what nests: ( and [ and their closers; a backslash escapes the next character
+_NESTING_RE = re.compile(r"\\.|[()\[\]]", re.S)
 ROUND_MULTIPLIER = 1.1
 SQUARE_MULTIPLIER = 1 / 1.1
 BREAK = ("BREAK", -1.0)
@@ -78,8 +84,11 @@ def _parse_network_tag(kind: str, args: str, tag: str) -> NetworkTag:
 
 def extract_network_tags(prompt: str) -> tuple[str, list[NetworkTag]]:
     """Remove every `<kind:...>` tag from the prompt; return the rest of the text and the tags in order."""
-    tags = [_parse_network_tag(m[1], m[2], m[0]) for m in NETWORK_TAG_RE.finditer(prompt)]
-    return NETWORK_TAG_RE.sub("", prompt), tags
+    # no tag starts after the last '>': searching there would rescan the rest of the text from every '<'
+    end = prompt.rfind(">") + 1
+    head, tail = prompt[:end], prompt[end:]
+    tags = [_parse_network_tag(m[1], m[2], m[0]) for m in NETWORK_TAG_RE.finditer(head)]
+    return NETWORK_TAG_RE.sub("", head) + tail, tags
 
 
 def _format_weight(weight: float) -> str:
@@ -104,9 +113,13 @@ def _multiply_from(segments: list[list], start: int, factor: float) -> None:
 
 
 def _append_text(segments: list[list], text: str) -> None:
-    for i, part in enumerate(_BREAK_RE.split(text)):
+    parts = _BREAK_RE.split(text)
+    for i, part in enumerate(parts):
         if i:
             segments.append([*BREAK, True])
+            part = part.lstrip()
+        if i < len(parts) - 1:
+            part = part.rstrip()
         segments.append([part, 1.0, False])
 
 
@@ -153,3 +166,29 @@ def parse_attention(text: str) -> list[tuple[str, float]]:
     for start in square_starts:
         _multiply_from(segments, start, SQUARE_MULTIPLIER)
     return _merge(segments)
+
+
+def nesting_depth(text: str) -> int:
+    """The deepest nesting of ( ) and [ ] brackets (each kind counted on its own, then added); an unclosed one
+    counts to the end of the text, escaped ones not at all."""
+    depth = {"(": 0, "[": 0}
+    deepest = 0
+    for match in _NESTING_RE.finditer(text):
+        c = match[0]
+        if c in depth:
+            depth[c] += 1
+            deepest = max(deepest, depth["("] + depth["["])
+        elif c in ")]":
+            kind = "(" if c == ")" else "["
+            depth[kind] = max(0, depth[kind] - 1)
+    return deepest
+
+
+def check_prompt_limits(text: str, what: str, limits: Limits) -> None:
+    """Refuse a prompt above the character, BREAK or nesting limit before anything parses it (pure, fast: the
+    character count runs first)."""
+    limits.check("max_prompt_chars", len(text), f"{what} is {len(text):,} characters")
+    breaks = sum(1 for _ in _BREAK_RE.finditer(text))
+    limits.check("max_breaks", breaks, f"{what} has {breaks:,} BREAKs")
+    depth = nesting_depth(text)
+    limits.check("max_nesting", depth, f"{what} nests brackets {depth:,} deep")

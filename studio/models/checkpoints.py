@@ -1,10 +1,12 @@
 """Single-file checkpoints: their keys and metadata read without running code, the family (SD 1.x, SD 2.x,
-SDXL) told from the keys, and the prediction type (epsilon or v) from metadata, a sidecar .yaml or the UNet."""
+SDXL) told from the keys, the prediction type (epsilon or v) and zero terminal SNR from metadata, a sidecar .yaml
+or the UNet; and the facts of each family (`Family`, `family_info`, `require_family`) that later code asks."""
 
 from __future__ import annotations
 
 import pickle
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -14,6 +16,45 @@ from studio.files.pickles import unpickling_refusal
 
 class ModelLoadError(RuntimeError):
     """A model that cannot be loaded; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """What code that handles several model families asks, instead of branching on names."""
+
+    name: str  # "sd1", "sd2", "sdxl": LoadedModel.family
+    label: str  # how the UI and messages name it
+    is_xl: bool
+    pipeline_class: str  # the diffusers pipeline class
+    text_encoders: tuple[str, ...]  # the pipeline's text encoder attributes, in prompt-encoding order
+    tokenizers: tuple[str, ...]  # the matching tokenizer attributes
+    text_widths: tuple[int, ...]  # hidden width of each text encoder in the released models (embedding sizes)
+
+
+FAMILIES: dict[str, Family] = {
+    "sd1": Family("sd1", "SD 1.x", False, "StableDiffusionPipeline", ("text_encoder",), ("tokenizer",), (768,)),
+    "sd2": Family("sd2", "SD 2.x", False, "StableDiffusionPipeline", ("text_encoder",), ("tokenizer",), (1024,)),
+    "sdxl": Family("sdxl", "SDXL", True, "StableDiffusionXLPipeline", ("text_encoder", "text_encoder_2"),
+                   ("tokenizer", "tokenizer_2"), (768, 1280)),
+}
+
+
+def family_info(family: str) -> Family:
+    """The facts of a family by its name ("sd1", "sd2", "sdxl")."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    return FAMILIES[family]
+
+
+def require_family(model, supported: tuple[str, ...], what: str) -> None:
+    """Raise ValueError when `model` (a LoadedModel or a family name) is not of a `supported` family."""
+    family = model if isinstance(model, str) else model.family
+    if family in supported:
+        return
+    label = FAMILIES[family].label if family in FAMILIES else family
+    choices = " or ".join(FAMILIES[f].label if f in FAMILIES else f for f in supported)
+    name = "" if isinstance(model, str) else f" ({model.name} is {label})"
+    raise ValueError(f"{what} with {label} models is not supported yet{name}; load an {choices} model for this")
 
 
 def read_checkpoint_keys(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -55,35 +96,104 @@ def load_pickle_checkpoint(path: Path) -> dict:
     return state
 
 
+# SDXL's original (SGM) layout: OpenAI CLIP ViT-L and OpenCLIP ViT-bigG under conditioner.embedders
+XL_TEXT_L = "conditioner.embedders.0.transformer."
+XL_TEXT_G = "conditioner.embedders.1.model."
+XL_REFINER_TEXT_G = "conditioner.embedders.0.model."
+XL_REFINER_MESSAGE = "SDXL refiner checkpoints are not supported yet; load an SDXL base model"
+XL_ADM_KEY = "model.diffusion_model.label_emb.0.0.weight"  # the size-and-pooled-text embedding: 2816 base, 2560 refiner
+UNET_IN_KEY = "model.diffusion_model.input_blocks.0.0.weight"
+
+
+def _has(keys, prefix: str | tuple[str, ...]) -> bool:
+    return any(k.startswith(prefix) for k in keys)
+
+
 def detect_family(shapes: dict[str, tuple[int, ...]], name: str = "checkpoint") -> str:
-    """'sd1' or 'sd2' from the keys of an original-layout checkpoint; a clear error otherwise."""
+    """'sd1', 'sd2' or 'sdxl' from the keys of an original-layout checkpoint; a clear error otherwise."""
     keys = shapes.keys()
-    if any(k.startswith("conditioner.embedders") for k in keys):
-        raise ModelLoadError(f"{name} is an SDXL checkpoint; the studio supports SD 1.x and SD 2.x for now")
-    if any(k.startswith(("lora_unet_", "lora_te_", "lora_te1_")) for k in keys):
+    if _has(keys, ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")):
         raise ModelLoadError(f"{name} is a LoRA, not a checkpoint: put it in loras/ and use <lora:name:1> in a prompt")
-    if not any(k.startswith("model.diffusion_model.") for k in keys):
-        hint = " (it looks like a VAE)" if any(k.startswith(("encoder.", "decoder.")) for k in keys) else ""
+    if not _has(keys, "model.diffusion_model."):
+        hint = " (it looks like a VAE)" if _has(keys, ("encoder.", "decoder.")) else ""
         raise ModelLoadError(f"{name} has no Stable Diffusion UNet (model.diffusion_model.*){hint}")
-    if any(k.startswith("cond_stage_model.model.") for k in keys):
+    in_channels = shapes.get(UNET_IN_KEY, (0, 4))[1:2]
+    if in_channels and in_channels[0] != 4:
+        raise ModelLoadError(f"{name}'s UNet takes {in_channels[0]} input channels (an inpainting or instruct "
+                             "model); the studio loads text-to-image models with 4: use the model's base version")
+    if _has(keys, "conditioner.embedders."):
+        adm = shapes.get(XL_ADM_KEY, (0, 0))
+        if (_has(keys, XL_REFINER_TEXT_G) and not _has(keys, XL_TEXT_G)) or adm[1:] == (2560,):
+            raise ModelLoadError(f"{name}: {XL_REFINER_MESSAGE}")
+        missing = [f"{what} ({prefix}*)" for prefix, what in ((XL_TEXT_L, "CLIP ViT-L"),
+                                                              (XL_TEXT_G, "OpenCLIP ViT-bigG")) if not _has(keys, prefix)]
+        if missing:
+            raise ModelLoadError(f"{name} looks like an SDXL checkpoint but lacks the {' and '.join(missing)} text "
+                                 "encoder weights; the file is incomplete")
+        return "sdxl"
+    if _has(keys, "cond_stage_model.model."):
         return "sd2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+    if _has(keys, "cond_stage_model.transformer."):
         return "sd1"
     raise ModelLoadError(f"{name}: the text encoder weights (cond_stage_model.*) are missing or of an unknown kind")
 
 
-def prediction_hint(path: Path, metadata: dict[str, str]) -> str | None:
-    """v-prediction or epsilon from what travels with the file (A1111's sidecar .yaml, our metadata)."""
+def _squeezed(shape) -> tuple[int, ...]:
+    shape = tuple(shape)
+    while shape and shape[-1] == 1:  # 1x1 convolutions and Linear layers hold the same weights
+        shape = shape[:-1]
+    return shape
+
+
+def check_shapes(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], name: str,
+                 what: str) -> None:
+    """Refuse a file holding a weight of another shape than `what`, or lacking one, naming it; extra keys pass."""
+    for key, shape in expected.items():
+        if key in shapes and _squeezed(shapes[key]) != _squeezed(shape):
+            raise ModelLoadError(f"{name}: {key} has shape {tuple(shapes[key])}, but {what} has {tuple(shape)}; "
+                                 "the file is damaged or of another architecture")
+    missing = [k for k in expected if k not in shapes]
+    if missing:
+        raise ModelLoadError(f"{name} lacks {len(missing)} weight(s) that {what} has, e.g. {missing[0]}; the file "
+                             "is incomplete or of another architecture")
+
+
+_V_NAMES = {"v", "v_prediction", "v-prediction", "vpred", "v-pred", "v_pred"}
+_SIDECAR_V = re.compile(r"parameterization:\s*['\"]?v['\"]?|\bVScaling\b")  # LDM configs; SGM's denoiser scaling
+_SIDECAR_ZSNR = re.compile(r"(zero_terminal_snr|ztsnr|zsnr|rescale_betas_zero_snr)['\"]?\s*:\s*['\"]?(true|yes|1)\b",
+                           re.IGNORECASE)
+
+
+def _sidecar(path: Path) -> str | None:
     sidecar = Path(path).with_suffix(".yaml")
-    if sidecar.is_file():
-        text = sidecar.read_text(encoding="utf-8", errors="replace")
-        return "v_prediction" if re.search(r"parameterization:\s*['\"]?v['\"]?", text) else "epsilon"
-    arch = metadata.get("modelspec.architecture", "")
-    if arch.endswith("-v") or "v-prediction" in metadata.get("modelspec.prediction_type", ""):
+    return sidecar.read_text(encoding="utf-8", errors="replace") if sidecar.is_file() else None
+
+
+def prediction_hint(path: Path, metadata: dict[str, str], keys=()) -> str | None:
+    """v-prediction or epsilon from what travels with the file (A1111's sidecar .yaml, ModelSpec, ComfyUI's key)."""
+    text = _sidecar(path)
+    if text is not None:
+        return "v_prediction" if _SIDECAR_V.search(text) else "epsilon"
+    if "v_pred" in keys:  # ComfyUI's marker: an empty tensor named v_pred
         return "v_prediction"
-    if arch:
+    arch = metadata.get("modelspec.architecture", "")
+    pred = metadata.get("modelspec.prediction_type", "").strip().lower()
+    if arch.endswith("-v") or pred in _V_NAMES or "v-prediction" in pred:
+        return "v_prediction"
+    if arch or pred:
         return "epsilon"
     return None
+
+
+def zero_snr_hint(path: Path, metadata: dict[str, str], keys=()) -> bool:
+    """True when the file says it was trained with zero terminal SNR (sidecar .yaml, metadata, ComfyUI's key)."""
+    text = _sidecar(path)
+    if text is not None and _SIDECAR_ZSNR.search(text):
+        return True
+    if "ztsnr" in keys:  # ComfyUI's marker
+        return True
+    return any(k.lower().endswith(("zero_terminal_snr", "ztsnr", "zsnr")) and str(v).strip().lower() in
+               ("true", "1", "yes") for k, v in metadata.items())
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """The one owner of loaded models: resolve a source, load it offline, place it on a device, offload.
 
-Sources: `demo-tiny`, `micro` (shipped in assets/micro), a diffusers folder, a single SD 1.x / SD 2.x
-checkpoint in the original layout (configs from assets/, tokenizer from open_clip's BPE file), or a hub id.
+Sources: `demo-tiny`, `demo-tiny-xl`, `micro` (shipped in assets/micro), a diffusers folder, a single SD 1.x /
+SD 2.x / SDXL checkpoint in the original layout (configs from assets/, tokenizers from open_clip's BPE file), or a hub id.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from studio.config import StudioConfig
 from studio.files.adapters import LoraSlot
@@ -27,15 +27,22 @@ from studio.files.pickles import hostile_pickle_in, unpickling_refusal
 from studio.models import speed
 from studio.models.builtin import MICRO_NAME, micro_available, micro_dir
 from studio.models.checkpoints import (
+    XL_REFINER_MESSAGE,
+    Family,
     ModelLoadError,
+    check_shapes,
     detect_family,
+    family_info,
     prediction_hint,
     probe_v_prediction,
     read_checkpoint_keys,
+    zero_snr_hint,
 )
 from studio.models.listing import list_models
-from studio.models.tiny import TINY_NAME, build_tiny_pipeline
-from studio.models.tokenizer import clip_tokenizer
+from studio.models.tiny import TINY_NAME, TINY_NAMES, TINY_XL_NAME, build_tiny_pipeline
+from studio.models.tokenizer import family_tokenizers
+
+CONFIG_METADATA_KEY = "studio.diffusers_config"  # as studio.files.convert writes it
 
 DEFAULT_DOWNLOAD = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -44,18 +51,24 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 # the files of a hub SD repo that the studio needs (fp32 safetensors weights, configs, tokenizer)
-HUB_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*",
+HUB_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*", "tokenizer/*", "tokenizer_2/*",
                 "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                "text_encoder/model.safetensors"]
+                "text_encoder/model.safetensors", "text_encoder_2/model.safetensors"]
+# the pipeline class of each family, and what it is built with besides its components
+PIPELINES = {"sd1": StableDiffusionPipeline, "sd2": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}
+PIPELINE_KWARGS = {
+    StableDiffusionPipeline: dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False),
+    StableDiffusionXLPipeline: dict(add_watermarker=False),  # invisible-watermark is not a dependency
+}
 
 
 @dataclass
 class LoadedModel:
     name: str  # what the UI and infotext call it
     source: str  # "demo", "micro", "diffusers", "single-file", "hub"
-    family: str  # "sd1" or "sd2"
+    family: str  # "sd1", "sd2" or "sdxl"; its facts: family_info
     prediction_type: str  # "epsilon" or "v_prediction"
-    pipe: StableDiffusionPipeline
+    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline
     path: Path | None = None
     hash_: str | None = field(default=None, repr=False)
     lora_slot: LoraSlot | None = field(default=None, repr=False)  # LoRA adapters loaded into this pipe
@@ -68,7 +81,7 @@ class LoadedModel:
             self.lora_slot = LoraSlot(self.pipe)
         return self.lora_slot
 
-    def without_loras(self) -> StableDiffusionPipeline:
+    def without_loras(self) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
         """The pipe with every LoRA removed: what saving or converting must see."""
         if self.lora_slot is not None:
             self.lora_slot.clear()
@@ -77,6 +90,15 @@ class LoadedModel:
     @property
     def is_demo(self) -> bool:
         return self.source == "demo"
+
+    @property
+    def family_info(self) -> Family:
+        """The family's facts (label, text encoders, tokenizers, ...): what code asks instead of branching on names."""
+        return family_info(self.family)
+
+    @property
+    def is_xl(self) -> bool:
+        return self.family_info.is_xl
 
     @property
     def native_size(self) -> int:
@@ -122,12 +144,13 @@ class ModelManager:
         return [e.name for e in list_models(self.cfg.models_dir)] + self.built_in()
 
     def built_in(self) -> list[str]:
-        """The models that ship with the studio: micro (when its folder is in assets/) and demo-tiny."""
-        return ([MICRO_NAME] if micro_available(self.cfg.assets_dir) else []) + [TINY_NAME]
+        """The models that ship with the studio: demo-tiny-xl, micro (when its folder is in assets/), demo-tiny."""
+        return [TINY_XL_NAME] + ([MICRO_NAME] if micro_available(self.cfg.assets_dir) else []) + [TINY_NAME]
 
     def default_choice(self) -> str:
         """What to open when nothing was asked for: the first model in models/, else micro, else demo-tiny."""
-        return self.choices()[0]
+        local = [e.name for e in list_models(self.cfg.models_dir)]
+        return (local + ([MICRO_NAME] if micro_available(self.cfg.assets_dir) else []) + [TINY_NAME])[0]
 
     def has_real_model(self) -> bool:
         return bool(list_models(self.cfg.models_dir))
@@ -137,7 +160,7 @@ class ModelManager:
         spec = (spec or "").strip()
         if not spec:
             raise ModelLoadError(f"no model given; choose one of: {', '.join(self.choices())}")
-        if spec == TINY_NAME:
+        if spec in TINY_NAMES:
             return "demo", None
         if spec == MICRO_NAME and micro_available(self.cfg.assets_dir):
             return "micro", micro_dir(self.cfg.assets_dir)
@@ -172,7 +195,8 @@ class ModelManager:
         if on_progress:
             on_progress(0, 1, f"loading {spec}")
         if kind == "demo":
-            model = LoadedModel(TINY_NAME, "demo", "sd1", "epsilon", build_tiny_pipeline("sd1"))
+            spec = spec.strip()
+            model = LoadedModel(spec, "demo", TINY_NAMES[spec], "epsilon", build_tiny_pipeline(TINY_NAMES[spec]))
         elif kind == "micro":
             model = self._load_diffusers(path, MICRO_NAME, source="micro")
         elif kind == "diffusers":
@@ -203,10 +227,10 @@ class ModelManager:
                 torch.cuda.empty_cache()
 
     def _load_diffusers(self, path: Path, spec: str, source: str = "diffusers") -> LoadedModel:
+        family_hint = _folder_family(path, spec)
+        cls = PIPELINES[family_hint]
         try:
-            pipe = StableDiffusionPipeline.from_pretrained(
-                path, torch_dtype=self.dtype, local_files_only=True, safety_checker=None,
-                feature_extractor=None, requires_safety_checker=False)
+            pipe = cls.from_pretrained(path, torch_dtype=self.dtype, local_files_only=True, **PIPELINE_KWARGS[cls])
         except Exception as e:
             hostile = hostile_pickle_in(path)  # diffusers reads .bin weights with weights_only=True: name the file
             if hostile is not None:
@@ -214,42 +238,60 @@ class ModelManager:
                 raise ModelLoadError(f"could not load the diffusers folder {spec}: "
                                      + unpickling_refusal(hostile, e).replace(hostile.name, rel, 1)) from e
             raise ModelLoadError(f"could not load the diffusers folder {spec}: {type(e).__name__}: {e}") from e
-        family = "sd2" if pipe.text_encoder.config.hidden_act == "gelu" else "sd1"
+        if family_hint == "sdxl":
+            family = "sdxl"
+        else:
+            family = "sd2" if pipe.text_encoder.config.hidden_act == "gelu" else "sd1"
         pred = pipe.scheduler.config.get("prediction_type", "epsilon")
         return LoadedModel(Path(spec).name if source != "hub" else spec, source, family, pred, pipe, path)
 
     def _load_single_file(self, path: Path, spec: str) -> LoadedModel:
         shapes, meta = read_checkpoint_keys(path)
         family = detect_family(shapes, path.name)
-        pred = prediction_hint(path, meta)
+        pred = prediction_hint(path, meta, shapes)
+        zero_snr = family == "sdxl" and zero_snr_hint(path, meta, shapes)
+        label = family_info(family).label
+        cls = PIPELINES[family]
         with tempfile.TemporaryDirectory(prefix="studio-config-") as tmp:
-            config_dir = self._config_dir_for(family, pred, meta, Path(tmp))
+            config_dir = self._config_dir_for(family, pred, meta, Path(tmp), path.name)
+            if family == "sdxl":  # name a missing or misshapen weight before diffusers builds anything
+                what = "SDXL base" if not meta.get(CONFIG_METADATA_KEY) else "the SDXL model its metadata describes"
+                check_shapes(shapes, expected_shapes(config_dir), path.name, what)
             try:
-                pipe = StableDiffusionPipeline.from_single_file(
+                pipe = cls.from_single_file(
                     str(path), config=str(config_dir), local_files_only=True, torch_dtype=self.dtype,
-                    tokenizer=clip_tokenizer(family), safety_checker=None, feature_extractor=None,
-                    requires_safety_checker=False)
+                    **family_tokenizers(family), **PIPELINE_KWARGS[cls])
             except ModelLoadError:
                 raise
             except Exception as e:
                 raise ModelLoadError(
-                    f"could not load {path.name} as an SD {family[-1]}.x checkpoint: {type(e).__name__}: {e}") from e
+                    f"could not load {path.name} as an {label} checkpoint: {type(e).__name__}: {e}") from e
+        _check_complete(pipe, path.name, family)
         if pred is None and family == "sd2":
             # no hint travelled with the file: ask the weights (SD 2.x comes in both kinds)
             pred = "v_prediction" if probe_v_prediction(pipe.unet) else "epsilon"
             if pred == "epsilon":
                 pipe.unet.register_to_config(sample_size=64)
-            pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, prediction_type=pred)
         pred = pred or "epsilon"
+        overrides = {"prediction_type": pred} if pipe.scheduler.config.get("prediction_type") != pred else {}
+        if zero_snr:  # zero terminal SNR: the schedule reaches pure noise, sampled from the last timestep
+            overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        if overrides:
+            pipe.scheduler = pipe.scheduler.from_config(pipe.scheduler.config, **overrides)
         return LoadedModel(path.stem, "single-file", family, pred, pipe, path)
 
-    def _config_dir_for(self, family: str, pred: str | None, meta: dict, tmp: Path) -> Path:
+    def _config_dir_for(self, family: str, pred: str | None, meta: dict, tmp: Path, name: str = "the file") -> Path:
         """The diffusers config folder for a checkpoint: its own (files we wrote) or one from assets/."""
-        embedded = meta.get("studio.diffusers_config")
+        embedded = meta.get(CONFIG_METADATA_KEY)
         if embedded:
-            return write_config_dir(json.loads(embedded), tmp)
-        if family == "sd1":
-            return self.cfg.assets_dir / "configs" / "sd1"
+            try:
+                return write_config_dir(json.loads(embedded), tmp)
+            except (ValueError, TypeError, KeyError, AttributeError) as e:
+                raise ModelLoadError(f"{name}: its {CONFIG_METADATA_KEY} metadata is damaged "
+                                     f"({type(e).__name__}: {e}); remove that key to load it as a standard "
+                                     f"{family_info(family).label} checkpoint") from e
+        if family in ("sd1", "sdxl"):
+            return self.cfg.assets_dir / "configs" / family
         return self.cfg.assets_dir / "configs" / ("sd2-base" if pred == "epsilon" else "sd2-v")
 
     def download(self, repo_id: str, on_progress: Callable | None = None) -> Path:
@@ -277,7 +319,7 @@ class ModelManager:
 
     # 3. place and memory options
 
-    def _place(self, pipe: StableDiffusionPipeline) -> None:
+    def _place(self, pipe: StableDiffusionPipeline | StableDiffusionXLPipeline) -> None:
         if self.memory["cpu_offload"] and self.device.type == "cuda":
             pipe.enable_model_cpu_offload(device=self.device)
         else:
@@ -347,17 +389,78 @@ def weights_hash(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def _folder_family(path: Path, spec: str) -> str:
+    """A diffusers folder's family from model_index.json: "sdxl", or "sd1" for SD 1.x/2.x (told apart once loaded)."""
+    try:
+        index = json.loads((Path(path) / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{spec}: model_index.json is not readable JSON ({e}); the folder is damaged") from e
+    name = str(index.get("_class_name", "")) if isinstance(index, dict) else ""
+    if not name.startswith("StableDiffusionXL"):
+        return "sd1"
+    if (index.get("text_encoder") or [None])[0] is None:  # the refiner has only the OpenCLIP bigG encoder
+        raise ModelLoadError(f"{spec}: {XL_REFINER_MESSAGE}")
+    return "sdxl"
+
+
+def expected_shapes(config_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Original-layout key -> shape of the SDXL pipeline a config folder describes (built on the meta device)."""
+    from types import SimpleNamespace
+
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from studio.files.convert import pipeline_to_original
+
+    def config(part: str) -> dict:
+        return json.loads((Path(config_dir) / part / "config.json").read_text(encoding="utf-8"))
+
+    try:
+        with init_empty_weights():
+            pipe = SimpleNamespace(
+                unet=UNet2DConditionModel.from_config(config("unet")),
+                vae=AutoencoderKL.from_config(config("vae")),
+                text_encoder=CLIPTextModel(CLIPTextConfig.from_dict(config("text_encoder"))),
+                text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig.from_dict(config("text_encoder_2"))))
+        return {k: tuple(v.shape) for k, v in pipeline_to_original(pipe, "sdxl").items()}
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ModelLoadError(f"the SDXL configs in {config_dir} do not describe a model ({type(e).__name__}: {e}); "
+                             "a file written by the studio may have damaged metadata: convert it again") from e
+
+
+def _check_complete(pipe, name: str, family: str) -> None:
+    """Refuse a loaded pipeline whose file lacked weights (diffusers leaves those on the meta device)."""
+    for part in ("unet", "vae", *family_info(family).text_encoders):
+        module = getattr(pipe, part, None)
+        missing = [k for k, v in module.state_dict().items() if v.is_meta] if module is not None else ["(all)"]
+        if missing:
+            raise ModelLoadError(f"{name} lacks {len(missing)} {part} weight(s), e.g. {missing[0]}; the file is "
+                                 "incomplete or of another architecture")
+
+
 def write_config_dir(configs: dict, out: Path) -> Path:
     """A diffusers config folder (model_index.json + component configs) from a dict of configs."""
     out = Path(out)
-    index = {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
-             "safety_checker": [None, None], "requires_safety_checker": False,
-             "scheduler": ["diffusers", configs["scheduler"].get("_class_name", "PNDMScheduler")],
+    xl = "text_encoder_2" in configs
+    index = {"_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+             "feature_extractor": [None, None],
+             # files written before the class name was stored: the studio's SD models sampled with PNDM
+             "scheduler": ["diffusers", configs["scheduler"].get(
+                 "_class_name", "EulerDiscreteScheduler" if xl else "PNDMScheduler")],
              "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    if xl:
+        index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"], image_encoder=[None, None],
+                     force_zeros_for_empty_prompt=True)
+    else:
+        index.update(safety_checker=[None, None], requires_safety_checker=False)
     files = {"model_index.json": index, "unet/config.json": configs["unet"], "vae/config.json": configs["vae"],
              "text_encoder/config.json": configs["text_encoder"],
              "scheduler/scheduler_config.json": configs["scheduler"]}
+    if xl:
+        files["text_encoder_2/config.json"] = configs["text_encoder_2"]
     for rel, obj in files.items():
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         (out / rel).write_text(json.dumps(obj), encoding="utf-8")

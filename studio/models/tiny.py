@@ -1,18 +1,27 @@
-"""`demo-tiny`: a tiny Stable Diffusion with random weights, built in code and deterministic.
+"""`demo-tiny` and `demo-tiny-xl`: tiny Stable Diffusion models with random weights, built in code, deterministic.
 
-Same classes and key layout as SD 1.x (or SD 2.x with family="sd2"), so every loader, converter
-and sampler runs on it exactly as on a real checkpoint. Its images are noise.
+Same classes and key layout as SD 1.x (or SD 2.x with family="sd2", SDXL with family="sdxl"), so every
+loader, converter and sampler runs on them exactly as on a real checkpoint. Their images are noise.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from studio.models.tokenizer import clip_tokenizer
 
 TINY_NAME = "demo-tiny"
+TINY_XL_NAME = "demo-tiny-xl"
+TINY_NAMES = {TINY_NAME: "sd1", TINY_XL_NAME: "sdxl"}  # built-in name -> family
 # the noise schedule of SD 1.5's scheduler config (scaled_linear 0.00085 .. 0.012)
 SD_SCHEDULER = dict(
     beta_start=0.00085,
@@ -23,6 +32,20 @@ SD_SCHEDULER = dict(
     skip_prk_steps=True,
     steps_offset=1,
 )
+# SDXL base's scheduler (EulerDiscreteScheduler): the same noise schedule, "leading" timesteps
+SDXL_SCHEDULER = dict(
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    steps_offset=1,
+    timestep_spacing="leading",
+    interpolation_type="linear",
+    prediction_type="epsilon",
+    use_karras_sigmas=False,
+)
+# demo-tiny-xl's widths: the two text encoders must differ in width (diffusers' loader tells them apart by it)
+XL_TE1_WIDTH, XL_TE2_WIDTH, XL_PROJECTION, XL_TIME_DIM = 32, 64, 32, 8
 
 
 def tiny_unet(family: str = "sd1") -> UNet2DConditionModel:
@@ -38,6 +61,28 @@ def tiny_unet(family: str = "sd1") -> UNet2DConditionModel:
         cross_attention_dim=32,
         attention_head_dim=(2, 4) if sd2 else 8,
         use_linear_projection=sd2,
+        norm_num_groups=32,
+    )
+
+
+def tiny_unet_xl() -> UNet2DConditionModel:
+    """SDXL's UNet shape at tiny widths: size-and-pooled-text embedding, linear projections, deeper last level."""
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=XL_TE1_WIDTH + XL_TE2_WIDTH,  # both encoders' hidden states, concatenated
+        addition_embed_type="text_time",
+        addition_time_embed_dim=XL_TIME_DIM,
+        # six size/crop numbers embedded, plus the pooled text of text_encoder_2
+        projection_class_embeddings_input_dim=6 * XL_TIME_DIM + XL_PROJECTION,
+        use_linear_projection=True,
         norm_num_groups=32,
     )
 
@@ -74,8 +119,55 @@ def tiny_text_encoder(family: str = "sd1") -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_tiny_pipeline(family: str = "sd1", seed: int = 0) -> StableDiffusionPipeline:
+def tiny_text_encoder_2() -> CLIPTextModelWithProjection:
+    """SDXL's second text encoder (OpenCLIP ViT-bigG: gelu, pads with "!", a text projection) at tiny width."""
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=XL_TE2_WIDTH,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=XL_PROJECTION,
+        hidden_act="gelu",
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=0,
+    )
+    return CLIPTextModelWithProjection(config)
+
+
+def build_tiny_xl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """demo-tiny-xl: the same weights for the same seed, whatever the global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        unet = tiny_unet_xl()
+        torch.default_generator.manual_seed(seed + 1)
+        vae = tiny_vae()
+        vae.register_to_config(scaling_factor=0.13025)  # SDXL's VAE scale
+        torch.default_generator.manual_seed(seed + 2)
+        text_encoder = tiny_text_encoder("sd1")
+        torch.default_generator.manual_seed(seed + 3)
+        text_encoder_2 = tiny_text_encoder_2()
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=clip_tokenizer("sd1"),
+        tokenizer_2=clip_tokenizer("sd2"),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_tiny_pipeline(family: str = "sd1", seed: int = 0) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
     """The same weights for the same (family, seed), whatever the global RNG state."""
+    if family == "sdxl":
+        return build_tiny_xl_pipeline(seed)
     # only the CPU generator (the models are built on the CPU): torch.manual_seed would also reseed CUDA
     with torch.random.fork_rng(devices=[]):
         torch.default_generator.manual_seed(seed)

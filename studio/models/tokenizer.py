@@ -1,7 +1,8 @@
 """The CLIP tokenizer, built offline from the BPE vocabulary file that open_clip_torch ships.
 
 SD 1.x (OpenAI CLIP) and SD 2.x (OpenCLIP) use the same byte-level BPE; they differ only in
-the padding token ("<|endoftext|>" for SD 1.x, "!" for SD 2.x).
+the padding token ("<|endoftext|>" for SD 1.x, "!" for SD 2.x). SDXL has both: `tokenizer` as SD 1.x's
+(CLIP ViT-L) and `tokenizer_2` as SD 2.x's (OpenCLIP ViT-bigG pads with "!", id 0).
 """
 
 from __future__ import annotations
@@ -60,3 +61,10 @@ def clip_tokenizer(family: str = "sd1") -> CLIPTokenizer:
     if family not in PAD_TOKEN:
         raise ValueError(f"tokenizer family must be one of {sorted(PAD_TOKEN)}, got {family!r}")
     return copy.deepcopy(_tokenizer(family))
+
+
+def family_tokenizers(family: str) -> dict[str, CLIPTokenizer]:
+    """The tokenizers a pipeline of `family` ("sd1", "sd2", "sdxl") takes, by argument name."""
+    if family == "sdxl":
+        return {"tokenizer": clip_tokenizer("sd1"), "tokenizer_2": clip_tokenizer("sd2")}
+    return {"tokenizer": clip_tokenizer(family)}

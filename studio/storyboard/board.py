@@ -12,13 +12,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from studio.config import ROOT
+from studio.config import ROOT, Limits, number_from_text, real_number, text, whole_number
 from studio.control.controlnet import DEFAULT_CONTROLNET, ControlSettings
 from studio.control.preprocess import check_thresholds, read_reference
 from studio.files.atomic import atomic_path, write_text
-from studio.files.names import safe_child
+from studio.files.names import check_name, safe_child
 from studio.generation.job import MAX_SEED, GenerateJob
 from studio.generation.presets import scan_presets
+from studio.generation.prompt_syntax import check_prompt_limits
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -41,10 +42,7 @@ SHOT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,15}$")  # 1, 2, 12A, 3.1
 BOARD_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,63}$")
 
 
-MAX_CANDIDATES = 64
-
-
-MAX_SHOTS = 500
+# candidates per shot and shots per board are bounded by Limits (max_storyboard_candidates, max_storyboard_shots)
 
 
 PER_PASS = 8  # candidates denoised together (memory); lower on small GPUs
@@ -55,32 +53,6 @@ CSV_REQUIRED = ("shot", "type", "description")
 
 CSV_COLUMNS = ("shot", "type", "description", "notes", "reference", "seed", "candidates", "canny_low", "canny_high",
                "control_scale", "control_start", "control_end")
-
-
-def _whole(name: str, value, lo: int, hi: int) -> int:
-    """An int from a widget or CSV value (20.0 is 20); anything else is an error quoting it."""
-    if isinstance(value, str):
-        text = value.strip()
-        try:
-            value = float(text) if text else None
-        except ValueError:
-            raise ValueError(f"{name} must be a whole number, got {text!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    if not lo <= int(value) <= hi:
-        raise ValueError(f"{name} must be between {lo} and {hi}, got {int(value)}")
-    return int(value)
-
-
-def _number(name: str, value, lo: float, hi: float) -> float:
-    if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
-            raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-        raise ValueError(f"{name} must be between {lo:g} and {hi:g}, got {value!r}")
-    return float(value)
 
 
 def _from_dict(cls, values: dict, what: str):
@@ -100,15 +72,19 @@ class ShotType:
     lora: str = ""  # a LoRA in loras/ ("" = none)
     lora_weight: float = 1.0
 
-    def validate(self) -> None:
+    def validate(self, limits: Limits | None = None) -> None:
+        limits = limits or Limits.from_env()
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError("a shot type needs a name (e.g. 'close shot')")
-        if "[description]" not in (self.template or ""):
-            raise ValueError(f"shot type {self.name!r}: the template must contain [description], got "
-                             f"{self.template!r}")
-        if self.lora and not re.fullmatch(r"[^<>:]+", self.lora):
-            raise ValueError(f"shot type {self.name!r}: LoRA name {self.lora!r} may not contain '<', '>' or ':'")
-        self.lora_weight = _number(f"shot type {self.name!r}: LoRA weight", self.lora_weight, -10, 10)
+        where = f"shot type {self.name[:40]!r}"
+        limits.check("max_prompt_chars", len(self.name), f"{where}: the name is {len(self.name):,} characters")
+        template = text(f"{where}: the template", self.template)
+        limits.check("max_prompt_chars", len(template), f"{where}: the template is {len(template):,} characters")
+        if "[description]" not in template:
+            raise ValueError(f"{where}: the template must contain [description], got {template!r}")
+        if text(f"{where}: the LoRA name", self.lora) and not re.fullmatch(r"[^<>:]+", self.lora):
+            raise ValueError(f"{where}: LoRA name {self.lora!r} may not contain '<', '>' or ':'")
+        real_number(f"{where}: LoRA weight", self.lora_weight, -10, 10)
 
 
 def default_shot_types() -> list[ShotType]:
@@ -126,11 +102,11 @@ class Style:
     def validate(self) -> None:
         if self.kind not in ("none", "embedding", "lora"):
             raise ValueError(f"style kind must be none, embedding or lora, got {self.kind!r}")
-        if self.kind != "none" and not (self.name or "").strip():
+        if self.kind != "none" and not text("style name", self.name).strip():
             raise ValueError(f"a {self.kind} style needs the {self.kind}'s name")
         if self.kind != "none" and not re.fullmatch(r"[^<>:()\[\]]+", self.name):
             raise ValueError(f"style name {self.name!r} may not contain < > : ( ) [ ]")
-        self.weight = _number("style weight", self.weight, -10, 10)
+        real_number("style weight", self.weight, -10, 10)
 
     def prompt_part(self) -> str:
         if self.kind == "embedding":
@@ -169,23 +145,35 @@ class Shot:
     def control(self) -> ControlSettings:
         return ControlSettings(self.control_scale, self.control_start, self.control_end)
 
-    def validate(self) -> None:
+    def validate(self, limits: Limits | None = None) -> None:
+        limits = limits or Limits.from_env()
         if not isinstance(self.shot, str) or not SHOT_ID.fullmatch(self.shot):
             raise ValueError(f"shot number must be 1-16 letters, digits, '.', '-' or '_' (e.g. 12A), got "
                              f"{self.shot!r}")
         where = f"shot {self.shot}"
-        if not isinstance(self.description, str) or not self.description.strip():
+        if not text(f"{where}: the description", self.description).strip():
             raise ValueError(f"{where}: the description is empty")
-        self.seed = _whole(f"{where}: seed", self.seed, -1, MAX_SEED)
-        self.candidates = _whole(f"{where}: candidates", self.candidates, 0, MAX_CANDIDATES)
+        text(f"{where}: the shot type", self.type)
+        for name in ("description", "notes"):
+            length = len(text(f"{where}: the {name}", getattr(self, name)))
+            limits.check("max_prompt_chars", length, f"{where}: the {name} is {length:,} characters")
+        text(f"{where}: the reference", self.reference)
+        self.seed = whole_number(f"{where}: seed", self.seed, -1, MAX_SEED)
+        self.candidates = whole_number(f"{where}: candidates", self.candidates)
+        if self.candidates < 0:
+            raise ValueError(f"{where}: candidates must be 0 (the board's default) or more, got {self.candidates}")
+        limits.check("max_storyboard_candidates", self.candidates, f"{where} asks for {self.candidates:,} candidates")
         try:
-            self.canny_low, self.canny_high = check_thresholds(self.canny_low, self.canny_high)
-            self.control_scale = _number("ControlNet conditioning scale", self.control_scale, 0, 2)
-            self.control_start = _number("ControlNet guidance start", self.control_start, 0, 1)
-            self.control_end = _number("ControlNet guidance end", self.control_end, 0, 1)
+            low = whole_number("canny low threshold", self.canny_low)
+            high = whole_number("canny high threshold", self.canny_high)
+            self.canny_low, self.canny_high = check_thresholds(low, high)
+            real_number("ControlNet conditioning scale", self.control_scale, 0, 2)
+            real_number("ControlNet guidance start", self.control_start, 0, 1)
+            real_number("ControlNet guidance end", self.control_end, 0, 1)
             self.control().validate()
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
+        self.picked = whole_number(f"{where}: picked candidate", self.picked)
         if self.frames and not 0 <= self.picked < len(self.frames):
             raise ValueError(f"{where}: picked candidate {self.picked} does not exist (it has {len(self.frames)})")
 
@@ -218,9 +206,17 @@ class BoardSettings:
                            width=self.width, height=self.height, batch_size=1, batch_count=1,
                            clip_skip=self.clip_skip)
 
-    def validate(self) -> None:
-        self.candidates = _whole("candidates per shot", self.candidates, 1, MAX_CANDIDATES)
-        self.job("", 0).validate()  # Generate's own checks (steps, size, sampler, CFG, clip skip)
+    def validate(self, limits: Limits | None = None) -> None:
+        limits = limits or Limits.from_env()
+        self.candidates = whole_number("candidates per shot", self.candidates, 1)
+        limits.check("max_storyboard_candidates", self.candidates,
+                     f"{self.candidates:,} candidates per shot were asked for")
+        text("ControlNet", self.controlnet)
+        # Generate's own checks (steps, size, sampler, CFG, clip skip, the negative prompt); the job validated is a
+        # copy, so the settings take its whole numbers (20.0 is 20)
+        job = self.job("", 0)
+        job.validate(limits)
+        self.steps, self.width, self.height, self.clip_skip = job.steps, job.width, job.height, job.clip_skip
 
 
 @dataclass
@@ -234,27 +230,30 @@ class Storyboard:
 
     # 1. checks
 
-    def validate(self) -> None:
+    def validate(self, limits: Limits | None = None) -> None:
+        """Raise ValueError naming the bad value; `limits` (default: Limits.from_env()) bounds the shots, their
+        candidates and their prompts."""
+        limits = limits or Limits.from_env()
         check_board_name(self.name)
-        self.settings.validate()
+        self.settings.validate(limits)
         self.style.validate()
         if not self.shot_types:
             raise ValueError("a storyboard needs at least one shot type")
         names = set()
         for st in self.shot_types:
-            st.validate()
+            st.validate(limits)
             if st.name.lower() in names:
                 raise ValueError(f"two shot types are called {st.name!r}")
             names.add(st.name.lower())
-        if len(self.shots) > MAX_SHOTS:
-            raise ValueError(f"a storyboard holds at most {MAX_SHOTS} shots, got {len(self.shots)}")
+        limits.check("max_storyboard_shots", len(self.shots), f"the storyboard has {len(self.shots):,} shots")
         seen = set()
         for shot in self.shots:
-            shot.validate()
+            shot.validate(limits)
             if shot.shot in seen:
                 raise ValueError(f"shot number {shot.shot!r} appears twice")
             seen.add(shot.shot)
-            self.shot_type(shot.type, shot.shot)
+            # each piece is within the character limit, so the filled-in template stays small enough to check
+            check_prompt_limits(self.prompt(shot), f"shot {shot.shot}'s prompt", limits)
 
     def shot_type(self, name: str, shot: str = "") -> ShotType:
         """The shot type called `name` (any case); an unknown one lists the known ones."""
@@ -277,9 +276,9 @@ class Storyboard:
     def prompt(self, shot: Shot) -> str:
         """The shot's studio prompt: its type's template filled in, plus the type's LoRA and the board's style."""
         st = self.shot_type(shot.type, shot.shot)
-        text = (st.template.replace("[shot type]", st.name).replace("[description]", shot.description.strip())
-                .replace("[notes]", shot.notes.strip()))
-        parts = [text.strip()]
+        filled = (st.template.replace("[shot type]", st.name).replace("[description]", shot.description.strip())
+                  .replace("[notes]", shot.notes.strip()))
+        parts = [filled.strip()]
         style = self.style.prompt_part()
         if style and self.style.kind == "embedding":
             parts[0] = f"{parts[0]}, {style}"
@@ -321,10 +320,20 @@ class Storyboard:
 
 
 def check_board_name(name: str) -> str:
+    """`name` if it can be a storyboard folder (BOARD_NAME and files.names.check_name); else ValueError."""
     if not isinstance(name, str) or not BOARD_NAME.fullmatch(name.strip()) or name != name.strip():
+        shown = name if not isinstance(name, str) or len(name) <= 60 else name[:57] + "..."
         raise ValueError(f"storyboard name must be 1-64 letters, digits, spaces, '.', '-' or '_' and start with a "
-                         f"letter or digit, got {name!r}")
-    return name
+                         f"letter or digit, got {shown!r}")
+    return check_name(name, "storyboard")  # Windows device names (CON, aux, lpt1), a trailing dot
+
+
+def _usable(name: str) -> bool:
+    try:
+        check_board_name(name)
+        return True
+    except ValueError:
+        return False
 
 
 SHIPPED_PRESETS = ROOT / "presets" / "storyboard"
@@ -376,10 +385,11 @@ def apply_board_preset(board: Storyboard, preset: BoardPreset) -> None:
         setattr(board.settings, key, value)
 
 
-def shots_from_csv(text: str, source: str = "CSV") -> list[Shot]:
+def shots_from_csv(content: str, source: str = "CSV", limits: Limits | None = None) -> list[Shot]:
     """Shots from CSV text with columns shot,type,description[,notes,reference,seed,candidates,canny_low,canny_high,
     control_scale,control_start,control_end] (header row required, any order). Errors name the row and value."""
-    reader = csv.DictReader(io.StringIO(text.lstrip("\ufeff")))
+    limits = limits or Limits.from_env()
+    reader = csv.DictReader(io.StringIO(content.lstrip("\ufeff")))
     header = [h.strip().lower() for h in (reader.fieldnames or [])]
     missing = [c for c in CSV_REQUIRED if c not in header]
     if missing:
@@ -404,9 +414,8 @@ def shots_from_csv(text: str, source: str = "CSV") -> list[Shot]:
                 raw = values.get(name, "")
                 if raw == "":
                     continue
-                setattr(shot, name, _whole(name, raw, -(2**63), 2**63) if isinstance(default, int)
-                        else _number(name, raw, float("-inf"), float("inf")))
-            shot.validate()
+                setattr(shot, name, number_from_text(name, raw, whole=isinstance(default, int)))
+            shot.validate(limits)
         except ValueError as e:
             raise ValueError(f"{source} line {row_number}: {e}") from None
         shots.append(shot)
@@ -427,13 +436,14 @@ def shots_to_csv(shots: list[Shot]) -> str:
 class StoryboardStore:
     """storyboards/<name>/: project.json, references/, shots/<shot>/ (candidates), export/."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, limits: Limits | None = None):
         self.folder = Path(folder)
+        self.limits = limits  # None: Limits.from_env()
 
     def names(self) -> list[str]:
         if not self.folder.is_dir():
             return []
-        return sorted(p.name for p in self.folder.iterdir() if (p / PROJECT_FILE).is_file())
+        return sorted(p.name for p in self.folder.iterdir() if (p / PROJECT_FILE).is_file() and _usable(p.name))
 
     def path(self, name: str) -> Path:
         check_board_name(name)
@@ -456,7 +466,7 @@ class StoryboardStore:
         return board
 
     def save(self, board: Storyboard) -> Path:
-        board.validate()
+        board.validate(self.limits)
         folder = self.path(board.name)
         for shot in board.shots:
             if shot.reference:
@@ -491,7 +501,7 @@ class StoryboardStore:
             text = csv_path.read_text(encoding="utf-8-sig")
         except UnicodeDecodeError as e:
             raise ValueError(f"{csv_path.name} is not UTF-8 text: {e}") from None
-        shots = shots_from_csv(text, csv_path.name)
+        shots = shots_from_csv(text, csv_path.name, self.limits)
         notes = []
         project = self.path(board.name)
         for shot in shots:
@@ -530,7 +540,7 @@ def pick(board: Storyboard, shot_number: str, index: int) -> Frame:
     shot = board.shot(shot_number)
     if not shot.frames:
         raise ValueError(f"shot {shot.shot} has no candidates yet; generate it first")
-    index = _whole(f"shot {shot.shot}: candidate", index, 0, len(shot.frames) - 1)
+    index = whole_number(f"shot {shot.shot}: candidate", index, 0, len(shot.frames) - 1)
     shot.picked = index
     return shot.frames[index]
 

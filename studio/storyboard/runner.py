@@ -8,13 +8,14 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from studio.config import LimitExceeded
 from studio.control.controlnet import ControlNetLoader
 from studio.control.preprocess import canny_map, fit_to_frame, read_reference
 from studio.files.atomic import atomic_dir
 from studio.generation.denoise import Control, DenoiseItem, denoise, pass_noise_is_shared
 from studio.generation.generate import Generator, build_infotext
 from studio.generation.infotext import format_infotext, parse_infotext, png_info
-from studio.generation.job import MAX_SEED
+from studio.generation.job import MAX_SEED, describe_work, work
 from studio.generation.oom import generation_advice, run_with_advice
 from studio.models import speed
 from studio.models.manager import ModelManager
@@ -90,11 +91,16 @@ class StoryboardRunner:
             rng: random.Random | None = None) -> StoryboardResult:
         """Generate the candidates of `shots` (all when None; with `only_missing`, those without frames). Every
         other shot's files stay as they are. The project is saved after each shot, so Stop keeps finished ones."""
-        # 1. validate the board and pick the shots
-        board.validate()
+        # 1. validate the board and pick the shots; the work of the chosen ones within max_work
+        limits = self.manager.cfg.limits
+        board.validate(limits)
         chosen = [board.shot(n) for n in shots] if shots is not None else list(board.shots)
         if only_missing:
             chosen = [s for s in chosen if not s.frames]
+        images = sum(board.candidates_of(shot) for shot in chosen)
+        st = board.settings
+        limits.check("max_work", work(images, st.steps, st.width, st.height),
+                     f"{len(chosen):,} shots: {describe_work(images, st.steps, st.width, st.height)}")
         if self.manager.current is None:
             raise RuntimeError("no model is loaded; load one first")
         for shot in chosen:
@@ -113,6 +119,12 @@ class StoryboardRunner:
             model = self.manager.current
             if model is None:
                 raise RuntimeError("no model is loaded; load one first")
+            # every chosen shot's prompt within max_prompt_chunks (the tokenizer only), before any model work
+            for shot in chosen:
+                try:
+                    self.generator.check_chunks(s.job(board.prompt(shot), 0), model)
+                except LimitExceeded as e:
+                    raise LimitExceeded(e.name, e.limit, f"shot {shot.shot}: {e.what}") from None
             # 2. the ControlNet for this model, before any denoising: a missing one fails now, not after half the board
             controlnet = None
             if any(shot.reference for shot in chosen):

@@ -45,7 +45,8 @@ class FinetuneMethod(TrainMethod):
         if path.suffix.lower() != ".safetensors":
             raise ValueError(f"the fine-tuned checkpoint is written as .safetensors, got {path.name}")
         if path.exists() and not job.overwrite:
-            raise ValueError(f"{path} already exists; choose another name or allow overwriting")
+            raise ValueError(f"{path.name} already exists in {path.parent.name}/; choose another name or allow "
+                             "overwriting")
 
     def param_groups(self) -> list[ParamGroup]:
         return [ParamGroup("unet", list(self.unet.parameters()), rate_function(self.job, self.job.learning_rate))]

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from studio.config import ROOT, check_known_keys, check_settings
+from studio.config import ROOT, Limits, check_known_keys, check_settings, real_number, text, whole_number
+from studio.files.names import check_name
+from studio.generation.prompt_syntax import check_prompt_limits
 from studio.train.schedule import LR_SCHEDULERS, parse_schedule
 
 TI_METHODS = ("ti", "ti-att", "ti-moe")
@@ -129,13 +131,22 @@ class TrainJob:
 
     # 2. checking
 
-    def validate(self) -> None:
-        """Raise ValueError naming the bad value and what would be right. Nothing is corrected silently."""
+    def validate(self, limits: Limits | None = None) -> None:
+        """Raise ValueError naming the bad value and what would be right. Nothing is corrected (4.0 becomes 4, the
+        same number). `limits` (default: Limits.from_env()) bounds the preview, instance and class prompts."""
+        limits = limits or Limits.from_env()
+        for name in ("method", "model", "name", "init_word", "template", "lr_scheduler", "optimizer",
+                     "mixed_precision", "compile", "lora_targets", "instance_prompt", "class_prompt", "output",
+                     "image_encoder", "preview_prompt", "embedding_format"):
+            text(name.replace("_", " "), getattr(self, name))
+        for name in ("preview_prompt", "instance_prompt", "class_prompt"):
+            check_prompt_limits(getattr(self, name), name.replace("_", " "), limits)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not self.name or not NAME_RE.match(self.name):
             raise ValueError(f"name must be 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit "
                              f"(it becomes the file name and the prompt word), got {self.name!r}")
+        check_name(self.name, "training output")  # also: a trailing newline, a dot at the end, CON, aux, lpt1
         if not str(self.data).strip():
             raise ValueError("choose a dataset: a name in datasets/ or a folder of images")
         ints = {"vectors": (1, MAX_VECTORS), "resolution": (64, 2048), "batch_size": (1, 64),
@@ -145,20 +156,14 @@ class TrainJob:
                 "preview_seed": (0, 2**32 - 1), "preview_steps": (1, 150),
                 "overfit_batches": (0, 1000), "rank": (1, 1024), "class_images": (0, 100_000)}
         for name, (lo, hi) in ints.items():
-            value = getattr(self, name)
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)
-                setattr(self, name, value)  # 4.0 from a slider is 4
-            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-                raise ValueError(f"{name.replace('_', ' ')} must be a whole number from {lo} to {hi}, got {value!r}")
+            setattr(self, name, whole_number(name.replace("_", " "), getattr(self, name), lo, hi))  # 4.0 is 4
         if self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution} "
                              f"(try {self.resolution - self.resolution % 8})")
-        if self.repeats is not None and (isinstance(self.repeats, bool) or not isinstance(self.repeats, int)
-                                         or not 1 <= self.repeats <= 10_000):
-            raise ValueError(f"repeats must be 1 to 10000 (or empty for the dataset's), got {self.repeats!r}")
-        if self.flip_p is not None and not (isinstance(self.flip_p, (int, float)) and 0 <= self.flip_p <= 1):
-            raise ValueError(f"flip probability must be between 0 and 1, got {self.flip_p!r}")
+        if self.repeats is not None:
+            self.repeats = whole_number("repeats (or empty for the dataset's)", self.repeats, 1, 10_000)
+        if self.flip_p is not None:
+            real_number("flip probability", self.flip_p, 0, 1)
         parse_schedule(self.learning_rate)  # raises with the bad piece quoted
         from studio.models.speed import check_train_compile_mode
 
@@ -166,12 +171,11 @@ class TrainJob:
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed precision must be one of {', '.join(MIXED_PRECISION)}, "
                              f"got {self.mixed_precision!r}")
-        if not isinstance(self.weight_decay, (int, float)) or not 0 <= self.weight_decay < 1:
+        if not 0 <= real_number("weight decay", self.weight_decay) < 1:
             raise ValueError(f"weight decay must be in [0, 1), got {self.weight_decay!r}")
         if self.method == "ti-moe" and not 1 <= self.top_k <= self.experts:
             raise ValueError(f"top-k must be between 1 and the number of experts ({self.experts}), got {self.top_k}")
-        if not isinstance(self.aux_weight, (int, float)) or self.aux_weight < 0:
-            raise ValueError(f"auxiliary loss weight must be 0 or more, got {self.aux_weight!r}")
+        real_number("auxiliary loss weight", self.aux_weight, 0)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -181,13 +185,11 @@ class TrainJob:
                   "noise_offset": (0, 1), "dropout": (0, 0.99), "prior_loss_weight": (0, 1e6),
                   "ema_decay": (0, 1)}
         for name, (lo, hi) in floats.items():
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
-                raise ValueError(f"{name.replace('_', ' ')} must be a number from {lo} to {hi:g}, got {value!r}")
-        if self.alpha is not None and (not isinstance(self.alpha, (int, float)) or self.alpha <= 0):
+            real_number(name.replace("_", " "), getattr(self, name), lo, hi)
+        if self.alpha is not None and real_number("LoRA alpha (or empty for the rank)", self.alpha) <= 0:
             raise ValueError(f"LoRA alpha must be a positive number (or empty for the rank), got {self.alpha!r}")
-        if self.text_encoder_lr is not None and (not isinstance(self.text_encoder_lr, (int, float))
-                                                 or not self.text_encoder_lr > 0):
+        if self.text_encoder_lr is not None and not real_number("text encoder learning rate",
+                                                                self.text_encoder_lr) > 0:
             raise ValueError(f"text encoder learning rate must be positive, got {self.text_encoder_lr!r}")
         if self.lora_targets not in LORA_TARGETS:
             raise ValueError(f"LoRA targets must be one of {', '.join(LORA_TARGETS)}, got {self.lora_targets!r}")

@@ -24,6 +24,7 @@ from studio.generation import samplers
 from studio.generation.infotext import format_infotext
 from studio.generation.oom import free_memory
 from studio.models import speed
+from studio.models.checkpoints import require_family
 from studio.models.manager import ModelManager
 from studio.train.data import (
     STREAM_CLASS,
@@ -139,7 +140,7 @@ class Trainer:
     # --- entry points ---------------------------------------------------------------------------
 
     def start(self, job: TrainJob) -> TrainResult:
-        job.validate()
+        job.validate(self.cfg.limits)
         method_class(job).check_output(self.cfg, job)
         return self._run(job, None)
 
@@ -150,7 +151,7 @@ class Trainer:
         job = run.job()
         check_train_settings(job.to_dict(), str(run.path / "config.yaml"))  # a hand-edited file names the bad key
         job = job.replace(max_steps=max_steps, compile=compile)
-        job.validate()
+        job.validate(self.cfg.limits)
         return self._run(job, run)
 
     # --- the recipe -----------------------------------------------------------------------------
@@ -170,6 +171,7 @@ class Trainer:
         self._log(f"loading {job.model}")
         manager = ModelManager(dataclasses.replace(self.cfg, device="cpu", precision="fp32"))
         model = manager.open(job.model)
+        require_family(model, ("sd1", "sd2"), "training")
         pipe = model.pipe
         self._scheduler_config = dict(pipe.scheduler.config)  # previews swap pipe.scheduler; keep the original
         method_class(job).check_model(pipe, job)

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from studio.files.atomic import atomic_dir, write_text
+from studio.files.names import check_name
 from studio.files.pickles import unpickling_refusal
 from studio.train.job import TrainJob, job_from_yaml, job_to_yaml
 
@@ -46,7 +47,9 @@ class RunFolder:
     @classmethod
     def create(cls, runs_dir: Path, job: TrainJob, when: dt.datetime | None = None) -> RunFolder:
         when = when or dt.datetime.now()
-        base = Path(runs_dir) / f"{job.name}-{when.strftime('%Y%m%d-%H%M%S')}"
+        # checked again: a run made by the Trainer directly (not through TrainJob.validate) still gets a folder name
+        # that stays inside runs/ and works on every system
+        base = Path(runs_dir) / check_name(f"{job.name}-{when.strftime('%Y%m%d-%H%M%S')}", "training run")
         path, n = base, 1
         while path.exists():
             n += 1

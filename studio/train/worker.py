@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from studio.config import StudioConfig
-from studio.files.names import UnsafeNameError, safe_child
+from studio.files.names import UnsafeNameError, check_name, safe_child
 from studio.models.tokenizer import clip_tokenizer
 from studio.train.data import resolve_data_dir
 from studio.train.job import TrainJob
@@ -80,12 +80,13 @@ class TrainingWorker:
     def start(self, job: TrainJob) -> RunView:
         """Check the job now (a bad value is a ValueError here, not a failed run later), then train in the
         background."""
-        job.validate()
+        job.validate(self.cfg.limits)
         resolve_data_dir(job.data, self.cfg.datasets_dir)
         if job.method == "finetune" and job.output:
             # from the browser (or its API) the checkpoint goes into models/, never elsewhere on the disk; the
             # command line (Trainer directly) may write where its user says
             output = Path(job.output)
+            check_name(output.name, "fine-tuned checkpoint file")
             inside = output.resolve() if output.is_absolute() else safe_child(self.cfg.models_dir, job.output)
             if Path(self.cfg.models_dir).resolve() not in inside.parents:
                 raise UnsafeNameError(f"the output file must be inside {Path(self.cfg.models_dir).name}/, got "

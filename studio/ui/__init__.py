@@ -26,7 +26,7 @@ def banner_text(state: AppState) -> str:
     if model.is_demo:
         return "⚠ " + generate_tab.DEMO_BANNER.format(models=state.cfg.models_dir)
     pred = " · v-prediction" if model.prediction_type == "v_prediction" else ""
-    return f"Loaded **{model.name}** (SD {model.family[-1]}.x{pred}, {model.native_size} px native)"
+    return f"Loaded **{model.name}** ({model.family_info.label}{pred}, {model.native_size} px native)"
 
 
 def build_ui(state: AppState) -> gr.Blocks:

@@ -99,7 +99,7 @@ def build(state: AppState):
 
     with gr.Accordion("Save", open=True):
         with gr.Row():
-            name = gr.Textbox(label=f"Dataset name (saved in {state.cfg.datasets_dir})", elem_id="ds-name")
+            name = gr.Textbox(label=f"Dataset name (saved in {Path(state.cfg.datasets_dir).name}/)", elem_id="ds-name")
             repeats = gr.Number(value=0, precision=0, minimum=0, elem_id="ds-repeats",
                                 label="Repeats per epoch (0: from kohya <repeats>_<name> folders, else 1)")
         with gr.Row():
@@ -109,6 +109,7 @@ def build(state: AppState):
         with gr.Row():
             drop_low = gr.Checkbox(True, label="Leave out pairs under the CLIP threshold (scored pairs only)")
             kohya = gr.Checkbox(False, label="Also export kohya's <repeats>_<name> folder")
+            replace_ds = gr.Checkbox(False, label="Replace the dataset of that name", elem_id="ds-replace")
         save_btn = gr.Button("Save dataset", variant="primary", elem_id="ds-save-btn")
         saved = gr.Markdown(elem_id="ds-saved")
 
@@ -235,12 +236,12 @@ def build(state: AppState):
 
     # --- save
     def do_save(curation, grid_v, rows, name_v, repeats_v, flip_v, flip_p_v, drop_v, threshold_v, kohya_v,
-                progress=gr.Progress()):
+                replace_v=False, progress=gr.Progress()):
         curation = _need(curation)
         _apply_grid(curation, grid_v)
         _apply_dup_rows(curation, rows)
         rep = None if repeats_v in (None, "", 0) else _int(repeats_v, "repeats")
-        curation.job = dataclasses.replace(curation.job, name=(name_v or "").strip(), flip=flip_v,
+        curation.job = dataclasses.replace(curation.job, name=name_v or "", flip=flip_v,
                                            flip_p=float(flip_p_v), repeats=rep,
                                            clip_threshold=float(threshold_v) if drop_v else None)
         try:
@@ -249,23 +250,26 @@ def build(state: AppState):
             target = safe_child(state.cfg.datasets_dir, slug)
             ds.apply_clip_filter(curation, curation.job.clip_threshold)
             progress((0, 1), desc="writing", unit="files")
-            out = ds.write_dataset(curation, target)
+            out = ds.write_dataset(curation, target, replace=bool(replace_v))
             kohya_dir = None
             if kohya_v:
                 kohya_dir = ds.export_kohya(out, state.cfg.datasets_dir / f"{slug}-kohya", slug,
                                             curation.repeats)
+        except ds.DatasetExistsError as e:
+            raise gr.Error(f"{e}: tick 'Replace the dataset of that name'") from e
         except (ValueError, UnsafeNameError, OSError) as e:
             raise gr.Error(str(e)) from e
         kept = len(curation.kept())
-        text = (f"Saved **{kept}** image(s) with captions to `{out}` (dataset.json, metadata.jsonl, "
+        where = Path(state.cfg.datasets_dir).name
+        text = (f"Saved **{kept}** image(s) with captions to `{where}/{out.name}` (dataset.json, metadata.jsonl, "
                 f"report.json); {curation.repeats} repeat(s) per epoch, flip: {curation.job.flip}.")
         if kohya_v:
-            text += f"\n\nkohya folder: `{kohya_dir}`"
-        return (curation, *render(curation, threshold_v), text)
+            text += f"\n\nkohya folder: `{where}/{kohya_dir.name}`"
+        return (curation, *render(curation, threshold_v), text, False)
 
     save_btn.click(do_save,
-                   [session, grid, dup_table, name, repeats, flip, flip_p, drop_low, threshold, kohya],
-                   [session, *views, saved], api_visibility="private")
+                   [session, grid, dup_table, name, repeats, flip, flip_p, drop_low, threshold, kohya, replace_ds],
+                   [session, *views, saved, replace_ds], api_visibility="private")
     return {"session": session}
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 from pathlib import Path
+from urllib.parse import quote
 
 import gradio as gr
 
@@ -190,7 +191,8 @@ def build(state: AppState):
         sv_report = gr.Markdown(elem_id="sv-report")
 
     def link(name: str) -> str:
-        return f"[/survey?survey={name}](/survey?survey={name})"
+        url = f"/survey?survey={quote(name)}"  # survey names may hold spaces and brackets
+        return f"[{url}]({url})"
 
     def do_build(name_v, title_v, per_v, source_v, a_v, b_v, category_v):
         try:

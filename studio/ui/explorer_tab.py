@@ -60,12 +60,12 @@ def helper_choices(state: AppState, axis_name: str) -> list[str] | None:
 def grid_job_from_inputs(prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height, clip_skip,
                          x_type, x_values, x_lora, y_type, y_values, y_lora, z_type, z_values, z_lora, keep_seeds,
                          cells_per_pass) -> GridJob:
-    base = GenerateJob(prompt=prompt or "", negative_prompt=negative or "", sampler=sampler, schedule=schedule,
-                       steps=int(steps), cfg_scale=float(cfg_scale), seed=int(seed), width=int(width),
-                       height=int(height), clip_skip=int(clip_skip))
+    # the values as sent: validation refuses 2.7 steps or None instead of a silent int() here
+    base = GenerateJob(prompt=prompt, negative_prompt=negative, sampler=sampler, schedule=schedule, steps=steps,
+                       cfg_scale=cfg_scale, seed=seed, width=width, height=height, clip_skip=clip_skip)
     axes = [AxisSpec(t or NOTHING, v or "", (lora or "") if t == "LoRA weight" else "")
             for t, v, lora in ((x_type, x_values, x_lora), (y_type, y_values, y_lora), (z_type, z_values, z_lora))]
-    return GridJob(base, *axes, keep_random_seeds=bool(keep_seeds), cells_per_pass=int(cells_per_pass))
+    return GridJob(base, *axes, keep_random_seeds=bool(keep_seeds), cells_per_pass=cells_per_pass)
 
 
 def describe(plan: GridPlan, seconds: float | None) -> str:
@@ -121,7 +121,7 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
                     width = gr.Slider(64, 2048, value=size, step=8, label="Width")
                     height = gr.Slider(64, 2048, value=size, step=8, label="Height")
                 with gr.Row():
-                    seed = gr.Number(value=-1, precision=0, label="Seed (-1 = one random seed for all cells)")
+                    seed = gr.Number(value=-1, label="Seed (-1 = one random seed for all cells)")  # no rounding
                     clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip")
             axis_inputs, axis_rows = [], []
             for letter, default, value in zip("XYZ", DEFAULT_AXES, DEFAULT_VALUES, strict=True):
@@ -205,7 +205,7 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
         items = [(str(result.images[c.index].path), " · ".join(t for t in c.labels if t)) for c in done]
         paths = [str(result.images[c.index].path) for c in done]
         passes = f"{result.passes_run} pass" + ("" if result.passes_run == 1 else "es")
-        text = f"saved `{result.grid_path}` · {len(done)} cells in {passes}, {result.seconds:.1f} s"
+        text = f"saved `{state.shown(result.grid_path)}` · {len(done)} cells in {passes}, {result.seconds:.1f} s"
         if result.interrupted:
             text = f"⚠ {result.message} · {text}"
         grid = (str(result.grid_path), result.grid.width)

@@ -6,10 +6,10 @@ import gradio as gr
 
 from studio.generation import samplers
 from studio.generation.expand import DEFAULT_EXPANDER, ExpandError, ExpandJob
-from studio.generation.infotext import parse_infotext, read_image_infotext, to_fields
+from studio.generation.infotext import parse_infotext, read_image_infotext, rng_note, to_fields
 from studio.generation.job import GenerateJob
 from studio.generation.paste import restore_lora_names
-from studio.generation.presets import apply_preset, list_presets, save_preset
+from studio.generation.presets import PresetExistsError, apply_preset, list_presets, save_preset
 from studio.ui import networks_panel
 from studio.ui.state import AppState
 
@@ -22,10 +22,11 @@ DEMO_BANNER = (
 
 def job_from_inputs(prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height, batch_size,
                     batch_count, clip_skip=1) -> GenerateJob:
-    return GenerateJob(prompt=prompt or "", negative_prompt=negative or "", sampler=sampler, schedule=schedule,
-                       steps=int(steps), cfg_scale=float(cfg_scale), seed=int(seed), width=int(width),
-                       height=int(height), batch_size=int(batch_size), batch_count=int(batch_count),
-                       clip_skip=int(clip_skip))
+    """The job exactly as the widgets (or the API) sent it: GenerateJob.validate refuses what is not a valid value
+    (2.7 steps, a bool, None) instead of rounding it here."""
+    return GenerateJob(prompt=prompt, negative_prompt=negative, sampler=sampler, schedule=schedule, steps=steps,
+                       cfg_scale=cfg_scale, seed=seed, width=width, height=height, batch_size=batch_size,
+                       batch_count=batch_count, clip_skip=clip_skip)
 
 
 def build(state: AppState, model_dropdown: gr.Dropdown):
@@ -54,7 +55,8 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
                 cfg_scale = gr.Slider(0, 30, value=7, step=0.5, label="CFG scale", scale=3)
                 clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", scale=1, elem_id="clip-skip")
             with gr.Row():
-                seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="seed")
+                # no precision: Gradio would round 2.7 to 3 before the job could refuse it
+                seed = gr.Number(value=-1, label="Seed (-1 = random)", elem_id="seed")
                 random_btn = gr.Button("Random", scale=0, min_width=70)
                 reuse_btn = gr.Button("Reuse", scale=0, min_width=70)
             with gr.Accordion("Presets", open=False):
@@ -62,10 +64,15 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
                 preset = gr.Dropdown(list(presets), value=None, label="Preset", elem_id="preset")
                 preset_info = gr.Markdown()
                 with gr.Row():
-                    preset_name = gr.Textbox(label="Save current settings as", scale=3)
-                    save_btn = gr.Button("Save preset", scale=1)
+                    preset_name = gr.Textbox(label="Save current settings as", scale=3, elem_id="preset-name")
+                    save_btn = gr.Button("Save preset", scale=1, elem_id="preset-save")
+                preset_replace = gr.Checkbox(False, label="Replace the preset of that name", elem_id="preset-replace")
             with gr.Accordion("PNG info: drop an image from A1111 or the studio", open=False):
-                png_in = gr.Image(type="filepath", label="Image", sources=["upload"], elem_id="png-info")
+                # a file, not gr.Image: gr.Image converts uploads to RGB (a full decode) before any check
+                png_in = gr.File(label="Image (PNG, JPEG, WebP)", file_types=["image"], elem_id="png-info",
+                                 height=90)
+                png_preview = gr.Image(label="Accepted image", interactive=False, height=200,
+                                       elem_id="png-info-preview")
                 png_text = gr.Textbox(label="Parameters found", lines=4, interactive=False)
             networks_refresh, networks_outputs = networks_panel.build(state, prompt)
             with gr.Accordion("Prompt expansion (GPT-2)", open=False, elem_id="expansion"):
@@ -92,7 +99,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
         # `request` first: Gradio passes it only to parameters before *values (it names the session)
         try:
             job = job_from_inputs(*values)
-            job.validate()
+            job.validate(state.cfg.limits)
         except ValueError as e:
             raise gr.Error(str(e)) from e
         if state.manager.current is None:
@@ -114,7 +121,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
         seeds = ", ".join(str(im.seed) for im in result.images[:8])
         note = f"\n\n⚠ {result.message}" if result.interrupted else ""
         saved = result.images[0].path.parent if result.images and result.images[0].path else None
-        where = f" · saved to `{saved}`" if saved else ""
+        where = f" · saved to `{state.shown(saved)}`" if saved else ""
         text = result.images[0].infotext if result.images else ""
         return items, f"**Seed:** {seeds}{where}{note}", text
 
@@ -168,27 +175,31 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
                  [sampler, schedule, steps, cfg_scale, seed, width, height, batch_size, batch_count, preset_info],
                  api_visibility="private")
 
-    def do_save(name, *values):
+    def do_save(name, replace, *values):
         try:
-            path = save_preset(state.cfg.presets_dir, name, job_from_inputs(*values))
+            path = save_preset(state.cfg.presets_dir, name, job_from_inputs(*values), overwrite=bool(replace))
+        except PresetExistsError as e:
+            raise gr.Error(f"{e}: tick 'Replace the preset of that name'") from e
         except ValueError as e:
             raise gr.Error(str(e)) from e
         found = list_presets(state.cfg.presets_dir)
-        return gr.update(choices=list(found), value=name.strip()), f"saved `{path.name}`"
+        return gr.update(choices=list(found), value=name), f"saved `{path.name}`", False
 
-    save_btn.click(do_save, [preset_name, *params], [preset, preset_info], api_visibility="private")
+    save_btn.click(do_save, [preset_name, preset_replace, *params], [preset, preset_info, preset_replace],
+                   api_visibility="private")
 
     # PNG info
     def read_png(path):
         if not path:
-            return (gr.update(),) * 10 + ("",)
+            return (gr.update(),) * 10 + ("", None)
         try:
-            text = read_image_infotext(path)
-        except ValueError as e:
-            raise gr.Error(str(e)) from e
+            text = read_image_infotext(path)  # header checked before anything is decoded
+        except (ValueError, OSError) as e:
+            gr.Warning(str(e))
+            return (gr.update(),) * 10 + (f"(refused: {e})", None)
         if not text:
             gr.Warning("this image carries no generation parameters")
-            return (gr.update(),) * 10 + ("(no parameters in this image)",)
+            return (gr.update(),) * 10 + ("(no parameters in this image)", path)
         try:
             f = to_fields(parse_infotext(text))
         except ValueError as e:
@@ -203,15 +214,17 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
                                              state.generator.networks)
         for note in notes:
             gr.Info(note)
+        rng = rng_note(f["extra"])  # RNG and Version are not job fields: they stay in extra
+        if rng:
+            gr.Info(rng)
         skip = f["extra"].get("Clip skip", "1")
         return (restored, f.get("negative_prompt", ""), sampler_value, schedule_value,
                 f.get("steps", gr.update()), f.get("cfg_scale", gr.update()), f.get("seed", gr.update()),
                 f.get("width", gr.update()), f.get("height", gr.update()),
-                int(skip) if skip.isdigit() else gr.update(), text)
+                int(skip) if skip.isdigit() else gr.update(), text, path)
 
-    png_in.change(read_png, png_in,
-                  [prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height, clip_skip, png_text],
-                  api_visibility="private")
+    png_in.change(read_png, png_in, [prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height,
+                                     clip_skip, png_text, png_preview], api_visibility="private")
 
     return {"width": width, "height": height, "gallery": gallery, "networks_refresh": networks_refresh,
             "networks_outputs": networks_outputs, "png_info": png_in}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 import torch
 
 from studio.files.convert import save_diffusers_folder, save_single_file
-from studio.files.names import safe_child
+from studio.files.names import check_name, safe_child
 from studio.models.checkpoints import ModelLoadError
 from studio.models.manager import DEFAULT_DOWNLOAD
 from studio.models.speed import COMPILE_MODES
@@ -80,10 +82,10 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
         model = state.manager.current
         if model is None:
             raise gr.Error("no model is loaded")
-        name = (name or "").strip()
-        if kind == "single-file" and not name.endswith(".safetensors"):
-            name += ".safetensors"
         try:
+            check_name(name, "model")  # refused as typed, never changed: a/b is not a-b
+            if kind == "single-file" and not name.endswith(".safetensors"):
+                name += ".safetensors"
             target = safe_child(state.cfg.models_dir, name)
         except ValueError as e:
             raise gr.Error(str(e)) from e
@@ -99,7 +101,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
                                  metadata={"modelspec.title": model.name})
         except (ValueError, RuntimeError, OSError) as e:
             raise gr.Error(f"conversion failed: {e}") from e
-        return f"saved `{target}`", gr.update(choices=state.manager.choices())
+        return f"saved `{Path(state.cfg.models_dir).name}/{target.name}`", gr.update(choices=state.manager.choices())
 
     convert_btn.click(convert, [fmt, precision, out_name], [convert_status, model_dropdown], concurrency_id="gpu",
                       api_visibility="private")

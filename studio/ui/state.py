@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -48,6 +49,16 @@ class AppState:
         cfg.ensure_dirs()
         manager = ModelManager(cfg)
         return cls(cfg, manager, Generator(manager), TrainingWorker(cfg))
+
+    def shown(self, path) -> str:
+        """`path` as the browser may see it: relative to the studio's home folder (outputs/2026-12-02/...), never
+        the absolute install path; a file elsewhere by its name only."""
+        path = Path(path)
+        home = Path(self.cfg.outputs_dir).resolve().parent
+        try:
+            return path.resolve().relative_to(home).as_posix()
+        except ValueError:
+            return path.name
 
     @property
     def offline(self) -> bool:

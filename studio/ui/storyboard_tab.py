@@ -8,7 +8,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from studio.control.controlnet import ControlSettings, controlnet_choices, default_controlnet
+from studio.config import Limits, number_from_text, whole_number
+from studio.control.controlnet import controlnet_choices, default_controlnet
 from studio.control.preprocess import canny_map, fit_to_frame, read_reference
 from studio.files.names import UnsafeNameError
 from studio.generation import samplers
@@ -68,7 +69,7 @@ def _rows(table) -> list[list[str]]:
 
 
 def board_from_form(base: Storyboard, shots_table, types_table, style_kind, style_name, style_weight,
-                    *settings) -> Storyboard:
+                    *settings, limits: Limits | None = None) -> Storyboard:
     """The board as the form shows it. Shots keep their candidates and ControlNet settings by shot number (a row
     whose number is new starts without candidates). Raises ValueError naming the bad row and value."""
     board = Storyboard.from_dict(base.to_dict())
@@ -79,10 +80,12 @@ def board_from_form(base: Storyboard, shots_table, types_table, style_kind, styl
         number, kind, description, notes, reference, seed, candidates = row
         shot = old.get(number) or Shot(number, kind, description)
         shot.shot, shot.type, shot.description, shot.notes, shot.reference = number, kind, description, notes, reference
-        shot.seed = seed if seed != "" else -1
-        shot.candidates = candidates if candidates != "" else 0
         try:
-            shot.validate()
+            # table cells are text: read as numbers here, checked (never rounded) by Shot.validate
+            shot.seed = number_from_text(f"shot {number}: seed", seed, whole=True) if seed != "" else -1
+            shot.candidates = (number_from_text(f"shot {number}: candidates", candidates, whole=True)
+                               if candidates != "" else 0)
+            shot.validate(limits)
         except ValueError as e:
             raise ValueError(f"shot list row {i}: {e}") from None
         shots.append(shot)
@@ -90,9 +93,10 @@ def board_from_form(base: Storyboard, shots_table, types_table, style_kind, styl
     types = []
     for i, row in enumerate(_rows(types_table), start=1):
         row = (row + [""] * 4)[:4]
-        types.append(ShotType(row[0], row[1] or "[description]", row[2], row[3] if row[3] != "" else 1.0))
         try:
-            types[-1].validate()
+            weight = number_from_text(f"shot type {row[0]!r}: LoRA weight", row[3]) if row[3] != "" else 1.0
+            types.append(ShotType(row[0], row[1] or "[description]", row[2], weight))
+            types[-1].validate(limits)
         except ValueError as e:
             raise ValueError(f"shot types row {i}: {e}") from None
     board.shot_types = types
@@ -105,7 +109,7 @@ def board_from_form(base: Storyboard, shots_table, types_table, style_kind, styl
     values["negative_prompt"] = values["negative_prompt"] or ""
     values["controlnet"] = (values["controlnet"] or "").strip()
     board.settings = BoardSettings(**values)
-    board.validate()
+    board.validate(limits)
     return board
 
 
@@ -136,7 +140,8 @@ def canny_preview(store: StoryboardStore, board: Storyboard, number: str | None,
         return None
     ref = read_reference(store.reference_path(board, shot))
     s = board.settings
-    return canny_map(fit_to_frame(ref.image, s.width, s.height), int(low), int(high))
+    low, high = whole_number("canny low threshold", low), whole_number("canny high threshold", high)  # no int()
+    return canny_map(fit_to_frame(ref.image, s.width, s.height), low, high)
 
 
 # --- the tab ---------------------------------------------------------------------------------------------------
@@ -144,7 +149,7 @@ def canny_preview(store: StoryboardStore, board: Storyboard, number: str | None,
 
 def build(state: AppState) -> dict:
     cfg = state.cfg
-    store = StoryboardStore(cfg.storyboards_dir)
+    store = StoryboardStore(cfg.storyboards_dir, cfg.limits)
     runner = StoryboardRunner(state.manager, store, cfg.controlnet_dir, state.generator)
 
     def new_settings() -> BoardSettings:
@@ -212,8 +217,11 @@ def build(state: AppState) -> dict:
     with gr.Row():
         with gr.Column(scale=2):
             shot_pick = gr.Dropdown([], value=None, label="Shot", elem_id="sb-shot")
-            reference = gr.Image(type="filepath", label="Reference picture or sketch", sources=["upload"],
-                                 height=220, elem_id="sb-reference")
+            # a file, not gr.Image: gr.Image converts uploads to RGB (a full decode) before any check
+            reference = gr.File(label="Reference picture or sketch (upload)", file_types=["image"], height=90,
+                                elem_id="sb-reference")
+            reference_view = gr.Image(label="Reference", interactive=False, height=220,
+                                      elem_id="sb-reference-preview")
             with gr.Row():
                 low = gr.Slider(1, 255, value=100, step=1, label="Canny low threshold", elem_id="sb-low")
                 high = gr.Slider(1, 255, value=200, step=1, label="Canny high threshold", elem_id="sb-high")
@@ -250,7 +258,7 @@ def build(state: AppState) -> dict:
 
     def from_form(name, *values) -> Storyboard:
         try:
-            return board_from_form(load(name), *values)
+            return board_from_form(load(name), *values, limits=cfg.limits)
         except ERRORS as e:
             raise gr.Error(str(e)) from e
 
@@ -271,12 +279,12 @@ def build(state: AppState) -> dict:
             preview = canny_preview(store, board, number, shot.canny_low, shot.canny_high) if shot else None
         except ERRORS:
             preview = None
-        return (gr.update(choices=numbers, value=number), ref,
+        return (gr.update(choices=numbers, value=number), None, ref,
                 shot.canny_low if shot else 100, shot.canny_high if shot else 200, preview,
                 shot.control_scale if shot else 1.0, shot.control_start if shot else 0.0,
                 shot.control_end if shot else 1.0, gr.update(value=items, selected_index=picked))
 
-    shot_outputs = [shot_pick, reference, low, high, edges, scale, start, end, gallery]
+    shot_outputs = [shot_pick, reference, reference_view, low, high, edges, scale, start, end, gallery]
 
     def everything(board: Storyboard, number: str | None = None):
         values = settings_values(board)
@@ -328,7 +336,7 @@ def build(state: AppState) -> dict:
         board = from_form(name, *values)
         save(board)
         csv_path = store.export_csv(board)
-        return (f"saved `{store.path(board.name) / 'project.json'}` and `{csv_path.name}`", [str(csv_path)],
+        return (f"saved `{state.shown(store.path(board.name) / 'project.json')}` and `{csv_path.name}`", [str(csv_path)],
                 *shot_view(board, None))
 
     save_btn.click(save_form, [current, *form], [status, files, *shot_outputs], api_name="storyboard_save")
@@ -403,7 +411,7 @@ def build(state: AppState) -> dict:
 
     def upload_reference(name, number, path, *values):
         if not path:
-            return gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip()
         board = from_form(name, *values)
         if not number:
             raise gr.Error("pick a shot first")
@@ -412,13 +420,14 @@ def build(state: AppState) -> dict:
             store.save(board)
             shot = board.shot(number)
             preview = canny_preview(store, board, number, shot.canny_low, shot.canny_high)
+            shown = str(store.reference_path(board, shot))  # the accepted picture, as the project keeps it
         except ERRORS as e:
             raise gr.Error(str(e)) from e
         for note in notes:
             gr.Info(note)
-        return shot_rows(board), preview
+        return shot_rows(board), preview, shown
 
-    reference.upload(upload_reference, [current, shot_pick, reference, *form], [shots, edges],
+    reference.upload(upload_reference, [current, shot_pick, reference, *form], [shots, edges, reference_view],
                      api_visibility="private")
 
     def live_edges(name, number, lo, hi):
@@ -436,13 +445,14 @@ def build(state: AppState) -> dict:
         board = load(name)
         try:
             shot = board.shot(number)
-            ControlSettings(float(sc), float(st), float(en)).validate()
-            shot.canny_low, shot.canny_high = int(lo), int(hi)
-            shot.control_scale, shot.control_start, shot.control_end = float(sc), float(st), float(en)
+            # the values as sent: Shot.validate (in save) refuses 2.7 or None instead of a silent int() here
+            shot.canny_low, shot.canny_high = lo, hi
+            shot.control_scale, shot.control_start, shot.control_end = sc, st, en
             store.save(board)
         except ERRORS as e:
             raise gr.Error(str(e)) from e
-        return f"shot {number}: canny {int(lo)}–{int(hi)}, scale {float(sc):g}, guidance {float(st):g}–{float(en):g}"
+        return (f"shot {number}: canny {shot.canny_low}–{shot.canny_high}, scale {shot.control_scale:g}, "
+                f"guidance {shot.control_start:g}–{shot.control_end:g}")
 
     apply_btn.click(apply_control, [current, shot_pick, low, high, scale, start, end], status,
                     api_visibility="private")
@@ -499,7 +509,7 @@ def build(state: AppState) -> dict:
             raise gr.Error(str(e)) from e
         for note in out.notes:
             gr.Warning(note)
-        text = f"exported `{out.pdf}` ({out.pages} page{'s' if out.pages != 1 else ''}) and `{out.sheet.name}`"
+        text = f"exported `{state.shown(out.pdf)}` ({out.pages} page{'s' if out.pages != 1 else ''}) and `{out.sheet.name}`"
         return text, [str(out.pdf), str(out.sheet)], str(out.sheet)
 
     export_btn.click(export, [current, *form], [status, files, sheet], api_name="storyboard_export")

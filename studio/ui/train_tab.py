@@ -13,6 +13,7 @@ import gradio as gr
 import pandas as pd
 import torch
 
+from studio.config import real_number, whole_number
 from studio.dataset.curate import MANIFEST, read_manifest
 from studio.dataset.sources import scan_inputs
 from studio.models.speed import TRAIN_COMPILE_MODES
@@ -114,11 +115,11 @@ def job_from_form(values: dict, model: str, extra: dict | None = None) -> TrainJ
         elif key in INT_FIELDS and value is not None:
             value = _whole(value, key)
         elif key in FLOAT_FIELDS and value is not None:
-            value = float(value)
+            value = real_number(key.replace("_", " "), value)
         elif key in OPTIONAL_FLOATS:
             value = _optional_float(value, OPTIONAL_FLOATS[key])
         elif key == "lr_warmup" and value is not None:
-            value = float(value)
+            value = real_number("lr warmup", value)
             value = int(value) if value >= 1 and value.is_integer() else value  # steps, or a fraction below 1
         elif key in BOOL_FIELDS:
             value = bool(value)
@@ -212,10 +213,8 @@ def _optional_float(value, label: str) -> float | None:
 
 
 def _whole(value, key: str) -> int:
-    number = float(value)
-    if not number.is_integer():
-        raise ValueError(f"{key.replace('_', ' ')} must be a whole number, got {value!r}")
-    return int(number)
+    """A whole number from a widget (4.0 is 4); 2.5, a bool, NaN or text are refused, not rounded."""
+    return whole_number(key.replace("_", " "), value)
 
 
 # --- pure helpers: RunView -> what the tab shows --------------------------------------------------------
@@ -416,7 +415,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
                 name = gr.Textbox(label=NAME_LABEL_TI, placeholder="my-style", elem_id="tr-name", scale=2)
                 init_word = gr.Textbox(defaults.init_word, label="Initializer word", elem_id="tr-init-word",
                                        placeholder="a word close to the concept, or *", min_width=120)
-                vectors = gr.Number(defaults.vectors, precision=0, minimum=1, maximum=75, min_width=100,
+                vectors = gr.Number(defaults.vectors, minimum=1, maximum=75, min_width=100,
                                     label="Vectors per token", elem_id="tr-vectors")
             template = gr.Dropdown(templates, value=defaults.template if defaults.template in templates else None,
                                    allow_custom_value=True, label="Prompt template", elem_id="tr-template")
@@ -428,18 +427,18 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
             with gr.Row():
                 lr = gr.Textbox(defaults.learning_rate, label="Learning rate", elem_id="tr-lr",
                                 info="a number, or a schedule: 0.005:100, 1e-3:1000, 1e-5")
-                batch = gr.Number(defaults.batch_size, precision=0, minimum=1, label="Batch size", min_width=100,
+                batch = gr.Number(defaults.batch_size, minimum=1, label="Batch size", min_width=100,
                                   elem_id="tr-batch")
-                accum = gr.Number(defaults.grad_accum, precision=0, minimum=1, label="Gradient accumulation",
+                accum = gr.Number(defaults.grad_accum, minimum=1, label="Gradient accumulation",
                                   min_width=100, elem_id="tr-accum")
             with gr.Row():
-                steps = gr.Number(defaults.max_steps, precision=0, minimum=1, label="Max steps", min_width=100,
+                steps = gr.Number(defaults.max_steps, minimum=1, label="Max steps", min_width=100,
                                   elem_id="tr-steps")
-                resolution = gr.Number(native, precision=0, minimum=64, step=8, label="Resolution (px)",
+                resolution = gr.Number(native, minimum=64, step=8, label="Resolution (px)",
                                        min_width=100, elem_id="tr-resolution")
-                seed = gr.Number(defaults.seed, precision=0, minimum=0, label="Seed", min_width=100, elem_id="tr-seed")
+                seed = gr.Number(defaults.seed, minimum=0, label="Seed", min_width=100, elem_id="tr-seed")
             with gr.Row():
-                repeats = gr.Number(0, precision=0, minimum=0, label="Repeats per epoch (0: the dataset's)",
+                repeats = gr.Number(0, minimum=0, label="Repeats per epoch (0: the dataset's)",
                                     elem_id="tr-repeats")
                 flip_p = gr.Dropdown([FLIP_DATASET, "0", "0.5", "1"], value=FLIP_DATASET, allow_custom_value=True,
                                      label="Flip probability", elem_id="tr-flip")
@@ -448,7 +447,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
                                         label="Mixed precision" if cuda else "Mixed precision (fp16: CUDA only)")
             with gr.Accordion("LoRA network", open=True, visible=False, elem_id="tr-lora") as lora_acc:
                 with gr.Row():
-                    rank = gr.Number(defaults.rank, precision=0, minimum=1, maximum=1024, min_width=100,
+                    rank = gr.Number(defaults.rank, minimum=1, maximum=1024, min_width=100,
                                      label="Rank (network dim)", elem_id="tr-rank")
                     alpha = gr.Textbox(_optional_text(defaults.alpha), label="Alpha (empty: the rank)",
                                        placeholder="the rank", min_width=100, elem_id="tr-alpha")
@@ -483,7 +482,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
                 with gr.Row():
                     class_prompt = gr.Textbox(defaults.class_prompt, label="Class prompt", scale=3,
                                               placeholder="a photo of a room", elem_id="tr-class-prompt")
-                    class_images = gr.Number(defaults.class_images, precision=0, minimum=0, min_width=100,
+                    class_images = gr.Number(defaults.class_images, minimum=0, min_width=100,
                                              label="Class images", elem_id="tr-class-images")
                     prior_weight = gr.Number(defaults.prior_loss_weight, minimum=0, step=0.1, min_width=100,
                                              label="Prior loss weight", elem_id="tr-prior-weight")
@@ -492,11 +491,11 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
                 image_encoder = gr.Textbox(encoder, elem_id="tr-image-encoder",
                                            label="CLIP image encoder (hub id, folder, or demo-tiny)")
                 with gr.Row():
-                    heads = gr.Number(defaults.heads, precision=0, minimum=1, label="Heads (TI-Att)", min_width=100,
+                    heads = gr.Number(defaults.heads, minimum=1, label="Heads (TI-Att)", min_width=100,
                                       elem_id="tr-heads")
-                    experts = gr.Number(defaults.experts, precision=0, minimum=1, label="Experts (TI-MoE)",
+                    experts = gr.Number(defaults.experts, minimum=1, label="Experts (TI-MoE)",
                                         min_width=100, elem_id="tr-experts")
-                    top_k = gr.Number(defaults.top_k, precision=0, minimum=1, label="Top-k (TI-MoE)", min_width=100,
+                    top_k = gr.Number(defaults.top_k, minimum=1, label="Top-k (TI-MoE)", min_width=100,
                                       elem_id="tr-top-k")
                     aux = gr.Number(defaults.aux_weight, minimum=0, step=0.005, label="Aux loss weight (TI-MoE)",
                                     elem_id="tr-aux")
@@ -527,9 +526,9 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
                              "for the compiler" + ("" if cuda else " (CUDA only: not offered on this CPU)"))
             with gr.Accordion("Run settings", open=False):
                 with gr.Row():
-                    save_every = gr.Number(defaults.save_every, precision=0, minimum=1,
+                    save_every = gr.Number(defaults.save_every, minimum=1,
                                            label="Save a checkpoint every N steps", elem_id="tr-save-every")
-                    preview_every = gr.Number(defaults.preview_every, precision=0, minimum=0,
+                    preview_every = gr.Number(defaults.preview_every, minimum=0,
                                               label="Preview image every N steps (0: none)",
                                               elem_id="tr-preview-every")
                 preview_prompt = gr.Textbox(defaults.preview_prompt, elem_id="tr-preview-prompt",
