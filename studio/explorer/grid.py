@@ -44,7 +44,7 @@ from studio.explorer.syntax import (
 )
 from studio.files.atomic import write_text
 from studio.generation import samplers
-from studio.generation.denoise import DenoiseItem, denoise, pass_noise_is_shared
+from studio.generation.denoise import denoise, pass_noise_is_shared
 from studio.generation.generate import GeneratedImage, Generator, build_infotext, save_png
 from studio.generation.infotext import format_infotext, parse_infotext
 from studio.generation.job import MAX_SEED, GenerateJob, work
@@ -599,7 +599,7 @@ class GridRunner:
                 items = []
                 for j in jobs:
                     cond, uncond, nets = encoded[_encoding_key(j)]
-                    items.append(DenoiseItem(cond, uncond, j.cfg_scale, j.seed, nets.schedule))
+                    items.append(nets.item(cond, uncond, j.cfg_scale, j.seed))
                 number = result.passes_run + 1
                 label = f"pass {number}/{n_passes}" if number <= n_passes else f"pass {number}"
 

@@ -29,6 +29,7 @@ class TextualInversion:
 class EncodedPrompt:
     embeds: torch.Tensor  # [1, 77 * n_chunks, dim]
     used_embeddings: list[str]
+    pooled: torch.Tensor | None = None  # [1, dim] the first chunk's projected text embedding (SDXL's bigG)
 
 
 @dataclass
@@ -187,6 +188,7 @@ class PromptEncoder:
         embeddings: Mapping[str, TextualInversion] | None = None,
         clip_skip: int = 1,
         runner=None,
+        final_norm: bool = True,
     ):
         layers = text_encoder.config.num_hidden_layers
         if not 1 <= clip_skip <= layers:
@@ -194,6 +196,9 @@ class PromptEncoder:
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.clip_skip = clip_skip
+        # A1111's clip skip on SD 1.x/2.x applies the final layer norm to the earlier layer; SDXL takes it raw
+        self.final_norm = final_norm
+        self._pooled = None  # the projected embedding of the last batch encoded, for text encoders that have one
         # what the forward pass calls: the text encoder itself, or a wrapper of it (DDP when training a text-encoder
         # LoRA on several GPUs, so its gradients are synchronised)
         self.runner = runner or text_encoder
@@ -253,10 +258,14 @@ class PromptEncoder:
             hook = self.text_encoder.get_input_embeddings().register_forward_hook(_inject_hook(fixes))
         try:
             if self.clip_skip == 1:
-                z = self.runner(ids).last_hidden_state
+                out = self.runner(ids)
+                z = out.last_hidden_state
             else:
-                hidden = self.runner(ids, output_hidden_states=True).hidden_states
-                z = _final_layer_norm(self.text_encoder)(hidden[-self.clip_skip])
+                out = self.runner(ids, output_hidden_states=True)
+                z = out.hidden_states[-self.clip_skip]
+                if self.final_norm:
+                    z = _final_layer_norm(self.text_encoder)(z)
+            self._pooled = getattr(out, "text_embeds", None)
         finally:
             if hook is not None:
                 hook.remove()
@@ -284,30 +293,64 @@ class PromptEncoder:
     @torch.no_grad()
     def encode(self, text: str) -> EncodedPrompt:
         chunks, used = self._pack(text)
-        embeds = torch.cat([self._encode_chunk(chunk) for chunk in chunks], dim=1)
-        return EncodedPrompt(embeds=embeds, used_embeddings=used)
+        parts, pooled = [], None
+        for i, chunk in enumerate(chunks):
+            parts.append(self._encode_chunk(chunk))
+            if i == 0:
+                pooled = self._pooled  # A1111 and diffusers take the pooled vector of the first chunk
+        return EncodedPrompt(embeds=torch.cat(parts, dim=1), used_embeddings=used, pooled=pooled)
 
     def encode_pair(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Prompt and negative conditioning of one length: the shorter gets empty-prompt chunks appended."""
-        cond, uncond = self.encode(prompt), self.encode(negative)
-        length = max(cond.embeds.shape[1], uncond.embeds.shape[1])
-        empty = self.encode("").embeds if cond.embeds.shape[1] != uncond.embeds.shape[1] else None
-        cond_embeds, uncond_embeds = (_pad_with(e.embeds, empty, length) for e in (cond, uncond))
-        used = cond.used_embeddings + [n for n in uncond.used_embeddings if n not in cond.used_embeddings]
-        return cond_embeds, uncond_embeds, used
+        cond, uncond, used = encode_pair(self, prompt, negative)
+        return cond.embeds, uncond.embeds, used
 
 
-def encode_spans(encoder: PromptEncoder, spans: Sequence[tuple[int, str, str]]
-                 ) -> tuple[tuple[tuple[int, torch.Tensor, torch.Tensor], ...], list[str]]:
-    """(last step, cond, uncond) per span of a prompt-editing schedule, every tensor as long as the longest
-    (empty-prompt chunks appended), each distinct text encoded once; and the embeddings used."""
+class XLPromptEncoder:
+    """SDXL prompts the A1111 way on both text encoders: each chunk through CLIP ViT-L and OpenCLIP bigG (the
+    penultimate layer, raw; clip skip counts back from it), emphasis per encoder, concatenated along the width;
+    the pooled vector from bigG's first chunk."""
+
+    def __init__(self, pipe, clip_skip: int = 1):
+        self.parts = [PromptEncoder(tokenizer, text_encoder, clip_skip=clip_skip + 1, final_norm=False)
+                      for tokenizer, text_encoder in ((pipe.tokenizer, pipe.text_encoder),
+                                                      (pipe.tokenizer_2, pipe.text_encoder_2))]
+
+    def count_chunks(self, text: str) -> int:
+        return self.parts[0].count_chunks(text)  # both tokenizers share one vocabulary: the same chunks
+
+    @torch.no_grad()
+    def encode(self, text: str) -> EncodedPrompt:
+        first, second = (part.encode(text) for part in self.parts)
+        return EncodedPrompt(torch.cat([first.embeds, second.embeds], dim=-1), first.used_embeddings, second.pooled)
+
+    def encode_pair(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        cond, uncond, used = encode_pair(self, prompt, negative)
+        return cond.embeds, uncond.embeds, used
+
+
+def encode_pair(encoder, prompt: str, negative: str) -> tuple[EncodedPrompt, EncodedPrompt, list[str]]:
+    """Prompt and negative EncodedPrompts of one length (the shorter gets empty-prompt chunks appended), and the
+    embeddings used."""
+    cond, uncond = encoder.encode(prompt), encoder.encode(negative)
+    length = max(cond.embeds.shape[1], uncond.embeds.shape[1])
+    empty = encoder.encode("").embeds if cond.embeds.shape[1] != uncond.embeds.shape[1] else None
+    cond.embeds, uncond.embeds = (_pad_with(e.embeds, empty, length) for e in (cond, uncond))
+    used = cond.used_embeddings + [n for n in uncond.used_embeddings if n not in cond.used_embeddings]
+    return cond, uncond, used
+
+
+def encode_spans(encoder, spans: Sequence[tuple[int, str, str]]) -> tuple[tuple, list[str]]:
+    """(last step, cond, uncond, pooled, uncond pooled) per span of a prompt-editing schedule (pooled: None but for
+    SDXL), every tensor as long as the longest (empty-prompt chunks appended), each distinct text encoded once; and
+    the embeddings used."""
     texts = list(dict.fromkeys(text for _, cond, uncond in spans for text in (cond, uncond)))
     encoded = {text: encoder.encode(text) for text in texts}
     length = max(e.embeds.shape[1] for e in encoded.values())
     empty = encoder.encode("").embeds if any(e.embeds.shape[1] != length for e in encoded.values()) else None
     padded = {text: _pad_with(e.embeds, empty, length) for text, e in encoded.items()}
     used = list(dict.fromkeys(name for e in encoded.values() for name in e.used_embeddings))
-    return tuple((end, padded[cond], padded[uncond]) for end, cond, uncond in spans), used
+    return tuple((end, padded[c], padded[u], encoded[c].pooled, encoded[u].pooled) for end, c, u in spans), used
 
 
 def _pad_with(embeds: torch.Tensor, empty: torch.Tensor | None, length: int) -> torch.Tensor:

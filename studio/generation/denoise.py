@@ -25,19 +25,22 @@ class DenoiseItem:
     uncond: torch.Tensor  # [1, tokens, dim] negative prompt conditioning (same token count as cond)
     cfg_scale: float
     seed: int  # draws the initial latent and the sampler noise of this item
-    # prompt editing / alternation: (last step, cond, uncond) spans, each as long as cond; the span used at UNet
-    # call i is the first whose last step >= i (A1111's rule); empty = cond and uncond at every step
-    schedule: tuple[tuple[int, torch.Tensor, torch.Tensor], ...] = ()
+    # prompt editing / alternation: (last step, cond, uncond, pooled, uncond pooled) spans, each as long as cond;
+    # the span used at UNet call i is the first whose last step >= i (A1111's rule); empty = the fields below
+    schedule: tuple = ()
+    pooled: torch.Tensor | None = None  # SDXL: [1, dim] pooled text embedding of the prompt
+    uncond_pooled: torch.Tensor | None = None  # and of the negative prompt
 
     def span(self, i: int) -> int:
         """Which schedule entry UNet call `i` uses (-1: no schedule)."""
         if not self.schedule:
             return -1
-        return next((k for k, (end, _, _) in enumerate(self.schedule) if i <= end), len(self.schedule) - 1)
+        return next((k for k, span in enumerate(self.schedule) if i <= span[0]), len(self.schedule) - 1)
 
-    def at_step(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def at_step(self, i: int) -> tuple:
+        """(cond, uncond, pooled, uncond pooled) at UNet call `i`."""
         k = self.span(i)
-        return (self.cond, self.uncond) if k < 0 else self.schedule[k][1:]
+        return (self.cond, self.uncond, self.pooled, self.uncond_pooled) if k < 0 else tuple(self.schedule[k][1:])
 
 
 @dataclass
@@ -151,14 +154,25 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
     any_cfg = any(item.cfg_scale > 1 for item in items)
     pad = len(items) == 1 and not any_cfg  # a UNet batch of one takes other CPU kernels: pad it to two
 
-    def conditioning(i: int) -> torch.Tensor:
-        pairs = [item.at_step(i) for item in items]
-        cond = torch.cat([c for c, _ in pairs]).to(device, dtype)
-        embeds = torch.cat([torch.cat([u for _, u in pairs]).to(device, dtype), cond]) if any_cfg else cond
-        return torch.cat([embeds, embeds]) if pad else embeds
+    def stacked(rows: list[torch.Tensor], uncond_rows: list[torch.Tensor]) -> torch.Tensor:
+        out = torch.cat(rows).to(device, dtype)
+        out = torch.cat([torch.cat(uncond_rows).to(device, dtype), out]) if any_cfg else out
+        return torch.cat([out, out]) if pad else out
+
+    def conditioning(i: int) -> tuple[torch.Tensor, dict | None]:
+        picks = [item.at_step(i) for item in items]
+        embeds = stacked([c for c, _, _, _ in picks], [u for _, u, _, _ in picks])
+        if picks[0][2] is None:
+            return embeds, None
+        # SDXL: the pooled text embedding and the size / crop conditioning, as A1111 sets them (original size =
+        # target size = the image's, no crop)
+        time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype)
+        added = {"text_embeds": stacked([p for _, _, p, _ in picks], [q for _, _, _, q in picks]),
+                 "time_ids": stacked([time_ids] * len(items), [time_ids] * len(items))}
+        return embeds, added
 
     scheduled = any(item.schedule for item in items)
-    embeds = conditioning(0)
+    embeds, added = conditioning(0)
     picks = None
     # 3. denoise
     interrupted = False
@@ -174,7 +188,7 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
             if scheduled:
                 now = tuple(item.span(i) for item in items)
                 if picks is not None and now != picks:
-                    embeds = conditioning(i)
+                    embeds, added = conditioning(i)
                 picks = now
             model_input = torch.cat([latents] * 2) if any_cfg else latents
             model_input = scheduler.scale_model_input(model_input, t)
@@ -184,11 +198,13 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
                 speed.mark_step()
             residuals = {}
             if control is not None:
+                extra = {"added_cond_kwargs": added} if added is not None else {}
                 down, mid = control.model(model_input, t, encoder_hidden_states=embeds, controlnet_cond=control_image,
-                                          conditioning_scale=control.scale_at(i, len(timesteps)), return_dict=False)
+                                          conditioning_scale=control.scale_at(i, len(timesteps)), return_dict=False,
+                                          **extra)
                 residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
             noise_pred = pipe.unet(model_input, t, encoder_hidden_states=embeds, timestep_cond=None,
-                                   cross_attention_kwargs=None, added_cond_kwargs=None, return_dict=False,
+                                   cross_attention_kwargs=None, added_cond_kwargs=added, return_dict=False,
                                    **residuals)[0]
             if pad:
                 noise_pred = noise_pred[:1]
@@ -199,10 +215,19 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
             if cancel is not None and cancel.is_set() and i + 1 < len(timesteps):
                 interrupted = True
                 break
-    # 4. decode one image at a time (the VAE's kernels are not batch-invariant either)
+    # 4. decode one image at a time (the VAE's kernels are not batch-invariant either); a VAE that overflows in
+    # fp16 (SDXL's: force_upcast in its config) decodes in fp32, as diffusers' pipelines do
     images = []
-    for i in range(latents.shape[0]):
-        decoded = pipe.vae.decode(latents[i : i + 1] / pipe.vae.config.scaling_factor, return_dict=False)[0]
-        images += pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True])
+    upcast = pipe.vae.dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False)
+    if upcast:
+        pipe.vae.to(dtype=torch.float32)
+    try:
+        for i in range(latents.shape[0]):
+            z = latents[i : i + 1].to(pipe.vae.dtype) / pipe.vae.config.scaling_factor
+            decoded = pipe.vae.decode(z, return_dict=False)[0]
+            images += pipe.image_processor.postprocess(decoded, output_type="pil", do_denormalize=[True])
+    finally:
+        if upcast:
+            pipe.vae.to(dtype=torch.float16)
     pipe.maybe_free_model_hooks()
     return DenoiseResult(images, interrupted)

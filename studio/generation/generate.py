@@ -16,7 +16,13 @@ from studio.files.adapters import ActiveLora
 from studio.files.atomic import atomic_path
 from studio.files.networks import EmbeddingFile, NetworkLibrary
 from studio.generation import samplers
-from studio.generation.conditioning import PromptEncoder, TextualInversion, encode_spans
+from studio.generation.conditioning import (
+    PromptEncoder,
+    TextualInversion,
+    XLPromptEncoder,
+    encode_pair,
+    encode_spans,
+)
 from studio.generation.denoise import DenoiseItem, denoise
 from studio.generation.infotext import format_infotext, png_info
 from studio.generation.job import GenerateJob, resolve_seed
@@ -24,7 +30,6 @@ from studio.generation.oom import generation_advice, run_with_advice
 from studio.generation.prompt_schedule import merge_schedules, prompt_schedule
 from studio.generation.prompt_syntax import extract_network_tags
 from studio.models import speed
-from studio.models.checkpoints import require_family
 from studio.models.manager import LoadedModel, ModelManager
 
 ProgressFn = Callable[[int, int, str], None]
@@ -111,7 +116,20 @@ class PromptNetworks:
     lora_hashes: dict[str, str] = field(default_factory=dict)  # filled in as A1111 writes them
     ti_hashes: dict[str, str] = field(default_factory=dict)
     schedule: tuple = ()  # DenoiseItem.schedule when the prompts edit or alternate during sampling
+    pooled: torch.Tensor | None = None  # SDXL's pooled text embeddings of the prompt and the negative prompt
+    uncond_pooled: torch.Tensor | None = None
+
+    def item(self, cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float, seed: int) -> DenoiseItem:
+        """One image's DenoiseItem with these prompts' conditioning."""
+        return DenoiseItem(cond, uncond, cfg_scale, seed, self.schedule, self.pooled, self.uncond_pooled)
     notes: list[str] = field(default_factory=list)
+
+
+def _embedding_width(model: LoadedModel) -> int:
+    """The width an embedding must have for this model (SDXL: both encoders' together, which no file has yet)."""
+    pipe = model.pipe
+    width = pipe.text_encoder.config.hidden_size
+    return width + pipe.text_encoder_2.config.hidden_size if model.is_xl else width
 
 
 def resolve_networks(job: GenerateJob, library: NetworkLibrary, text_width: int) -> PromptNetworks:
@@ -148,23 +166,26 @@ class Generator:
     def encode(self, job: GenerateJob, model: LoadedModel) -> tuple[torch.Tensor, torch.Tensor, PromptNetworks]:
         """Apply the job's LoRAs to the model and encode its prompts the A1111 way (weights, long prompts,
         embeddings). Call with the manager's lock held."""
-        require_family(model, ("sd1", "sd2"), "generating")  # SDXL generation: the next step of issue 21
         nets, spans = self._prompts(job, model)  # the chunk limit is checked here, before any model work
+        if model.is_xl and nets.loras:
+            raise ValueError("LoRAs on SDXL models are not supported yet: remove the <lora:...> tags, or load an "
+                             "SD 1.x / SD 2.x model for them")
         model.loras().apply(nets.loras)  # before encoding: a LoRA may change the text encoder
         nets.notes += model.loras().unmatched_notes(nets.loras)
         encoder = self.prompt_encoder(model, nets.embeddings, job.clip_skip)
         if len(spans) == 1:  # nothing switches (`[a:b:0]` is b throughout)
-            cond, uncond, used = encoder.encode_pair(spans[0][1], spans[0][2])
+            c, u, used = encode_pair(encoder, spans[0][1], spans[0][2])
+            cond, uncond, nets.pooled, nets.uncond_pooled = c.embeds, u.embeds, c.pooled, u.pooled
         else:
             nets.schedule, used = encode_spans(encoder, spans)
-            _, cond, uncond = nets.schedule[0]
+            _, cond, uncond, nets.pooled, nets.uncond_pooled = nets.schedule[0]
         nets.ti_hashes = {name: nets.embedding_files[name].hash for name in used}
         return cond, uncond, nets
 
     def _prompts(self, job: GenerateJob, model: LoadedModel) -> tuple[PromptNetworks, list[tuple[int, str, str]]]:
         """The job's networks and its prompt-editing spans, each distinct text within max_prompt_chunks (counted
         with the tokenizer; no LoRA is applied and the text encoder does not run)."""
-        nets = resolve_networks(job, self.networks, model.pipe.text_encoder.config.hidden_size)
+        nets = resolve_networks(job, self.networks, _embedding_width(model))
         # A1111's prompt editing and alternation: the conditioning at each step ([from:to:when], [a|b])
         spans = merge_schedules(prompt_schedule(nets.prompt, job.steps), prompt_schedule(nets.negative_prompt, job.steps))
         encoder = self.prompt_encoder(model, nets.embeddings, job.clip_skip)
@@ -190,6 +211,13 @@ class Generator:
         same tensor while a file's size and mtime stay) are the same ones. A new, changed or removed embedding file
         builds a new one, so embeddings still load without a restart. Call with the manager's lock held."""
         pipe = model.pipe
+        if model.is_xl:  # SDXL: both text encoders; its embeddings (clip_l + clip_g) are not read yet
+            key = ("xl", clip_skip)
+            cached = model.prompt_encoders.get(key)
+            if cached is None or cached[0] is not pipe.text_encoder or cached[1] is not pipe.text_encoder_2:
+                cached = (pipe.text_encoder, pipe.text_encoder_2, XLPromptEncoder(pipe, clip_skip))
+                model.prompt_encoders[key] = cached
+            return cached[2]
         wanted = [(name, e.vectors) for name, e in embeddings.items()]
         cached = model.prompt_encoders.get(clip_skip)
         if cached is not None:
@@ -238,7 +266,7 @@ class Generator:
                         on_progress(done_before + step, total,
                                     f"batch {batch + 1}/{job.batch_count}, step {step}/{job.steps}")
 
-                items = [DenoiseItem(cond, uncond, job.cfg_scale, seed, nets.schedule) for seed in seeds]
+                items = [nets.item(cond, uncond, job.cfg_scale, seed) for seed in seeds]
                 note = speed.compile_note(pipe.unet, (len(items), job.width, job.height, False))
                 if note and on_progress:
                     on_progress(done_before, total, note)

@@ -12,7 +12,7 @@ from studio.config import LimitExceeded
 from studio.control.controlnet import ControlNetLoader
 from studio.control.preprocess import canny_map, fit_to_frame, read_reference
 from studio.files.atomic import atomic_dir
-from studio.generation.denoise import Control, DenoiseItem, denoise, pass_noise_is_shared
+from studio.generation.denoise import Control, denoise, pass_noise_is_shared
 from studio.generation.generate import Generator, build_infotext
 from studio.generation.infotext import format_infotext, parse_infotext, png_info
 from studio.generation.job import MAX_SEED, describe_work, work
@@ -194,7 +194,7 @@ class StoryboardRunner:
         with atomic_dir(folder) as tmp:
             for start in range(0, n, per_pass):
                 pass_seeds = seeds[start : start + per_pass]
-                items = [DenoiseItem(cond, uncond, s.cfg_scale, seed, nets.schedule) for seed in pass_seeds]
+                items = [nets.item(cond, uncond, s.cfg_scale, seed) for seed in pass_seeds]
 
                 what = f"{label}, candidates {start + 1}-{start + len(items)} of {n}"
 
