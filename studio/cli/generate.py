@@ -39,10 +39,7 @@ def run(args) -> int:
     from studio.generation.job import GenerateJob
     from studio.models.manager import ModelManager
 
-    sampler, schedule = args.sampler, args.schedule
-    if schedule is None:
-        # "DPM++ 2M Karras" (older A1111 naming) carries its schedule inside the name
-        sampler, schedule = samplers.split_legacy_name(sampler)
+    sampler, schedule = samplers.sampler_and_schedule(args.sampler, args.schedule)
     job = GenerateJob(prompt=args.prompt, negative_prompt=args.negative, sampler=sampler, schedule=schedule,
                       steps=args.steps, cfg_scale=args.cfg, seed=args.seed, width=args.width, height=args.height,
                       batch_size=args.batch_size, batch_count=args.batch_count, clip_skip=args.clip_skip)

@@ -50,9 +50,7 @@ def run(args) -> int:
     from studio.generation.job import GenerateJob
     from studio.models.manager import ModelManager
 
-    sampler, schedule = args.sampler, args.schedule
-    if schedule is None:
-        sampler, schedule = samplers.split_legacy_name(sampler)
+    sampler, schedule = samplers.sampler_and_schedule(args.sampler, args.schedule)
     base = GenerateJob(prompt=args.prompt, negative_prompt=args.negative, sampler=sampler, schedule=schedule,
                        steps=args.steps, cfg_scale=args.cfg, seed=args.seed, width=args.width, height=args.height,
                        clip_skip=args.clip_skip)

@@ -88,10 +88,7 @@ def run(args) -> int:
         apply_board_preset(board, preset)
     # flags given on the command line win over the preset
     if args.sampler is not None:
-        sampler, schedule = args.sampler, args.schedule
-        if schedule is None:
-            sampler, schedule = samplers.split_legacy_name(sampler)
-        board.settings.sampler, board.settings.schedule = sampler, schedule
+        board.settings.sampler, board.settings.schedule = samplers.sampler_and_schedule(args.sampler, args.schedule)
     elif args.schedule is not None:
         board.settings.schedule = args.schedule
     for flag, name in (("negative", "negative_prompt"), ("steps", "steps"), ("cfg", "cfg_scale"), ("width", "width"),

@@ -139,6 +139,12 @@ def canonical_sampler(name: str) -> str | None:
     return _BY_LOWER.get(" ".join(name.split()).lower())
 
 
+def sampler_and_schedule(sampler: str, schedule: str | None) -> tuple[str, str]:
+    """(sampler, schedule) as a user gave them: with no schedule, an older A1111 name ("DPM++ 2M Karras") carries
+    it (split_legacy_name); with one, both are taken as given."""
+    return split_legacy_name(sampler) if schedule is None else (sampler, schedule)
+
+
 def split_legacy_name(name: str) -> tuple[str, str]:
     """Split an A1111 sampler name that may carry its schedule: "DPM++ 2M Karras" -> ("DPM++ 2M", "Karras").
 
