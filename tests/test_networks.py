@@ -190,10 +190,10 @@ def test_embeddings_by_file_stem_in_every_format(studio):
         assert np.abs(image(gen, job(f"a painting by {name}")) - base).max() > 0, name
     # the negative prompt uses embeddings too
     assert np.abs(image(gen, job("a painting", negative_prompt="monet-style")) - base).max() > 0
-    scan = gen.networks.embeddings(expected_dim=gen.manager.current.pipe.text_encoder.config.hidden_size)
+    scan = gen.networks.embeddings(widths=gen.manager.current.pipe.text_encoder.config.hidden_size)
     assert set(scan.found) == {"monet-style", "kohya-emb", "diff-emb"}
     assert scan.found["monet-style"].vectors.shape[0] == 2  # multi-vector
-    assert "width 768 does not fit" in scan.skipped["sd15-only.safetensors"]
+    assert "made for SD 1.x models (width 768): it does not fit" in scan.skipped["sd15-only.safetensors"]
 
 
 def test_infotext_records_a1111_hashes_and_reads_back(studio):
@@ -254,7 +254,9 @@ def test_bad_files_are_skipped_with_reasons(studio):
         skipped = gen.networks.embeddings().skipped
         assert "empty" in skipped["empty.safetensors"]
         assert "not a readable" in skipped["junk.pt"]
-        assert "SDXL" in skipped["xl.safetensors"]
+        # an SDXL embedding is readable; against this SD 1.x-layout model it is skipped, naming its family
+        assert "xl.safetensors" not in skipped
+        assert "made for SDXL models" in gen.networks.embeddings(widths=(32,)).skipped["xl.safetensors"]
         assert "notalora.safetensors" in gen.networks.loras().skipped
         assert np.asarray(gen.run(job("a junk")).images[0].image).shape == (64, 64, 3)
     finally:

@@ -102,17 +102,6 @@ def test_sdxl_batch_weights_edits_and_infotext(xl):
     assert np.array_equal(edited.astype(int), plain)
 
 
-def test_sdxl_refuses_loras_it_cannot_apply_yet(xl):
-    from safetensors.torch import save_file
-
-    manager, gen = xl
-    layer = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
-    save_file({f"{layer}.lora_down.weight": torch.ones(2, 32), f"{layer}.lora_up.weight": torch.ones(32, 2)},
-              str(manager.cfg.loras_dir / "anything.safetensors"))
-    with pytest.raises(ValueError, match="LoRAs on SDXL models are not supported yet"):
-        gen.run(_job(prompt="a cat <lora:anything:1>"))
-
-
 def test_sdxl_explorer_cells_equal_generate(xl):
     from studio.explorer.grid import AxisSpec, GridJob, GridRunner
 

@@ -125,7 +125,7 @@ def test_embedding_loads_in_diffusers_and_by_name_and_changes_the_image(strong_m
     ids = pipe.tokenizer(f"{NAME} {NAME}_1", add_special_tokens=False).input_ids
     assert torch.allclose(pipe.text_encoder.get_input_embeddings().weight[ids[:2]], vectors)
     # the studio finds it by file name, with its metadata
-    scan = NetworkLibrary(cfg.loras_dir, cfg.embeddings_dir).embeddings(expected_dim=32)
+    scan = NetworkLibrary(cfg.loras_dir, cfg.embeddings_dir).embeddings(widths=32)
     assert torch.equal(scan.found[NAME].vectors, vectors)
     assert scan.found[NAME].info["studio.method"] == "ti"
     assert scan.found[NAME].info["step"] == "8"

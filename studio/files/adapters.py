@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from studio.files.networks import KOHYA_PREFIXES, LoraFile, NetworkFileError, kohya_name
+from studio.files.networks import KOHYA_PREFIXES, KOHYA_TE_PREFIX, LoraFile, NetworkFileError, kohya_name
 
 log = logging.getLogger(__name__)
 
@@ -28,21 +28,33 @@ class ActiveLora:
     unet: float
 
 
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
 def _kohya_index(pipe) -> dict[str, tuple[str, str, nn.Module]]:
-    """kohya layer name -> (component, module path, module) for every Linear/Conv2d of UNet and text encoder."""
+    """kohya layer name -> (component, module path, module) for every Linear/Conv2d of the UNet and text encoders.
+    SDXL: the UNet under its original (SGM) names as kohya writes them, and under diffusers' names too (files
+    converted from diffusers' layout); the text encoders as lora_te1_ / lora_te2_."""
+    from studio.files.convert import original_unet_module_names
+
+    xl = getattr(pipe, "text_encoder_2", None) is not None
     index = {}
-    for component in ("unet", "text_encoder"):
+    for component in COMPONENTS:
         model = getattr(pipe, component, None)
         if model is None:
             continue
+        originals = original_unet_module_names(model) if xl and component == "unet" else {}
         for path, module in model.named_modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
+            if isinstance(module, (nn.Linear, nn.Conv2d)) and ".lora_" not in path:
                 path = path.replace(".base_layer", "")  # a module already wrapped by peft keeps its kohya name
-                index.setdefault(kohya_name(component, path), (component, path, module))
-                if component == "text_encoder":
+                if path in originals:
+                    index.setdefault(kohya_name(component, originals[path], xl), (component, path, module))
+                index.setdefault(kohya_name(component, path, xl), (component, path, module))
+                if component != "unet":
                     # files written from transformers 5's module names lack text_model (lora_te_encoder_layers_*)
+                    prefix = KOHYA_TE_PREFIX[f"xl:{component}" if xl else component]
                     short = path.removeprefix("text_model.")
-                    index.setdefault("lora_te_" + short.replace(".", "_"), (component, path, module))
+                    index.setdefault(prefix + short.replace(".", "_"), (component, path, module))
     return index
 
 
@@ -176,8 +188,9 @@ class LoraSlot:
         weights: dict[str, dict[str, float]] = {}
         for item in active:
             key = self._load(item.file)
-            w = weights.setdefault(key, {"text_encoder": 0.0, "unet": 0.0})
+            w = weights.setdefault(key, {"text_encoder": 0.0, "text_encoder_2": 0.0, "unet": 0.0})
             w["text_encoder"] += item.te  # the same LoRA twice adds up, as two deltas would
+            w["text_encoder_2"] += item.te  # SDXL's second text encoder takes the text-encoder weight too
             w["unet"] += item.unet
         # evict least recently used adapters that this prompt does not need
         for key in [k for k in self.loaded if k not in weights][: max(0, len(self.loaded) - MAX_CACHED_ADAPTERS)]:
@@ -199,7 +212,7 @@ class LoraSlot:
 
     @torch.no_grad()
     def _merge(self, weights: dict[str, dict[str, float]]) -> None:
-        for component in ("unet", "text_encoder"):
+        for component in COMPONENTS:
             for name, layer in self._lora_layers(component):
                 delta = None
                 for key, w in weights.items():
@@ -217,7 +230,7 @@ class LoraSlot:
     @torch.no_grad()
     def _restore(self) -> None:
         """Put the saved base weights back: the model is bit-identical to the one that was loaded."""
-        modules = {(c, n): m for c in ("unet", "text_encoder") for n, m in self._lora_layers(c)}
+        modules = {(c, n): m for c in COMPONENTS for n, m in self._lora_layers(c)}
         for key, original in self._originals.items():
             modules[key].get_base_layer().weight.copy_(original)
         self._originals.clear()

@@ -184,6 +184,23 @@ def unet_to_original(unet_state_dict: dict, unet_config: dict) -> dict:
     return _remap(unet_state_dict, _unet_prefix_map(keys, unet_config), "UNet")
 
 
+def original_unet_module_names(unet) -> dict[str, str]:
+    """diffusers module path -> original (LDM/SGM) module path for every Linear and Conv2d of `unet`: the names
+    kohya's SDXL LoRAs use (`input_blocks.4.1.transformer_blocks.0.attn1.to_q`, …). Paths inside peft wrappers are
+    given without their `.base_layer`."""
+    from torch import nn
+
+    paths = [path.replace(".base_layer", "") for path, module in unet.named_modules()
+             if isinstance(module, (nn.Linear, nn.Conv2d)) and ".lora_" not in path]
+    prefix_map = _unet_prefix_map([p + ".weight" for p in paths], unet.config)
+    out = {}
+    for path in paths:
+        original = _map_key(path + ".weight", prefix_map)
+        if original is not None:
+            out[path] = original.removesuffix(".weight")
+    return out
+
+
 def _vae_prefix_map(config: Mapping) -> PrefixMap:
     m: PrefixMap = {"quant_conv": ("quant_conv", None), "post_quant_conv": ("post_quant_conv", None)}
     for part in ("encoder", "decoder"):

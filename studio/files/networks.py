@@ -41,6 +41,12 @@ MAX_USER_METADATA_BYTES = 1_000_000
 
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+KOHYA_TE_PREFIX = {"text_encoder": "lora_te_", "xl:text_encoder": "lora_te1_", "xl:text_encoder_2": "lora_te2_"}
+
+# how messages name the model families a LoRA or embedding is made for
+FAMILY_LABELS = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+# the UNet's cross-attention width (attn2.to_k's input) and the text encoder's width, per family
+_CROSS_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
 
 class NetworkFileError(ValueError):
@@ -126,23 +132,7 @@ def embedding_hash(path: Path) -> str:
     return _cached_sha256(path, skip_header=False)[:12]
 
 
-def embedding_vectors(data: Mapping, name: str = "embedding") -> torch.Tensor:
-    """The [n_vectors, dim] tensor of an embedding in any of the formats A1111 reads."""
-    if "string_to_param" in data:  # A1111 .pt
-        params = data["string_to_param"]
-        params = getattr(params, "_parameters", params)
-        if not isinstance(params, Mapping) or len(params) != 1:
-            raise NetworkFileError(f"{name}: 'string_to_param' should hold exactly one tensor")
-        tensor = next(iter(params.values()))
-    elif "emb_params" in data:  # kohya / A1111 safetensors
-        tensor = data["emb_params"]
-    elif "clip_l" in data or "clip_g" in data:
-        raise NetworkFileError(f"{name} is an SDXL embedding (clip_l/clip_g); SD 1.x/2.x models cannot use it")
-    else:
-        tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
-        if len(tensors) != 1:  # diffusers: {token: tensor}
-            raise NetworkFileError(f"{name}: not an embedding (expected one tensor, found keys {sorted(data)[:8]})")
-        tensor = tensors[0]
+def _as_vectors(tensor, name: str) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor):
         raise NetworkFileError(f"{name}: the embedding is a {type(tensor).__name__}, not a tensor")
     tensor = tensor.detach().to("cpu", torch.float32)
@@ -155,16 +145,62 @@ def embedding_vectors(data: Mapping, name: str = "embedding") -> torch.Tensor:
     return tensor
 
 
+def embedding_tensors(data: Mapping, name: str = "embedding") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(vectors, SDXL's second-encoder vectors or None) of an embedding in any format A1111 reads: [n, width]
+    each; an SDXL file's `clip_l` (CLIP ViT-L) and `clip_g` (OpenCLIP bigG) must have the same number of vectors."""
+    if "clip_l" in data or "clip_g" in data:  # SDXL, as A1111 and ComfyUI write and read it
+        if "clip_l" not in data or "clip_g" not in data:
+            raise NetworkFileError(f"{name}: an SDXL embedding needs both clip_l and clip_g, found {sorted(data)[:8]}")
+        clip_l, clip_g = _as_vectors(data["clip_l"], name), _as_vectors(data["clip_g"], name)
+        if clip_l.shape[0] != clip_g.shape[0]:
+            raise NetworkFileError(f"{name}: clip_l has {clip_l.shape[0]} vectors but clip_g has {clip_g.shape[0]}")
+        return clip_l, clip_g
+    if "string_to_param" in data:  # A1111 .pt
+        params = data["string_to_param"]
+        params = getattr(params, "_parameters", params)
+        if not isinstance(params, Mapping) or len(params) != 1:
+            raise NetworkFileError(f"{name}: 'string_to_param' should hold exactly one tensor")
+        tensor = next(iter(params.values()))
+    elif "emb_params" in data:  # kohya / A1111 safetensors
+        tensor = data["emb_params"]
+    else:
+        tensors = [v for v in data.values() if isinstance(v, torch.Tensor)]
+        if len(tensors) != 1:  # diffusers: {token: tensor}
+            raise NetworkFileError(f"{name}: not an embedding (expected one tensor, found keys {sorted(data)[:8]})")
+        tensor = tensors[0]
+    return _as_vectors(tensor, name), None
+
+
+def embedding_vectors(data: Mapping, name: str = "embedding") -> torch.Tensor:
+    """The [n_vectors, dim] tensor of an SD 1.x/2.x embedding in any of the formats A1111 reads."""
+    vectors, second = embedding_tensors(data, name)
+    if second is not None:
+        raise NetworkFileError(f"{name} is an SDXL embedding (clip_l/clip_g); SD 1.x/2.x models cannot use it")
+    return vectors
+
+
+def widths_label(widths: tuple[int, ...]) -> str:
+    """The family an embedding or text encoder of these widths belongs to, in words."""
+    return {(768,): "SD 1.x", (1024,): "SD 2.x", (768, 1280): "SDXL"}.get(tuple(widths), "x".join(map(str, widths))
+                                                                         + "-wide")
+
+
 @dataclass
 class EmbeddingFile:
     name: str  # the file stem: what prompts use
     path: Path
-    vectors: torch.Tensor  # [n_vectors, dim], float32 on the CPU
+    vectors: torch.Tensor  # [n_vectors, dim], float32 on the CPU (SDXL: the clip_l vectors)
     info: dict = field(default_factory=dict)
+    vectors_g: torch.Tensor | None = None  # SDXL: the clip_g vectors for the second text encoder
 
     @property
     def dim(self) -> int:
         return int(self.vectors.shape[1])
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """Each text encoder's width: (768,) SD 1.x, (1024,) SD 2.x, (768, 1280) SDXL."""
+        return (self.dim,) if self.vectors_g is None else (self.dim, int(self.vectors_g.shape[1]))
 
     @property
     def hash(self) -> str:
@@ -174,14 +210,16 @@ class EmbeddingFile:
 def load_embedding(path: Path) -> EmbeddingFile:
     path = Path(path)
     data, meta = read_tensor_file(path)
-    vectors = embedding_vectors(data, path.name)
+    vectors, vectors_g = embedding_tensors(data, path.name)
     info = {"vectors": int(vectors.shape[0]), "width": int(vectors.shape[1])}
+    if vectors_g is not None:
+        info["width"] = f"{vectors.shape[1]} + {vectors_g.shape[1]}"
     for key in ("step", "sd_checkpoint", "sd_checkpoint_name", "name"):
         value = data.get(key, meta.get(key))
         if value is not None and not isinstance(value, torch.Tensor):
             info[key] = value
     info.update({k: v for k, v in meta.items() if k.startswith(("ss_", "modelspec.", "studio."))})
-    return EmbeddingFile(path.stem, path, vectors, info)
+    return EmbeddingFile(path.stem, path, vectors, info, vectors_g)
 
 
 @dataclass
@@ -189,10 +227,15 @@ class LoraFile:
     name: str  # the file stem
     path: Path
     metadata: dict[str, str] = field(default_factory=dict)
+    family: str | None = None  # "sd1", "sd2" or "sdxl" as read from its keys and metadata; None when it cannot tell
 
     @property
     def alias(self) -> str | None:
         return self.metadata.get("ss_output_name") or None
+
+    @property
+    def family_label(self) -> str:
+        return FAMILY_LABELS.get(self.family or "", "an unknown model family")
 
     @property
     def hash(self) -> str:
@@ -207,8 +250,39 @@ class LoraFile:
         return data
 
 
+def lora_family(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None) -> str | None:
+    """The model family a LoRA is for ("sd1", "sd2", "sdxl"), from its tensor names and shapes (kohya's two text
+    encoders, the cross-attention width of attn2.to_k: 768 / 1024 / 2048, the text encoder's width), else from
+    kohya's `ss_base_model_version` / `modelspec.architecture`; None when nothing tells."""
+    keys = list(shapes)
+    if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
+        return "sdxl"
+    for key in keys:  # the UNet's cross-attention input is the text width: decisive
+        if ("attn2_to_k" in key or "attn2.to_k" in key) and key.endswith(
+                ("lora_down.weight", "lora_A.weight", ".down.weight")) and len(shapes[key]) >= 2:
+            family = _CROSS_WIDTH_FAMILY.get(int(shapes[key][1]))
+            if family:
+                return family
+    for key in keys:  # a text-encoder-only LoRA: the text encoder's width
+        if key.startswith(("lora_te_", "text_encoder.")) and key.endswith(
+                ("q_proj.lora_down.weight", "q_proj.lora_A.weight")) and len(shapes[key]) >= 2:
+            family = {768: "sd1", 1024: "sd2"}.get(int(shapes[key][1]))
+            if family:
+                return family
+    meta = metadata or {}
+    version = str(meta.get("ss_base_model_version", "")).lower()
+    arch = str(meta.get("modelspec.architecture", "")).lower()
+    if version.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
+        return "sdxl"
+    if version.startswith("sd_v2") or arch.startswith("stable-diffusion-v2") or str(meta.get("ss_v2")) == "True":
+        return "sd2"
+    if version.startswith("sd_v1") or arch.startswith("stable-diffusion-v1"):
+        return "sd1"
+    return None
+
+
 def check_lora_state_dict(data: Mapping, name: str = "LoRA") -> None:
-    """A kohya (lora_unet_*/lora_te_*) or diffusers/peft (…lora_A/lora_B…) LoRA; a clear error otherwise."""
+    """A kohya (lora_unet_*/lora_te*_*) or diffusers/peft (…lora_A/lora_B…) LoRA; a clear error otherwise."""
     keys = [k for k, v in data.items() if isinstance(v, torch.Tensor)]
     if not keys:
         raise NetworkFileError(f"{name} holds no tensors")
@@ -216,8 +290,6 @@ def check_lora_state_dict(data: Mapping, name: str = "LoRA") -> None:
     peft = any(".lora_A." in k or ".lora.down." in k or "lora_linear_layer" in k for k in keys)
     if not (kohya or peft):
         raise NetworkFileError(f"{name} is not a LoRA (keys such as {keys[0]!r} are neither kohya nor diffusers)")
-    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys):
-        raise NetworkFileError(f"{name} is an SDXL LoRA (two text encoders); SD 1.x/2.x models cannot use it")
     bad = [k for k in keys if not torch.isfinite(data[k]).all()]
     if bad:
         raise NetworkFileError(f"{name}: NaN or infinite values in {bad[0]}")
@@ -296,20 +368,31 @@ class NetworkLibrary:
                 scan.found[entry.name] = entry
         return scan
 
-    def embeddings(self, expected_dim: int | None = None) -> Scan:
-        """Embeddings by file stem. With `expected_dim`, those of another width are skipped with the reason."""
+    def embeddings(self, widths: tuple[int, ...] | int | None = None) -> Scan:
+        """Embeddings by file stem. With `widths` (each text encoder's width: the loaded model's), embeddings made
+        for other text encoders are skipped with the reason."""
+        if isinstance(widths, int):
+            widths = (widths,)
 
         def wrong_width(emb: EmbeddingFile) -> str | None:
-            if expected_dim is None or emb.dim == expected_dim:
+            if widths is None or emb.widths == tuple(widths):
                 return None
-            return (f"width {emb.dim} does not fit the loaded model (width {expected_dim}: "
-                    f"{_family_of_width(emb.dim)} embedding)")
+            model = " + ".join(map(str, widths))
+            return (f"made for {widths_label(emb.widths)} models (width {emb.info['width']}): it does not fit the "
+                    f"loaded model (width {model}, {widths_label(widths)})")
 
         return self._scan(self.embeddings_dir, EMBEDDING_EXTS, "embedding", load_embedding, wrong_width)
 
-    def loras(self) -> Scan:
-        """LoRAs by file stem. Pickled ones are opened (weights_only) so a hostile file shows as refused."""
-        return self._scan(self.loras_dir, LORA_EXTS, "lora", _load_lora_entry)
+    def loras(self, family: str | None = None) -> Scan:
+        """LoRAs by file stem. Pickled ones are opened (weights_only) so a hostile file shows as refused. With
+        `family`, LoRAs known to be for another family are skipped with the reason (the panel's filter)."""
+
+        def other_family(lora: LoraFile) -> str | None:
+            if family is None or lora.family in (None, family):
+                return None
+            return f"made for {lora.family_label} models; the loaded model is {FAMILY_LABELS.get(family, family)}"
+
+        return self._scan(self.loras_dir, LORA_EXTS, "lora", _load_lora_entry, other_family)
 
     def find_lora(self, name: str, scan: Scan | None = None) -> LoraFile:
         """By file stem, else by the `ss_output_name` alias; an unknown name lists close matches."""
@@ -330,16 +413,13 @@ def _load_lora_entry(path: Path) -> LoraFile:
     if path.suffix.lower() == ".safetensors":
         meta = read_metadata(path)
         with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-        check_lora_state_dict({k: torch.zeros(()) for k in keys}, path.name)
-        return LoraFile(path.stem, path, meta)
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        check_lora_state_dict({k: torch.zeros(()) for k in shapes}, path.name)
+        return LoraFile(path.stem, path, meta, lora_family(shapes, meta))
     data, _ = read_tensor_file(path)  # refuses hostile pickles at scan time
     check_lora_state_dict(data, path.name)
-    return LoraFile(path.stem, path, {})
-
-
-def _family_of_width(dim: int) -> str:
-    return {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL"}.get(dim, f"{dim}-wide")
+    shapes = {k: tuple(v.shape) for k, v in data.items() if isinstance(v, torch.Tensor)}
+    return LoraFile(path.stem, path, {}, lora_family(shapes))
 
 
 def _unknown(kind: str, name: str, known: list[str], folder: Path, scan: Scan) -> str:
@@ -413,7 +493,7 @@ def _top_tags(tag_frequency: str, n: int = 8) -> list[str]:
 def lora_card(lora: LoraFile) -> dict:
     """Human-facing facts about a LoRA from its kohya `ss_*` / `modelspec.*` metadata."""
     m = lora.metadata
-    card = {"name": lora.name, "file": lora.path.name}
+    card = {"name": lora.name, "file": lora.path.name, "for": lora.family_label}
     pairs = {
         "alias": "ss_output_name", "base model": "ss_base_model_version", "trained on": "ss_sd_model_name",
         "rank": "ss_network_dim", "alpha": "ss_network_alpha", "module": "ss_network_module",
@@ -440,8 +520,8 @@ def lora_card(lora: LoraFile) -> dict:
 
 
 def embedding_card(emb: EmbeddingFile) -> dict:
-    card = {"name": emb.name, "file": emb.path.name, "vectors": emb.vectors.shape[0], "width": emb.dim,
-            "for": _family_of_width(emb.dim)}
+    card = {"name": emb.name, "file": emb.path.name, "vectors": emb.vectors.shape[0], "width": emb.info["width"],
+            "for": widths_label(emb.widths)}
     for key in ("step", "sd_checkpoint_name", "modelspec.trigger_phrase", "studio.method"):
         if key in emb.info:
             card[key.replace("sd_checkpoint_name", "trained on")] = emb.info[key]
@@ -454,22 +534,26 @@ EMBEDDING_FORMATS = ("a1111", "diffusers", "a1111-pt")
 
 def save_embedding(path: Path, vectors: torch.Tensor, name: str | None = None, fmt: str = "a1111",
                    step: int | None = None, checkpoint_hash: str = "", checkpoint_name: str = "",
-                   metadata: Mapping[str, str] | None = None) -> Path:
+                   metadata: Mapping[str, str] | None = None, vectors_g: torch.Tensor | None = None) -> Path:
     """Write an embedding other tools load.
 
     a1111: `.safetensors` with `emb_params` (A1111 and kohya; diffusers with `token=`);
     diffusers: `.safetensors` with `{name: tensor}` (diffusers names the token itself; A1111 reads it too);
     a1111-pt: the legacy A1111 `.pt` dict (loadable with torch.load(weights_only=True)).
+    SDXL (`vectors_g` given): `.safetensors` with `clip_l` and `clip_g`, the one layout A1111, ComfyUI and diffusers'
+    SDXL example read, whatever `fmt` says but a1111-pt (which has no SDXL form and is refused).
     """
     path = Path(path)
     name = name or path.stem
-    vectors = vectors.detach().to("cpu", torch.float32).contiguous()
-    if vectors.ndim == 1:
-        vectors = vectors.unsqueeze(0)
-    if vectors.ndim != 2:
-        raise ValueError(f"an embedding is [vectors, width], got shape {tuple(vectors.shape)}")
+    vectors = _checked_vectors(vectors)
     if fmt not in EMBEDDING_FORMATS:
         raise ValueError(f"unknown embedding format {fmt!r}; choose one of {', '.join(EMBEDDING_FORMATS)}")
+    if vectors_g is not None:
+        vectors_g = _checked_vectors(vectors_g)
+        if vectors_g.shape[0] != vectors.shape[0]:
+            raise ValueError(f"clip_l has {vectors.shape[0]} vectors but clip_g has {vectors_g.shape[0]}")
+        if fmt == "a1111-pt":
+            raise ValueError("SDXL embeddings have no .pt form: save them as .safetensors (clip_l + clip_g)")
     meta = {"format": "pt", "name": name, **({"step": str(step)} if step is not None else {}),
             "sd_checkpoint": checkpoint_hash, "sd_checkpoint_name": checkpoint_name, **(metadata or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -480,20 +564,33 @@ def save_embedding(path: Path, vectors: torch.Tensor, name: str | None = None, f
                         "sd_checkpoint_name": checkpoint_name or None}, tmp)
         else:
             key = "emb_params" if fmt == "a1111" else name
-            save_file({key: vectors}, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+            tensors = {key: vectors} if vectors_g is None else {"clip_l": vectors, "clip_g": vectors_g}
+            save_file(tensors, str(tmp), metadata={k: str(v) for k, v in meta.items()})
     return path
 
 
-def kohya_name(component: str, module_path: str) -> str:
-    """`lora_unet_…` / `lora_te_…` from a diffusers / transformers module path."""
+def _checked_vectors(vectors: torch.Tensor) -> torch.Tensor:
+    vectors = vectors.detach().to("cpu", torch.float32).contiguous()
+    if vectors.ndim == 1:
+        vectors = vectors.unsqueeze(0)
+    if vectors.ndim != 2:
+        raise ValueError(f"an embedding is [vectors, width], got shape {tuple(vectors.shape)}")
+    return vectors
+
+
+def kohya_name(component: str, module_path: str, xl: bool = False) -> str:
+    """`lora_unet_…` / `lora_te_…` (SDXL: `lora_te1_…`, `lora_te2_…`) from a diffusers / transformers module path.
+    For SDXL's UNet kohya uses the original (SGM) module names: pass those (studio.files.convert's
+    original_unet_module_names maps them)."""
     if component == "unet":
         return "lora_unet_" + module_path.replace(".", "_")
-    if component == "text_encoder":
-        # kohya names follow the classic CLIPTextModel layout, which nests everything under text_model
-        if not module_path.startswith("text_model."):
-            module_path = "text_model." + module_path
-        return "lora_te_" + module_path.replace(".", "_")
-    raise ValueError(f"component must be 'unet' or 'text_encoder', got {component!r}")
+    prefix = KOHYA_TE_PREFIX.get(f"xl:{component}" if xl else component)
+    if prefix is None:
+        raise ValueError(f"component must be 'unet', 'text_encoder' or (SDXL) 'text_encoder_2', got {component!r}")
+    # kohya names the text encoder layers after the classic CLIPTextModel layout, which nests them in text_model
+    if not module_path.startswith("text_model."):
+        module_path = "text_model." + module_path
+    return prefix + module_path.replace(".", "_")
 
 
 @dataclass
@@ -525,12 +622,23 @@ def peft_to_layers(peft_state_dict: Mapping[str, torch.Tensor], alpha: float | M
 
 def save_kohya_lora(path: Path, unet: Mapping[str, LoraLayer] | None = None,
                     text_encoder: Mapping[str, LoraLayer] | None = None,
-                    metadata: Mapping[str, str] | None = None, dtype: torch.dtype = torch.float16) -> Path:
-    """A kohya-format LoRA (`lora_unet_*`/`lora_te_*` + `.alpha`), what A1111, ComfyUI and Civitai expect."""
+                    metadata: Mapping[str, str] | None = None, dtype: torch.dtype = torch.float16,
+                    text_encoder_2: Mapping[str, LoraLayer] | None = None,
+                    unet_names: Mapping[str, str] | None = None) -> Path:
+    """A kohya-format LoRA (`lora_unet_*`/`lora_te_*` + `.alpha`), what A1111, ComfyUI and Civitai expect.
+
+    SDXL: pass `text_encoder_2` (the text encoders become `lora_te1_*`/`lora_te2_*`, even when one is empty) and
+    `unet_names`, diffusers UNet module path -> original module path, for kohya's SGM names of the UNet layers."""
+    xl = text_encoder_2 is not None
     tensors: dict[str, torch.Tensor] = {}
-    for component, layers in (("unet", unet or {}), ("text_encoder", text_encoder or {})):
+    parts = (("unet", unet or {}), ("text_encoder", text_encoder or {}), ("text_encoder_2", text_encoder_2 or {}))
+    for component, layers in parts:
         for module, layer in layers.items():
-            base = kohya_name(component, module)
+            if component == "unet" and unet_names is not None:
+                if module not in unet_names:
+                    raise ValueError(f"{module}: no original (SGM) name for this UNet layer")
+                module = unet_names[module]
+            base = kohya_name(component, module, xl)
             rank = layer.down.shape[0]
             if layer.up.shape[1] != rank:
                 raise ValueError(f"{module}: up has rank {layer.up.shape[1]}, down has rank {rank}")
@@ -557,8 +665,9 @@ def kohya_metadata(*, output_name: str, family: str, rank: int, alpha: float, ba
                    trigger_phrase: str = "", tag_frequency: Mapping | None = None, comment: str = "",
                    extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The `ss_*` and `modelspec.*` metadata kohya's tools and A1111's extra-networks cards read."""
-    version = {"sd1": "sd_v1", "sd2": "sd_v2"}.get(family, family)
-    arch = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora"}.get(family, family)
+    version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(family, family)
+    arch = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
+            "sdxl": "stable-diffusion-xl-v1-base/lora"}.get(family, family)
     values = {
         "ss_network_module": "networks.lora", "ss_network_dim": rank, "ss_network_alpha": alpha,
         "ss_output_name": output_name, "ss_sd_model_name": base_model_name, "ss_base_model_version": version,

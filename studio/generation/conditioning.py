@@ -311,10 +311,17 @@ class XLPromptEncoder:
     penultimate layer, raw; clip skip counts back from it), emphasis per encoder, concatenated along the width;
     the pooled vector from bigG's first chunk."""
 
-    def __init__(self, pipe, clip_skip: int = 1):
-        self.parts = [PromptEncoder(tokenizer, text_encoder, clip_skip=clip_skip + 1, final_norm=False)
-                      for tokenizer, text_encoder in ((pipe.tokenizer, pipe.text_encoder),
-                                                      (pipe.tokenizer_2, pipe.text_encoder_2))]
+    def __init__(self, pipe, clip_skip: int = 1, embeddings: Mapping[str, TextualInversion] | None = None,
+                 embeddings_g: Mapping[str, TextualInversion] | None = None):
+        """`embeddings`: SDXL embeddings' clip_l vectors (first encoder), `embeddings_g` their clip_g vectors, by
+        the same names."""
+        embeddings, embeddings_g = dict(embeddings or {}), dict(embeddings_g or {})
+        if set(embeddings) != set(embeddings_g):
+            missing = sorted(set(embeddings) ^ set(embeddings_g))
+            raise ValueError(f"SDXL embeddings need vectors for both text encoders (clip_l and clip_g): {missing}")
+        self.parts = [PromptEncoder(tokenizer, text_encoder, found, clip_skip=clip_skip + 1, final_norm=False)
+                      for tokenizer, text_encoder, found in ((pipe.tokenizer, pipe.text_encoder, embeddings),
+                                                             (pipe.tokenizer_2, pipe.text_encoder_2, embeddings_g))]
 
     def count_chunks(self, text: str) -> int:
         return self.parts[0].count_chunks(text)  # both tokenizers share one vocabulary: the same chunks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from PIL import Image
 from studio import __version__
 from studio.files.adapters import ActiveLora
 from studio.files.atomic import atomic_path
-from studio.files.networks import EmbeddingFile, NetworkLibrary
+from studio.files.networks import FAMILY_LABELS, EmbeddingFile, NetworkFileError, NetworkLibrary
 from studio.generation import samplers
 from studio.generation.conditioning import (
     PromptEncoder,
@@ -111,6 +112,7 @@ class PromptNetworks:
     negative_prompt: str
     loras: list[ActiveLora] = field(default_factory=list)
     embeddings: dict[str, TextualInversion] = field(default_factory=dict)  # every usable one, by name
+    embeddings_g: dict[str, TextualInversion] = field(default_factory=dict)  # SDXL: their clip_g vectors
     embedding_files: dict[str, EmbeddingFile] = field(default_factory=dict)
     skipped_embeddings: dict[str, str] = field(default_factory=dict)
     lora_hashes: dict[str, str] = field(default_factory=dict)  # filled in as A1111 writes them
@@ -125,15 +127,17 @@ class PromptNetworks:
     notes: list[str] = field(default_factory=list)
 
 
-def _embedding_width(model: LoadedModel) -> int:
-    """The width an embedding must have for this model (SDXL: both encoders' together, which no file has yet)."""
+def text_widths(model: LoadedModel) -> tuple[int, ...]:
+    """Each text encoder's width: what an embedding must match to fit this model ((768, 1280) for SDXL)."""
     pipe = model.pipe
-    width = pipe.text_encoder.config.hidden_size
-    return width + pipe.text_encoder_2.config.hidden_size if model.is_xl else width
+    encoders = (pipe.text_encoder, pipe.text_encoder_2) if model.is_xl else (pipe.text_encoder,)
+    return tuple(int(e.config.hidden_size) for e in encoders)
 
 
-def resolve_networks(job: GenerateJob, library: NetworkLibrary, text_width: int) -> PromptNetworks:
-    """Read the `<lora:...>` tags and find their files; gather the embeddings that fit the model."""
+def resolve_networks(job: GenerateJob, library: NetworkLibrary, widths: tuple[int, ...],
+                     family: str | None = None) -> PromptNetworks:
+    """Read the `<lora:...>` tags and find their files (a LoRA known to be for another family than `family` is
+    refused, naming it); gather the embeddings that fit the text encoders' `widths`."""
     prompt, tags = extract_network_tags(job.prompt)
     negative, negative_tags = extract_network_tags(job.negative_prompt)
     out = PromptNetworks(prompt, negative)
@@ -145,12 +149,22 @@ def resolve_networks(job: GenerateJob, library: NetworkLibrary, text_width: int)
         if tag.kind != "lora":
             raise ValueError(f"{tag.text}: '{tag.kind}' networks are not supported; use <lora:name:weight>")
         lora = library.find_lora(tag.name, scan)
+        if family is not None and lora.family not in (None, family):
+            raise NetworkFileError(f"LoRA {lora.name} is made for {lora.family_label} models; the loaded model is "
+                                   f"{FAMILY_LABELS.get(family, family)}: load a model of its family or remove "
+                                   f"{tag.text}")
         out.loras.append(ActiveLora(lora, tag.te, tag.unet))
         out.lora_hashes[tag.name] = lora.hash
-    found = library.embeddings(expected_dim=text_width)
+    found = library.embeddings(widths)
     out.skipped_embeddings = found.skipped
+    words = set(re.findall(r"[\w.-]+", f"{prompt} {negative}"))
+    for rel, why in found.skipped.items():  # a name in the prompt whose file does not fit: say so, not silence
+        if Path(rel).stem in words:
+            out.notes.append(f"embedding {Path(rel).stem} was not used: {why}")
     out.embedding_files = found.found
     out.embeddings = {name: TextualInversion(name, emb.vectors) for name, emb in found.found.items()}
+    out.embeddings_g = {name: TextualInversion(name, emb.vectors_g) for name, emb in found.found.items()
+                        if emb.vectors_g is not None}
     return out
 
 
@@ -167,12 +181,9 @@ class Generator:
         """Apply the job's LoRAs to the model and encode its prompts the A1111 way (weights, long prompts,
         embeddings). Call with the manager's lock held."""
         nets, spans = self._prompts(job, model)  # the chunk limit is checked here, before any model work
-        if model.is_xl and nets.loras:
-            raise ValueError("LoRAs on SDXL models are not supported yet: remove the <lora:...> tags, or load an "
-                             "SD 1.x / SD 2.x model for them")
         model.loras().apply(nets.loras)  # before encoding: a LoRA may change the text encoder
         nets.notes += model.loras().unmatched_notes(nets.loras)
-        encoder = self.prompt_encoder(model, nets.embeddings, job.clip_skip)
+        encoder = self.prompt_encoder(model, nets.embeddings, job.clip_skip, nets.embeddings_g)
         if len(spans) == 1:  # nothing switches (`[a:b:0]` is b throughout)
             c, u, used = encode_pair(encoder, spans[0][1], spans[0][2])
             cond, uncond, nets.pooled, nets.uncond_pooled = c.embeds, u.embeds, c.pooled, u.pooled
@@ -185,10 +196,10 @@ class Generator:
     def _prompts(self, job: GenerateJob, model: LoadedModel) -> tuple[PromptNetworks, list[tuple[int, str, str]]]:
         """The job's networks and its prompt-editing spans, each distinct text within max_prompt_chunks (counted
         with the tokenizer; no LoRA is applied and the text encoder does not run)."""
-        nets = resolve_networks(job, self.networks, _embedding_width(model))
+        nets = resolve_networks(job, self.networks, text_widths(model), model.family)
         # A1111's prompt editing and alternation: the conditioning at each step ([from:to:when], [a|b])
         spans = merge_schedules(prompt_schedule(nets.prompt, job.steps), prompt_schedule(nets.negative_prompt, job.steps))
-        encoder = self.prompt_encoder(model, nets.embeddings, job.clip_skip)
+        encoder = self.prompt_encoder(model, nets.embeddings, job.clip_skip, nets.embeddings_g)
         limits = self.manager.cfg.limits
         seen: set[str] = set()
         for _, prompt, negative in spans:
@@ -205,28 +216,30 @@ class Generator:
         self._prompts(job, model)
 
     @staticmethod
-    def prompt_encoder(model: LoadedModel, embeddings: dict[str, TextualInversion], clip_skip: int) -> PromptEncoder:
-        """The model's PromptEncoder for these embeddings and clip skip, built once and reused while the model's
-        tokenizer and text encoder and the embeddings (names and vector tensors: the network library hands out the
-        same tensor while a file's size and mtime stay) are the same ones. A new, changed or removed embedding file
-        builds a new one, so embeddings still load without a restart. Call with the manager's lock held."""
+    def prompt_encoder(model: LoadedModel, embeddings: dict[str, TextualInversion], clip_skip: int,
+                       embeddings_g: dict[str, TextualInversion] | None = None) -> PromptEncoder | XLPromptEncoder:
+        """The model's prompt encoder for these embeddings and clip skip (SDXL: `embeddings` are the clip_l vectors,
+        `embeddings_g` the clip_g ones), built once and reused while the model's tokenizers and text encoders and the
+        embeddings (names and vector tensors: the network library hands out the same tensor while a file's size and
+        mtime stay) are the same ones. A new, changed or removed embedding file builds a new one, so embeddings
+        still load without a restart. Call with the manager's lock held."""
         pipe = model.pipe
-        if model.is_xl:  # SDXL: both text encoders; its embeddings (clip_l + clip_g) are not read yet
-            key = ("xl", clip_skip)
-            cached = model.prompt_encoders.get(key)
-            if cached is None or cached[0] is not pipe.text_encoder or cached[1] is not pipe.text_encoder_2:
-                cached = (pipe.text_encoder, pipe.text_encoder_2, XLPromptEncoder(pipe, clip_skip))
-                model.prompt_encoders[key] = cached
-            return cached[2]
         wanted = [(name, e.vectors) for name, e in embeddings.items()]
-        cached = model.prompt_encoders.get(clip_skip)
+        wanted += [(name, e.vectors) for name, e in (embeddings_g or {}).items()]
+        encoders = (pipe.text_encoder, pipe.text_encoder_2) if model.is_xl else (pipe.text_encoder,)
+        key = ("xl", clip_skip) if model.is_xl else clip_skip
+        cached = model.prompt_encoders.get(key)
         if cached is not None:
-            tokenizer, text_encoder, had, encoder = cached
-            if (tokenizer is pipe.tokenizer and text_encoder is pipe.text_encoder and len(had) == len(wanted)
+            modules, had, encoder = cached
+            if (len(modules) == len(encoders) + 1 and modules[0] is pipe.tokenizer
+                    and all(a is b for a, b in zip(modules[1:], encoders, strict=True)) and len(had) == len(wanted)
                     and all(a == b and u is v for (a, u), (b, v) in zip(had, wanted, strict=True))):
                 return encoder
-        encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, embeddings, clip_skip=clip_skip)
-        model.prompt_encoders[clip_skip] = (pipe.tokenizer, pipe.text_encoder, wanted, encoder)
+        if model.is_xl:
+            encoder = XLPromptEncoder(pipe, clip_skip, embeddings, embeddings_g or {})
+        else:
+            encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, embeddings, clip_skip=clip_skip)
+        model.prompt_encoders[key] = ((pipe.tokenizer, *encoders), wanted, encoder)
         return encoder
 
     def run(self, job: GenerateJob, outputs_dir: Path | None = None, on_progress: ProgressFn | None = None,

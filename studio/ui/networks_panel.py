@@ -8,7 +8,7 @@ import gradio as gr
 from PIL import Image, ImageDraw
 
 from studio.files.networks import NetworkLibrary, embedding_card, lora_card, preview_image, save_preview
-from studio.generation.generate import latest_output
+from studio.generation.generate import latest_output, text_widths
 from studio.generation.prompt_syntax import format_lora_tag
 from studio.ui.state import AppState
 
@@ -40,21 +40,22 @@ def card_picture(path, name: str) -> Image.Image:
     return placeholder_tile(name)
 
 
-def _cards(library: NetworkLibrary, expected_dim: int | None):
-    """(lora gallery items, lora rows, embedding items, embedding rows, markdown of skipped files)."""
-    loras, embs = library.loras(), library.embeddings(expected_dim)
+def _cards(library: NetworkLibrary, widths: tuple[int, ...] | None, family: str | None = None):
+    """(lora gallery items, lora rows, embedding items, embedding rows, markdown of skipped files). With the loaded
+    model's text `widths` and `family`, files made for other model families are listed as skipped, with theirs."""
+    loras, embs = library.loras(family), library.embeddings(widths)
     lora_items, lora_rows = [], []
     for name, lora in sorted(loras.found.items()):
         card = lora_card(lora)
         preview = preview_image(lora.path)
-        caption = name + (f" · {card['base model']}" if "base model" in card else "")
+        caption = f"{name} · {card['for']}"
         lora_items.append((card_picture(preview, name), caption))
         lora_rows.append({**card, "path": str(lora.path)})
     emb_items, emb_rows = [], []
     for name, emb in sorted(embs.found.items()):
         card = embedding_card(emb)
         preview = preview_image(emb.path)
-        emb_items.append((card_picture(preview, name), f"{name} · {card['vectors']} vec"))
+        emb_items.append((card_picture(preview, name), f"{name} · {card['vectors']} vec · {card['for']}"))
         emb_rows.append({**card, "path": str(emb.path)})
     skipped = [f"- `loras/{rel}`: {why}" for rel, why in sorted(loras.skipped.items())]
     skipped += [f"- `embeddings/{rel}`: {why}" for rel, why in sorted(embs.skipped.items())]
@@ -117,8 +118,8 @@ def build(state: AppState, prompt: gr.Textbox):
 
     def do_refresh():
         current = state.manager.current
-        dim = current.pipe.text_encoder.config.hidden_size if current else None
-        lora_items, lrows, emb_items, erows, note = _cards(state.generator.networks, dim)
+        widths, family = (text_widths(current), current.family) if current else (None, None)
+        lora_items, lrows, emb_items, erows, note = _cards(state.generator.networks, widths, family)
         empty = (f"No LoRAs or embeddings yet. Put `.safetensors` files in `{state.cfg.loras_dir}` and "
                  f"`{state.cfg.embeddings_dir}` (a `name.preview.png` beside a file becomes its card picture).")
         return lora_items, lrows, emb_items, erows, note or ("" if lrows or erows else empty)
