@@ -151,6 +151,9 @@ class StudioConfig:
     cpu_offload: bool = False
     # torch.compile the UNet (studio.models.speed.COMPILE_MODES); CUDA only: faster after the first image at each size
     compile: str = "off"
+    # A1111's "Clip skip SDXL: apply to CLIP-L": off, clip skip leaves SDXL alone (both encoders' penultimate layer, as
+    # A1111 and ComfyUI by default); on, CLIP-L takes the layer clip skip names (STUDIO_SDXL_CLIP_L_SKIP=1)
+    sdxl_clip_l_skip: bool = False
     # what one request may cost (Limits): STUDIO_LIMIT_<NAME> variables, app.py --limit NAME=VALUE
     limits: Limits = field(default_factory=Limits)
     extra: dict = field(default_factory=dict)
@@ -174,6 +177,8 @@ class StudioConfig:
             "precision": os.environ.get("STUDIO_PRECISION"),
         }
         cfg = replace(cfg, **{k: v for k, v in env.items() if v})
+        if os.environ.get("STUDIO_SDXL_CLIP_L_SKIP", "").strip().lower() in ("1", "true", "yes", "on"):
+            cfg = replace(cfg, sdxl_clip_l_skip=True)
         return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
     def with_home(self, home: Path) -> StudioConfig:

@@ -111,3 +111,23 @@ def test_sdxl_explorer_cells_equal_generate(xl):
         single = np.asarray(gen.run(cell.job).images[0].image).astype(int)
         got = np.asarray(result.images[cell.index].image).astype(int)
         assert np.abs(got - single).max() <= 1, cell.labels  # batched text-time MLP: last-bit rounding
+
+
+def test_sdxl_clip_skip_follows_a1111(xl):
+    """A1111 and ComfyUI leave SDXL's conditioning alone under clip skip (both encoders' penultimate layer); with
+    A1111's "apply to CLIP-L" option, CLIP-L alone takes hidden_states[-clip_skip]."""
+    manager, gen = xl
+    pipe = manager.current.pipe
+    ids = [t(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+           for t in (pipe.tokenizer, pipe.tokenizer_2)]
+    with torch.no_grad():
+        one = pipe.text_encoder(ids[0], output_hidden_states=True).hidden_states
+        two = pipe.text_encoder_2(ids[1], output_hidden_states=True).hidden_states
+    with manager.lock:
+        default = gen.prompt_encoder(manager.current, {}, 1).encode("a red circle").embeds
+        skipped = gen.prompt_encoder(manager.current, {}, 2).encode("a red circle").embeds
+        l_skip = gen.prompt_encoder(manager.current, {}, 3, clip_l_skip=True).encode("a red circle").embeds
+    assert torch.equal(skipped, default)
+    assert torch.allclose(l_skip, torch.cat([one[-3], two[-2]], dim=-1), atol=1e-6)
+    # the infotext still says what the user set, as A1111 writes it
+    assert "Clip skip: 2" in gen.run(_job(clip_skip=2)).images[0].infotext

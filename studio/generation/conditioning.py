@@ -257,7 +257,7 @@ class PromptEncoder:
         if fixes:
             hook = self.text_encoder.get_input_embeddings().register_forward_hook(_inject_hook(fixes))
         try:
-            if self.clip_skip == 1:
+            if self.clip_skip == 1 and self.final_norm:
                 out = self.runner(ids)
                 z = out.last_hidden_state
             else:
@@ -308,20 +308,27 @@ class PromptEncoder:
 
 class XLPromptEncoder:
     """SDXL prompts the A1111 way on both text encoders: each chunk through CLIP ViT-L and OpenCLIP bigG (the
-    penultimate layer, raw; clip skip counts back from it), emphasis per encoder, concatenated along the width;
-    the pooled vector from bigG's first chunk."""
+    penultimate layer, raw), emphasis per encoder, concatenated along the width; the pooled vector from bigG's first
+    chunk. Clip skip leaves SDXL alone, as in A1111 and ComfyUI (an SDXL image's "Clip skip: 2" is the default
+    layer), unless `clip_l_skip` (A1111's "apply to CLIP-L"): then CLIP-L takes hidden_states[-clip_skip]."""
 
     def __init__(self, pipe, clip_skip: int = 1, embeddings: Mapping[str, TextualInversion] | None = None,
-                 embeddings_g: Mapping[str, TextualInversion] | None = None):
+                 embeddings_g: Mapping[str, TextualInversion] | None = None, clip_l_skip: bool = False):
         """`embeddings`: SDXL embeddings' clip_l vectors (first encoder), `embeddings_g` their clip_g vectors, by
         the same names."""
         embeddings, embeddings_g = dict(embeddings or {}), dict(embeddings_g or {})
         if set(embeddings) != set(embeddings_g):
             missing = sorted(set(embeddings) ^ set(embeddings_g))
             raise ValueError(f"SDXL embeddings need vectors for both text encoders (clip_l and clip_g): {missing}")
-        self.parts = [PromptEncoder(tokenizer, text_encoder, found, clip_skip=clip_skip + 1, final_norm=False)
-                      for tokenizer, text_encoder, found in ((pipe.tokenizer, pipe.text_encoder, embeddings),
-                                                             (pipe.tokenizer_2, pipe.text_encoder_2, embeddings_g))]
+        layers = pipe.text_encoder.config.num_hidden_layers
+        if not 1 <= clip_skip <= layers:
+            raise ValueError(f"clip skip must be 1 to {layers} for this text encoder, got {clip_skip}")
+        self.clip_skip = clip_skip
+        skips = (clip_skip if clip_l_skip else 2, 2)
+        self.parts = [PromptEncoder(tokenizer, text_encoder, found, clip_skip=skip, final_norm=False)
+                      for tokenizer, text_encoder, found, skip in (
+                          (pipe.tokenizer, pipe.text_encoder, embeddings, skips[0]),
+                          (pipe.tokenizer_2, pipe.text_encoder_2, embeddings_g, skips[1]))]
 
     def count_chunks(self, text: str) -> int:
         return self.parts[0].count_chunks(text)  # both tokenizers share one vocabulary: the same chunks
@@ -334,6 +341,25 @@ class XLPromptEncoder:
     def encode_pair(self, prompt: str, negative: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         cond, uncond, used = encode_pair(self, prompt, negative)
         return cond.embeds, uncond.embeds, used
+
+    # --- training (studio.train): embeddings swapped in every step, batches with gradients ---
+
+    def set_embedding(self, name: str, vectors_l: torch.Tensor, vectors_g: torch.Tensor) -> None:
+        """Add or replace one SDXL embedding: its clip_l vectors for the first encoder, clip_g for the second."""
+        self.parts[0].set_embedding(TextualInversion(name, vectors_l))
+        self.parts[1].set_embedding(TextualInversion(name, vectors_g))
+
+    def set_runners(self, runner_l, runner_g) -> None:
+        """What each encoder's forward pass calls (training: the encoders wrapped for several GPUs); None: itself."""
+        for part, runner in zip(self.parts, (runner_l, runner_g), strict=True):
+            part.runner = runner or part.text_encoder
+
+    def encode_batch(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, 77, width_l + width_g], [B, projection]) for prompts of one chunk each, with gradients: both
+        encoders' conditioning concatenated, and the second encoder's pooled (projected) embedding."""
+        first = self.parts[0].encode_batch(texts)
+        second = self.parts[1].encode_batch(texts)
+        return torch.cat([first, second], dim=-1), self.parts[1]._pooled
 
 
 def encode_pair(encoder, prompt: str, negative: str) -> tuple[EncodedPrompt, EncodedPrompt, list[str]]:

@@ -183,7 +183,8 @@ class Generator:
         nets, spans = self._prompts(job, model)  # the chunk limit is checked here, before any model work
         model.loras().apply(nets.loras)  # before encoding: a LoRA may change the text encoder
         nets.notes += model.loras().unmatched_notes(nets.loras)
-        encoder = self.prompt_encoder(model, nets.embeddings, job.clip_skip, nets.embeddings_g)
+        encoder = self.prompt_encoder(model, nets.embeddings, job.clip_skip, nets.embeddings_g,
+                                      self.manager.cfg.sdxl_clip_l_skip)
         if len(spans) == 1:  # nothing switches (`[a:b:0]` is b throughout)
             c, u, used = encode_pair(encoder, spans[0][1], spans[0][2])
             cond, uncond, nets.pooled, nets.uncond_pooled = c.embeds, u.embeds, c.pooled, u.pooled
@@ -199,7 +200,8 @@ class Generator:
         nets = resolve_networks(job, self.networks, text_widths(model), model.family)
         # A1111's prompt editing and alternation: the conditioning at each step ([from:to:when], [a|b])
         spans = merge_schedules(prompt_schedule(nets.prompt, job.steps), prompt_schedule(nets.negative_prompt, job.steps))
-        encoder = self.prompt_encoder(model, nets.embeddings, job.clip_skip, nets.embeddings_g)
+        encoder = self.prompt_encoder(model, nets.embeddings, job.clip_skip, nets.embeddings_g,
+                                      self.manager.cfg.sdxl_clip_l_skip)
         limits = self.manager.cfg.limits
         seen: set[str] = set()
         for _, prompt, negative in spans:
@@ -217,17 +219,19 @@ class Generator:
 
     @staticmethod
     def prompt_encoder(model: LoadedModel, embeddings: dict[str, TextualInversion], clip_skip: int,
-                       embeddings_g: dict[str, TextualInversion] | None = None) -> PromptEncoder | XLPromptEncoder:
+                       embeddings_g: dict[str, TextualInversion] | None = None,
+                       clip_l_skip: bool = False) -> PromptEncoder | XLPromptEncoder:
         """The model's prompt encoder for these embeddings and clip skip (SDXL: `embeddings` are the clip_l vectors,
         `embeddings_g` the clip_g ones), built once and reused while the model's tokenizers and text encoders and the
         embeddings (names and vector tensors: the network library hands out the same tensor while a file's size and
         mtime stay) are the same ones. A new, changed or removed embedding file builds a new one, so embeddings
-        still load without a restart. Call with the manager's lock held."""
+        still load without a restart. `clip_l_skip`: StudioConfig.sdxl_clip_l_skip. Call with the manager's lock
+        held."""
         pipe = model.pipe
         wanted = [(name, e.vectors) for name, e in embeddings.items()]
         wanted += [(name, e.vectors) for name, e in (embeddings_g or {}).items()]
         encoders = (pipe.text_encoder, pipe.text_encoder_2) if model.is_xl else (pipe.text_encoder,)
-        key = ("xl", clip_skip) if model.is_xl else clip_skip
+        key = ("xl", clip_skip, clip_l_skip) if model.is_xl else clip_skip
         cached = model.prompt_encoders.get(key)
         if cached is not None:
             modules, had, encoder = cached
@@ -236,7 +240,7 @@ class Generator:
                     and all(a == b and u is v for (a, u), (b, v) in zip(had, wanted, strict=True))):
                 return encoder
         if model.is_xl:
-            encoder = XLPromptEncoder(pipe, clip_skip, embeddings, embeddings_g or {})
+            encoder = XLPromptEncoder(pipe, clip_skip, embeddings, embeddings_g or {}, clip_l_skip)
         else:
             encoder = PromptEncoder(pipe.tokenizer, pipe.text_encoder, embeddings, clip_skip=clip_skip)
         model.prompt_encoders[key] = ((pipe.tokenizer, *encoders), wanted, encoder)
