@@ -1,5 +1,6 @@
 """ControlNets: find them (controlnet/, a diffusers folder, a single file, a hub id, or the built-in `micro-canny`),
-and load them offline onto the model's device. The denoise loop takes them as a `Control`."""
+tell their family (SD 1.x / 2.x or SDXL) and load them offline onto the model's device. The denoise loop takes them
+as a `Control`."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from studio.models.manager import HUB_ID
 
 # the default for SD 1.x models (a hub id: downloaded once while online); the micro model's is MICRO_CONTROLNET_NAME
 DEFAULT_CONTROLNET = "lllyasviel/control_v11p_sd15_canny"
+# the default for SDXL models
+DEFAULT_SDXL_CONTROLNET = "diffusers/controlnet-canny-sdxl-1.0"
 
 
 WEIGHT_EXTS = (".safetensors", ".pth", ".ckpt", ".bin", ".pt")
@@ -36,7 +39,11 @@ ASSETS = ASSETS_DIR / "configs"
 
 
 # cross-attention width -> the shipped UNet config a ControlNet of that family copies its shape from
-FAMILY_BY_WIDTH = {768: "sd1", 1024: "sd2-base"}
+FAMILY_BY_WIDTH = {768: "sd1", 1024: "sd2-base", 2048: "sdxl"}
+
+
+# a key only SDXL ControlNets have (their size-and-pooled-text embedding); files in the original layout are SD 1.x / 2.x
+XL_KEY = "add_embedding.linear_1.weight"
 
 
 @dataclass(frozen=True)
@@ -82,18 +89,24 @@ def local_controlnets(folder: Path) -> list[ControlNetEntry]:
     return entries
 
 
-def controlnet_choices(folder: Path, assets_dir: Path | None = None) -> list[str]:
-    """What a ControlNet picker offers: the local ones, the built-in ones, then the default hub id."""
-    return list(dict.fromkeys([e.name for e in list_controlnets(folder, assets_dir)] + [DEFAULT_CONTROLNET]))
+def controlnet_choices(folder: Path, assets_dir: Path | None = None, model=None) -> list[str]:
+    """What a ControlNet picker offers: the local ones, the built-in ones, then the default hub id for `model`'s
+    family (SDXL's for an SDXL model, else SD 1.5's)."""
+    return list(dict.fromkeys([e.name for e in list_controlnets(folder, assets_dir)] + [hub_default(model)]))
+
+
+def hub_default(model=None) -> str:
+    """The canny ControlNet hub id for the loaded model's family (SD 1.5's when no model is loaded)."""
+    return DEFAULT_SDXL_CONTROLNET if getattr(model, "is_xl", False) else DEFAULT_CONTROLNET
 
 
 def default_controlnet(model=None, assets_dir: Path | None = None) -> str:
     """The ControlNet a new storyboard starts with: micro-canny when the loaded model is of its family (the micro
-    model; its 128-wide text encoder fits no SD ControlNet), else the SD 1.5 canny hub id."""
+    model; its 128-wide text encoder fits no SD ControlNet), else the canny hub id of the model's family."""
     for entry in built_in_controlnets(assets_dir):
         if model is not None and _text_width(model) == _config_width(entry.path):
             return entry.name
-    return DEFAULT_CONTROLNET
+    return hub_default(model)
 
 
 def _text_width(model) -> int | None:
@@ -128,7 +141,7 @@ def resolve_controlnet(spec: str, folder: Path, allow_paths: bool = False,
     spec = (spec or "").strip()
     if not spec:
         raise ValueError(f"no ControlNet given; local ones: {_local_and_built_in(folder, assets_dir)}, or "
-                         f"{DEFAULT_CONTROLNET}")
+                         f"{DEFAULT_CONTROLNET} (SD 1.x) or {DEFAULT_SDXL_CONTROLNET} (SDXL)")
     for entry in built_in_controlnets(assets_dir):
         if spec == entry.name:
             return entry.kind, entry.path
@@ -158,7 +171,8 @@ def resolve_controlnet(spec: str, folder: Path, allow_paths: bool = False,
     if HUB_ID.match(spec) and not spec.endswith(WEIGHT_EXTS):
         return "hub", None
     raise ModelLoadError(f"ControlNet {spec!r} not found. Local ControlNets in {folder}: "
-                         f"{_local_and_built_in(folder, assets_dir)}; or a hub id such as {DEFAULT_CONTROLNET}")
+                         f"{_local_and_built_in(folder, assets_dir)}; or a hub id such as {DEFAULT_CONTROLNET} "
+                         f"(SD 1.x) or {DEFAULT_SDXL_CONTROLNET} (SDXL)")
 
 
 def controlnet_config_for(unet_config: dict) -> dict:
@@ -189,6 +203,24 @@ def _cross_attention_width(state: dict) -> int | None:
         if key.endswith("attn2.to_k.weight") and tensor.ndim == 2:
             return int(tensor.shape[1])
     return None
+
+
+def _transformer_depths(state: dict, config: dict) -> list:
+    """`config`'s transformer_layers_per_block with each attention down block's depth counted in the (diffusers
+    layout) weights: SDXL ControlNets come full, "mid" and "small", which differ only in these depths."""
+    depths = config["transformer_layers_per_block"]
+    depths = list(depths) if isinstance(depths, (list, tuple)) else [depths] * len(config["down_block_types"])
+    for i in range(len(depths)):
+        prefix = f"down_blocks.{i}.attentions.0."
+        if any(k.startswith(prefix) for k in state):  # an attention block: count its transformer blocks
+            blocks = prefix + "transformer_blocks."
+            depths[i] = len({k[len(blocks):].split(".")[0] for k in state if k.startswith(blocks)})
+    return depths
+
+
+def is_xl_config(config) -> bool:
+    """Whether a UNet or ControlNet config is SDXL's: its size-and-pooled-text ("text_time") added embedding."""
+    return dict(config).get("addition_embed_type") == "text_time"
 
 
 @dataclass
@@ -231,9 +263,10 @@ class ControlNetLoader:
         return self.cache_dir / "hashes.json" if self.cache_dir else None
 
     def load(self, spec: str, device, dtype, cross_attention_dim: int, allow_paths: bool = False,
-             compile_as: tuple[str, str] | None = None) -> LoadedControlNet:
+             compile_as: tuple[str, str] | None = None, xl: bool | None = None) -> LoadedControlNet:
         """`compile_as`: (mode, backend) of the UNet it will feed (speed.compiled_as), to compile the ControlNet the
-        same way: the UNet alone compiled leaves half of each step's work eager (docs/benchmarks.md)."""
+        same way: the UNet alone compiled leaves half of each step's work eager (docs/benchmarks.md). `xl`: whether
+        the model is SDXL; a ControlNet of the other family is refused (None: only the text width is checked)."""
         kind, path = resolve_controlnet(spec, self.folder, allow_paths, self.assets_dir)
         key = (kind, str(path) if path else spec, _stamp(path), str(device), str(dtype), compile_as)
         with self._lock:
@@ -249,6 +282,13 @@ class ControlNetLoader:
                     speed.compile_unet(loaded.model, *compile_as)
                 self._last = (key, loaded)
         width = loaded.model.config.cross_attention_dim
+        if xl is not None and is_xl_config(loaded.model.config) != xl:
+            fitting = DEFAULT_SDXL_CONTROLNET if xl else DEFAULT_CONTROLNET if cross_attention_dim == 768 else None
+            raise ModelLoadError(
+                f"ControlNet {loaded.name} is a ControlNet for {_family_name(width, not xl)} (text width {width}), "
+                f"but the loaded model is {_family_name(cross_attention_dim, xl)} (text width {cross_attention_dim}); "
+                "a ControlNet steers only models of its own family: pick one made for the model"
+                + (f", such as {fitting}" if fitting else "") + self._fitting_hint(cross_attention_dim))
         if width != cross_attention_dim:
             raise ModelLoadError(
                 f"ControlNet {loaded.name} is made for a model with text width {width} "
@@ -299,17 +339,20 @@ class ControlNetLoader:
         from diffusers import ControlNetModel
 
         state, meta = _read_weights(path)
-        width = _cross_attention_width(state)
+        # SDXL's "small" ControlNet has no cross-attention at all: its added embedding tells the family
+        width = _cross_attention_width(state) or (2048 if XL_KEY in state else None)
         with tempfile.TemporaryDirectory(prefix="studio-controlnet-") as tmp:
             if CONFIG_METADATA_KEY in meta:
                 config = json.loads(meta[CONFIG_METADATA_KEY])
             elif width in FAMILY_BY_WIDTH:
                 unet_config = json.loads((ASSETS / FAMILY_BY_WIDTH[width] / "unet" / "config.json").read_text())
                 config = controlnet_config_for(unet_config)
+                if is_xl_config(config):
+                    config["transformer_layers_per_block"] = _transformer_depths(state, config)
             else:
                 raise ModelLoadError(
                     f"ControlNet {path.name}: cannot tell its model family (text width {width}); the studio knows "
-                    "SD 1.x (768) and SD 2.x (1024) ControlNets, or files that carry their config")
+                    "SD 1.x (768), SD 2.x (1024) and SDXL (2048) ControlNets, or files that carry their config")
             Path(tmp, "config.json").write_text(json.dumps(config), encoding="utf-8")
             from diffusers.utils import logging as diffusers_logging
 
@@ -324,8 +367,13 @@ class ControlNetLoader:
                 diffusers_logging.set_verbosity(level)
 
 
-def _family_name(width: int) -> str:
-    return {768: "SD 1.x", 1024: "SD 2.x", 128: "the micro model"}.get(width, f"width {width}")
+def _family_name(width: int, xl: bool | None = None) -> str:
+    """How messages name a family: SDXL when `xl`, else by text width; with `xl` False, a width of no released
+    family (a tiny test model's) is SD 1.x / 2.x."""
+    if xl or (xl is None and width == 2048):
+        return "SDXL"
+    known = {768: "SD 1.x", 1024: "SD 2.x", 128: "the micro model"}
+    return known.get(width, "SD 1.x / 2.x" if xl is False else f"width {width}")
 
 
 def _short_hash_file(path: Path, cache_file: Path | None = None) -> str:

@@ -513,8 +513,8 @@ class GridRunner:
         if current is None:
             return False
         kind, path = self.manager.resolve(spec)
-        if kind == "demo":
-            return current.is_demo
+        if kind == "demo":  # demo-tiny and demo-tiny-xl are both built in: the name tells them apart
+            return current.is_demo and current.name == spec.strip()
         if path is not None and current.path is not None:
             return Path(path).resolve() == Path(current.path).resolve()
         return current.name == spec

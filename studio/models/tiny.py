@@ -2,6 +2,7 @@
 
 Same classes and key layout as SD 1.x (or SD 2.x with family="sd2", SDXL with family="sdxl"), so every
 loader, converter and sampler runs on them exactly as on a real checkpoint. Their images are noise.
+`build_tiny_xl_controlnet` is a ControlNet of demo-tiny-xl's shape, for tests of SDXL storyboards.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 from diffusers import (
     AutoencoderKL,
+    ControlNetModel,
     EulerDiscreteScheduler,
     PNDMScheduler,
     StableDiffusionPipeline,
@@ -162,6 +164,21 @@ def build_tiny_xl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def build_tiny_xl_controlnet(seed: int = 0) -> ControlNetModel:
+    """An SDXL ControlNet for demo-tiny-xl (ControlNetModel.from_unet of its UNet), the same for the same seed; its
+    zero convolutions get small random weights, so that it changes the image (a fresh one adds exactly zero)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(0)  # demo-tiny-xl's UNet
+        unet = tiny_unet_xl()
+        torch.default_generator.manual_seed(seed + 10)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 16))
+        with torch.no_grad():
+            for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                         controlnet.controlnet_cond_embedding.conv_out]:
+                conv.weight.normal_(0, 0.3)
+    return controlnet
 
 
 def build_tiny_pipeline(family: str = "sd1", seed: int = 0) -> StableDiffusionPipeline | StableDiffusionXLPipeline:

@@ -130,7 +130,7 @@ class StoryboardRunner:
             if any(shot.reference for shot in chosen):
                 controlnet = self.controlnets.load(s.controlnet, model.pipe._execution_device, model.pipe.unet.dtype,
                                                    model.pipe.unet.config.cross_attention_dim, self.allow_paths,
-                                                   compile_as=speed.compiled_as(model.pipe.unet))
+                                                   compile_as=speed.compiled_as(model.pipe.unet), xl=model.is_xl)
             model_hash = self.manager.model_hash(model)
             board.model = model.name
             for number, shot in enumerate(chosen, start=1):

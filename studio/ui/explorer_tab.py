@@ -28,7 +28,7 @@ PLACEHOLDERS = {
     "Negative prompt S/R": "searched in the negative prompt: blurry, noisy",
     "LoRA weight": "0, 0.25, 0.5, 0.75, 1  ·  0-1 [5]",
     "LoRA / embedding": "the first is in the prompt, the others replace it: inkwash, paperfold, None",
-    "Checkpoint name": "model names from models/ (or demo-tiny)",
+    "Checkpoint name": "model names from models/ (or demo-tiny, demo-tiny-xl)",
 }
 
 

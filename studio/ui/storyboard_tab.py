@@ -192,7 +192,8 @@ def build(state: AppState) -> dict:
     with gr.Accordion("Generation settings and ControlNet", open=False):
         with gr.Row():
             negative = gr.Textbox(label="Negative prompt", scale=3)
-            controlnet = gr.Dropdown(controlnet_choices(cfg.controlnet_dir, cfg.assets_dir), value=defaults.settings.controlnet,
+            controlnet = gr.Dropdown(controlnet_choices(cfg.controlnet_dir, cfg.assets_dir, state.manager.current),
+                                     value=defaults.settings.controlnet,
                                      allow_custom_value=True, label="ControlNet (canny)", scale=2,
                                      elem_id="sb-controlnet")
         with gr.Row():
@@ -288,7 +289,8 @@ def build(state: AppState) -> dict:
 
     def everything(board: Storyboard, number: str | None = None):
         values = settings_values(board)
-        values[-1] = gr.update(choices=controlnet_choices(cfg.controlnet_dir, cfg.assets_dir), value=board.settings.controlnet)
+        values[-1] = gr.update(choices=controlnet_choices(cfg.controlnet_dir, cfg.assets_dir, state.manager.current),
+                               value=board.settings.controlnet)
         return (board.name, gr.update(choices=store.names(), value=board.name), shot_rows(board), type_rows(board),
                 board.style.kind, board.style.name, board.style.weight, *values, *shot_view(board, number))
 
