@@ -79,7 +79,7 @@ def build_controlnet(model_folder: Path, out: Path, seed: int = 0) -> Path:
     from diffusers import ControlNetModel, UNet2DConditionModel
 
     if not (out / "config.json").is_file():
-        unet = UNet2DConditionModel.from_pretrained(model_folder / "unet", torch_dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(model_folder / "unet", dtype=torch.float32)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             cn = ControlNetModel.from_unet(unet)
@@ -149,7 +149,7 @@ def main() -> None:
 
     # plain diffusers
     plain = StableDiffusionControlNetPipeline.from_pretrained(
-        folder, controlnet=ControlNetModel.from_pretrained(cn_folder, torch_dtype=dtype), torch_dtype=dtype,
+        folder, controlnet=ControlNetModel.from_pretrained(cn_folder, dtype=dtype), dtype=dtype,
         safety_checker=None, requires_safety_checker=False).to(device)
     plain.set_progress_bar_config(disable=True)
     plain.scheduler = DPMSolverMultistepScheduler.from_config(plain.scheduler.config, use_karras_sigmas=True)

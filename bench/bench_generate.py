@@ -74,7 +74,7 @@ def main() -> None:
     # every contender resident on the GPU at once, timed round-robin: these runs are launch-bound and the
     # machine's speed drifts by tens of percent over a minute, so interleaving is what makes ratios fair
     def plain_pipe():
-        p = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16, safety_checker=None,
+        p = StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float16, safety_checker=None,
                                                     requires_safety_checker=False).to("cuda")
         p.set_progress_bar_config(disable=True)
         p.scheduler = DPMSolverMultistepScheduler.from_config(p.scheduler.config, use_karras_sigmas=True)

@@ -3,6 +3,8 @@
 import pickle
 import socket
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -48,7 +50,9 @@ def test_single_file_and_diffusers_folder_load_offline_and_match(studio_cfg, no_
     manager = ModelManager(studio_cfg)
     assert set(manager.choices()) >= {"tiny-folder", "tiny.safetensors", "demo-tiny"}
 
-    manager.load("tiny-folder")
+    with warnings.catch_warnings():  # no deprecation noise at start-up (diffusers' torch_dtype warning)
+        warnings.simplefilter("error", FutureWarning)
+        manager.load("tiny-folder")
     assert manager.current.source == "diffusers" and manager.current.family == family
     folder_pipe = manager.current.pipe
     from_folder = image(manager)

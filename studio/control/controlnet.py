@@ -306,7 +306,7 @@ class ControlNetLoader:
 
         if kind in ("diffusers", "micro"):
             try:
-                model = ControlNetModel.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+                model = ControlNetModel.from_pretrained(path, local_files_only=True, dtype=dtype)
             except Exception as e:
                 raise ModelLoadError(f"could not load the ControlNet folder {spec}: {type(e).__name__}: {e}") from e
             # a built-in one is called by its name (what the picker shows), as the micro model is called "micro"
@@ -316,12 +316,12 @@ class ControlNetLoader:
             return LoadedControlNet(spec, path.stem, self._open_file(path, dtype),
                                     _short_hash_file(path, self.hash_cache))
         try:
-            model = ControlNetModel.from_pretrained(spec, local_files_only=True, torch_dtype=dtype)
+            model = ControlNetModel.from_pretrained(spec, local_files_only=True, dtype=dtype)
         except Exception as cached_error:
             if offline():
                 raise ModelLoadError(self._offline_message(spec)) from cached_error
             try:  # the user asked for a hub id while online: download it into the Hugging Face cache
-                model = ControlNetModel.from_pretrained(spec, torch_dtype=dtype)
+                model = ControlNetModel.from_pretrained(spec, dtype=dtype)
             except Exception as e:
                 raise ModelLoadError(f"could not download ControlNet {spec} (no network, or not a ControlNet repo?): "
                                      f"{type(e).__name__}: {e}. " + self._offline_message(spec, downloading=False)
@@ -360,7 +360,7 @@ class ControlNetLoader:
             diffusers_logging.set_verbosity_error()  # its fp32-modules notice about its own cast is noise here
             try:
                 # diffusers converts the original (control_model.*) layout and takes the diffusers layout as it is
-                return ControlNetModel.from_single_file(state, config=tmp, local_files_only=True, torch_dtype=dtype)
+                return ControlNetModel.from_single_file(state, config=tmp, local_files_only=True, dtype=dtype)
             except Exception as e:
                 raise ModelLoadError(f"could not load ControlNet {path.name}: {type(e).__name__}: {e}") from e
             finally:

@@ -536,7 +536,7 @@ def run(cfg: PretrainConfig) -> dict:
     if cfg.init_from:
         from diffusers import StableDiffusionPipeline
 
-        base = StableDiffusionPipeline.from_pretrained(cfg.init_from, torch_dtype=torch.float32)
+        base = StableDiffusionPipeline.from_pretrained(cfg.init_from, dtype=torch.float32)
         vae, unet, text_encoder = base.vae, base.unet, base.text_encoder
         vae.to(device).requires_grad_(False)
         scaling = float(vae.config.scaling_factor)
@@ -602,7 +602,7 @@ def run(cfg: PretrainConfig) -> dict:
     from diffusers import StableDiffusionPipeline
 
     eval_dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=eval_dtype).to(device)
+    pipe = StableDiffusionPipeline.from_pretrained(folder, dtype=eval_dtype).to(device)
     pipe.set_progress_bar_config(disable=True)
     result, best_images = evaluate(pipe, cfg)
     report = {**info, "unet_steps": steps, "controlnet_steps": cn_steps, "eval": result,
@@ -615,7 +615,7 @@ def run(cfg: PretrainConfig) -> dict:
     if cn_steps:
         from diffusers import ControlNetModel
 
-        controlnet = ControlNetModel.from_pretrained(cn_folder, torch_dtype=eval_dtype).to(device)
+        controlnet = ControlNetModel.from_pretrained(cn_folder, dtype=eval_dtype).to(device)
         report["controlnet"] = evaluate_controlnet(pipe, controlnet, cfg)
         (out / "eval.json").write_text(json.dumps(report, indent=1), encoding="utf-8")
         log(json.dumps(report["controlnet"]))

@@ -230,7 +230,7 @@ class ModelManager:
         family_hint = _folder_family(path, spec)
         cls = PIPELINES[family_hint]
         try:
-            pipe = cls.from_pretrained(path, torch_dtype=self.dtype, local_files_only=True, **PIPELINE_KWARGS[cls])
+            pipe = cls.from_pretrained(path, dtype=self.dtype, local_files_only=True, **PIPELINE_KWARGS[cls])
         except Exception as e:
             hostile = hostile_pickle_in(path)  # diffusers reads .bin weights with weights_only=True: name the file
             if hostile is not None:
@@ -259,7 +259,7 @@ class ModelManager:
                 check_shapes(shapes, expected_shapes(config_dir), path.name, what)
             try:
                 pipe = cls.from_single_file(
-                    str(path), config=str(config_dir), local_files_only=True, torch_dtype=self.dtype,
+                    str(path), config=str(config_dir), local_files_only=True, dtype=self.dtype,
                     **family_tokenizers(family), **PIPELINE_KWARGS[cls])
             except ModelLoadError:
                 raise
