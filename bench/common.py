@@ -1,4 +1,4 @@
-"""Shared pieces of the GPU benchmarks: an SD 1.5-architecture model with random weights, timers, reports."""
+"""Shared pieces of the GPU benchmarks: SD 1.5 and SDXL models with random weights, timers, reports."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SD1_CONFIGS = ROOT / "assets" / "configs" / "sd1"
+SDXL_CONFIGS = ROOT / "assets" / "configs" / "sdxl"
 
 
 def build_sd15_folder(folder: Path, seed: int = 0) -> Path:
@@ -36,6 +37,60 @@ def build_sd15_folder(folder: Path, seed: int = 0) -> Path:
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.to(torch.float16).save_pretrained(folder)
+    return folder
+
+
+def build_sdxl_folder(folder: Path, seed: int = 0, device: str = "cpu") -> Path:
+    """An SDXL 1.0 base-architecture diffusers folder with random weights in fp16, from the bundled configs in
+    assets/configs/sdxl (UNet, VAE with `force_upcast`, CLIPTextModel + CLIPTextModelWithProjection, Euler
+    scheduler) and both tokenizers built offline as the studio builds them for SDXL (studio.models.tokenizer:
+    CLIP ViT-L's, and OpenCLIP bigG's that pads with "!"). Default (PyTorch) initialisation, as build_sd15_folder;
+    speed does not depend on the weights' values. `device`: where the 3.5 B weights are drawn ("cuda" takes
+    seconds where a CPU takes minutes; the values then differ from a CPU build's). Written to a side folder and
+    renamed, so an interrupted build is never taken for a finished one."""
+    import shutil
+
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from studio.models.tokenizer import family_tokenizers
+
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        return folder
+    device = torch.device(device)
+    makers = {
+        "unet": lambda: UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SDXL_CONFIGS / "unet")),
+        "vae": lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(SDXL_CONFIGS / "vae")),
+        "text_encoder": lambda: CLIPTextModel(CLIPTextConfig.from_pretrained(SDXL_CONFIGS / "text_encoder")),
+        "text_encoder_2": lambda: CLIPTextModelWithProjection(
+            CLIPTextConfig.from_pretrained(SDXL_CONFIGS / "text_encoder_2")),
+    }
+    gen = torch.Generator().manual_seed(seed)
+    seeds = {name: int(torch.randint(0, 2**31, (1,), generator=gen)) for name in makers}
+    parts = {}
+    # only the RNGs of the devices drawn on, restored afterwards (torch.manual_seed would reseed every CUDA device)
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        for name, make in makers.items():
+            torch.default_generator.manual_seed(seeds[name])
+            if device.type == "cuda":
+                torch.cuda.manual_seed(seeds[name])
+            with torch.device(device):
+                module = make()
+            parts[name] = module.to("cpu", torch.float16).eval()  # one fp32 part alive at a time
+            del module
+    scheduler = EulerDiscreteScheduler.from_pretrained(SDXL_CONFIGS / "scheduler")
+    pipe = StableDiffusionXLPipeline(**parts, **family_tokenizers("sdxl"), scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=True, add_watermarker=False)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipe.save_pretrained(partial)
+    partial.rename(folder)
     return folder
 
 
