@@ -100,8 +100,32 @@ def _bad(counts: dict) -> str:
     return ", ".join(f"{name} {c['nonfinite']}/{c['calls']}" for name, c in counts.items())
 
 
+def _baseline(key: str) -> str:
+    """The plain contender a run is compared with: plain with the same LoRAs."""
+    return "plain_two_loras" if key.endswith("two_loras") else "plain"
+
+
 def pixels(image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
+
+
+def make_sdxl_lora(pipe, path: Path, rank: int, seed: int) -> Path:
+    """A kohya SDXL LoRA (original UNet names, lora_te1_/lora_te2_) on every UNet attention projection and the text
+    encoders' q/k/v/out, small random weights: what an SDXL style LoRA from kohya_ss touches."""
+    from studio.files.convert import original_unet_module_names
+    from studio.files.networks import LoraLayer, save_kohya_lora
+
+    g = torch.Generator().manual_seed(seed)
+
+    def layers(model, ends):
+        return {name: LoraLayer(torch.randn(rank, m.in_features, generator=g) * 0.01,
+                                torch.randn(m.out_features, rank, generator=g) * 0.01, float(rank))
+                for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name.endswith(ends)}
+
+    te = ("q_proj", "k_proj", "v_proj", "out_proj")
+    return save_kohya_lora(path, layers(pipe.unet, ("to_q", "to_k", "to_v", "to_out.0")), layers(pipe.text_encoder, te),
+                           text_encoder_2=layers(pipe.text_encoder_2, te),
+                           unet_names=original_unet_module_names(pipe.unet))
 
 
 def main() -> None:
@@ -111,6 +135,7 @@ def main() -> None:
                         "at the end); a folder given here keeps the model for the next run")
     parser.add_argument("--compile", default="reduce-overhead", help="compile mode of the studio_compiled contender "
                         "(studio.models.speed.COMPILE_MODES; 'off' leaves it out)")
+    parser.add_argument("--no-loras", action="store_true", help="leave out the two-LoRA contenders")
     parser.add_argument("--tiny", action="store_true", help=f"smoke test: demo-tiny-xl at {TINY_SIZE}², "
                         f"{TINY_STEPS} steps (on the CPU where there is no GPU)")
     args = parser.parse_args()
@@ -169,7 +194,7 @@ def run(args, work: Path, device: str, cuda: bool, dtype: torch.dtype, precision
     # every contender resident at once, timed round-robin (these runs drift with the machine; interleaving is
     # what makes the ratios fair)
     t0 = time.perf_counter()
-    plain = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=dtype, add_watermarker=False,
+    plain = StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, add_watermarker=False,
                                                       local_files_only=True).to(device)
     plain.set_progress_bar_config(disable=True)
     plain.scheduler = DPMSolverMultistepScheduler.from_config(plain.scheduler.config, use_karras_sigmas=True)
@@ -182,6 +207,34 @@ def run(args, work: Path, device: str, cuda: bool, dtype: torch.dtype, precision
                                                               compile=compile_mode))
         compiled_manager.load(str(folder))
         compiled_gen = Generator(compiled_manager)
+    lora_runs = {}
+    if not args.no_loras:
+        # two rank-16 kohya SDXL LoRAs: plain diffusers loads them with load_lora_weights and weights them with
+        # set_adapters (per-layer low-rank matmuls every step); the studio merges their deltas into the weights
+        loras_cfg = StudioConfig.from_env(device=device, precision=precision).with_home(work / "home")
+        loras_cfg.ensure_dirs()
+        for i, lora in enumerate(("style_a", "style_b")):
+            make_sdxl_lora(plain, loras_cfg.loras_dir / f"{lora}.safetensors", 16, i)
+        plain_loras = StableDiffusionXLPipeline.from_pretrained(folder, dtype=dtype, add_watermarker=False,
+                                                                local_files_only=True).to(device)
+        plain_loras.set_progress_bar_config(disable=True)
+        plain_loras.scheduler = DPMSolverMultistepScheduler.from_config(plain_loras.scheduler.config,
+                                                                        use_karras_sigmas=True)
+        for lora in ("style_a", "style_b"):
+            plain_loras.load_lora_weights(str(loras_cfg.loras_dir / f"{lora}.safetensors"), adapter_name=lora)
+        plain_loras.set_adapters(["style_a", "style_b"], [0.7, 0.4])
+        lora_manager = ModelManager(loras_cfg)
+        lora_manager.load(str(folder))
+        lora_gen = Generator(lora_manager)
+        lora_job = GenerateJob(prompt=PROMPT + " <lora:style_a:0.7> <lora:style_b:0.4>", negative_prompt=NEGATIVE,
+                               sampler="DPM++ 2M", schedule="Karras", steps=steps, cfg_scale=CFG, seed=SEED,
+                               width=size, height=size)
+        lora_runs = {
+            "plain_two_loras": lambda: plain_loras(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=steps,
+                                                   guidance_scale=CFG, width=size, height=size,
+                                                   generator=torch.Generator(device).manual_seed(SEED)),
+            "studio_two_loras": lambda: lora_gen.run(lora_job),
+        }
     results["load_s"] = time.perf_counter() - t0
     print(f"contenders loaded in {results['load_s']:.1f} s", flush=True)
     flops_step = xl_cfg_step_flops(plain.unet, size // plain.vae_scale_factor)
@@ -222,6 +275,7 @@ def run(args, work: Path, device: str, cuda: bool, dtype: torch.dtype, precision
         print(f"studio_compiled first call (compiling) {results['studio_compiled_first_call_s']:.1f} s; max pixel "
               f"diff vs eager studio {results['studio_compiled_max_pixel_diff_vs_eager']}", flush=True)
         runs["studio_compiled"] = lambda: compiled_gen.run(job)
+    runs.update(lora_runs)
     t0 = time.perf_counter()
     times, activation_peak = round_robin(runs, args.repeats, cuda=cuda)
     results["round_robin_s"] = time.perf_counter() - t0
@@ -236,12 +290,14 @@ def run(args, work: Path, device: str, cuda: bool, dtype: torch.dtype, precision
                         "peak_gib": weights_gib + activation_peak[key] if cuda else None,
                         # UNet work only (the CFG passes dominate; text encoders and VAE decode not counted)
                         "unet_tflops_per_s": flops_step * steps / s / 1e12,
-                        "ratio_s_over_plain": s / median(times["plain"]),
-                        "speedup_vs_plain": median(times["plain"]) / s}
+                        "ratio_s_over_plain": s / median(times[_baseline(key)]),
+                        "speedup_vs_plain": median(times[_baseline(key)]) / s}
     results["ratio_studio_over_plain"] = results["studio"]["ratio_s_over_plain"]
     path = write_report(name, results)
 
-    labels = {"plain": "plain diffusers", "studio": "studio (eager)", "studio_compiled": "studio compiled"}
+    labels = {"plain": "plain diffusers", "studio": "studio (eager)", "studio_compiled": "studio compiled",
+              "plain_two_loras": "plain diffusers, two LoRAs (`set_adapters`)",
+              "studio_two_loras": "studio (eager), two LoRAs"}
     print()
     print(f"{'tiny smoke test: ' if args.tiny else ''}{size}², {steps} steps, DPM++ 2M Karras, CFG {CFG:g}, batch 1, "
           f"{precision}, {results['env']['device'] or device}, {args.repeats} round-robin rounds, medians")

@@ -326,6 +326,9 @@ class ModelManager:
             pipe.to(self.device)
             if pipe.unet.dtype != self.dtype:  # demo-tiny is built in fp32
                 pipe.to(dtype=self.dtype)
+        if pipe.vae.dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+            # a VAE that overflows in fp16 (SDXL's) stays in fp32: diffusers casts it up and back for every image
+            pipe.vae.float()
         if self.memory["attention_slicing"]:
             pipe.enable_attention_slicing()
         else:
