@@ -88,7 +88,7 @@ def test_local_folder_loads_offline_and_is_cached(monkeypatch, tiny_folder):
 
 def test_missing_hub_model_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ExpandError, match="not available offline") as info:
+    with pytest.raises(ExpandError, match="not available: the hub is offline") as info:
         PromptExpander().load("studio-tests/no-such-expander")
     assert "local folder" in str(info.value)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from studio.files.names import safe_child
 from studio.models import speed
 from studio.models.builtin import MICRO_CONTROLNET_NAME, micro_controlnet_available, micro_controlnet_dir
 from studio.models.checkpoints import ModelLoadError, load_pickle_checkpoint
+from studio.models.hub import offline, offline_reason
 from studio.models.manager import HUB_ID
 
 # the default for SD 1.x models (a hub id: downloaded once while online); the micro model's is MICRO_CONTROLNET_NAME
@@ -130,8 +130,6 @@ def _local_and_built_in(folder: Path, assets_dir: Path | None) -> str:
     return text + (f"; built in: {', '.join(built_in)} (for the micro model)" if built_in else "")
 
 
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
 def resolve_controlnet(spec: str, folder: Path, allow_paths: bool = False,
@@ -329,7 +327,7 @@ class ControlNetLoader:
         return LoadedControlNet(spec, spec.split("/")[-1], model, "")
 
     def _offline_message(self, spec: str, downloading: bool = True) -> str:
-        head = (f"ControlNet {spec} is not in the Hugging Face cache and the studio is offline (HF_HUB_OFFLINE=1), "
+        head = (f"ControlNet {spec} is not in the Hugging Face cache and {offline_reason()}, "
                 "so it cannot be downloaded. " if downloading else "")
         return (head + f"Local ControlNets in {self.folder}: {_local_and_built_in(self.folder, self.assets_dir)}. "
                 "Put a diffusers folder "

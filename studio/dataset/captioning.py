@@ -3,7 +3,6 @@ tiny BLIP saved once under the cache folder and loaded through the same `from_pr
 
 from __future__ import annotations
 
-import os
 import pickle
 import threading
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from PIL import Image
 
 from studio.files.atomic import atomic_dir
 from studio.files.pickles import folder_refusal
+from studio.models.hub import offline, offline_reason
 
 TINY_NAME = "demo-tiny"
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
@@ -39,8 +39,6 @@ class CaptionerLoadError(RuntimeError):
     """A captioning model that cannot be loaded; the message says what to do instead."""
 
 
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
 @dataclass
@@ -145,8 +143,8 @@ def _not_found_message(source: str, local: bool, error: Exception) -> str:
         return (f"{source} is not a complete BLIP/BLIP-2 folder (config.json, weights, preprocessor and "
                 f"tokenizer files): {error}")
     if offline():
-        return (f"captioning model {source} is not in the Hugging Face cache and the hub is offline "
-                "(HF_HUB_OFFLINE=1). Use a local folder holding a BLIP or BLIP-2 model saved with "
+        return (f"captioning model {source} is not in the Hugging Face cache and {offline_reason()}. "
+                "Use a local folder holding a BLIP or BLIP-2 model saved with "
                 f"save_pretrained, or {TINY_NAME} (random weights, for trying the studio); or go online once "
                 f"so that {source} is downloaded into the cache.")
     return f"could not load captioning model {source}: {error}"

@@ -16,6 +16,7 @@ from PIL import Image
 
 from studio.files.atomic import atomic_dir
 from studio.files.pickles import folder_refusal, unpickling_refusal
+from studio.models.hub import offline, offline_reason
 
 TINY_NAME = "demo-tiny"
 DEFAULT_CLIP = "ViT-L-14"
@@ -150,7 +151,7 @@ def _check_tag_available(arch: str, tag: str) -> None:
     if not cfg:
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)[:6])
         raise ClipLoadError(f"{tag!r} is neither a weights file nor a known tag for {arch} (known: {tags})")
-    if not _offline():
+    if not offline():
         return
     hub = cfg.get("hf_hub", "")
     if hub:
@@ -167,17 +168,15 @@ def _check_tag_available(arch: str, tag: str) -> None:
 
 
 def _not_found_message(spec: str, error: Exception | None) -> str:
-    if _offline():
-        return (f"CLIP weights for {spec} are not in the local cache and the hub is offline "
-                "(HF_HUB_OFFLINE=1). Give a weights file (e.g. ViT-L-14:/models/clip/open_clip_model.bin), "
+    if offline():
+        return (f"CLIP weights for {spec} are not in the local cache and {offline_reason()}. "
+                "Give a weights file (e.g. ViT-L-14:/models/clip/open_clip_model.bin), "
                 "a folder (local-dir:/path with open_clip_config.json and weights), or "
                 f"{TINY_NAME} (random weights, for trying the studio); or go online once so that {spec} is "
                 "downloaded.")
     return f"could not load CLIP model {spec}: {error}"
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
 # --- demo-tiny ----------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ DINO embeddings, or a tiny network). `demo-tiny` variants are built in code for 
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from PIL import Image
 
 from studio.files.atomic import atomic_dir, atomic_path
 from studio.files.pickles import folder_refusal
+from studio.models.hub import offline, offline_reason
 
 TINY_NAME = "demo-tiny"
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -31,8 +31,6 @@ class EncoderLoadError(RuntimeError):
     """A network that cannot be loaded; the message says what to do instead."""
 
 
-def offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
 # --- DINO --------------------------------------------------------------------------------------
@@ -90,7 +88,7 @@ def load_dino(spec: str, cache_dir: Path, device: str = "auto") -> DinoEncoder:
     except pickle.UnpicklingError as e:  # weights that would run code: refused by weights_only=True
         raise EncoderLoadError(f"could not load the DINO model {spec!r}: {folder_refusal(source, e)}") from e
     except (OSError, ValueError) as e:
-        hint = (" The hub is offline (HF_HUB_OFFLINE=1): download it once, or give a local folder holding a ViTModel "
+        hint = (f" {offline_reason().capitalize()}: download it once, or give a local folder holding a ViTModel "
                 "(config.json, weights, preprocessor_config.json), or use demo-tiny." if offline() else "")
         raise EncoderLoadError(f"could not load the DINO model {spec!r}: {e}.{hint}") from e
     model.requires_grad_(False).eval().to(dev)

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import gc
-import os
 import pickle
 import random
 import re
@@ -21,6 +20,7 @@ import torch
 
 from studio.files.atomic import atomic_dir
 from studio.files.pickles import folder_refusal
+from studio.models.hub import offline, offline_reason
 
 DEFAULT_EXPANDER = "Gustavosta/MagicPrompt-Stable-Diffusion"
 TINY_EXPANDER = "demo-tiny"
@@ -76,11 +76,6 @@ class ExpandJob:
 class ExpandResult:
     texts: list[str]
     seed: int  # the seed actually used (resolved when the job asked for -1); variant i used seed + i
-
-
-def is_offline() -> bool:
-    # read at call time, not at import: tests and the UI flip it after huggingface_hub is imported
-    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in ("0", "", "false", "no", "off")
 
 
 def looks_like_path(spec: str) -> bool:
@@ -189,7 +184,7 @@ class PromptExpander:
             elif kind == "local":
                 tokenizer, model = self._from_pretrained(str(path), spec, local_only=True)
             else:
-                tokenizer, model = self._from_pretrained(spec, spec, local_only=is_offline())
+                tokenizer, model = self._from_pretrained(spec, spec, local_only=offline())
             if tokenizer.pad_token_id is None:
                 # GPT-2 has no pad token; generate() wants one, and eos is the usual stand-in
                 tokenizer.pad_token = tokenizer.eos_token
@@ -211,8 +206,8 @@ class PromptExpander:
         except OSError as e:
             if local_only and not Path(source).is_dir():
                 raise ExpandError(
-                    f"expander {spec} is not available offline (HF_HUB_OFFLINE=1, it is not in the Hugging "
-                    f"Face cache and no local folder has that name). Run once online to download it, point "
+                    f"expander {spec} is not available: {offline_reason()}, it is not in the Hugging "
+                    f"Face cache and no local folder has that name. Run once online to download it, point "
                     f"to a local folder holding the model (save_pretrained layout), or use '{TINY_EXPANDER}'."
                 ) from e
             if Path(source).is_dir():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import tempfile
 import threading
@@ -38,6 +37,7 @@ from studio.models.checkpoints import (
     read_checkpoint_keys,
     zero_snr_hint,
 )
+from studio.models.hub import offline, offline_reason
 from studio.models.listing import list_models
 from studio.models.tiny import TINY_NAME, TINY_NAMES, TINY_XL_NAME, build_tiny_pipeline
 from studio.models.tokenizer import family_tokenizers
@@ -302,7 +302,7 @@ class ModelManager:
         target = safe_child(self.cfg.models_dir, repo_id.split("/")[-1])
         if (target / "model_index.json").is_file():
             return target
-        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        if offline():
             raise ModelLoadError(self._offline_message(repo_id))
         try:
             snapshot_download(repo_id, local_dir=target, allow_patterns=HUB_PATTERNS)
@@ -314,7 +314,7 @@ class ModelManager:
 
     def _offline_message(self, repo_id: str) -> str:
         local = [c for c in self.choices()]
-        return (f"cannot download {repo_id}: the Hugging Face hub is not reachable (offline). "
+        return (f"cannot download {repo_id}: {offline_reason()}. "
                 f"Local choices: {', '.join(local)}. Or copy a .safetensors checkpoint into {self.cfg.models_dir}.")
 
     # 3. place and memory options

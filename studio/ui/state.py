@@ -3,7 +3,6 @@ Stop events."""
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,4 +61,7 @@ class AppState:
 
     @property
     def offline(self) -> bool:
-        return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        """No hub: HF_HUB_OFFLINE, or the hub does not answer within seconds (studio.models.hub)."""
+        from studio.models import hub
+
+        return hub.offline()
