@@ -177,3 +177,20 @@ def test_the_controlnet_picker_offers_micro_canny_and_starts_on_it_with_micro(tm
     assert picker.value == "micro-canny"
     assert [c[0] if isinstance(c, tuple) else c for c in picker.choices][-2:] == \
         ["micro-canny", "lllyasviel/control_v11p_sd15_canny"]
+
+
+def test_long_events_show_their_progress_in_one_place(state):
+    """An event that reports progress and writes many outputs shows Gradio's progress on one component, not as an
+    overlay over every output (the Storyboard's "Generate all shots" covered the whole tab with ~25 copies)."""
+    from studio.ui import build_ui
+
+    demo = build_ui(state)
+    crowded = []
+    for fn in demo.fns.values():
+        if fn.tracks_progress and len(fn.outputs) > 3 and fn.show_progress != "hidden":
+            where = fn.show_progress_on or fn.outputs
+            if len(where) != 1:
+                crowded.append(f"{fn.name} ({len(where)} overlays)")
+    assert not crowded, crowded
+    generate = next(fn for fn in demo.fns.values() if fn.api_name == "storyboard_generate")
+    assert len(generate.show_progress_on) == 1 and generate.show_progress_on[0] not in generate.inputs

@@ -65,7 +65,7 @@ def build_ui(state: AppState) -> gr.Blocks:
 
         model_dd.input(load, model_dd, [banner, gen["width"], gen["height"], *gen["networks_outputs"],
                                         *train["model_outputs"]],
-                       concurrency_id="gpu", concurrency_limit=1, api_name="load_model")
+                       concurrency_id="gpu", concurrency_limit=1, api_name="load_model", show_progress_on=banner)
         # cards are read when the page opens, so files added while the studio runs show up on reload
         demo.load(gen["networks_refresh"], None, gen["networks_outputs"], api_visibility="private")
         # a training run outlives the page: a reload shows it again (and polls it while it runs)

@@ -142,7 +142,7 @@ def build(state: AppState):
         return (curation, *render(curation), default_name, "")
 
     import_btn.click(do_import, [source, upload, size, min_side, crop, non_rgb],
-                     [session, *views, name, saved], api_visibility="private")
+                     [session, *views, name, saved], show_progress_on=summary, api_visibility="private")
     stop_btn.click(lambda: cancel.set(), None, None, concurrency_limit=None, api_visibility="private")
 
     def do_recrop(curation, grid_v, size_v, crop_v, progress=gr.Progress()):
@@ -160,8 +160,10 @@ def build(state: AppState):
         return (curation, *render(curation))
 
     # a new crop mode or size re-crops what was imported, keeping captions and choices
-    crop.input(do_recrop, [session, grid, size, crop], [session, *views], api_visibility="private")
-    size.submit(do_recrop, [session, grid, size, crop], [session, *views], api_visibility="private")
+    crop.input(do_recrop, [session, grid, size, crop], [session, *views], show_progress_on=summary,
+               api_visibility="private")
+    size.submit(do_recrop, [session, grid, size, crop], [session, *views], show_progress_on=summary,
+                api_visibility="private")
 
     # --- duplicates
     def do_near(curation, rows, grid_v, threshold_v, model, progress=gr.Progress()):
@@ -176,7 +178,7 @@ def build(state: AppState):
         gr.Info(f"{found} near-duplicate pair(s) at cosine ≥ {float(threshold_v):.3f}")
         return (curation, *render(curation))
 
-    near_btn.click(do_near, [session, dup_table, grid, near, clip_model], [session, *views],
+    near_btn.click(do_near, [session, dup_table, grid, near, clip_model], [session, *views], show_progress_on=summary,
                    concurrency_id="gpu", concurrency_limit=1, api_visibility="private")
 
     def do_apply_dups(curation, rows, grid_v):
@@ -185,7 +187,7 @@ def build(state: AppState):
         _apply_dup_rows(curation, rows)
         return (curation, *render(curation))
 
-    apply_dups_btn.click(do_apply_dups, [session, dup_table, grid], [session, *views],
+    apply_dups_btn.click(do_apply_dups, [session, dup_table, grid], [session, *views], show_progress_on=summary,
                          api_visibility="private")
 
     # --- captions
@@ -215,7 +217,8 @@ def build(state: AppState):
         return (curation, *render(curation))
 
     caption_btn.click(do_caption, [session, grid, captioner, prefix, suffix, replace, batch],
-                      [session, *views], concurrency_id="gpu", concurrency_limit=1, api_visibility="private")
+                      [session, *views], show_progress_on=summary, concurrency_id="gpu", concurrency_limit=1,
+                      api_visibility="private")
 
     # --- CLIP check
     def do_score(curation, grid_v, model, threshold_v, progress=gr.Progress()):
@@ -229,8 +232,8 @@ def build(state: AppState):
         ds.score_items(curation, scorer, progress_fn(progress, "images"), cancel)
         return (curation, *render(curation, threshold_v))
 
-    score_btn.click(do_score, [session, grid, clip_model, threshold], [session, *views], concurrency_id="gpu",
-                    concurrency_limit=1, api_visibility="private")
+    score_btn.click(do_score, [session, grid, clip_model, threshold], [session, *views], show_progress_on=summary,
+                    concurrency_id="gpu", concurrency_limit=1, api_visibility="private")
     threshold.change(lambda c, t: score_rows(c, t) if c else [], [session, threshold], scores,
                      api_visibility="private")
 
@@ -269,7 +272,7 @@ def build(state: AppState):
 
     save_btn.click(do_save,
                    [session, grid, dup_table, name, repeats, flip, flip_p, drop_low, threshold, kohya, replace_ds],
-                   [session, *views, saved, replace_ds], api_visibility="private")
+                   [session, *views, saved, replace_ds], show_progress_on=summary, api_visibility="private")
     return {"session": session}
 
 

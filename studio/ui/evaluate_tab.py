@@ -110,7 +110,7 @@ def build(state: AppState):
 
     run_btn.click(do_evaluate, [generated, references, prompts, metrics, clip_model, dino_model, fid_features,
                                 captioner, style_phrases], [summary, per_prompt, per_image, report_file],
-                  concurrency_id="gpu", concurrency_limit=1, api_visibility="private")
+                  concurrency_id="gpu", concurrency_limit=1, api_visibility="private", show_progress_on=summary)
     stop_btn.click(lambda: cancel.set(), None, None, **stop_kwargs)
 
     # --- 2. experiments ---
@@ -157,6 +157,7 @@ def build(state: AppState):
         return "\n\n".join([status, *log[-20:]]), read("table1.md"), plot_path, read("table2.md")
 
     exp_run.click(do_experiment, exp_file, [exp_status, table1, plot, table2], concurrency_id="gpu",
+                  show_progress_on=exp_status,
                   concurrency_limit=1, api_visibility="private")
     exp_stop.click(lambda: cancel.set(), None, None, **stop_kwargs)
     exp_refresh.click(lambda: gr.update(choices=experiment_files(state)), None, exp_file, api_visibility="private")

@@ -213,7 +213,7 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
         return zoom_html(grid[0], grid[1], 100), gr.update(value=100), text, out_files, items, paths, grid, None, ""
 
     run_btn.click(run, inputs, [grid_view, zoom, status, files, cells, cell_paths, grid_state, selected, cell_info],
-                  concurrency_id="gpu", concurrency_limit=1, api_name="grid")
+                  concurrency_id="gpu", concurrency_limit=1, api_name="grid", show_progress_on=grid_view)
     def stop(request: gr.Request = None):
         state.cancel_for(request).set()  # this session's grid only
 

@@ -126,9 +126,9 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
         return items, f"**Seed:** {seeds}{where}{note}", text
 
     generate_btn.click(run, params, [gallery, used_seed, infotext], concurrency_id="gpu", concurrency_limit=1,
-                       api_name="generate")
+                       show_progress_on=gallery, api_name="generate")
     prompt.submit(run, params, [gallery, used_seed, infotext], concurrency_id="gpu", concurrency_limit=1,
-                  api_visibility="private")
+                  show_progress_on=gallery, api_visibility="private")
     def stop(request: gr.Request = None):
         state.cancel_for(request).set()  # this session's generation only
 

@@ -396,12 +396,13 @@ def build(state: AppState) -> dict:
         state.cancel_for(request).set()
 
     gen_outputs = [status, *all_outputs]
+    # progress in one place (the status line), not as an overlay over each of the ~25 outputs
     generate_btn.click(generate_all, [current, *form], gen_outputs, concurrency_id="gpu", concurrency_limit=1,
-                       api_name="storyboard_generate")
+                       api_name="storyboard_generate", show_progress_on=status)
     missing_btn.click(generate_missing, [current, *form], gen_outputs, concurrency_id="gpu", concurrency_limit=1,
-                      api_visibility="private")
+                      api_visibility="private", show_progress_on=status)
     regen_btn.click(regenerate, [current, shot_pick, *form], gen_outputs, concurrency_id="gpu", concurrency_limit=1,
-                    api_name="storyboard_regenerate")
+                    api_name="storyboard_regenerate", show_progress_on=status)
     stop_btn.click(stop, None, None, concurrency_limit=None, api_visibility="private")
 
     # one shot: reference, canny preview, ControlNet settings, pick, lock --------------------------------------
