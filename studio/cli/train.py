@@ -98,6 +98,8 @@ def train_job_from_args(args):
     # `is not`, not `in (None, False)`: 0 == False, and `--preview-every 0`, `--seed 0`, `--dropout 0` are values
     values.update({field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()
                    if getattr(args, flag, None) is not None and getattr(args, flag) is not False})
+    if getattr(args, "buckets", None) is not None:
+        values["buckets"] = args.buckets  # --no-buckets is a value too (False), which the loop above skips
     if getattr(args, "te_lr", None) is not None:
         values["train_text_encoder"] = True  # a text-encoder rate means: train it
     if args.kind != "ti" and values["method"] != args.kind:
@@ -117,6 +119,9 @@ def _kind_parser(tsub, kind: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
     p.add_argument("--resolution", type=int)
+    p.add_argument("--buckets", action=argparse.BooleanOptionalAction, default=None,
+                   help="aspect-ratio buckets at SDXL's resolutions scaled to --resolution (default: on for SDXL "
+                        "models, off for the others, whose images are center-cropped squares)")
     p.add_argument("--repeats", type=int, help="repeats per epoch (default: the dataset's)")
     p.add_argument("--flip-p", type=float, help="horizontal flip probability (default: the dataset's)")
     p.add_argument("--seed", type=int)

@@ -1,17 +1,19 @@
 """Training images: a studio dataset (dataset.json) or any folder of images with .txt captions, decoded safely,
-cropped to the training size, and served as a deterministic stream (the same seed gives the same batches, also
-after a resume)."""
+cropped to the training size (or to an aspect-ratio bucket, with the crop recorded for SDXL's size conditioning),
+and served as a deterministic stream (the same seed gives the same batches, also after a resume)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from studio.dataset.crop import apply_crop, center_box
+from studio.dataset.crop import apply_crop, center_box, pick_bucket
 from studio.dataset.curate import MANIFEST, read_manifest
 from studio.dataset.sources import scan_inputs
 from studio.files.images import SkipImage, load_image
@@ -19,13 +21,33 @@ from studio.files.names import UnsafeNameError, safe_child
 
 MAX_FILE_BYTES = 200_000_000
 MAX_PIXELS = 64_000_000
+# SDXL's training resolutions (width, height), about one megapixel each, as SDXL base was trained on (and kohya's
+# and the diffusers examples' SDXL buckets)
+SDXL_BUCKETS = ((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
+                (1536, 640), (640, 1536))
 
 
 @dataclass
 class TrainImage:
     name: str  # file name, for logs
-    image: Image.Image  # RGB at the training resolution
+    image: Image.Image  # RGB at the training resolution (or its bucket's size)
     caption: str
+    original_size: tuple[int, int] = (0, 0)  # (height, width) of the decoded source image
+    crop_top_left: tuple[int, int] = (0, 0)  # (top, left) of the crop in the source scaled to cover the target
+    scaled_size: tuple[int, int] = (0, 0)  # (height, width) of the source scaled to cover the target
+
+    @property
+    def bucket(self) -> tuple[int, int]:
+        return self.image.size  # (width, height)
+
+    def time_ids(self, flipped: bool = False) -> list[int]:
+        """SDXL's size conditioning: original (h, w), crop top-left (top, left), target (h, w); a mirrored image
+        has its crop measured from the other side."""
+        width, height = self.image.size
+        top, left = self.crop_top_left
+        if flipped:
+            left = self.scaled_size[1] - width - left
+        return [*self.original_size, top, left, height, width]
 
 
 @dataclass
@@ -35,10 +57,25 @@ class TrainData:
     repeats: int
     flip_p: float
     skipped: dict[str, str]  # file -> reason
+    bucketed: bool = False  # batches come from one aspect-ratio bucket at a time
 
     @property
     def epoch_length(self) -> int:
         return len(self.images) * self.repeats
+
+    def buckets(self) -> dict[tuple[int, int], list[int]]:
+        """(width, height) -> indices of the images in that bucket, buckets in sorted order."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, item in enumerate(self.images):
+            groups.setdefault(item.bucket, []).append(i)
+        return dict(sorted(groups.items()))
+
+    def batch(self, seed: int, micro_batch: int, batch_size: int) -> list[int]:
+        """Image indices of micro-batch `micro_batch`: from the shuffled stream, or from one bucket."""
+        if not self.bucketed:
+            return batch_indices(seed, micro_batch, batch_size, len(self.images), self.repeats)
+        groups = tuple(tuple(members) for members in self.buckets().values())
+        return bucket_batch_indices(seed, micro_batch, batch_size, groups, self.repeats)
 
 
 def resolve_data_dir(spec: str, datasets_dir: Path) -> Path:
@@ -67,10 +104,42 @@ def square_crop(image: Image.Image, size: int) -> Image.Image:
     return apply_crop(image, center_box(image.width, image.height, size, size), (size, size))
 
 
+def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
+    """SDXL's buckets scaled from 1024 to `resolution`, sides rounded to multiples of 64 (of 8 below 512 px or for
+    resolutions that are not multiples of 64), duplicates dropped."""
+    step = 64 if resolution >= 512 and resolution % 64 == 0 else 8
+    out: list[tuple[int, int]] = []
+    for w, h in SDXL_BUCKETS:
+        size = tuple(max(step, math.floor(side * resolution / 1024 / step + 0.5) * step) for side in (w, h))
+        if size not in out:
+            out.append(size)
+    return out
+
+
+def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> tuple[Image.Image, tuple[int, int],
+                                                                         tuple[int, int]]:
+    """The image scaled to cover `bucket` (width, height) and centre-cropped to it: (crop, its top-left in the
+    scaled image, the scaled image's (height, width)). A square bucket gives square_crop's pixels."""
+    box = center_box(image.width, image.height, *bucket)
+    scale = bucket[0] / (box[2] - box[0])
+    crop = apply_crop(image, box, bucket)
+    top_left = (round(box[1] * scale), round(box[0] * scale))
+    scaled = (max(bucket[1], round(image.height * scale)), max(bucket[0], round(image.width * scale)))
+    return crop, top_left, scaled
+
+
+def train_image(name: str, image: Image.Image, caption: str, buckets: list[tuple[int, int]]) -> TrainImage:
+    """One training image fitted to the bucket closest to its aspect ratio, with its size and crop recorded."""
+    bucket = pick_bucket(image.width, image.height, buckets) if len(buckets) > 1 else buckets[0]
+    crop, top_left, scaled = fit_to_bucket(image, bucket)
+    return TrainImage(name, crop, caption, (image.height, image.width), top_left, scaled)
+
+
 def load_train_data(folder: Path, resolution: int, repeats: int | None = None,
-                    flip_p: float | None = None) -> TrainData:
-    """Read every image (and its caption) of a dataset folder. Unusable files are skipped with the reason; no
-    usable image at all is an error that lists them."""
+                    flip_p: float | None = None, buckets: bool = False) -> TrainData:
+    """Read every image (and its caption) of a dataset folder: centre-cropped squares, or with `buckets` each in
+    the SDXL bucket nearest its aspect ratio. Unusable files are skipped with the reason; no usable image at all
+    is an error that lists them."""
     folder = Path(folder)
     manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else {}
     training = manifest.get("training", {})
@@ -84,14 +153,15 @@ def load_train_data(folder: Path, resolution: int, repeats: int | None = None,
         except SkipImage as e:
             skipped[source.label] = str(e)
             continue
-        images.append(TrainImage(source.label, square_crop(decoded.image, resolution), source.caption or ""))
+        sizes = bucket_sizes(resolution) if buckets else [(resolution, resolution)]
+        images.append(train_image(source.label, decoded.image, source.caption or "", sizes))
     if not images:
         why = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:5])
         raise ValueError(f"no usable training images in {folder}" + (f" ({why})" if why else ""))
     repeats = repeats if repeats is not None else int(training.get("repeats", 1) or 1)
     if flip_p is None:
         flip_p = float(training.get("flip_p", 0.0)) if training.get("flip") == "random" else 0.0
-    return TrainData(folder, images, repeats, flip_p, skipped)
+    return TrainData(folder, images, repeats, flip_p, skipped, bucketed=buckets)
 
 
 # --- deterministic randomness ------------------------------------------------------------------------
@@ -102,7 +172,7 @@ def rng_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) % 2**63 for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
-STREAM_ORDER, STREAM_BATCH, STREAM_INIT, STREAM_CLASS, STREAM_DROPOUT = 1, 2, 3, 4, 5
+STREAM_ORDER, STREAM_BATCH, STREAM_INIT, STREAM_CLASS, STREAM_DROPOUT, STREAM_BUCKETS = 1, 2, 3, 4, 5, 6
 
 
 def epoch_order(seed: int, epoch: int, n_images: int, repeats: int) -> np.ndarray:
@@ -122,6 +192,27 @@ def batch_indices(seed: int, micro_batch: int, batch_size: int, n_images: int, r
             cache[epoch] = epoch_order(seed, epoch, n_images, repeats)
         out.append(int(cache[epoch][offset]))
     return out
+
+
+@lru_cache(maxsize=4)
+def bucket_epoch(seed: int, epoch: int, batch_size: int, groups: tuple[tuple[int, ...], ...],
+                 repeats: int) -> tuple[tuple[int, ...], ...]:
+    """The batches of one bucketed epoch: each bucket's images (`repeats` times) shuffled and cut into batches
+    (a bucket's last batch may be smaller), then all batches shuffled; everything drawn from the seed."""
+    rng = np.random.default_rng(rng_seed(seed, STREAM_BUCKETS, epoch))
+    batches = []
+    for members in groups:
+        order = rng.permutation(np.repeat(np.asarray(members, dtype=np.int64), repeats)).tolist()
+        batches += [tuple(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
+    return tuple(batches[i] for i in rng.permutation(len(batches)))
+
+
+def bucket_batch_indices(seed: int, micro_batch: int, batch_size: int, groups: tuple[tuple[int, ...], ...],
+                         repeats: int) -> list[int]:
+    """Image indices of micro-batch `micro_batch` in the endless stream of bucketed epochs: one bucket only."""
+    per_epoch = sum(math.ceil(len(members) * repeats / batch_size) for members in groups)
+    epoch, offset = divmod(micro_batch, per_epoch)
+    return list(bucket_epoch(seed, epoch, batch_size, groups, repeats)[offset])
 
 
 def batch_generator(seed: int, micro_batch: int) -> torch.Generator:

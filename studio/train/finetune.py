@@ -1,6 +1,6 @@
 """Full UNet fine-tuning on the shared loop (seeds 001 and 003): every UNet weight trains, optionally with an EMA
-copy, gradient checkpointing and 8-bit Adam; the result is a single-file checkpoint (A1111 layout) in models/ and
-a diffusers folder in the run folder."""
+copy, gradient checkpointing and 8-bit Adam; the result is a single-file checkpoint (A1111 layout; SDXL: SGM
+layout) in models/ and a diffusers folder in the run folder."""
 
 from __future__ import annotations
 
@@ -9,10 +9,17 @@ from pathlib import Path
 
 import torch
 
-from studio.generation.conditioning import PromptEncoder
+from studio.generation.conditioning import PromptEncoder, XLPromptEncoder
 from studio.train.job import TrainJob
 from studio.train.lora import caption_prompt
-from studio.train.method import ParamGroup, TrainContext, TrainMethod, rate_function
+from studio.train.method import (
+    CachedText,
+    ParamGroup,
+    TrainContext,
+    TrainMethod,
+    base_prompt_encoder,
+    rate_function,
+)
 
 
 def finetune_output(cfg, job: TrainJob) -> Path:
@@ -37,7 +44,8 @@ class FinetuneMethod(TrainMethod):
 
             self.ema = EMAModel(self.unet.parameters(), decay=job.ema_decay, model_cls=type(self.unet),
                                 model_config=self.unet.config)
-        self.encoder = PromptEncoder(self.tokenizer, self.text_encoder)
+        self.encoder = base_prompt_encoder(ctx.pipe)
+        self.cached = CachedText(self.encoder) if self.xl else None  # SDXL: both encoders once per caption
 
     @staticmethod
     def check_output(cfg, job: TrainJob) -> None:
@@ -54,7 +62,9 @@ class FinetuneMethod(TrainMethod):
     def prompts(self, captions: list[str], rng: random.Random) -> list[str]:
         return [caption_prompt(self.job, caption) for caption in captions]
 
-    def encode(self, prompts: list[str], generator: torch.Generator | None) -> torch.Tensor:
+    def encode(self, prompts: list[str], generator: torch.Generator | None):
+        if self.cached is not None:
+            return self.cached(prompts)
         with torch.no_grad():
             return self.encoder.encode_batch(prompts)
 
@@ -78,7 +88,7 @@ class FinetuneMethod(TrainMethod):
         if self.ema is not None and "ema" in state:
             self.ema.load_state_dict(state["ema"])
 
-    def preview_encoder(self) -> PromptEncoder:
+    def preview_encoder(self) -> PromptEncoder | XLPromptEncoder:
         return self.encoder
 
     def save(self, step: int, final: bool, run_path: Path | None) -> Path:

@@ -52,7 +52,10 @@ class TrainJob:
     vectors: int = 1  # vectors per token (1..75); each takes one of the prompt's 75 positions
     template: str = "style_filewords"  # prompt template file (assets/templates/) by name, or a .txt path
     # --- the data ---
-    resolution: int = 512  # images are center-cropped and resized to this square
+    resolution: int = 512  # images are center-cropped and resized to this square (or to its aspect-ratio buckets)
+    # aspect-ratio buckets: each image goes to the bucket of SDXL's resolutions (scaled to `resolution`) nearest its
+    # aspect ratio, scaled to cover and centre-cropped; a batch holds one bucket. None: on for SDXL, off otherwise
+    buckets: bool | None = None
     repeats: int | None = None  # times each image is seen per epoch; None: the dataset's (dataset.json), else 1
     flip_p: float | None = None  # probability of a horizontal flip; None: the dataset's setting, else 0
     # --- optimisation ---
@@ -160,6 +163,8 @@ class TrainJob:
         if self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8, got {self.resolution} "
                              f"(try {self.resolution - self.resolution % 8})")
+        if self.buckets is not None and not isinstance(self.buckets, bool):
+            raise ValueError(f"buckets must be true, false or empty (on for SDXL models), got {self.buckets!r}")
         if self.repeats is not None:
             self.repeats = whole_number("repeats (or empty for the dataset's)", self.repeats, 1, 10_000)
         if self.flip_p is not None:
@@ -203,6 +208,10 @@ class TrainJob:
                              f"got {self.embedding_format!r}")
         if self.method == "ti" and not str(self.init_word).strip():
             raise ValueError("initializer word is empty; use a word close to the concept (e.g. 'painting') or '*'")
+
+    def uses_buckets(self, family: str) -> bool:
+        """Whether this job trains on aspect-ratio buckets with a model of `family` (default: SDXL only)."""
+        return self.buckets if self.buckets is not None else family == "sdxl"
 
     @property
     def trains_module(self) -> bool:
@@ -258,6 +267,11 @@ class TrainPreset:
     description: str
     settings: dict
     path: Path
+    family: str | None = None  # "sdxl": made for that model family (the Train tab offers it for those); None: any
+
+    def fits(self, family: str | None) -> bool:
+        """Whether to offer this preset for a model of `family` (None: no model or an SD 1.x/2.x one)."""
+        return self.family is None or self.family == family
 
 
 def load_train_preset(path: Path) -> TrainPreset:
@@ -272,7 +286,11 @@ def load_train_preset(path: Path) -> TrainPreset:
     if unknown:
         raise ValueError(f"training preset {path.name} has unknown settings {unknown}")
     check_train_settings(settings, f"training preset {path.name}")
-    return TrainPreset(str(data.get("name") or path.stem), str(data.get("description", "")), settings, path)
+    family = data.get("family")
+    if family not in (None, "sd1", "sd2", "sdxl"):
+        raise ValueError(f"training preset {path.name}: family must be sd1, sd2 or sdxl, got {family!r}")
+    return TrainPreset(str(data.get("name") or path.stem), str(data.get("description", "")), settings, path,
+                       family)
 
 
 def list_train_presets(presets_dir: Path | None = None) -> dict[str, TrainPreset]:

@@ -1,6 +1,7 @@
-"""The one training loop for every method (TI, TI-Att, TI-MoE, LoRA, fine-tune), on accelerate for device, mixed
-precision and several GPUs: cached VAE latents, deterministic batches, DreamBooth class images, Min-SNR and noise
-offset, checkpoints and previews in the run folder, resume, Stop, and a NaN/inf guard."""
+"""The one training loop for every method (TI, TI-Att, TI-MoE, LoRA, fine-tune) and model family (SD 1.x, 2.x,
+SDXL), on accelerate for device, mixed precision and several GPUs: cached VAE latents, deterministic batches
+(optionally from aspect-ratio buckets), SDXL's size conditioning per image, DreamBooth class images, Min-SNR and
+noise offset, checkpoints and previews in the run folder, resume, Stop, and a NaN/inf guard."""
 
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ from studio.generation import samplers
 from studio.generation.infotext import format_infotext
 from studio.generation.oom import free_memory
 from studio.models import speed
-from studio.models.checkpoints import require_family
 from studio.models.manager import ModelManager
 from studio.train.data import (
     STREAM_CLASS,
@@ -38,11 +38,29 @@ from studio.train.data import (
     rng_seed,
 )
 from studio.train.job import METHOD_LABELS, TrainJob, check_train_settings
-from studio.train.method import TrainContext, TrainMethod
+from studio.train.method import TrainContext, TrainMethod, base_prompt_encoder, text_encoders
 from studio.train.run_folder import RunFolder
 
 ProgressFn = Callable[[int, int, str], None]
 EventFn = Callable[[str, dict], None]  # ("loss" | "preview" | "checkpoint" | "log" | "run" | "done", details)
+
+
+@dataclass
+class LatentBatch:
+    """Latents of one UNet pass with their prompts and SDXL size conditioning (one [6] row per item)."""
+
+    x0: torch.Tensor
+    prompts: list[str]
+    time_ids: list[list[int]]
+
+
+def merge_same_shape(parts: list[LatentBatch]) -> list[LatentBatch]:
+    """One UNet pass for instance and class examples when their latents have one shape (always without buckets);
+    a bucket of another shape than the class images gets a pass of its own."""
+    if len(parts) < 2 or any(p.x0.shape[1:] != parts[0].x0.shape[1:] for p in parts):
+        return parts
+    return [LatentBatch(torch.cat([p.x0 for p in parts]), [q for p in parts for q in p.prompts],
+                        [t for p in parts for t in p.time_ids])]
 
 
 @dataclass
@@ -159,8 +177,8 @@ class Trainer:
     def _run(self, job: TrainJob, run: RunFolder | None) -> TrainResult:
         # 1. data (before any model loads: bad input fails fast)
         self._log(f"reading dataset {job.data}")
-        data = load_train_data(resolve_data_dir(job.data, self.cfg.datasets_dir), job.resolution, job.repeats,
-                               job.flip_p)
+        data_dir = resolve_data_dir(job.data, self.cfg.datasets_dir)
+        data = load_train_data(data_dir, job.resolution, job.repeats, job.flip_p, buckets=bool(job.buckets))
         for name, reason in data.skipped.items():
             self._log(f"skipped {name}: {reason}")
 
@@ -171,22 +189,32 @@ class Trainer:
         self._log(f"loading {job.model}")
         manager = ModelManager(dataclasses.replace(self.cfg, device="cpu", precision="fp32"))
         model = manager.open(job.model)
-        require_family(model, ("sd1", "sd2"), "training")
         pipe = model.pipe
         self._scheduler_config = dict(pipe.scheduler.config)  # previews swap pipe.scheduler; keep the original
         method_class(job).check_model(pipe, job)
+        if job.uses_buckets(model.family) and not data.bucketed:  # the family's default (SDXL: buckets)
+            data = load_train_data(data_dir, job.resolution, job.repeats, job.flip_p, buckets=True)
+        if data.bucketed:
+            self._log("aspect-ratio buckets: " + ", ".join(f"{w}x{h}: {len(members)}"
+                                                           for (w, h), members in data.buckets().items()))
         device = accelerator.device
         if job.optimizer == "adamw8bit" and device.type != "cuda":
             raise ValueError("8-bit AdamW needs a CUDA GPU (bitsandbytes); use adamw on this device")
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
                                                                           torch.float32)
-        for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        encoders = text_encoders(pipe)
+        for part in (pipe.unet, pipe.vae, *encoders):
             part.requires_grad_(False).eval()
-        # TI trains through the text encoder into its input: fp32 there; the other methods run it in weight_dtype
-        parts = (pipe.unet, pipe.vae) if job.is_ti else (pipe.unet, pipe.vae, pipe.text_encoder)
+        # TI trains through the text encoder into its input: fp32 there; the other methods run it in weight_dtype.
+        # A VAE that overflows in fp16 (SDXL's: force_upcast) encodes the cached latents in fp32
+        upcast_vae = (model.is_xl and weight_dtype == torch.float16
+                      and getattr(pipe.vae.config, "force_upcast", False))
+        parts = (pipe.unet,) if upcast_vae else (pipe.unet, pipe.vae)
+        parts = parts if job.is_ti else (*parts, *encoders)
         for part in parts:
             part.to(device) if weight_dtype == torch.float32 else part.to(device, weight_dtype)
-        pipe.text_encoder.to(device)
+        for part in (pipe.vae, *encoders):
+            part.to(device)
         self.model, self.pipe, self.device, self.weight_dtype = model, pipe, device, weight_dtype
         model_hash = self.model_hash = manager.model_hash(model)
 
@@ -368,15 +396,38 @@ class Trainer:
         g = batch_generator(job.seed, index)
         if job.dropout:
             torch.manual_seed(rng_seed(job.seed, STREAM_DROPOUT, index))  # LoRA dropout draws from the global RNG
-        idx = batch_indices(job.seed, index, job.batch_size, len(data.images), data.repeats)
+        idx = data.batch(job.seed, index, job.batch_size)
         rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
         prompts = method.prompts([data.images[i].caption for i in idx], rng)
-        x0 = self._sample_latents(latents, idx, data.flip_p, g)
+        x0, flips = self._sample_latents(latents, idx, data.flip_p, g)
+        parts = [LatentBatch(x0, prompts, [data.images[i].time_ids(bool(f)) for i, f in zip(idx, flips,
+                                                                                            strict=True)])]
         if class_latents is not None:  # DreamBooth: as many class examples as instance examples
             class_idx = batch_indices(rng_seed(job.seed, STREAM_CLASS), index, job.batch_size,
-                                      len(class_latents[0]), 1)
-            x0 = torch.cat([x0, self._sample_latents(class_latents, class_idx, data.flip_p, g)])
-            prompts = prompts + [job.class_prompt] * len(class_idx)
+                                      len(class_latents[0]), 1)[:len(idx)]
+            class_x0, _ = self._sample_latents(class_latents, class_idx, data.flip_p, g)
+            size = job.resolution  # class images are rendered square, uncropped
+            parts.append(LatentBatch(class_x0, [job.class_prompt] * len(class_idx),
+                                     [[size, size, 0, 0, size, size]] * len(class_idx)))
+        per_item, timesteps, time_ids = zip(*(self._pass_losses(job, method, noise_scheduler, part, g)
+                                              for part in merge_same_shape(parts)), strict=True)
+        per_item, timesteps = torch.cat(per_item), torch.cat(timesteps)
+        if job.min_snr_gamma:
+            per_item = per_item * snr_weights(noise_scheduler, timesteps, job.min_snr_gamma)
+        n = len(idx)
+        loss = per_item[:n].mean()
+        if class_latents is not None:
+            loss = loss + job.prior_loss_weight * per_item[n:].mean()
+        self.last_batch = {"prompts": [p for part in parts for p in part.prompts], "instances": n,
+                           "class": len(per_item) - n, "indices": idx,
+                           # what the UNet was given (SDXL), per item
+                           "time_ids": [row for rows in time_ids if rows is not None for row in rows.tolist()]}
+        return loss, method.aux_loss()
+
+    def _pass_losses(self, job, method, noise_scheduler, part: LatentBatch, g: torch.Generator):
+        """Per-item losses, timesteps and SDXL size conditioning (None for other models) of one UNet pass over
+        `part`: noise, timesteps, conditioning (SDXL: with the pooled text embedding and the items' sizes)."""
+        x0 = part.x0
         noise = torch.randn(x0.shape, generator=g)
         if job.noise_offset:
             noise = noise + job.noise_offset * torch.randn((*x0.shape[:2], 1, 1), generator=g)
@@ -388,27 +439,30 @@ class Trainer:
             target = noise_scheduler.get_velocity(x0, noise, timesteps)
         else:
             target = noise
+        time_ids = None
         with self.accelerator.autocast():
-            cond = method.encode(prompts, g)
+            cond = method.encode(part.prompts, g)
+            extra = {}
+            if isinstance(cond, tuple):  # SDXL: (embeds, pooled)
+                cond, pooled = cond
+                # float32, not bf16: bf16 rounds sizes above 256 (1195 becomes 1192); the UNet embeds them in fp32
+                time_ids = torch.tensor(part.time_ids, dtype=torch.float32, device=self.device)
+                extra["added_cond_kwargs"] = {"text_embeds": pooled.to(self.weight_dtype), "time_ids": time_ids}
             pred = method.denoiser()(noisy.to(self.weight_dtype), timesteps,
-                                     encoder_hidden_states=cond.to(self.weight_dtype)).sample
+                                     encoder_hidden_states=cond.to(self.weight_dtype), **extra).sample
         per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        if job.min_snr_gamma:
-            per_item = per_item * snr_weights(noise_scheduler, timesteps, job.min_snr_gamma)
-        n = len(idx)
-        loss = per_item[:n].mean()
-        if class_latents is not None:
-            loss = loss + job.prior_loss_weight * per_item[n:].mean()
-        self.last_batch = {"prompts": prompts, "instances": n, "class": len(x0) - n}  # for tests and logs
-        return loss, method.aux_loss()
+        return per_item, timesteps, time_ids
 
-    def _sample_latents(self, cache, idx: list[int], flip_p: float, g: torch.Generator) -> torch.Tensor:
+    def _sample_latents(self, cache, idx: list[int], flip_p: float, g: torch.Generator
+                        ) -> tuple[torch.Tensor, list[int]]:
+        """A draw from the cached latent distributions of images `idx`, each mirrored with probability `flip_p`;
+        and which were mirrored."""
         means, stds = cache
         flips = (torch.rand(len(idx), generator=g) < flip_p).long().tolist()
         mean = torch.stack([means[i][f] for i, f in zip(idx, flips, strict=True)])
         std = torch.stack([stds[i][f] for i, f in zip(idx, flips, strict=True)])
         sample = torch.randn(mean.shape, generator=g).to(self.device)
-        return (mean + std * sample) * self.pipe.vae.config.scaling_factor
+        return (mean + std * sample) * self.pipe.vae.config.scaling_factor, flips
 
     # --- cached inputs ----------------------------------------------------------------------------
 
@@ -432,11 +486,9 @@ class Trainer:
         (also on resume). Made before the method changes the model."""
         from PIL import Image
 
-        from studio.generation.conditioning import PromptEncoder
-
         folder = run.path / "class_images" if run is not None else None
         images = []
-        encoder = PromptEncoder(self.pipe.tokenizer, self.pipe.text_encoder)
+        encoder = base_prompt_encoder(self.pipe)
         for i in range(job.class_images):
             path = folder / f"{i:05d}.png" if folder is not None else None
             if path is not None and path.is_file():
@@ -492,15 +544,22 @@ class Trainer:
     @torch.no_grad()
     def _render(self, encoder, prompt: str, seed: int, steps: int, size: int):
         """One image with DPM++ 2M Karras, CFG 7, drawn like Generate draws it (CPU noise from the seed)."""
+        from studio.generation.conditioning import encode_pair
         from studio.generation.denoise import initial_latents
 
         pipe = self.pipe
-        cond, uncond, _ = encoder.encode_pair(prompt, "")
+        if self.model.is_xl:  # and the pooled embeddings; the pipeline adds the size conditioning
+            cond, uncond, _ = encode_pair(encoder, prompt, "")
+            embeds = {"prompt_embeds": cond.embeds, "negative_prompt_embeds": uncond.embeds,
+                      "pooled_prompt_embeds": cond.pooled, "negative_pooled_prompt_embeds": uncond.pooled}
+        else:
+            cond, uncond, _ = encoder.encode_pair(prompt, "")
+            embeds = {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
         pipe.scheduler = samplers.make_scheduler("DPM++ 2M", "Karras", dict(self._scheduler_config), seed=seed)
         latents = initial_latents(pipe, [seed], size, size)
         with self.accelerator.autocast():
-            return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, num_inference_steps=steps,
-                        guidance_scale=7.0, width=size, height=size, latents=latents).images[0]
+            return pipe(**embeds, num_inference_steps=steps, guidance_scale=7.0, width=size, height=size,
+                        latents=latents).images[0]
 
     @staticmethod
     def _card_picture(run: RunFolder, step: int, output: Path) -> None:
@@ -515,7 +574,7 @@ class Trainer:
         from studio.generation.generate import save_png
 
         prompt = job.preview_prompt.replace("[name]", job.name) or self._first_prompt
-        modules = [m for m in (self.pipe.unet, self.pipe.text_encoder) if m.training]
+        modules = [m for m in (self.pipe.unet, *text_encoders(self.pipe)) if m.training]
         for m in modules:
             m.eval()  # no dropout in previews
         try:

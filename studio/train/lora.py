@@ -1,6 +1,7 @@
 """LoRA (and DreamBooth-LoRA) on the shared loop: peft adapters on the UNet's attention projections (optionally
-more layers, optionally the text encoder's q/k/v/out), written as a kohya-format file with `ss_*` / `modelspec.*`
-metadata that A1111, ComfyUI, kohya and diffusers load."""
+more layers, optionally the text encoders' q/k/v/out: SDXL's two with one rate), written as a kohya-format file
+(SDXL: original UNet names, lora_te1_ / lora_te2_) with `ss_*` / `modelspec.*` metadata that A1111, ComfyUI, kohya
+and diffusers load."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from torch import nn
 
 from studio.files.atomic import atomic_path
 from studio.files.networks import LORA_EXTS, kohya_metadata, peft_to_layers, save_kohya_lora
-from studio.generation.conditioning import PromptEncoder
+from studio.generation.conditioning import PromptEncoder, XLPromptEncoder
 from studio.train.data import STREAM_INIT, rng_seed
 from studio.train.job import LORA_TARGETS, TEXT_ENCODER_TARGETS, TrainJob
 from studio.train.method import (
+    CachedText,
     ParamGroup,
     TrainContext,
     TrainMethod,
@@ -59,26 +61,39 @@ class LoraMethod(TrainMethod):
             self.unet.add_adapter(LoraConfig(r=job.rank, lora_alpha=alpha, lora_dropout=job.dropout,
                                              init_lora_weights="gaussian", target_modules=LORA_TARGETS[job.lora_targets]),
                                   adapter_name=ADAPTER)
-            if job.train_text_encoder:
-                self.text_encoder.add_adapter(LoraConfig(r=job.rank, lora_alpha=alpha, lora_dropout=job.dropout,
-                                                         init_lora_weights="gaussian",
-                                                         target_modules=TEXT_ENCODER_TARGETS),
-                                              adapter_name=ADAPTER)
+            for encoder in self.encoders():
+                encoder.add_adapter(LoraConfig(r=job.rank, lora_alpha=alpha, lora_dropout=job.dropout,
+                                               init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGETS,
+                                               **self.used_layers(encoder)),
+                                    adapter_name=ADAPTER)
         self.alpha = alpha
         self.modules = {"unet": self.unet}
-        if job.train_text_encoder:
-            self.modules["text_encoder"] = self.text_encoder
+        self.modules.update(zip(("text_encoder", "text_encoder_2"), self.encoders(), strict=False))
         for module in self.modules.values():
             for p in module.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
         if job.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-            if job.train_text_encoder:
-                self.text_encoder.gradient_checkpointing_enable()
+            for encoder in self.encoders():
+                encoder.gradient_checkpointing_enable()
         self.unet.train()
-        if job.train_text_encoder:
-            self.text_encoder.train()
+        for encoder in self.encoders():
+            encoder.train()
+
+    def used_layers(self, encoder: nn.Module) -> dict:
+        """SDXL's first text encoder: adapters on all layers but the last, whose output SDXL never reads (it takes
+        the penultimate layer; the pooled embedding comes from the second encoder). A LoRA there would never train,
+        and several GPUs refuse parameters without gradients."""
+        if not self.xl or encoder is not self.text_encoder:
+            return {}
+        return {"layers_to_transform": list(range(encoder.config.num_hidden_layers - 1)), "layers_pattern": "layers"}
+
+    def encoders(self) -> list[nn.Module]:
+        """The text encoders that get adapters: none, the one, or (SDXL) both."""
+        if not self.job.train_text_encoder:
+            return []
+        return [self.text_encoder, self.text_encoder_2] if self.xl else [self.text_encoder]
 
     @staticmethod
     def check_output(cfg, job: TrainJob) -> None:
@@ -89,16 +104,18 @@ class LoraMethod(TrainMethod):
 
     def param_groups(self) -> list[ParamGroup]:
         groups = [ParamGroup("unet", self._trained(self.unet), rate_function(self.job, self.job.learning_rate))]
-        if self.job.train_text_encoder:
+        if self.job.train_text_encoder:  # SDXL: both encoders, one rate
             te_rate = self.job.text_encoder_lr if self.job.text_encoder_lr is not None else self.job.learning_rate
-            groups.append(ParamGroup("text_encoder", self._trained(self.text_encoder), rate_function(self.job,
-                                                                                                     te_rate)))
+            params = [p for encoder in self.encoders() for p in self._trained(encoder)]
+            groups.append(ParamGroup("text_encoder", params, rate_function(self.job, te_rate)))
         return groups
 
     def prompts(self, captions: list[str], rng: random.Random) -> list[str]:
         return [caption_prompt(self.job, caption) for caption in captions]
 
-    def encode(self, prompts: list[str], generator: torch.Generator | None) -> torch.Tensor:
+    def encode(self, prompts: list[str], generator: torch.Generator | None):
+        if self.xl:
+            return self._encode_xl(prompts)
         if getattr(self, "_encoder", None) is None:  # built once (its vocabulary lookup costs ~20 ms), after prepare()
             self._encoder = PromptEncoder(self.tokenizer, self.text_encoder, runner=self.trainable("text_encoder"))
         encoder = self._encoder
@@ -106,6 +123,17 @@ class LoraMethod(TrainMethod):
             return encoder.encode_batch(prompts)
         with torch.no_grad():
             return encoder.encode_batch(prompts)
+
+    def _encode_xl(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL: through both (trained) text encoders, or from the per-caption cache when they are frozen."""
+        if getattr(self, "_encoder", None) is None:  # after prepare(): the wrapped encoders run the forward pass
+            encoder = XLPromptEncoder(self.ctx.pipe)
+            if self.job.train_text_encoder:
+                encoder.set_runners(self.trainable("text_encoder"), self.trainable("text_encoder_2"))
+            self._encoder = encoder if self.job.train_text_encoder else CachedText(encoder)
+        if self.job.train_text_encoder:
+            return self._encoder.encode_batch(prompts)
+        return self._encoder(prompts)
 
     def denoiser(self) -> nn.Module:
         return self.trainable("unet")
@@ -115,10 +143,9 @@ class LoraMethod(TrainMethod):
     def state_dict(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
-        state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(self.unet, adapter_name=ADAPTER).items()}
-        if self.job.train_text_encoder:
-            state.update({f"text_encoder.{k}": v for k, v in
-                          get_peft_model_state_dict(self.text_encoder, adapter_name=ADAPTER).items()})
+        state = {}
+        for name, module in self.modules.items():
+            state.update({f"{name}.{k}": v for k, v in get_peft_model_state_dict(module, adapter_name=ADAPTER).items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -130,8 +157,8 @@ class LoraMethod(TrainMethod):
             if getattr(result, "unexpected_keys", None):
                 raise ValueError(f"checkpoint does not fit this LoRA: unexpected {result.unexpected_keys[:3]}")
 
-    def preview_encoder(self) -> PromptEncoder:
-        return PromptEncoder(self.tokenizer, self.text_encoder)
+    def preview_encoder(self) -> PromptEncoder | XLPromptEncoder:
+        return XLPromptEncoder(self.ctx.pipe) if self.xl else PromptEncoder(self.tokenizer, self.text_encoder)
 
     # the file
 
@@ -149,7 +176,8 @@ class LoraMethod(TrainMethod):
             lr_scheduler=job.lr_scheduler, optimizer=job.optimizer, seed=job.seed, trigger_phrase=trigger,
             tag_frequency=tag_frequency(self.captions, data_name),
             comment=f"trained with studio ({job.method}); run {ctx.run_path.name if ctx.run_path else ''}",
-            extra={"ss_sd_model_hash": ctx.model_hash[:10], "ss_new_sd_model_hash": ctx.model_hash,
+            extra={**self.bucket_metadata(),
+                   "ss_sd_model_hash": ctx.model_hash[:10], "ss_new_sd_model_hash": ctx.model_hash,
                    "ss_network_dropout": job.dropout, "ss_max_train_steps": job.max_steps,
                    "ss_batch_size_per_device": job.batch_size, "ss_gradient_accumulation_steps": job.grad_accum,
                    "ss_mixed_precision": job.mixed_precision, "ss_min_snr_gamma": job.min_snr_gamma or "",
@@ -158,36 +186,59 @@ class LoraMethod(TrainMethod):
                    "studio.method": job.method, "studio.lora_targets": job.lora_targets,
                    "modelspec.date": dt.date.today().isoformat()})
 
-    def save(self, step: int, final: bool, run_path: Path | None) -> Path:
+    def bucket_metadata(self) -> dict[str, str]:
+        """kohya's bucket keys (`ss_enable_bucket`, `ss_bucket_info`), for runs on aspect-ratio buckets."""
+        if not self.job.uses_buckets(self.ctx.model.family):
+            return {}
+        return {"ss_enable_bucket": "True", "ss_bucket_no_upscale": "False"}
+
+    def layers(self, name: str) -> dict:
+        """Module path -> LoraLayer of one trained module (empty when it has no adapter)."""
         from peft import get_peft_model_state_dict
 
+        module = self.modules.get(name)
+        return peft_to_layers(get_peft_model_state_dict(module, adapter_name=ADAPTER), self.alpha) if module else {}
+
+    def save(self, step: int, final: bool, run_path: Path | None) -> Path:
         job, ctx = self.job, self.ctx
-        unet_layers = peft_to_layers(get_peft_model_state_dict(self.unet, adapter_name=ADAPTER), self.alpha)
-        te_layers = (peft_to_layers(get_peft_model_state_dict(self.text_encoder, adapter_name=ADAPTER), self.alpha)
-                     if job.train_text_encoder else None)
         if final:
             path = Path(ctx.cfg.loras_dir) / f"{job.name}.safetensors"
         else:
             path = run_path / "loras" / f"{job.name}-{step}.safetensors"
-        save_kohya_lora(path, unet_layers, te_layers, self.metadata(step))
+        te_layers = self.layers("text_encoder") if job.train_text_encoder else None
+        if self.xl:  # kohya's SDXL layout: original (SGM) UNet names, lora_te1_ / lora_te2_
+            from studio.files.convert import original_unet_module_names
+
+            save_kohya_lora(path, self.layers("unet"), te_layers, self.metadata(step),
+                            text_encoder_2=self.layers("text_encoder_2"),
+                            unet_names=original_unet_module_names(self.unet))
+        else:
+            save_kohya_lora(path, self.layers("unet"), te_layers, self.metadata(step))
         if final and job.save_diffusers and run_path is not None:
             self.save_diffusers_copy(run_path / "diffusers")
         return path
 
     def save_diffusers_copy(self, folder: Path) -> Path:
         """diffusers' own layout (`pytorch_lora_weights.safetensors`), for `load_lora_weights(folder)`."""
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from peft.utils import get_peft_model_state_dict
 
         folder.mkdir(parents=True, exist_ok=True)
         unet_state = get_peft_model_state_dict(self.unet, adapter_name=ADAPTER)
         te_state = (get_peft_model_state_dict(self.text_encoder, adapter_name=ADAPTER)
                     if self.job.train_text_encoder else None)
+        kwargs = {}
+        if self.xl:
+            te2 = self.text_encoder_2
+            te2_state = get_peft_model_state_dict(te2, adapter_name=ADAPTER) if te_state else None
+            kwargs = {"text_encoder_2_lora_layers": te2_state, "text_encoder_2_lora_adapter_metadata":
+                      te2.peft_config[ADAPTER].to_dict() if te2_state else None}
+        pipeline_class = StableDiffusionXLPipeline if self.xl else StableDiffusionPipeline
         with atomic_path(folder / "pytorch_lora_weights.safetensors") as tmp:
             tmp.unlink(missing_ok=True)
-            StableDiffusionPipeline.save_lora_weights(
+            pipeline_class.save_lora_weights(
                 tmp.parent, unet_lora_layers=unet_state, text_encoder_lora_layers=te_state, weight_name=tmp.name,
                 safe_serialization=True, unet_lora_adapter_metadata=self.unet.peft_config[ADAPTER].to_dict(),
                 text_encoder_lora_adapter_metadata=(self.text_encoder.peft_config[ADAPTER].to_dict()
-                                                    if te_state else None))
+                                                    if te_state else None), **kwargs)
         return folder

@@ -1,5 +1,6 @@
 """What every training method gives the shared loop: its trainable parameter groups (each with its own rate),
-the text conditioning of a batch, the denoiser to call, its checkpoint state and its output files."""
+the text conditioning of a batch (SDXL: with the pooled embedding), the denoiser to call, its checkpoint state and
+its output files."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from studio.config import StudioConfig
-from studio.generation.conditioning import PromptEncoder
+from studio.generation.conditioning import PromptEncoder, XLPromptEncoder
 from studio.train.job import TrainJob
 from studio.train.schedule import lr_factor, parse_schedule, warmup_steps
 
@@ -32,6 +33,34 @@ class TrainContext:
     @property
     def pipe(self):
         return self.model.pipe
+
+
+def text_encoders(pipe) -> list[nn.Module]:
+    """The pipeline's text encoders: one (SD 1.x, 2.x) or two (SDXL: CLIP ViT-L, then OpenCLIP bigG)."""
+    return [te for te in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if te is not None]
+
+
+def base_prompt_encoder(pipe) -> PromptEncoder | XLPromptEncoder:
+    """The model's own prompt encoder without embeddings (SDXL: both text encoders, as generation encodes)."""
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        return XLPromptEncoder(pipe)
+    return PromptEncoder(pipe.tokenizer, pipe.text_encoder)
+
+
+class CachedText:
+    """SDXL conditioning of frozen text encoders, (embeds, pooled) per prompt, computed once: both encoders then
+    run once per caption instead of every step. One prompt at a time, so it never depends on the batch."""
+
+    def __init__(self, encoder: XLPromptEncoder):
+        self.encoder = encoder
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        for prompt in prompts:
+            if prompt not in self.cache:
+                self.cache[prompt] = self.encoder.encode_batch([prompt])
+        return (torch.cat([self.cache[p][0] for p in prompts]), torch.cat([self.cache[p][1] for p in prompts]))
 
 
 @dataclass
@@ -63,6 +92,8 @@ class TrainMethod:
         self.job = ctx.job
         pipe = ctx.pipe
         self.tokenizer, self.text_encoder, self.unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
+        self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)  # SDXL's second text encoder, else None
+        self.xl = self.text_encoder_2 is not None
         self.modules: dict[str, nn.Module] = {}  # name -> module holding trainable parameters
 
     # 1. before the model loads
@@ -94,8 +125,10 @@ class TrainMethod:
         """The training prompts of a batch of images (their captions, templates, an instance prompt)."""
         raise NotImplementedError
 
-    def encode(self, prompts: list[str], generator: torch.Generator | None) -> torch.Tensor:
-        """[B, 77, dim] conditioning, with gradients where the method trains the text side."""
+    def encode(self, prompts: list[str], generator: torch.Generator | None
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """[B, 77, dim] conditioning, with gradients where the method trains the text side; SDXL: (that, the
+        [B, projection] pooled embedding)."""
         raise NotImplementedError
 
     def denoiser(self) -> nn.Module:
@@ -127,9 +160,9 @@ class TrainMethod:
 
     # 4. results
 
-    def preview_encoder(self) -> PromptEncoder:
+    def preview_encoder(self) -> PromptEncoder | XLPromptEncoder:
         """The prompt encoder previews use (it sees what the method has learned so far)."""
-        return PromptEncoder(self.tokenizer, self.text_encoder)
+        return base_prompt_encoder(self.ctx.pipe)
 
     def save(self, step: int, final: bool, run_path: Path | None) -> Path:
         """The result as a shareable file: at checkpoints a copy in the run folder, at the end the real one."""

@@ -1,7 +1,8 @@
 """The three Textual Inversion methods on the shared loop: standard TI (the token's vectors are the trained
 parameters), TI-Att and TI-MoE (an inversion module computes the vectors from CLIP image embeddings of the
 training images). The text encoder, UNet and VAE stay frozen and untouched; the vectors reach the text encoder
-through the same embedding hook that generation uses."""
+through the same embedding hook that generation uses. On SDXL every vector is a clip_l part and a clip_g part (one
+row of both widths, split for the two encoders)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from studio.files.networks import EMBEDDING_EXTS, save_embedding
-from studio.generation.conditioning import PromptEncoder, TextualInversion
+from studio.generation.conditioning import PromptEncoder, TextualInversion, XLPromptEncoder
 from studio.train.data import STREAM_INIT, rng_seed
 from studio.train.inversion_modules import build_module
 from studio.train.job import METHOD_LABELS, TrainJob
@@ -61,6 +62,10 @@ def initial_vectors(tokenizer, text_encoder, init_word: str, n_vectors: int) -> 
     return vectors
 
 
+def embedding_width(text_encoder) -> int:
+    return text_encoder.get_input_embeddings().embedding_dim
+
+
 class InversionMethod(TrainMethod):
     """TI, TI-Att and TI-MoE: the trained module returns the token's vectors; prompts come from templates."""
 
@@ -74,11 +79,15 @@ class InversionMethod(TrainMethod):
         self.templates = templates or load_templates(job.template, ctx.cfg.assets_dir, ctx.cfg.presets_dir)
         if not any("[name]" in line for line in self.templates.lines):
             raise ValueError(f"template {self.templates.name} never uses [name]: the embedding would not be trained")
-        self.encoder = PromptEncoder(self.tokenizer, self.text_encoder, {})
-        width = self.text_encoder.get_input_embeddings().embedding_dim
+        self.width_l = embedding_width(self.text_encoder)
+        if self.xl:  # one row per vector: its clip_l part, then its clip_g part
+            self.encoder = XLPromptEncoder(ctx.pipe)
+            width = self.width_l + embedding_width(self.text_encoder_2)
+        else:
+            self.encoder = PromptEncoder(self.tokenizer, self.text_encoder, {})
+            width = self.width_l
         if job.method == "ti":
-            self.module: nn.Module = EmbeddingVectors(initial_vectors(self.tokenizer, self.text_encoder,
-                                                                      job.init_word, job.vectors))
+            self.module: nn.Module = EmbeddingVectors(self.initial_vectors(ctx.pipe))
             self.features = None
         else:
             if image_features is None:
@@ -96,6 +105,18 @@ class InversionMethod(TrainMethod):
             # checkpointing recomputes them instead (diffusers checkpoints whenever grad is on, eval mode or not)
             self.unet.enable_gradient_checkpointing()
 
+    def initial_vectors(self, pipe) -> torch.Tensor:
+        """The initializer word's vectors [n, width] (SDXL: each encoder's, side by side)."""
+        job = self.job
+        parts = [initial_vectors(pipe.tokenizer, pipe.text_encoder, job.init_word, job.vectors)]
+        if self.xl:
+            parts.append(initial_vectors(pipe.tokenizer_2, pipe.text_encoder_2, job.init_word, job.vectors))
+        return torch.cat(parts, dim=1)
+
+    def split(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL: [n, width_l + width_g] -> (clip_l [n, width_l], clip_g [n, width_g])."""
+        return vectors[:, :self.width_l], vectors[:, self.width_l:]
+
     @staticmethod
     def check_output(cfg, job: TrainJob) -> None:
         check_output_free(cfg.embeddings_dir, job, EMBEDDING_EXTS)
@@ -103,6 +124,9 @@ class InversionMethod(TrainMethod):
     @staticmethod
     def check_model(pipe, job: TrainJob) -> None:
         check_token_name(pipe.tokenizer, job.name)
+        if getattr(pipe, "text_encoder_2", None) is not None and job.embedding_format == "a1111-pt":
+            raise ValueError("SDXL embeddings have no .pt form (A1111's .pt holds one text encoder's vectors): "
+                             "choose the a1111 or diffusers format, which write clip_l and clip_g")
 
     def param_groups(self) -> list[ParamGroup]:
         return [ParamGroup("embedding", list(self.module.parameters()), rate_function(self.job, self.job.learning_rate))]
@@ -110,10 +134,14 @@ class InversionMethod(TrainMethod):
     def prompts(self, captions: list[str], rng: random.Random) -> list[str]:
         return [self.templates.fill(rng, self.name, caption) for caption in captions]
 
-    def encode(self, prompts: list[str], generator: torch.Generator | None) -> torch.Tensor:
-        """[B, 77, dim] text conditioning of a batch, with gradients into the trainable module."""
+    def encode(self, prompts: list[str], generator: torch.Generator | None):
+        """[B, 77, dim] text conditioning of a batch (SDXL: and the pooled embedding), with gradients into the
+        trainable module."""
         vectors = self.trainable("embedding")(self.features, generator)
-        self.encoder.set_embedding(TextualInversion(self.name, vectors))
+        if self.xl:
+            self.encoder.set_embedding(self.name, *self.split(vectors))
+        else:
+            self.encoder.set_embedding(TextualInversion(self.name, vectors))
         return self.encoder.encode_batch(prompts)
 
     def aux_loss(self) -> torch.Tensor | None:
@@ -131,7 +159,11 @@ class InversionMethod(TrainMethod):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state)
 
-    def preview_encoder(self) -> PromptEncoder:
+    def preview_encoder(self) -> PromptEncoder | XLPromptEncoder:
+        if self.xl:
+            clip_l, clip_g = self.split(self.vectors())
+            return XLPromptEncoder(self.ctx.pipe, 1, {self.name: TextualInversion(self.name, clip_l)},
+                                   {self.name: TextualInversion(self.name, clip_g)})
         return PromptEncoder(self.tokenizer, self.text_encoder, {self.name: TextualInversion(self.name,
                                                                                              self.vectors())})
 
@@ -144,5 +176,7 @@ class InversionMethod(TrainMethod):
             path = path.with_name(f"{job.name}-{step}{path.suffix}")
         meta = {"studio.method": job.method, "studio.run": run_path.name if run_path else "",
                 "modelspec.trigger_phrase": self.name, "studio.learning_rate": job.learning_rate}
-        return save_embedding(path, self.vectors(), self.name, job.embedding_format, step=step,
-                              checkpoint_hash=ctx.model_hash[:10], checkpoint_name=ctx.model.name, metadata=meta)
+        vectors, vectors_g = self.split(self.vectors()) if self.xl else (self.vectors(), None)
+        return save_embedding(path, vectors, self.name, job.embedding_format, step=step,
+                              checkpoint_hash=ctx.model_hash[:10], checkpoint_name=ctx.model.name, metadata=meta,
+                              vectors_g=vectors_g)

@@ -46,8 +46,8 @@ INTRO = ("Teach the model a style or a subject: pick a dataset (make one in the 
          "(`models/NAME`, picked in the model list at the top).")
 # TrainJob fields that have a widget, in the order the handlers receive them
 FORM = ("data", "method", "name", "init_word", "vectors", "template", "learning_rate", "batch_size", "grad_accum",
-        "max_steps", "resolution", "seed", "repeats", "flip_p", "mixed_precision", "image_encoder", "heads",
-        "experts", "top_k", "aux_weight", "save_every", "preview_every", "preview_prompt", "embedding_format",
+        "max_steps", "resolution", "buckets", "seed", "repeats", "flip_p", "mixed_precision", "image_encoder",
+        "heads", "experts", "top_k", "aux_weight", "save_every", "preview_every", "preview_prompt", "embedding_format",
         "overwrite",
         # LoRA, DreamBooth, fine-tune
         "rank", "alpha", "dropout", "lora_targets", "train_text_encoder", "text_encoder_lr", "instance_prompt",
@@ -83,6 +83,8 @@ TERMINAL = ("finished", "stopped", "failed", "interrupted")
 STATE_ICONS = {"idle": "○", "starting": "◌", "running": "●", "finished": "✓", "stopped": "■", "failed": "✗",
                "interrupted": "⚠"}
 FLIP_DATASET = "dataset's"  # the flip widget's "use the dataset's setting"
+# the buckets widget: (label, value); "auto" is TrainJob.buckets None (on for SDXL models, off for the others)
+BUCKET_CHOICES = [("on for SDXL, off otherwise", "auto"), ("on", "on"), ("off (center-cropped squares)", "off")]
 LOG_LINES = 80
 SMOOTHING = 0.9  # EMA weight of the smoothed loss line (TensorBoard's slider, debiased)
 
@@ -112,6 +114,8 @@ def job_from_form(values: dict, model: str, extra: dict | None = None) -> TrainJ
             value = value or None
         elif key == "flip_p":
             value = _flip(value)
+        elif key == "buckets":
+            value = _buckets(value)
         elif key in INT_FIELDS and value is not None:
             value = _whole(value, key)
         elif key in FLOAT_FIELDS and value is not None:
@@ -140,6 +144,7 @@ def form_from_settings(current: dict, settings: dict) -> tuple[dict, dict]:
     """Apply a preset's (or a run's) settings to the current widget values: (new widget values, settings
     without a widget). Keys the settings leave out keep their current value."""
     widget = {"repeats": lambda v: v or 0, "flip_p": lambda v: FLIP_DATASET if v is None else f"{float(v):g}",
+              "buckets": lambda v: "auto" if v is None else ("on" if v else "off"),
               **dict.fromkeys(OPTIONAL_FLOATS, _optional_text)}
     form = {**current, **{k: widget.get(k, lambda v: v)(v) for k, v in settings.items() if k in FORM}}
     extra = {k: v for k, v in settings.items() if k not in FORM and k != "model"}
@@ -180,10 +185,21 @@ def fit_settings(settings: dict, model: str, cuda: bool) -> tuple[dict, list[str
     return out, notes
 
 
-def method_presets(presets_dir: Path, method: str) -> dict[str, TrainPreset]:
-    """The training presets of one method (shipped ones and the user's presets/training/)."""
+def method_presets(presets_dir: Path, method: str, family: str | None = None) -> dict[str, TrainPreset]:
+    """The training presets of one method (shipped ones and the user's presets/training/) that fit a model of
+    `family` (SDXL presets only for SDXL models)."""
     return {name: p for name, p in list_train_presets(presets_dir).items()
-            if p.settings.get("method", "ti") == method}
+            if p.settings.get("method", "ti") == method and p.fits(family)}
+
+
+def _buckets(value) -> bool | None:
+    """The buckets widget (or a job's value) as TrainJob.buckets: "auto" / None -> None, "on" -> True."""
+    if value is None or isinstance(value, bool):
+        return value
+    choices = {"auto": None, "": None, "on": True, "off": False}
+    if str(value) not in choices:
+        raise ValueError(f"buckets must be auto, on or off, got {value!r}")
+    return choices[str(value)]
 
 
 def _flip(value) -> float | None:
@@ -378,8 +394,13 @@ def model_note(state: AppState) -> str:
 # --- the tab ---------------------------------------------------------------------------------------------
 
 
-def preset_choices(presets_dir: Path, method: str) -> list[str]:
-    return list(method_presets(presets_dir, method))
+def model_family(state: AppState) -> str | None:
+    model = state.manager.current
+    return model.family if model is not None else None
+
+
+def preset_choices(presets_dir: Path, method: str, family: str | None = None) -> list[str]:
+    return list(method_presets(presets_dir, method, family))
 
 
 def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, networks_outputs=()):
@@ -408,7 +429,8 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
             method = gr.Radio([(METHOD_LABELS[key], key) for key in METHODS], value=method0, label="Method",
                               elem_id="tr-method", info="choosing a method sets its usual learning rate (TI 0.005, "
                               "LoRA 1e-4, fine-tune 1e-5) and preview prompt")
-            preset = gr.Dropdown(preset_choices(cfg.presets_dir, method0), value=None, elem_id="tr-preset",
+            preset = gr.Dropdown(preset_choices(cfg.presets_dir, method0, model_family(state)), value=None,
+                                 elem_id="tr-preset",
                                  label="Preset for this method (fills the settings)")
             preset_md = gr.Markdown(elem_id="tr-preset-info")
             with gr.Row():
@@ -436,6 +458,9 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
                                   elem_id="tr-steps")
                 resolution = gr.Number(native, minimum=64, step=8, label="Resolution (px)",
                                        min_width=100, elem_id="tr-resolution")
+                buckets = gr.Dropdown(BUCKET_CHOICES, value="auto", label="Aspect-ratio buckets", min_width=140,
+                                      elem_id="tr-buckets", info="SDXL's resolutions at this size, a batch per "
+                                      "bucket; off: center-cropped squares")
                 seed = gr.Number(defaults.seed, minimum=0, label="Seed", min_width=100, elem_id="tr-seed")
             with gr.Row():
                 repeats = gr.Number(0, minimum=0, label="Repeats per epoch (0: the dataset's)",
@@ -565,7 +590,8 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
 
     form = {"data": data, "method": method, "name": name, "init_word": init_word, "vectors": vectors,
             "template": template, "learning_rate": lr, "batch_size": batch, "grad_accum": accum,
-            "max_steps": steps, "resolution": resolution, "seed": seed, "repeats": repeats, "flip_p": flip_p,
+            "max_steps": steps, "resolution": resolution, "buckets": buckets, "seed": seed, "repeats": repeats,
+            "flip_p": flip_p,
             "mixed_precision": precision, "image_encoder": image_encoder, "heads": heads, "experts": experts,
             "top_k": top_k, "aux_weight": aux, "save_every": save_every, "preview_every": preview_every,
             "preview_prompt": preview_prompt, "embedding_format": fmt, "overwrite": overwrite,
@@ -650,7 +676,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
         return (*[form_values[k] for k in FORM], extra_settings, info)
 
     def pick_preset(preset_name, model_value, *values):
-        found = method_presets(cfg.presets_dir, values[FORM.index("method")])
+        found = method_presets(cfg.presets_dir, values[FORM.index("method")], model_family(state))
         if preset_name not in found:
             return (*[gr.skip()] * len(FORM), gr.skip(), "")
         return fill(found[preset_name].settings, found[preset_name].description, model_value, *values)
@@ -680,7 +706,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
         return (*[gr.update(visible=shown_for(k, m)) for k in ONLY_FOR],
                 *[gr.update(visible=m in methods) for _, methods in groups],
                 gr.update(label=NAME_LABELS.get(m, NAME_LABEL_TI)),
-                gr.update(choices=preset_choices(cfg.presets_dir, m), value=None))
+                gr.update(choices=preset_choices(cfg.presets_dir, m, model_family(state)), value=None))
 
     method.change(show_method, method, method_outputs, api_visibility="private")
 
