@@ -3,6 +3,7 @@ adding a reference (live canny preview), generating through a tiny ControlNet, p
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -194,3 +195,27 @@ def test_long_events_show_their_progress_in_one_place(state):
     assert not crowded, crowded
     generate = next(fn for fn in demo.fns.values() if fn.api_name == "storyboard_generate")
     assert len(generate.show_progress_on) == 1 and generate.show_progress_on[0] not in generate.inputs
+
+
+def test_lists_of_files_are_read_again_when_the_page_loads(state):
+    """A board, a ControlNet and a model made after the UI was built can be picked after a page reload."""
+    from studio.storyboard.board import StoryboardStore, new_board
+    from studio.ui import build_ui
+
+    demo = build_ui(state)
+    StoryboardStore(state.cfg.storyboards_dir).save(new_board("made-later"))
+    (state.cfg.models_dir / "later-model").mkdir(parents=True)
+    (state.cfg.models_dir / "later-model" / "model_index.json").write_text("{}")
+    on_load = [fn for fn in demo.fns.values() if any(event == "load" for _, event in fn.targets)
+               and not fn.inputs and fn.outputs and "request" not in inspect.signature(fn.fn).parameters]
+    outputs = {}
+    for fn in on_load:
+        values = fn.fn()
+        values = values if isinstance(values, tuple) else (values,)
+        for block, value in zip(fn.outputs, values, strict=False):
+            outputs[getattr(block, "elem_id", None) or id(block)] = value
+    def names(elem_id):
+        return [c if isinstance(c, str) else c[0] for c in outputs[elem_id]["choices"]]
+
+    assert "made-later" in names("sb-project")
+    assert "later-model" in names("model")

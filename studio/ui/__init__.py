@@ -43,7 +43,7 @@ def build_ui(state: AppState) -> gr.Blocks:
             with gr.Tab("Explorer", id="explorer"):
                 explorer_tab.build(state, gen, tabs)
             with gr.Tab("Storyboard", id="storyboard"):
-                storyboard_tab.build(state)
+                board = storyboard_tab.build(state)
             with gr.Tab("Models", id="models"):
                 models_tab.build(state, model_dd)
             with gr.Tab("Dataset", id="dataset"):
@@ -51,7 +51,7 @@ def build_ui(state: AppState) -> gr.Blocks:
             with gr.Tab("Train", id="train") as train_page:
                 train = train_tab.build(state, model_dd, gen["networks_refresh"], gen["networks_outputs"])
             with gr.Tab("Evaluate", id="evaluate"):
-                evaluate_tab.build(state)
+                evaluate = evaluate_tab.build(state)
 
         def load(spec, progress=gr.Progress(track_tqdm=True)):
             progress(0, desc=f"loading {spec}")
@@ -70,6 +70,10 @@ def build_ui(state: AppState) -> gr.Blocks:
         demo.load(gen["networks_refresh"], None, gen["networks_outputs"], api_visibility="private")
         # a training run outlives the page: a reload shows it again (and polls it while it runs)
         demo.load(train["on_page_load"], None, train["page_outputs"], api_visibility="private")
+        # every list that names files is read when the page opens: what was made since start-up can be picked
+        demo.load(lambda: gr.update(choices=state.manager.choices()), None, model_dd, api_visibility="private")
+        for tab in (board, evaluate, train):
+            demo.load(tab["lists"], None, tab["list_outputs"], api_visibility="private")
         # datasets saved in the Dataset tab (and new runs) show up when the Train tab opens
         train_page.select(train["lists"], None, train["list_outputs"], api_visibility="private")
         refresh_btn.click(lambda: gr.update(choices=state.manager.choices()), None, model_dd,

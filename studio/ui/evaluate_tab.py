@@ -228,3 +228,9 @@ def build(state: AppState):
     sv_report_btn.click(do_report, sv_pick, sv_report, api_visibility="private")
     sv_refresh.click(lambda: gr.update(choices=sv.list_surveys(surveys_dir(state))), None, sv_pick,
                      api_visibility="private")
+
+    def lists():
+        """Experiment files and surveys, read again (on page load)."""
+        return gr.update(choices=experiment_files(state)), gr.update(choices=sv.list_surveys(surveys_dir(state)))
+
+    return {"lists": lists, "list_outputs": [exp_file, sv_pick]}

@@ -516,5 +516,12 @@ def build(state: AppState) -> dict:
         return text, [str(out.pdf), str(out.sheet)], str(out.sheet)
 
     export_btn.click(export, [current, *form], [status, files, sheet], api_name="storyboard_export")
+
+    def lists():
+        """The lists that name files, read again (on page load): boards, presets and ControlNets made since the
+        studio started."""
+        return (gr.update(choices=store.names()), gr.update(choices=list(list_board_presets(cfg.presets_dir))),
+                gr.update(choices=controlnet_choices(cfg.controlnet_dir, cfg.assets_dir, state.manager.current)))
+
     return {"project": project, "open": open_btn, "shots": shots, "generate": generate_btn, "export": export_btn,
-            "gallery": gallery, "form": form}
+            "gallery": gallery, "form": form, "lists": lists, "list_outputs": [project, preset, controlnet]}
