@@ -346,6 +346,24 @@ def test_sd1_keeps_square_crops_by_default_and_can_use_buckets(tmp_path):
         xl_job(buckets="yes").validate()
 
 
+def test_a_dataset_made_with_buckets_trains_on_buckets_unless_told_otherwise(tmp_path):
+    """The Dataset tab's bucket crops (dataset.json `training.buckets: true`) keep their aspect ratio in training on
+    any family; `buckets: false` still square-crops them."""
+    import json
+
+    folder = make_xl_dataset(tmp_path / "bucketed")
+    (folder / "dataset.json").write_text(json.dumps({"studio_dataset": 1, "training": {"buckets": True}}))
+    assert load_train_data(folder, 64).dataset_buckets
+    cfg = xl_cfg(tmp_path)
+    for buckets, expected in ((None, "aspect-ratio buckets: 56x72: 1"), (False, None)):
+        logs = []
+        result = Trainer(cfg, on_event=lambda k, i, logs=logs: logs.append(i.get("text", ""))).start(
+            xl_job(model="demo-tiny", name=f"sd1-ds-{buckets}", data=str(folder), buckets=buckets, max_steps=1))
+        assert result.state == "finished", result.message
+        found = [line for line in logs if line.startswith("aspect-ratio buckets")]
+        assert (found[0].startswith(expected) if expected else not found), found
+
+
 # --- presets, the Train tab and the command line ------------------------------------------------------------
 
 

@@ -58,6 +58,7 @@ class TrainData:
     flip_p: float
     skipped: dict[str, str]  # file -> reason
     bucketed: bool = False  # batches come from one aspect-ratio bucket at a time
+    dataset_buckets: bool = False  # the dataset was made with buckets (dataset.json training.buckets)
 
     @property
     def epoch_length(self) -> int:
@@ -161,7 +162,8 @@ def load_train_data(folder: Path, resolution: int, repeats: int | None = None,
     repeats = repeats if repeats is not None else int(training.get("repeats", 1) or 1)
     if flip_p is None:
         flip_p = float(training.get("flip_p", 0.0)) if training.get("flip") == "random" else 0.0
-    return TrainData(folder, images, repeats, flip_p, skipped, bucketed=buckets)
+    return TrainData(folder, images, repeats, flip_p, skipped, bucketed=buckets,
+                     dataset_buckets=bool(training.get("buckets", False)))
 
 
 # --- deterministic randomness ------------------------------------------------------------------------

@@ -209,9 +209,10 @@ class TrainJob:
         if self.method == "ti" and not str(self.init_word).strip():
             raise ValueError("initializer word is empty; use a word close to the concept (e.g. 'painting') or '*'")
 
-    def uses_buckets(self, family: str) -> bool:
-        """Whether this job trains on aspect-ratio buckets with a model of `family` (default: SDXL only)."""
-        return self.buckets if self.buckets is not None else family == "sdxl"
+    def uses_buckets(self, family: str, dataset_buckets: bool = False) -> bool:
+        """Whether this job trains on aspect-ratio buckets with a model of `family`: as set, else on for SDXL and for
+        datasets the Dataset tab made with buckets (their crops keep their aspect ratios)."""
+        return self.buckets if self.buckets is not None else (family == "sdxl" or dataset_buckets)
 
     @property
     def trains_module(self) -> bool:

@@ -192,7 +192,7 @@ class Trainer:
         pipe = model.pipe
         self._scheduler_config = dict(pipe.scheduler.config)  # previews swap pipe.scheduler; keep the original
         method_class(job).check_model(pipe, job)
-        if job.uses_buckets(model.family) and not data.bucketed:  # the family's default (SDXL: buckets)
+        if job.uses_buckets(model.family, data.dataset_buckets) and not data.bucketed:  # SDXL's, a bucket dataset's
             data = load_train_data(data_dir, job.resolution, job.repeats, job.flip_p, buckets=True)
         if data.bucketed:
             self._log("aspect-ratio buckets: " + ", ".join(f"{w}x{h}: {len(members)}"
@@ -243,7 +243,7 @@ class Trainer:
 
         # 5. the method and its optimizer
         ctx = TrainContext(job, self.cfg, model, device, weight_dtype, run.path if run else None, model_hash,
-                           self._log)
+                           self._log, data.bucketed)
         cls = method_class(job)
         if job.is_ti:
             method = cls(ctx, features)

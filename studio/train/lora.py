@@ -188,7 +188,7 @@ class LoraMethod(TrainMethod):
 
     def bucket_metadata(self) -> dict[str, str]:
         """kohya's bucket keys (`ss_enable_bucket`, `ss_bucket_info`), for runs on aspect-ratio buckets."""
-        if not self.job.uses_buckets(self.ctx.model.family):
+        if not self.ctx.bucketed:
             return {}
         return {"ss_enable_bucket": "True", "ss_bucket_no_upscale": "False"}
 

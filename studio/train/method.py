@@ -29,6 +29,7 @@ class TrainContext:
     run_path: Path | None
     model_hash: str
     log: Callable[[str], None] = field(default=lambda text: None)
+    bucketed: bool = False  # the batches come from aspect-ratio buckets
 
     @property
     def pipe(self):
