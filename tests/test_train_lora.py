@@ -203,3 +203,22 @@ def test_cli_trains_lora_and_finetune(tmp_path, monkeypatch, capsys):
                          monkeypatch, capsys)
     assert cuda_only.returncode == 2 and "8-bit AdamW needs a CUDA GPU" in cuda_only.stderr
     assert not (cfg.loras_dir / "x-lora.safetensors").exists()
+
+
+@pytest.mark.parametrize("optimizer, rate", [("prodigy", "1"), ("adafactor", "1e-2")])
+def test_prodigy_and_adafactor_learn_and_are_written_as_kohya_does(optimizer, rate, tmp_path):
+    """Prodigy finds its own step size (the learning rate is a multiplier: 1 learns, 1e-12 does not); Adafactor with
+    kohya's fixed-rate settings learns too; ss_optimizer names the class and its arguments."""
+    from safetensors import safe_open
+
+    cfg = home_cfg(tmp_path)
+    result = Trainer(cfg).start(lora_job(max_steps=40, overfit_batches=1, save_every=100, optimizer=optimizer,
+                                         learning_rate=rate))
+    assert result.state == "finished", result.message
+    assert min(result.losses[-5:]) < 0.85 * result.losses[0], result.losses
+    with safe_open(str(result.output), framework="pt") as f:
+        label = f.metadata()["ss_optimizer"]
+    assert label.startswith({"prodigy": "prodigyopt.prodigy.Prodigy(d_coef=1", "adafactor": "transformers"}[optimizer])
+    still = Trainer(home_cfg(tmp_path / "still")).start(
+        lora_job(max_steps=25, overfit_batches=1, save_every=100, optimizer=optimizer, learning_rate="1e-12"))
+    assert abs(still.losses[-1] - still.losses[0]) < 1e-3 * still.losses[0], still.losses

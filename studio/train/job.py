@@ -28,7 +28,7 @@ LORA_TARGETS = {
             "conv2", "conv_shortcut", "time_emb_proj"],
 }
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
 # where a method's usual value differs from the TI defaults of TrainJob (the UI and the command line start here)
 METHOD_DEFAULTS = {"lora": {"learning_rate": "1e-4", "preview_prompt": ""},
                    "finetune": {"learning_rate": "1e-5", "preview_prompt": ""}}
@@ -63,7 +63,12 @@ class TrainJob:
     text_encoder_lr: float | None = None  # LoRA with the text encoder: its rate (None: the same as the UNet's)
     lr_scheduler: str = "constant"  # constant | constant_with_warmup | linear | cosine (multiplies the rate)
     lr_warmup: float = 0  # warmup steps, or a fraction of max_steps when below 1 (seed 004: 0.1)
-    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, CUDA only)
+    # adamw | adamw8bit (bitsandbytes, CUDA only) | prodigy (prodigyopt: finds its own step size; the learning rate
+    # is a multiplier, usually 1) | adafactor (transformers, fixed learning rate as kohya sets it)
+    optimizer: str = "adamw"
+    prodigy_d_coef: float = 1.0  # Prodigy's d_coef: scales the step size it finds
+    prodigy_safeguard_warmup: bool = False  # Prodigy's safeguard_warmup (kohya's advice with a warmup)
+    prodigy_bias_correction: bool = False  # Prodigy's use_bias_correction
     batch_size: int = 1
     grad_accum: int = 1  # gradient accumulation steps (effective batch = batch_size * grad_accum)
     max_steps: int = 1000  # optimizer steps
@@ -183,6 +188,11 @@ class TrainJob:
         real_number("auxiliary loss weight", self.aux_weight, 0)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not 0 < real_number("Prodigy d_coef", self.prodigy_d_coef) <= 100:
+            raise ValueError(f"Prodigy d_coef must be in (0, 100], got {self.prodigy_d_coef!r}")
+        for name in ("prodigy_safeguard_warmup", "prodigy_bias_correction"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name.replace('_', ' ')} must be true or false, got {getattr(self, name)!r}")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"learning-rate scheduler must be one of {', '.join(LR_SCHEDULERS)}, "
                              f"got {self.lr_scheduler!r}")
@@ -208,6 +218,16 @@ class TrainJob:
                              f"got {self.embedding_format!r}")
         if self.method == "ti" and not str(self.init_word).strip():
             raise ValueError("initializer word is empty; use a word close to the concept (e.g. 'painting') or '*'")
+
+    def optimizer_label(self) -> str:
+        """The optimizer as kohya writes `ss_optimizer`: its class path, with Prodigy's and Adafactor's arguments."""
+        if self.optimizer == "prodigy":
+            return (f"prodigyopt.prodigy.Prodigy(d_coef={self.prodigy_d_coef:g},weight_decay={self.weight_decay:g},"
+                    f"safeguard_warmup={self.prodigy_safeguard_warmup},"
+                    f"use_bias_correction={self.prodigy_bias_correction})")
+        return {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit",
+                "adafactor": "transformers.optimization.Adafactor(scale_parameter=False,relative_step=False,"
+                             "warmup_init=False)"}.get(self.optimizer, self.optimizer)
 
     def uses_buckets(self, family: str, dataset_buckets: bool = False) -> bool:
         """Whether this job trains on aspect-ratio buckets with a model of `family`: as set, else on for SDXL and for

@@ -127,6 +127,19 @@ def make_optimizer(job: TrainJob, groups, device: torch.device):
         except ImportError as e:
             raise ValueError("8-bit AdamW needs the bitsandbytes package: pip install bitsandbytes") from e
         return bnb.optim.AdamW8bit(param_groups, weight_decay=job.weight_decay)
+    if job.optimizer == "prodigy":
+        # Prodigy estimates the step size itself; the group's learning rate multiplies it (1 as kohya users set it)
+        from prodigyopt import Prodigy
+
+        return Prodigy(param_groups, weight_decay=job.weight_decay, d_coef=job.prodigy_d_coef,
+                       safeguard_warmup=job.prodigy_safeguard_warmup,
+                       use_bias_correction=job.prodigy_bias_correction)
+    if job.optimizer == "adafactor":
+        # a fixed learning rate and no parameter scaling: kohya's settings for LoRA and fine-tunes
+        from transformers.optimization import Adafactor
+
+        return Adafactor(param_groups, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=job.weight_decay)
     return torch.optim.AdamW(param_groups, weight_decay=job.weight_decay)
 
 

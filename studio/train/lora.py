@@ -173,7 +173,7 @@ class LoraMethod(TrainMethod):
             unet_lr=first_rate(job.learning_rate),
             text_encoder_lr=(job.text_encoder_lr if job.text_encoder_lr is not None
                              else first_rate(job.learning_rate)) if job.train_text_encoder else None,
-            lr_scheduler=job.lr_scheduler, optimizer=job.optimizer, seed=job.seed, trigger_phrase=trigger,
+            lr_scheduler=job.lr_scheduler, optimizer=job.optimizer_label(), seed=job.seed, trigger_phrase=trigger,
             tag_frequency=tag_frequency(self.captions, data_name),
             comment=f"trained with studio ({job.method}); run {ctx.run_path.name if ctx.run_path else ''}",
             extra={**self.bucket_metadata(),
