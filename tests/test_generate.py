@@ -189,7 +189,7 @@ def test_prompt_encoder_is_reused_until_the_model_or_the_embeddings_change(gener
     # another model (or the same one loaded again) starts with its own
     other = gen.manager.open("demo-tiny")
     gen.encode(prompt, other)
-    assert len(built) == 6 and other.prompt_encoders and model.prompt_encoders[1][3] is not other.prompt_encoders[1][3]
+    assert len(built) == 6 and other.prompt_encoders and model.prompt_encoders[1][-1] is not other.prompt_encoders[1][-1]
 
 
 def test_the_model_is_taken_under_the_lock(generator):
