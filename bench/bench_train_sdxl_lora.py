@@ -117,8 +117,10 @@ class PlainSDXLLoRA:
         self.amp = precision in ("fp16", "bf16")
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
         self.fp16 = precision == "fp16"
-        self.tokenizers = [AutoTokenizer.from_pretrained(folder, subfolder="tokenizer", use_fast=False),
-                           AutoTokenizer.from_pretrained(folder, subfolder="tokenizer_2", use_fast=False)]
+        self.tokenizers = [AutoTokenizer.from_pretrained(folder, subfolder="tokenizer", use_fast=False,
+                                                         trust_remote_code=False),
+                           AutoTokenizer.from_pretrained(folder, subfolder="tokenizer_2", use_fast=False,
+                                                         trust_remote_code=False)]
         self.noise_scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
         te1 = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=self.weight_dtype)
         te2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2",

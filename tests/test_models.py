@@ -2,7 +2,6 @@
 
 import pickle
 import socket
-
 import warnings
 
 import numpy as np

@@ -1,6 +1,7 @@
 """One batched denoising pass (StableDiffusionPipeline's loop, step for step) over items that share model,
 LoRAs, sampler, steps and size, each with its own conditioning, CFG scale and seed. Generate, the explorer and
-storyboards all denoise here; results do not depend on which items share a pass (docs/architecture.md)."""
+storyboards all denoise here; results do not depend on which items share a pass (docs/architecture.md).
+Image to image is the same loop started from an encoded init image (StableDiffusionImg2ImgPipeline's start)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,37 @@ def initial_latents(pipe, seeds: list[int], width: int, height: int) -> torch.Te
     return torch.stack(noise).to(pipe._execution_device, pipe.unet.dtype)
 
 
+@torch.no_grad()
+def encode_init(pipe, image: Image.Image) -> torch.Tensor:
+    """The init image's latents ([1, C, h, w], times the VAE's scaling factor): the mean of the VAE's posterior.
+
+    diffusers' img2img pipelines take a sample of the posterior from the seed's generator and then draw the noise
+    from that same generator, so their noise is not the noise text to image draws for the seed; A1111 adds the
+    seed's text-to-image noise. The mean keeps that noise (and makes strength 0 the plain VAE round trip); the
+    posterior's spread is about 1e-3 of the latents' in SD's VAEs."""
+    device = pipe._execution_device
+    pixels = pipe.image_processor.preprocess(image).to(device)
+    upcast = pipe.vae.dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False)
+    if upcast:
+        pipe.vae.to(dtype=torch.float32)
+    try:
+        latents = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.mode()
+    finally:
+        if upcast:
+            pipe.vae.to(dtype=torch.float16)
+    return (latents * pipe.vae.config.scaling_factor).to(device, pipe.unet.dtype)
+
+
+def img2img_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
+    """The timesteps an image-to-image pass runs (diffusers' get_timesteps): the last steps x strength of the
+    schedule, the sampler told where it starts."""
+    kept = min(int(steps * strength), steps)
+    start = max(steps - kept, 0)
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start * scheduler.order)
+    return scheduler.timesteps[start * scheduler.order :]
+
+
 def _first_row(module, args):
     # denoise() calls the UNet with one scalar timestep, so every row is the same; one row keeps the MLP
     # batch-invariant. (No torch.equal check here: on a GPU it would sync every step and stall the launch queue.)
@@ -118,6 +150,25 @@ def pass_noise_is_shared(sampler: str) -> bool:
     return samplers.SAMPLERS[sampler].seed_kwarg is not None
 
 
+def _noised_init(pipe, scheduler, init_latents: torch.Tensor, seeds: list[int], width: int, height: int,
+                 timesteps: torch.Tensor) -> torch.Tensor:
+    """The start of an image-to-image pass: the init latents noised to its first timestep with each seed's noise
+    (the init as it is when no timestep is kept)."""
+    device, dtype = pipe._execution_device, pipe.unet.dtype
+    init = init_latents.to(device, dtype)
+    if init.shape[0] == 1 and len(seeds) > 1:
+        init = init.expand(len(seeds), -1, -1, -1)
+    expected = (len(seeds), pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
+                width // pipe.vae_scale_factor)
+    if tuple(init.shape) != expected:
+        raise ValueError(f"init latents of shape {tuple(init.shape)} do not fit {width}x{height} images "
+                         f"(expected {expected})")
+    if len(timesteps) == 0:
+        return init.clone()
+    noise = initial_latents(pipe, seeds, width, height)
+    return scheduler.add_noise(init, noise, timesteps[:1].repeat(len(seeds)))
+
+
 def _guided(noise_pred: torch.Tensor, items: list[DenoiseItem], any_cfg: bool) -> torch.Tensor:
     if not any_cfg:
         return noise_pred
@@ -135,10 +186,16 @@ def _guided(noise_pred: torch.Tensor, items: list[DenoiseItem], any_cfg: bool) -
 @torch.no_grad()
 def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: int, width: int, height: int,
             on_step: StepFn | None = None, cancel: threading.Event | None = None,
-            control: Control | None = None) -> DenoiseResult:
+            control: Control | None = None, init_latents: torch.Tensor | None = None,
+            strength: float = 1.0) -> DenoiseResult:
     """Denoise `items` in one pass and decode them. On cancel it stops after the current step and returns the
     unfinished images with `interrupted` set. With `control`, a ControlNet's residuals are added to the UNet's
-    blocks at every step where it is active (the rest of the loop is unchanged)."""
+    blocks at every step where it is active (the rest of the loop is unchanged).
+
+    With `init_latents` (encode_init's, one row for every item or one per item), image to image: the last
+    steps x `strength` timesteps run from the init noised to the first of them with each seed's text-to-image
+    noise (StableDiffusionImg2ImgPipeline's start). Strength 1 starts from that noise alone, so it is text to
+    image; a strength that keeps no step returns the init through the VAE."""
     # 1. noise and sampler (a fresh scheduler per pass: stochastic samplers are seeded per pass)
     seeds = [item.seed for item in items]
     device = pipe._execution_device
@@ -146,7 +203,11 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
     pipe.scheduler = scheduler
     scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps
-    latents = initial_latents(pipe, seeds, width, height) * scheduler.init_noise_sigma
+    if init_latents is None or strength >= 1:
+        latents = initial_latents(pipe, seeds, width, height) * scheduler.init_noise_sigma
+    else:
+        timesteps = img2img_timesteps(scheduler, steps, strength)
+        latents = _noised_init(pipe, scheduler, init_latents, seeds, width, height, timesteps)
     step_kwargs = _step_kwargs(scheduler, seeds)
     # 2. conditioning: [uncond; cond] when any item is guided; rebuilt only at the steps where a prompt edit
     # or alternation switches it

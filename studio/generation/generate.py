@@ -1,4 +1,5 @@
-"""Text-to-image generation: a typed job, validated up front, run with progress and Stop, saved as PNGs."""
+"""Text-to-image and image-to-image generation: a typed job, validated up front, run with progress and Stop,
+saved as PNGs."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from studio.generation.conditioning import (
     encode_pair,
     encode_spans,
 )
-from studio.generation.denoise import DenoiseItem, denoise
+from studio.generation.denoise import DenoiseItem, denoise, encode_init
 from studio.generation.infotext import format_infotext, png_info
 from studio.generation.job import GenerateJob, resolve_seed
 from studio.generation.oom import generation_advice, run_with_advice
@@ -67,6 +68,11 @@ def build_infotext(job: GenerateJob, seed: int, model: LoadedModel, model_hash: 
         "Model hash": model_hash[:10],
         "Model": model.name,
     }
+    if model.vae_choice is not None:  # a VAE other than the checkpoint's own, as A1111 names it
+        params["VAE hash"] = model.vae_choice.hash[:10]
+        params["VAE"] = model.vae_choice.name
+    if job.is_img2img:
+        params["Denoising strength"] = job.denoising_strength
     if job.clip_skip > 1:
         params["Clip skip"] = job.clip_skip
     params["RNG"] = "CPU"  # the noise is drawn on the CPU generator; without the field A1111 assumes GPU
@@ -252,13 +258,15 @@ class Generator:
         job.validate(self.manager.cfg.limits)
         if self.manager.current is None:
             raise RuntimeError("no model is loaded; load one first")
+        # image to image: the init read (checked before decoding) and fitted to the size, before any model work
+        init = job.init_picture() if job.is_img2img else None
         # out of GPU memory: memory freed, a message with what to change (studio.oom), the studio keeps serving
-        return run_with_advice(lambda: self._run(job, outputs_dir, on_progress, cancel), "generation",
+        return run_with_advice(lambda: self._run(job, outputs_dir, on_progress, cancel, init), "generation",
                                lambda: generation_advice(job.batch_size, job.width, job.height,
                                                          self.manager.memory))
 
     def _run(self, job: GenerateJob, outputs_dir: Path | None, on_progress: ProgressFn | None,
-             cancel: threading.Event | None) -> GenerateResult:
+             cancel: threading.Event | None, init: Image.Image | None = None) -> GenerateResult:
         with self.manager.lock:
             # the model is taken under the lock, so a model switch cannot come between reading it and using it
             model = self.manager.current
@@ -268,27 +276,31 @@ class Generator:
             model_hash = self.manager.model_hash(model)
             cond, uncond, nets = self.encode(job, model)
             base_seed = resolve_seed(job.seed)
-            total = job.steps * job.batch_count
+            # the latents of the init (once: every image of the run starts from it), with the VAE now in the model
+            init_latents = encode_init(pipe, init) if init is not None else None
+            run_steps = job.denoise_steps()  # image to image runs steps x strength of them
+            total = run_steps * job.batch_count
             result = GenerateResult(notes=nets.notes)
             for batch in range(job.batch_count):
                 # 2. seeds and noise: image i of the whole run uses seed + i, as in A1111
                 seeds = [base_seed + batch * job.batch_size + i for i in range(job.batch_size)]
                 # 3. denoise in one pass (studio.generation.denoise, shared with the parameter explorer), reporting each step
                 # and stopping at the next step on cancel
-                done_before = batch * job.steps
+                done_before = batch * run_steps
 
                 def on_step(done, n_timesteps, done_before=done_before, batch=batch):
                     if on_progress:
-                        step = -(-done * job.steps // n_timesteps)  # 2nd-order samplers take more timesteps
+                        step = -(-done * run_steps // n_timesteps)  # 2nd-order samplers take more timesteps
                         on_progress(done_before + step, total,
-                                    f"batch {batch + 1}/{job.batch_count}, step {step}/{job.steps}")
+                                    f"batch {batch + 1}/{job.batch_count}, step {step}/{run_steps}")
 
                 items = [nets.item(cond, uncond, job.cfg_scale, seed) for seed in seeds]
                 note = speed.compile_note(pipe.unet, (len(items), job.width, job.height, False))
                 if note and on_progress:
                     on_progress(done_before, total, note)
                 out = denoise(pipe, items, job.sampler, job.schedule, job.steps, job.width, job.height,
-                              on_step=on_step, cancel=cancel)
+                              on_step=on_step, cancel=cancel, init_latents=init_latents,
+                              strength=job.denoising_strength)
                 images, interrupted = out.images, out.interrupted
                 # 4. save (a stopped pass is shown but not saved: it is unfinished)
                 for image, seed in zip(images, seeds, strict=True):

@@ -1,6 +1,10 @@
-"""Pasting an A1111 infotext: its `Lora hashes` field read back, and `<lora:...>` tags pointed at local files by hash."""
+"""Pasting an A1111 infotext: its `Lora hashes` field read back, `<lora:...>` tags pointed at local files by hash,
+and the image-to-image and VAE fields (`Denoising strength`, `VAE`) turned into settings."""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Mapping
 
 from studio.files.networks import NetworkLibrary, UnknownNetworkError
 
@@ -41,3 +45,29 @@ def restore_lora_names(prompt: str, lora_hashes: str, library: NetworkLibrary) -
         prompt = prompt.replace(tag.text, tag.text.replace(f":{tag.name}", f":{local.name}", 1), 1)
         notes.append(f"LoRA {tag.name} found by its hash as {local.name}")
     return prompt, notes
+
+
+def denoising_strength(extra: Mapping[str, str]) -> float | None:
+    """A pasted infotext's `Denoising strength` (A1111 writes it for image to image) as a number in 0..1; None when
+    the field is absent or not such a number."""
+    raw = str(extra.get("Denoising strength", "")).strip()
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and 0 <= value <= 1 else None
+
+
+def vae_choice(extra: Mapping[str, str], choices: list[str]) -> tuple[str | None, str | None]:
+    """(the VAE menu choice a pasted `VAE:` field names, a note for the user): the choice when it is in `choices`,
+    else None and a note saying the VAE is missing here. (None, None) when the infotext names no VAE."""
+    name = str(extra.get("VAE", "")).strip()
+    if not name:
+        return None, None
+    if name in choices:
+        return name, None
+    by_stem = [c for c in choices if c.rsplit(".", 1)[0] == name.rsplit(".", 1)[0]]
+    if by_stem:
+        return by_stem[0], None
+    digest = str(extra.get("VAE hash", "")).strip()
+    return None, f"VAE {name}{f' (hash {digest})' if digest else ''} is not in vae/; the current VAE is kept"

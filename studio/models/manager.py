@@ -1,7 +1,8 @@
-"""The one owner of loaded models: resolve a source, load it offline, place it on a device, offload.
+"""The one owner of loaded models: resolve a source, load it offline, place it on a device, offload, swap the VAE.
 
 Sources: `demo-tiny`, `demo-tiny-xl`, `micro` (shipped in assets/micro), a diffusers folder, a single SD 1.x /
 SD 2.x / SDXL checkpoint in the original layout (configs from assets/, tokenizers from open_clip's BPE file), or a hub id.
+VAEs: single files and diffusers folders in vae/, or a NAME.vae.safetensors beside checkpoint NAME (A1111's rules).
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ from studio.models.tokenizer import family_tokenizers
 CONFIG_METADATA_KEY = "studio.diffusers_config"  # as studio.files.convert writes it
 
 DEFAULT_DOWNLOAD = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# the VAE menu's fixed choices (A1111's): a NAME.vae.safetensors beside the checkpoint, else its own; its own
+VAE_AUTOMATIC, VAE_NONE = "Automatic", "None"
+VAE_SIDECAR = ".vae.safetensors"
+# the VAE groups that share latents: SD 1.x and 2.x use one VAE (scaling 0.18215), SDXL its own (0.13025)
+VAE_GROUPS = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl"}
+VAE_GROUP_LABELS = {"sd": "SD 1.x/2.x", "sdxl": "SDXL"}
+VAE_SCALING = {0.18215: "sd", 0.13025: "sdxl"}
 
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -62,6 +70,15 @@ PIPELINE_KWARGS = {
 }
 
 
+@dataclass(frozen=True)
+class VaeChoice:
+    """A VAE in use instead of the checkpoint's own: its name as infotext writes it (`VAE:`) and its file."""
+
+    name: str
+    path: Path
+    hash: str  # SHA-256 of the file (A1111's `VAE hash` is the first 10 hex digits)
+
+
 @dataclass
 class LoadedModel:
     name: str  # what the UI and infotext call it
@@ -75,6 +92,8 @@ class LoadedModel:
     # clip skip -> (tokenizer, text encoder, embeddings, PromptEncoder): studio.generation.generate.Generator.prompt_encoder's
     # cache, kept with the model so that it goes when the model goes
     prompt_encoders: dict = field(default_factory=dict, repr=False, compare=False)
+    vae_choice: VaeChoice | None = None  # the VAE swapped in (ModelManager.set_vae); None: the checkpoint's own
+    own_vae: object | None = field(default=None, repr=False, compare=False)  # the checkpoint's VAE while swapped out
 
     def loras(self) -> LoraSlot:
         if self.lora_slot is None:
@@ -137,6 +156,8 @@ class ModelManager:
         self.memory = {"attention_slicing": cfg.attention_slicing, "vae_tiling": cfg.vae_tiling,
                        "cpu_offload": cfg.cpu_offload, "compile": speed.check_compile_mode(cfg.compile)}
         self.lock = threading.RLock()
+        self.vae_setting = VAE_AUTOMATIC  # the VAE menu's choice, applied to every model loaded
+        self.vae_note = ""  # why the choice did not apply to the last model loaded ("" when it did)
 
     # 1. what can be loaded
 
@@ -216,6 +237,11 @@ class ModelManager:
             self._place(model.pipe)
             model.pipe.set_progress_bar_config(disable=True)
             self.current = model
+            self.vae_note = ""
+            try:  # the VAE menu's choice carries over to the new model, as in A1111
+                self._apply_vae(model, self.vae_setting)
+            except ModelLoadError as e:
+                self.vae_note = f"{e}; {model.name} uses its own VAE"
             if on_progress:
                 on_progress(1, 1, f"loaded {model.name}")
             return model
@@ -247,6 +273,12 @@ class ModelManager:
 
     def _load_single_file(self, path: Path, spec: str) -> LoadedModel:
         shapes, meta = read_checkpoint_keys(path)
+        if _is_vae(shapes):
+            where = (f"it is used with checkpoint {path.name[:-len(VAE_SIDECAR)]} when the VAE menu is Automatic"
+                     if path.name.lower().endswith(VAE_SIDECAR) else
+                     "choose it in the VAE menu (or name it <checkpoint>.vae.safetensors beside its checkpoint)")
+            raise ModelLoadError(f"{path.name} is a VAE, not a checkpoint: put it in {self.cfg.vae_dir.name}/ and "
+                                 f"{where}")
         family = detect_family(shapes, path.name)
         pred = prediction_hint(path, meta, shapes)
         zero_snr = family == "sdxl" and zero_snr_hint(path, meta, shapes)
@@ -365,7 +397,133 @@ class ModelManager:
                     self._place(self.current.pipe)
             return "memory options applied" + note
 
-    # 4. identity
+    # 4. the VAE
+
+    def vae_choices(self) -> list[str]:
+        """The VAE menu: Automatic, None, then every .safetensors file and diffusers VAE folder in vae/."""
+        return [VAE_AUTOMATIC, VAE_NONE, *list_vaes(self.cfg.vae_dir)]
+
+    def set_vae(self, name: str) -> str:
+        """Use VAE `name` (a choice of vae_choices) with the current model and every model loaded after; "None" and
+        an Automatic with no sidecar file put the checkpoint's own VAE back. A VAE of another family, or whose
+        weights do not fit the model's VAE, is refused naming both. Returns what is now in use."""
+        name = (name or VAE_AUTOMATIC).strip()
+        with self.lock:
+            if self.current is None:
+                raise ModelLoadError("no model is loaded; load one first")
+            self._apply_vae(self.current, name)
+            self.vae_setting = name
+            self.vae_note = ""
+            choice = self.current.vae_choice
+            return f"VAE: {choice.name}" if choice else f"VAE: {self.current.name}'s own"
+
+    def _apply_vae(self, model: LoadedModel, name: str) -> None:
+        """Swap `model`'s VAE for `name`'s (resolved, checked and loaded first: a refused one changes nothing)."""
+        path = self._vae_path(model, name)
+        if path is None:
+            self._swap_vae(model, None, None)
+            return
+        if model.vae_choice is not None and model.vae_choice.path == path:
+            return
+        own = model.own_vae if model.own_vae is not None else model.pipe.vae
+        vae = self._load_vae(path, model, own)
+        digest = sha256_folder(path, self.cfg.cache_dir / "hashes.json") if path.is_dir() else sha256_file(
+            path, self.cfg.cache_dir / "hashes.json")
+        self._swap_vae(model, vae, VaeChoice(path.name, path, digest))
+
+    def _vae_path(self, model: LoadedModel, name: str) -> Path | None:
+        """The VAE file or folder a menu choice means for `model` (None: the checkpoint's own)."""
+        if name == VAE_NONE:
+            return None
+        if name == VAE_AUTOMATIC:
+            if model.path is None:
+                return None
+            sidecar = model.path.parent / f"{model.path.stem if model.path.is_file() else model.path.name}{VAE_SIDECAR}"
+            return sidecar if sidecar.is_file() else None
+        try:
+            path = safe_child(self.cfg.vae_dir, name)
+        except ValueError as e:
+            raise ModelLoadError(f"VAE {name!r}: {e}") from None
+        if not path.exists():
+            known = ", ".join(list_vaes(self.cfg.vae_dir)) or "none"
+            raise ModelLoadError(f"there is no VAE {name!r} in {self.cfg.vae_dir.name}/ (found: {known}); choose "
+                                 f"{VAE_AUTOMATIC}, {VAE_NONE} or one of those")
+        return path
+
+    def _load_vae(self, path: Path, model: LoadedModel, own):
+        """An AutoencoderKL from a vae/ file or folder, checked against `model`'s family and its own VAE `own`."""
+        from diffusers import AutoencoderKL
+
+        group = VAE_GROUPS[model.family]
+        if path.is_dir():
+            config = _read_json(path / "config.json", path.name)
+            found = VAE_SCALING.get(config.get("scaling_factor"))
+            _check_vae_group(path.name, found, group, model)
+            _check_vae_config(path.name, config, dict(own.config))
+            try:
+                vae = AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=own.dtype)
+            except Exception as e:
+                raise ModelLoadError(f"could not load the VAE folder {path.name}: {type(e).__name__}: {e}") from e
+        else:
+            if path.suffix.lower() != ".safetensors":
+                raise ModelLoadError(f"VAE {path.name}: only .safetensors VAE files are read; convert it first")
+            shapes, meta = read_checkpoint_keys(path)
+            if not _is_vae(shapes):
+                what = "a checkpoint: put it in models/" if _has_unet(shapes) else "not a VAE (no encoder.*/decoder.*)"
+                raise ModelLoadError(f"{path.name} in {self.cfg.vae_dir.name}/ is {what}")
+            _check_vae_group(path.name, _vae_group_of_file(path.name, meta), group, model)
+            _check_vae_shapes(path.name, shapes, own)
+            with tempfile.TemporaryDirectory(prefix="studio-vae-") as tmp:
+                config_dir = self._vae_config_dir(model, own, Path(tmp))
+                try:
+                    vae = AutoencoderKL.from_single_file(str(path), config=str(config_dir), local_files_only=True,
+                                                         torch_dtype=own.dtype)
+                except Exception as e:
+                    raise ModelLoadError(f"could not load the VAE {path.name}: {type(e).__name__}: {e}") from e
+        return vae
+
+    def _vae_config_dir(self, model: LoadedModel, own, tmp: Path) -> Path:
+        """The config a single-file VAE is built with: the bundled one of the model's family (assets/configs/<family>/
+        vae) when the model's VAE has its shape, else the model's own VAE config (demo-tiny, custom models)."""
+        family_dir = self._config_dir_for(model.family, model.prediction_type, {}, tmp) / "vae"
+        own_config = dict(own.config)
+        if (family_dir / "config.json").is_file():
+            bundled = _read_json(family_dir / "config.json", str(family_dir))
+            if all(bundled.get(k) == _listed(own_config.get(k)) for k in _VAE_SHAPE_KEYS):
+                return family_dir
+        (tmp / "config.json").write_text(json.dumps(_jsonable_config(own_config)), encoding="utf-8")
+        return tmp
+
+    def _swap_vae(self, model: LoadedModel, vae, choice: VaeChoice | None) -> None:
+        """Put `vae` (None: the checkpoint's own, kept since the first swap) into the model's pipe and place it."""
+        pipe = model.pipe
+        if vae is None:
+            if model.own_vae is None:
+                return
+            vae, model.own_vae = model.own_vae, None
+        elif model.own_vae is None:
+            model.own_vae = pipe.vae
+        pipe.register_modules(vae=vae)
+        model.vae_choice = choice
+        if self.current is model:
+            self._place_vae(pipe)
+
+    def _place_vae(self, pipe) -> None:
+        """A swapped-in VAE on the model's device, dtype and memory options (offload hooks set again)."""
+        if self.memory["cpu_offload"] and self.device.type == "cuda":
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            pipe.vae.to(self.device)
+            if pipe.vae.dtype != pipe.unet.dtype and not getattr(pipe.vae.config, "force_upcast", False):
+                pipe.vae.to(dtype=pipe.unet.dtype)
+        if pipe.vae.dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False):
+            pipe.vae.float()
+        if self.memory["vae_tiling"]:
+            pipe.vae.enable_tiling()
+        else:
+            pipe.vae.disable_tiling()
+
+    # 5. identity
 
     def model_hash(self, model: LoadedModel | None = None) -> str:
         """Full SHA-256 of the checkpoint (A1111 shows the first 10 hex digits as 'Model hash')."""
@@ -381,6 +539,115 @@ class ModelManager:
             else:
                 model.hash_ = weights_hash(model.pipe.unet)
         return model.hash_
+
+
+def list_vaes(vae_dir: Path) -> list[str]:
+    """The VAEs in vae/: .safetensors files and diffusers VAE folders (a config.json of an AutoencoderKL), by their
+    path in the folder (posix separators), as the VAE menu and infotext's `VAE:` name them."""
+    vae_dir = Path(vae_dir)
+    if not vae_dir.is_dir():
+        return []
+    root, names, folders = vae_dir.resolve(), [], []
+    for path in sorted(vae_dir.rglob("*")):
+        rel = path.relative_to(vae_dir)
+        if any(part.startswith(".") for part in rel.parts) or root not in path.resolve().parents:
+            continue
+        if any(f in path.parents for f in folders):
+            continue  # the weights inside a diffusers folder
+        if path.is_dir() and (path / "config.json").is_file():
+            folders.append(path)
+            names.append(rel.as_posix())
+        elif path.is_file() and path.suffix.lower() == ".safetensors":
+            names.append(rel.as_posix())
+    return names
+
+
+_VAE_SHAPE_KEYS = ("block_out_channels", "layers_per_block", "latent_channels", "in_channels", "out_channels",
+                   "norm_num_groups", "down_block_types", "up_block_types")
+
+
+def _listed(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _jsonable_config(config: dict) -> dict:
+    return {k: _listed(v) for k, v in config.items() if isinstance(v, (str, int, float, bool, list, tuple))
+            or v is None}
+
+
+def _strip_vae_prefix(key: str) -> str:
+    return key.removeprefix("first_stage_model.")
+
+
+def _is_vae(shapes: dict) -> bool:
+    """Original-layout VAE weights only (encoder.* and decoder.*, maybe under first_stage_model.)."""
+    keys = [_strip_vae_prefix(k) for k in shapes]
+    return not _has_unet(shapes) and any(k.startswith(("encoder.", "decoder.")) for k in keys)
+
+
+def _has_unet(shapes: dict) -> bool:
+    return any(k.startswith("model.diffusion_model.") for k in shapes)
+
+
+def _vae_group_of_file(name: str, meta: dict) -> str | None:
+    """A single-file VAE's family from its metadata (ModelSpec's architecture, a diffusers config) or its name
+    ("sdxl_vae.safetensors"); None when neither tells (its weights look the same for both families)."""
+    arch = str(meta.get("modelspec.architecture", "")).lower()
+    if arch:
+        return "sdxl" if "xl" in arch else "sd"
+    try:
+        config = json.loads(meta.get(CONFIG_METADATA_KEY, "{}"))
+        scaling = (config.get("vae", config) or {}).get("scaling_factor")
+    except (ValueError, AttributeError):
+        scaling = None
+    if scaling in VAE_SCALING:
+        return VAE_SCALING[scaling]
+    words = re.split(r"[^a-z0-9]+", Path(name).name.lower())
+    return "sdxl" if any(w in ("xl", "sdxl") or w.startswith("sdxl") for w in words) else None
+
+
+def _check_vae_group(name: str, found: str | None, group: str, model: LoadedModel) -> None:
+    if found is not None and found != group:
+        raise ModelLoadError(f"VAE {name} is made for {VAE_GROUP_LABELS[found]} models; the loaded model "
+                             f"{model.name} is {model.family_info.label}: choose a VAE made for "
+                             f"{VAE_GROUP_LABELS[group]}")
+
+
+def _check_vae_config(name: str, config: dict, own: dict) -> None:
+    for key in _VAE_SHAPE_KEYS:
+        if _listed(config.get(key)) != _listed(own.get(key)):
+            raise ModelLoadError(f"VAE {name} does not fit this model's VAE: its {key} is {config.get(key)}, the "
+                                 f"model's is {_listed(own.get(key))}")
+
+
+def _check_vae_shapes(name: str, shapes: dict, own) -> None:
+    """Refuse a VAE file whose weights do not have the shapes of the model's VAE (before diffusers builds it)."""
+    from studio.files.convert import vae_to_original
+
+    expected = {k: tuple(v.shape) for k, v in vae_to_original(own.state_dict(), dict(own.config)).items()}
+    got = {_strip_vae_prefix(k): v for k, v in shapes.items()}
+    channels = got.get("encoder.conv_out.weight", (0,))[0] // 2
+    want = int(own.config.latent_channels)
+    if channels and channels != want:
+        raise ModelLoadError(f"VAE {name} has {channels} latent channels (an SD3 or Flux VAE?); this model's VAE has "
+                             f"{want}")
+    for key, shape in expected.items():
+        if key not in got:
+            raise ModelLoadError(f"VAE {name} lacks weight {key}; it does not fit this model's VAE")
+        squeeze = [d for d in got[key] if d != 1] == [d for d in shape if d != 1]
+        if got[key] != shape and not squeeze:
+            raise ModelLoadError(f"VAE {name} does not fit this model's VAE: {key} is {got[key]} in the file, "
+                                 f"{shape} in the model")
+
+
+def _read_json(path: Path, name: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{name}: {Path(path).name} is not readable JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{name}: {Path(path).name} does not hold a config")
+    return data
 
 
 def weights_hash(module: torch.nn.Module) -> str:

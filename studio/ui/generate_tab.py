@@ -1,4 +1,5 @@
-"""The Generate tab: prompt and A1111 parameters -> gallery, with progress, Stop, PNG info and presets."""
+"""The Generate tab: prompt and A1111 parameters -> gallery, with progress, Stop, image to image, the VAE menu,
+PNG info and presets."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import gradio as gr
 from studio.generation import samplers
 from studio.generation.expand import DEFAULT_EXPANDER, ExpandError, ExpandJob
 from studio.generation.infotext import parse_infotext, read_image_infotext, rng_note, to_fields
-from studio.generation.job import GenerateJob
-from studio.generation.paste import restore_lora_names
+from studio.generation.job import RESIZE_MODES, GenerateJob, load_init_image
+from studio.generation.paste import denoising_strength, restore_lora_names, vae_choice
 from studio.generation.presets import PresetExistsError, apply_preset, list_presets, save_preset
+from studio.models.checkpoints import ModelLoadError
 from studio.ui import networks_panel
 from studio.ui.state import AppState
 
@@ -21,12 +23,14 @@ DEMO_BANNER = (
 
 
 def job_from_inputs(prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height, batch_size,
-                    batch_count, clip_skip=1) -> GenerateJob:
+                    batch_count, clip_skip=1, init_image=None, denoising_strength=0.75,
+                    resize_mode="Just resize") -> GenerateJob:
     """The job exactly as the widgets (or the API) sent it: GenerateJob.validate refuses what is not a valid value
-    (2.7 steps, a bool, None) instead of rounding it here."""
+    (2.7 steps, a bool, None) instead of rounding it here. An init image (a file path) makes it image to image."""
     return GenerateJob(prompt=prompt, negative_prompt=negative, sampler=sampler, schedule=schedule, steps=steps,
                        cfg_scale=cfg_scale, seed=seed, width=width, height=height, batch_size=batch_size,
-                       batch_count=batch_count, clip_skip=clip_skip)
+                       batch_count=batch_count, clip_skip=clip_skip, init_image=init_image or None,
+                       denoising_strength=denoising_strength, resize_mode=resize_mode)
 
 
 def build(state: AppState, model_dropdown: gr.Dropdown):
@@ -43,6 +47,9 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
             with gr.Row():
                 sampler = gr.Dropdown(list(samplers.SAMPLERS), value="DPM++ 2M", label="Sampler")
                 schedule = gr.Dropdown(samplers.SCHEDULE_TYPES, value="Karras", label="Schedule type")
+                vae = gr.Dropdown(state.manager.vae_choices(), value=state.manager.vae_setting, label="VAE",
+                                  elem_id="vae", info="Automatic: NAME.vae.safetensors beside the model, else its own")
+                vae_refresh = gr.Button("↻", scale=0, min_width=40, elem_id="vae-refresh")
             steps = gr.Slider(1, 150, value=20, step=1, label="Sampling steps", elem_id="steps")
             with gr.Row():
                 size = state.manager.current.native_size if state.manager.current else 512
@@ -59,6 +66,15 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
                 seed = gr.Number(value=-1, label="Seed (-1 = random)", elem_id="seed")
                 random_btn = gr.Button("Random", scale=0, min_width=70)
                 reuse_btn = gr.Button("Reuse", scale=0, min_width=70)
+            with gr.Accordion("Image to image", open=False, elem_id="img2img"):
+                # a file, not gr.Image: gr.Image decodes an upload before any check (see PNG info below)
+                init_in = gr.File(label="Init image (PNG, JPEG, WebP): start from it instead of noise",
+                                  file_types=["image"], elem_id="init-image", height=90)
+                init_preview = gr.Image(label="Init image", interactive=False, height=200, elem_id="init-preview")
+                strength = gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength (0 keeps the image, "
+                                     "1 redraws it all)", elem_id="denoising-strength")
+                resize_mode = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], label="Resize mode",
+                                       elem_id="resize-mode")
             with gr.Accordion("Presets", open=False):
                 presets = list_presets(state.cfg.presets_dir)
                 preset = gr.Dropdown(list(presets), value=None, label="Preset", elem_id="preset")
@@ -93,12 +109,16 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
             infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False, elem_id="infotext")
 
     params = [prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height, batch_size, batch_count,
-              clip_skip]
+              clip_skip, init_in, strength, resize_mode]
 
-    def run(request: gr.Request, *values, progress=gr.Progress()):
-        # `request` first: Gradio passes it only to parameters before *values (it names the session)
+    def run(request: gr.Request, prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height,
+            batch_size, batch_count, clip_skip, init_image=None, denoising_strength=0.75, resize_mode="Just resize",
+            progress=gr.Progress()):
+        # `request` first (it names the session); the image-to-image inputs have defaults, so API callers that send
+        # the twelve text-to-image values still work
         try:
-            job = job_from_inputs(*values)
+            job = job_from_inputs(prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height,
+                                  batch_size, batch_count, clip_skip, init_image, denoising_strength, resize_mode)
             job.validate(state.cfg.limits)
         except ValueError as e:
             raise gr.Error(str(e)) from e
@@ -135,6 +155,31 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
     stop_btn.click(stop, None, None, concurrency_limit=None, api_name="stop")
 
     random_btn.click(lambda: -1, None, seed, api_visibility="private")
+
+    # image to image: the upload checked before decoding, shown as it was accepted
+    def show_init(path):
+        if not path:
+            return None
+        try:
+            return load_init_image(path)
+        except ValueError as e:
+            gr.Warning(str(e))
+            return None
+
+    init_in.change(show_init, init_in, init_preview, api_visibility="private")
+
+    # the VAE menu: the manager swaps it (and keeps it for the models loaded after)
+    def pick_vae(name):
+        try:
+            gr.Info(state.manager.set_vae(name))
+        except (ModelLoadError, ValueError) as e:
+            gr.Warning(str(e))
+            return gr.update(value=state.manager.vae_setting)
+        return gr.update()
+
+    vae.input(pick_vae, vae, vae, concurrency_id="gpu", concurrency_limit=1, api_name="set_vae")
+    vae_refresh.click(lambda: gr.update(choices=state.manager.vae_choices(), value=state.manager.vae_setting),
+                      None, vae, api_visibility="private")
 
     def reuse(text):
         try:
@@ -191,15 +236,15 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
     # PNG info
     def read_png(path):
         if not path:
-            return (gr.update(),) * 10 + ("", None)
+            return (gr.update(),) * 11 + ("", None)
         try:
             text = read_image_infotext(path)  # header checked before anything is decoded
         except (ValueError, OSError) as e:
             gr.Warning(str(e))
-            return (gr.update(),) * 10 + (f"(refused: {e})", None)
+            return (gr.update(),) * 11 + (f"(refused: {e})", None)
         if not text:
             gr.Warning("this image carries no generation parameters")
-            return (gr.update(),) * 10 + ("(no parameters in this image)", path)
+            return (gr.update(),) * 11 + ("(no parameters in this image)", path)
         try:
             f = to_fields(parse_infotext(text))
         except ValueError as e:
@@ -218,13 +263,20 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
         if rng:
             gr.Info(rng)
         skip = f["extra"].get("Clip skip", "1")
+        pasted_strength = denoising_strength(f["extra"])  # an image-to-image infotext
+        vae_name, vae_missing = vae_choice(f["extra"], state.manager.vae_choices())
+        if vae_missing:
+            gr.Info(vae_missing)
+        elif vae_name and vae_name != state.manager.vae_setting:
+            gr.Info(f"this image was made with VAE {vae_name}: choose it in the VAE menu for the same colours")
         return (restored, f.get("negative_prompt", ""), sampler_value, schedule_value,
                 f.get("steps", gr.update()), f.get("cfg_scale", gr.update()), f.get("seed", gr.update()),
                 f.get("width", gr.update()), f.get("height", gr.update()),
-                int(skip) if skip.isdigit() else gr.update(), text, path)
+                int(skip) if skip.isdigit() else gr.update(),
+                pasted_strength if pasted_strength is not None else gr.update(), text, path)
 
     png_in.change(read_png, png_in, [prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height,
-                                     clip_skip, png_text, png_preview], api_visibility="private")
+                                     clip_skip, strength, png_text, png_preview], api_visibility="private")
 
-    return {"width": width, "height": height, "gallery": gallery, "networks_refresh": networks_refresh,
+    return {"width": width, "height": height, "gallery": gallery, "vae": vae, "networks_refresh": networks_refresh,
             "networks_outputs": networks_outputs, "png_info": png_in}
