@@ -139,6 +139,8 @@ class StudioConfig:
     controlnet_dir: Path = ROOT / "controlnet"
     # VAEs (single .safetensors files or diffusers folders), chosen in Generate's VAE menu
     vae_dir: Path = ROOT / "vae"
+    # upscaler model files (ESRGAN / Real-ESRGAN / SwinIR / ... .pth or .safetensors), read with spandrel
+    upscalers_dir: Path = ROOT / "upscalers"
     # shipped data: model configs for offline single-file loading, templates
     assets_dir: Path = ROOT / "assets"
     # files we derive once and reuse (the CLIP tokenizer built from open_clip's BPE file)
@@ -198,13 +200,14 @@ class StudioConfig:
             storyboards_dir=home / "storyboards",
             controlnet_dir=home / "controlnet",
             vae_dir=home / "vae",
+            upscalers_dir=home / "upscalers",
             cache_dir=home / ".cache",
         )
 
     def ensure_dirs(self) -> None:
         for d in (self.models_dir, self.loras_dir, self.embeddings_dir, self.outputs_dir,
                   self.presets_dir, self.datasets_dir, self.runs_dir, self.cache_dir, self.storyboards_dir,
-                  self.controlnet_dir, self.vae_dir):
+                  self.controlnet_dir, self.vae_dir, self.upscalers_dir):
             d.mkdir(parents=True, exist_ok=True)
 
 

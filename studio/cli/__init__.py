@@ -16,13 +16,14 @@ from studio.cli import (
     info,
     models,
     networks,
+    preprocess,
     storyboard,
     survey,
     train,
 )
 
 # in the order `--help` lists them
-COMMANDS = (generate, grid, info, convert, models, networks, curate, train, evaluate, experiment, survey, storyboard)
+COMMANDS = (generate, grid, info, preprocess, convert, models, networks, curate, train, evaluate, experiment, survey, storyboard)
 
 
 def build_parser() -> argparse.ArgumentParser:

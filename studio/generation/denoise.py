@@ -1,7 +1,9 @@
 """One batched denoising pass (StableDiffusionPipeline's loop, step for step) over items that share model,
 LoRAs, sampler, steps and size, each with its own conditioning, CFG scale and seed. Generate, the explorer and
 storyboards all denoise here; results do not depend on which items share a pass (docs/architecture.md).
-Image to image is the same loop started from an encoded init image (StableDiffusionImg2ImgPipeline's start)."""
+Image to image is the same loop started from an encoded init image (StableDiffusionImg2ImgPipeline's start);
+inpainting adds a mask (StableDiffusionInpaintPipeline's: latents blended with the noised init outside it at every
+step, or the mask and masked picture handed to a 9-channel inpainting UNet)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -62,16 +65,85 @@ class Control:
 
 
 @dataclass
+class Inpaint:
+    """What inpainting adds to a pass. `mask` ([1, 1, h, w] at latent size, 1 = redraw) keeps the init's latents
+    outside it at every step; `conditioning` ([1, 5, h, w]: mask and masked picture's latents) is what a 9-channel
+    inpainting UNet reads beside the latents (then nothing is blended, as in diffusers); `content` is A1111's
+    "Masked content" for the init's latents under the mask ("latent noise": the seed's noise, "latent nothing":
+    zeros; otherwise as encoded)."""
+
+    mask: torch.Tensor | None = None
+    conditioning: torch.Tensor | None = None
+    content: str = "original"
+
+    @property
+    def blends(self) -> bool:
+        return self.mask is not None and self.conditioning is None
+
+
+@dataclass
 class DenoiseResult:
     images: list[Image.Image]
     interrupted: bool  # stopped before the last step: the images are unfinished
+    latents: torch.Tensor | None = None  # the final latents (what was decoded; hires fix upscales them)
 
 
 def initial_latents(pipe, seeds: list[int], width: int, height: int) -> torch.Tensor:
     """One latent per seed, drawn on the CPU so a seed gives the same image on any device."""
-    shape = (pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    shape = (latent_channels(pipe), height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s)) for s in seeds]
     return torch.stack(noise).to(pipe._execution_device, pipe.unet.dtype)
+
+
+def latent_channels(pipe) -> int:
+    """The latents' channels: the UNet's output (an inpainting UNet takes 9 in, mask and masked picture included)."""
+    return int(pipe.unet.config.out_channels)
+
+
+def is_inpainting_unet(unet) -> bool:
+    """A 9-channel inpainting UNet (sd-v1-5-inpainting, SDXL inpainting): latents, mask and masked picture in."""
+    return int(unet.config.in_channels) == int(unet.config.out_channels) + 5
+
+
+@torch.no_grad()
+def inpaint_conditioning(pipe, picture: Image.Image | None, mask: Image.Image | None, width: int,
+                         height: int) -> torch.Tensor:
+    """What a 9-channel UNet reads beside the latents ([1, 5, h, w]): the mask made binary and scaled to latent size
+    (nearest, as diffusers), then the latents of the picture with the masked pixels set to grey. Without a picture
+    (text to image on an inpainting model) the whole frame is masked and the picture is all grey, as A1111 does."""
+    device = pipe._execution_device
+    if picture is None:
+        pixels = torch.zeros(1, 3, height, width)
+        binary = torch.ones(1, 1, height, width)
+    else:
+        pixels = pipe.image_processor.preprocess(picture)
+        binary = (torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)[None, None] >= 0.5)
+        binary = binary.to(pixels.dtype)
+        pixels = pixels * (binary < 0.5)
+    latents = _encode_pixels(pipe, pixels.to(device))
+    small = torch.nn.functional.interpolate(binary, size=latents.shape[-2:]).to(device, latents.dtype)
+    return torch.cat([small, latents], dim=1)
+
+
+def latent_mask(mask: Image.Image, width: int, height: int, scale: int) -> torch.Tensor:
+    """The pixel mask at latent size ([1, 1, h, w], 0 or 1): scaled down and rounded, as A1111 blends latents."""
+    small = mask.convert("L").resize((width // scale, height // scale), Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.around(np.asarray(small, dtype=np.float32) / 255.0))[None, None]
+
+
+def _encode_pixels(pipe, pixels: torch.Tensor) -> torch.Tensor:
+    """The VAE posterior's mean of [-1, 1] pixels, times the scaling factor, on the UNet's device and dtype (an
+    fp16 VAE that asks for it encodes in fp32)."""
+    device = pipe._execution_device
+    upcast = pipe.vae.dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False)
+    if upcast:
+        pipe.vae.to(dtype=torch.float32)
+    try:
+        latents = pipe.vae.encode(pixels.to(device, pipe.vae.dtype)).latent_dist.mode()
+    finally:
+        if upcast:
+            pipe.vae.to(dtype=torch.float16)
+    return (latents * pipe.vae.config.scaling_factor).to(device, pipe.unet.dtype)
 
 
 @torch.no_grad()
@@ -82,17 +154,7 @@ def encode_init(pipe, image: Image.Image) -> torch.Tensor:
     from that same generator, so their noise is not the noise text to image draws for the seed; A1111 adds the
     seed's text-to-image noise. The mean keeps that noise (and makes strength 0 the plain VAE round trip); the
     posterior's spread is about 1e-3 of the latents' in SD's VAEs."""
-    device = pipe._execution_device
-    pixels = pipe.image_processor.preprocess(image).to(device)
-    upcast = pipe.vae.dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False)
-    if upcast:
-        pipe.vae.to(dtype=torch.float32)
-    try:
-        latents = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.mode()
-    finally:
-        if upcast:
-            pipe.vae.to(dtype=torch.float16)
-    return (latents * pipe.vae.config.scaling_factor).to(device, pipe.unet.dtype)
+    return _encode_pixels(pipe, pipe.image_processor.preprocess(image))
 
 
 def img2img_timesteps(scheduler, steps: int, strength: float) -> torch.Tensor:
@@ -150,23 +212,27 @@ def pass_noise_is_shared(sampler: str) -> bool:
     return samplers.SAMPLERS[sampler].seed_kwarg is not None
 
 
-def _noised_init(pipe, scheduler, init_latents: torch.Tensor, seeds: list[int], width: int, height: int,
-                 timesteps: torch.Tensor) -> torch.Tensor:
+def _init_rows(pipe, init_latents: torch.Tensor, noise: torch.Tensor, width: int, height: int,
+               inpaint: Inpaint | None) -> torch.Tensor:
+    """The init latents, one row per item, with A1111's latent masked content put under the mask."""
+    init = init_latents.to(noise.device, noise.dtype)
+    if init.shape[0] == 1 and noise.shape[0] > 1:
+        init = init.expand(noise.shape[0], -1, -1, -1)
+    if tuple(init.shape) != tuple(noise.shape):
+        raise ValueError(f"init latents of shape {tuple(init.shape)} do not fit {width}x{height} images "
+                         f"(expected {tuple(noise.shape)})")
+    if inpaint is not None and inpaint.mask is not None and inpaint.content in ("latent noise", "latent nothing"):
+        mask = inpaint.mask.to(init.device, init.dtype)
+        init = init * (1 - mask) + (noise * mask if inpaint.content == "latent noise" else 0)
+    return init
+
+
+def _noised_init(scheduler, init: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     """The start of an image-to-image pass: the init latents noised to its first timestep with each seed's noise
     (the init as it is when no timestep is kept)."""
-    device, dtype = pipe._execution_device, pipe.unet.dtype
-    init = init_latents.to(device, dtype)
-    if init.shape[0] == 1 and len(seeds) > 1:
-        init = init.expand(len(seeds), -1, -1, -1)
-    expected = (len(seeds), pipe.unet.config.in_channels, height // pipe.vae_scale_factor,
-                width // pipe.vae_scale_factor)
-    if tuple(init.shape) != expected:
-        raise ValueError(f"init latents of shape {tuple(init.shape)} do not fit {width}x{height} images "
-                         f"(expected {expected})")
     if len(timesteps) == 0:
         return init.clone()
-    noise = initial_latents(pipe, seeds, width, height)
-    return scheduler.add_noise(init, noise, timesteps[:1].repeat(len(seeds)))
+    return scheduler.add_noise(init, noise, timesteps[:1].repeat(init.shape[0]))
 
 
 def _guided(noise_pred: torch.Tensor, items: list[DenoiseItem], any_cfg: bool) -> torch.Tensor:
@@ -187,7 +253,7 @@ def _guided(noise_pred: torch.Tensor, items: list[DenoiseItem], any_cfg: bool) -
 def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: int, width: int, height: int,
             on_step: StepFn | None = None, cancel: threading.Event | None = None,
             control: Control | None = None, init_latents: torch.Tensor | None = None,
-            strength: float = 1.0) -> DenoiseResult:
+            strength: float = 1.0, inpaint: Inpaint | None = None, decode: bool = True) -> DenoiseResult:
     """Denoise `items` in one pass and decode them. On cancel it stops after the current step and returns the
     unfinished images with `interrupted` set. With `control`, a ControlNet's residuals are added to the UNet's
     blocks at every step where it is active (the rest of the loop is unchanged).
@@ -195,7 +261,11 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
     With `init_latents` (encode_init's, one row for every item or one per item), image to image: the last
     steps x `strength` timesteps run from the init noised to the first of them with each seed's text-to-image
     noise (StableDiffusionImg2ImgPipeline's start). Strength 1 starts from that noise alone, so it is text to
-    image; a strength that keeps no step returns the init through the VAE."""
+    image; a strength that keeps no step returns the init through the VAE.
+
+    With `inpaint` (and the init's latents), the latents outside its mask are set back to the init noised to the
+    next timestep after every step (the init itself after the last), or a 9-channel UNet gets its conditioning.
+    `decode` False skips the VAE (the result's latents are what hires fix needs)."""
     # 1. noise and sampler (a fresh scheduler per pass: stochastic samplers are seeded per pass)
     seeds = [item.seed for item in items]
     device = pipe._execution_device
@@ -203,11 +273,20 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
     pipe.scheduler = scheduler
     scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps
-    if init_latents is None or strength >= 1:
-        latents = initial_latents(pipe, seeds, width, height) * scheduler.init_noise_sigma
+    noise = initial_latents(pipe, seeds, width, height)
+    init = None if init_latents is None else _init_rows(pipe, init_latents, noise, width, height, inpaint)
+    if init is None or strength >= 1:
+        latents = noise * scheduler.init_noise_sigma
     else:
         timesteps = img2img_timesteps(scheduler, steps, strength)
-        latents = _noised_init(pipe, scheduler, init_latents, seeds, width, height, timesteps)
+        latents = _noised_init(scheduler, init, noise, timesteps)
+    blend = inpaint is not None and inpaint.blends
+    if blend and init is None:
+        raise ValueError("inpainting needs the init image's latents")
+    keep = None if not blend else 1 - inpaint.mask.to(device, latents.dtype)
+    extra_in = None
+    if inpaint is not None and inpaint.conditioning is not None:
+        extra_in = inpaint.conditioning.to(device, pipe.unet.dtype)
     step_kwargs = _step_kwargs(scheduler, seeds)
     # 2. conditioning: [uncond; cond] when any item is guided; rebuilt only at the steps where a prompt edit
     # or alternation switches it
@@ -258,26 +337,41 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
             if compiled:
                 speed.mark_step()
             residuals = {}
+            unet_input = model_input
+            if extra_in is not None:  # a 9-channel inpainting UNet: latents, mask, masked picture's latents
+                unet_input = torch.cat([model_input, extra_in.expand(model_input.shape[0], -1, -1, -1)], dim=1)
             if control is not None:
                 extra = {"added_cond_kwargs": added} if added is not None else {}
                 down, mid = control.model(model_input, t, encoder_hidden_states=embeds, controlnet_cond=control_image,
                                           conditioning_scale=control.scale_at(i, len(timesteps)), return_dict=False,
                                           **extra)
                 residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
-            noise_pred = pipe.unet(model_input, t, encoder_hidden_states=embeds, timestep_cond=None,
+            noise_pred = pipe.unet(unet_input, t, encoder_hidden_states=embeds, timestep_cond=None,
                                    cross_attention_kwargs=None, added_cond_kwargs=added, return_dict=False,
                                    **residuals)[0]
             if pad:
                 noise_pred = noise_pred[:1]
             latents = scheduler.step(_guided(noise_pred, items, any_cfg), t, latents, **step_kwargs,
                                      return_dict=False)[0]
+            if blend:  # the init outside the mask, at the noise level the next step expects
+                proper = init if i + 1 == len(timesteps) else scheduler.add_noise(
+                    init, noise, timesteps[i + 1 : i + 2].repeat(init.shape[0]))
+                latents = keep * proper + (1 - keep) * latents
             if on_step is not None:
                 on_step(i + 1, len(timesteps))
             if cancel is not None and cancel.is_set() and i + 1 < len(timesteps):
                 interrupted = True
                 break
-    # 4. decode one image at a time (the VAE's kernels are not batch-invariant either); a VAE that overflows in
-    # fp16 (SDXL's: force_upcast in its config) decodes in fp32, as diffusers' pipelines do
+    # 4. decode (decode_latents)
+    images = decode_latents(pipe, latents) if decode else []
+    pipe.maybe_free_model_hooks()
+    return DenoiseResult(images, interrupted, latents)
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents to pictures, one at a time (the VAE's kernels are not batch-invariant either); a VAE that overflows
+    in fp16 (SDXL's: force_upcast in its config) decodes in fp32, as diffusers' pipelines do."""
     images = []
     upcast = pipe.vae.dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False)
     if upcast:
@@ -290,5 +384,4 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
     finally:
         if upcast:
             pipe.vae.to(dtype=torch.float16)
-    pipe.maybe_free_model_hooks()
-    return DenoiseResult(images, interrupted)
+    return images

@@ -1,5 +1,5 @@
-"""Text-to-image and image-to-image generation: a typed job, validated up front, run with progress and Stop,
-saved as PNGs."""
+"""Text to image, image to image, inpainting and outpainting: a typed job, validated up front, run with progress
+and Stop, saved as PNGs."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from studio import __version__
 from studio.files.adapters import ActiveLora
 from studio.files.atomic import atomic_path
 from studio.files.networks import FAMILY_LABELS, EmbeddingFile, NetworkFileError, NetworkLibrary
-from studio.generation import samplers
+from studio.generation import hires, samplers
 from studio.generation.conditioning import (
     PromptEncoder,
     TextualInversion,
@@ -25,9 +25,20 @@ from studio.generation.conditioning import (
     encode_pair,
     encode_spans,
 )
-from studio.generation.denoise import DenoiseItem, denoise, encode_init
+from studio.generation.denoise import (
+    DenoiseItem,
+    DenoiseResult,
+    Inpaint,
+    decode_latents,
+    denoise,
+    encode_init,
+    inpaint_conditioning,
+    is_inpainting_unet,
+    latent_mask,
+)
 from studio.generation.infotext import format_infotext, png_info
 from studio.generation.job import GenerateJob, resolve_seed
+from studio.generation.masking import InpaintPlan
 from studio.generation.oom import generation_advice, run_with_advice
 from studio.generation.prompt_schedule import merge_schedules, prompt_schedule
 from studio.generation.prompt_syntax import extract_network_tags
@@ -64,7 +75,7 @@ def build_infotext(job: GenerateJob, seed: int, model: LoadedModel, model_hash: 
         **samplers.infotext_names(job.sampler, job.schedule),
         "CFG scale": job.cfg_scale,
         "Seed": seed,
-        "Size": f"{job.width}x{job.height}",
+        "Size": "{}x{}".format(*job.frame_size()),
         "Model hash": model_hash[:10],
         "Model": model.name,
     }
@@ -73,6 +84,12 @@ def build_infotext(job: GenerateJob, seed: int, model: LoadedModel, model_hash: 
         params["VAE"] = model.vae_choice.name
     if job.is_img2img:
         params["Denoising strength"] = job.denoising_strength
+    params.update(inpaint_fields(job))
+    second = job.hires_pass()
+    if second is not None:
+        params["Denoising strength"] = second.denoising_strength
+        params.update(hires.infotext_fields(job.hires_scale, second, bool(job.hires_width or job.hires_height),
+                                            job.sampler))
     if job.clip_skip > 1:
         params["Clip skip"] = job.clip_skip
     params["RNG"] = "CPU"  # the noise is drawn on the CPU generator; without the field A1111 assumes GPU
@@ -83,6 +100,25 @@ def build_infotext(job: GenerateJob, seed: int, model: LoadedModel, model_hash: 
             params["TI hashes"] = ", ".join(f"{n}: {h}" for n, h in networks.ti_hashes.items())
     params["Version"] = f"studio {__version__}"
     return format_infotext(job.prompt, job.negative_prompt, params)
+
+
+def inpaint_fields(job: GenerateJob) -> dict:
+    """A1111's inpainting fields, each written only when it is not the default (as A1111 does); outpainting as
+    `Outpaint: left 64, right 64`."""
+    if not job.is_inpaint:
+        return {}
+    out = {"Mask blur": job.mask_blur} if job.mask_blur > 0 else {}
+    if job.outpaint:
+        out["Outpaint"] = ", ".join(f"{side} {pixels}" for side, pixels in job.outpaint.items())
+        return out
+    if job.mask_mode != "Inpaint masked":
+        out["Mask mode"] = job.mask_mode
+    if job.masked_content != "original":
+        out["Masked content"] = job.masked_content
+    if job.inpaint_area == "Only masked":
+        out["Inpaint area"] = "Only masked"
+        out["Masked area padding"] = job.inpaint_padding
+    return out
 
 
 def output_path(outputs_dir: Path, seed: int, when: dt.datetime | None = None) -> Path:
@@ -124,6 +160,8 @@ class PromptNetworks:
     lora_hashes: dict[str, str] = field(default_factory=dict)  # filled in as A1111 writes them
     ti_hashes: dict[str, str] = field(default_factory=dict)
     schedule: tuple = ()  # DenoiseItem.schedule when the prompts edit or alternate during sampling
+    cond: torch.Tensor | None = None  # the encoded prompts, when kept with them (hires fix's second pass)
+    uncond: torch.Tensor | None = None
     pooled: torch.Tensor | None = None  # SDXL's pooled text embeddings of the prompt and the negative prompt
     uncond_pooled: torch.Tensor | None = None
 
@@ -252,21 +290,89 @@ class Generator:
         model.prompt_encoders[key] = ((pipe.tokenizer, *encoders), wanted, encoder)
         return encoder
 
+    def _hires_prompts(self, job: GenerateJob, model: LoadedModel, nets: PromptNetworks, cond: torch.Tensor,
+                       uncond: torch.Tensor) -> PromptNetworks:
+        """The second pass's prompts: the first pass's, or the hires prompts encoded (with the same LoRAs: the
+        model is not switched between the passes). `cond`/`uncond` are kept on the returned networks."""
+        second = job.hires_pass()
+        if not (second.prompt or second.negative_prompt):
+            nets.cond, nets.uncond = cond, uncond
+            return nets
+        from dataclasses import replace
+
+        hjob = replace(job, prompt=second.prompt or job.prompt, negative_prompt=second.negative_prompt or job.negative_prompt,
+                       hires_fix=False)
+        wanted = [(t.name, t.te, t.unet) for t in extract_network_tags(hjob.prompt)[1]]
+        if wanted != [(t.name, t.te, t.unet) for t in extract_network_tags(job.prompt)[1]]:
+            raise ValueError("the hires prompt must use the same <lora:...> tags as the prompt (the LoRAs stay "
+                             "applied between the passes); leave the hires prompt empty or copy the tags")
+        hcond, huncond, hnets = self.encode(hjob, model)
+        hnets.cond, hnets.uncond = hcond, huncond
+        return hnets
+
+    def _hires_pass(self, job: GenerateJob, pipe, second: hires.HiresPass, first: DenoiseResult,
+                    items: list[DenoiseItem], on_step, cancel: threading.Event | None) -> DenoiseResult:
+        """The hires fix's second pass over a finished first pass: its latents upscaled (latent upscalers) or its
+        pictures upscaled and encoded again (pixel upscalers), then image to image at the target size. A stopped
+        first pass is returned as it is."""
+        if first.interrupted:
+            return first if first.images else DenoiseResult(decode_latents(pipe, first.latents), True, first.latents)
+        if second.in_latent_space:
+            init = hires.upscale_latents(first.latents, second.upscaler, second.width, second.height,
+                                         pipe.vae_scale_factor)
+        else:
+            from studio.upscale.run import upscale
+            from studio.upscale.tiling import UpscaleCancelled
+
+            try:
+                pictures = [upscale(image, second.upscaler, size=(second.width, second.height),
+                                    folder=self.manager.cfg.upscalers_dir, device=pipe._execution_device,
+                                    cancel=cancel).image for image in first.images]
+            except UpscaleCancelled:
+                return DenoiseResult(first.images, True, first.latents)
+            init = torch.cat([encode_init(pipe, picture) for picture in pictures])
+        inpaint = self.inpaint_for(job, pipe, None, second.width, second.height)
+        return denoise(pipe, items, second.sampler or job.sampler, job.schedule, second.steps or job.steps,
+                       second.width, second.height, on_step=on_step, cancel=cancel, init_latents=init,
+                       strength=second.denoising_strength, inpaint=inpaint)
+
+    @staticmethod
+    def inpaint_for(job: GenerateJob, pipe, plan: InpaintPlan | None, width: int, height: int) -> Inpaint | None:
+        """The pass's inpainting inputs: the latent mask from the plan, and for a 9-channel inpainting UNet its
+        mask-and-picture conditioning (the whole frame masked, grey, when there is no plan: text to image or image
+        to image on an inpainting model, as A1111 does)."""
+        nine = is_inpainting_unet(pipe.unet)
+        if plan is None:
+            return Inpaint(conditioning=inpaint_conditioning(pipe, None, None, width, height)) if nine else None
+        content = "original" if job.outpaint else job.masked_content
+        inpaint = Inpaint(latent_mask(plan.mask, width, height, pipe.vae_scale_factor), content=content)
+        if nine:
+            inpaint.conditioning = inpaint_conditioning(pipe, plan.picture, plan.mask, width, height)
+        return inpaint
+
     def run(self, job: GenerateJob, outputs_dir: Path | None = None, on_progress: ProgressFn | None = None,
             cancel: threading.Event | None = None) -> GenerateResult:
         # 1. validate (the prompts' chunks are counted with the tokenizer in encode, before the text encoder runs)
         job.validate(self.manager.cfg.limits)
         if self.manager.current is None:
             raise RuntimeError("no model is loaded; load one first")
-        # image to image: the init read (checked before decoding) and fitted to the size, before any model work
-        init = job.init_picture() if job.is_img2img else None
+        # image to image: the init read (checked before decoding) and fitted to the size, before any model work;
+        # inpainting and outpainting: the mask too, and the picture the sampler sees
+        plan = job.inpaint_plan()
+        init = plan.picture if plan is not None else job.init_picture() if job.is_img2img else None
+        second = job.hires_pass()
+        if second is not None and not second.in_latent_space:  # a name not in upscalers/ fails now, not after pass 1
+            from studio.upscale.library import resolve_upscaler
+
+            resolve_upscaler(second.upscaler, self.manager.cfg.upscalers_dir)
         # out of GPU memory: memory freed, a message with what to change (studio.oom), the studio keeps serving
-        return run_with_advice(lambda: self._run(job, outputs_dir, on_progress, cancel, init), "generation",
+        return run_with_advice(lambda: self._run(job, outputs_dir, on_progress, cancel, init, plan), "generation",
                                lambda: generation_advice(job.batch_size, job.width, job.height,
                                                          self.manager.memory))
 
     def _run(self, job: GenerateJob, outputs_dir: Path | None, on_progress: ProgressFn | None,
-             cancel: threading.Event | None, init: Image.Image | None = None) -> GenerateResult:
+             cancel: threading.Event | None, init: Image.Image | None = None,
+             plan: InpaintPlan | None = None) -> GenerateResult:
         with self.manager.lock:
             # the model is taken under the lock, so a model switch cannot come between reading it and using it
             model = self.manager.current
@@ -275,33 +381,50 @@ class Generator:
             pipe = model.pipe
             model_hash = self.manager.model_hash(model)
             cond, uncond, nets = self.encode(job, model)
+            second = job.hires_pass()
+            hires_nets = self._hires_prompts(job, model, nets, cond, uncond) if second is not None else None
             base_seed = resolve_seed(job.seed)
             # the latents of the init (once: every image of the run starts from it), with the VAE now in the model
             init_latents = encode_init(pipe, init) if init is not None else None
+            width, height = job.frame_size()
+            inpaint = self.inpaint_for(job, pipe, plan, width, height)
             run_steps = job.denoise_steps()  # image to image runs steps x strength of them
-            total = run_steps * job.batch_count
+            hires_steps = 0
+            if second is not None:  # the second pass is image to image: its steps x its strength run
+                hires_steps = min(int((second.steps or job.steps) * second.denoising_strength), second.steps or job.steps)
+            total = (run_steps + hires_steps) * job.batch_count
             result = GenerateResult(notes=nets.notes)
             for batch in range(job.batch_count):
                 # 2. seeds and noise: image i of the whole run uses seed + i, as in A1111
                 seeds = [base_seed + batch * job.batch_size + i for i in range(job.batch_size)]
                 # 3. denoise in one pass (studio.generation.denoise, shared with the parameter explorer), reporting each step
                 # and stopping at the next step on cancel
-                done_before = batch * run_steps
+                done_before = batch * (run_steps + hires_steps)
 
-                def on_step(done, n_timesteps, done_before=done_before, batch=batch):
+                def on_step(done, n_timesteps, done_before=done_before, batch=batch, steps=run_steps, what=""):
                     if on_progress:
-                        step = -(-done * run_steps // n_timesteps)  # 2nd-order samplers take more timesteps
+                        step = -(-done * steps // n_timesteps)  # 2nd-order samplers take more timesteps
                         on_progress(done_before + step, total,
-                                    f"batch {batch + 1}/{job.batch_count}, step {step}/{run_steps}")
+                                    f"batch {batch + 1}/{job.batch_count}, {what}step {step}/{steps}")
 
                 items = [nets.item(cond, uncond, job.cfg_scale, seed) for seed in seeds]
-                note = speed.compile_note(pipe.unet, (len(items), job.width, job.height, False))
+                note = speed.compile_note(pipe.unet, (len(items), width, height, False))
                 if note and on_progress:
                     on_progress(done_before, total, note)
-                out = denoise(pipe, items, job.sampler, job.schedule, job.steps, job.width, job.height,
+                out = denoise(pipe, items, job.sampler, job.schedule, job.steps, width, height,
                               on_step=on_step, cancel=cancel, init_latents=init_latents,
-                              strength=job.denoising_strength)
+                              strength=job.denoising_strength, inpaint=inpaint,
+                              decode=second is None or not second.in_latent_space)
+                if second is not None:
+                    def hires_step(done, n, done_before=done_before + run_steps, batch=batch):
+                        on_step(done, n, done_before, batch, hires_steps, "hires fix, ")
+
+                    hires_items = [hires_nets.item(hires_nets.cond, hires_nets.uncond, job.cfg_scale, seed)
+                                   for seed in seeds]
+                    out = self._hires_pass(job, pipe, second, out, hires_items, hires_step, cancel)
                 images, interrupted = out.images, out.interrupted
+                if plan is not None:  # the original's pixels back outside the mask (A1111's overlay)
+                    images = [plan.finish(image) for image in images]
                 # 4. save (a stopped pass is shown but not saved: it is unfinished)
                 for image, seed in zip(images, seeds, strict=True):
                     info = build_infotext(job, seed, model, model_hash, nets)

@@ -1,5 +1,6 @@
-"""A text-to-image or image-to-image request as a typed job (A1111's parameters), validated before any model
-work; the init image is read through the checked loaders of studio.files.images and resized per A1111's modes."""
+"""A text-to-image, image-to-image, inpainting or outpainting request as a typed job (A1111's parameters),
+validated before any model work; the init image and mask are read through the checked loaders of
+studio.files.images and fitted per A1111's modes (studio.generation.masking)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from pathlib import Path
 from PIL import Image
 
 from studio.config import Limits, check_known_keys, real_number, text, whole_number
-from studio.files.images import SkipImage, Source, load_image, to_rgb
-from studio.generation import samplers
+from studio.files.images import SkipImage, Source, load_image, open_checked, to_rgb
+from studio.generation import hires, masking, samplers
 from studio.generation.prompt_syntax import check_prompt_limits
 
 MAX_SEED = 2**32 - 1
@@ -42,6 +43,29 @@ class GenerateJob:
     init_image: str | os.PathLike | Image.Image | None = None
     denoising_strength: float = 0.75
     resize_mode: str = "Just resize"
+    # inpainting (with init_image): a mask picture (white or painted = redraw) and A1111's options
+    mask: str | os.PathLike | Image.Image | None = None
+    mask_blur: int = 4
+    mask_mode: str = "Inpaint masked"  # or "Inpaint not masked"
+    masked_content: str = "original"  # "fill", "original", "latent noise", "latent nothing"
+    inpaint_area: str = "Whole picture"  # or "Only masked": the mask's area is drawn at the full size
+    inpaint_padding: int = 32  # "Only masked padding, pixels"
+    # outpainting (with init_image): pixels added per side ({"left": 64} or "left=64,right=64"); the new bands
+    # are drawn, the init (fitted to width x height) is kept
+    outpaint: dict | str | None = None
+    # hires fix (text to image): a second pass at hires_scale x the size (or hires_width x hires_height), from the
+    # first pass upscaled by hires_upscaler (a latent upscaler, Lanczos, Nearest or a file in upscalers/), redrawn at
+    # hires_denoising with hires_steps (0: steps), hires_sampler ("": the same) and hires prompts ("": the same)
+    hires_fix: bool = False
+    hires_scale: float = 2.0
+    hires_upscaler: str = hires.DEFAULT_UPSCALER
+    hires_steps: int = 0
+    hires_denoising: float = 0.7
+    hires_width: int = 0
+    hires_height: int = 0
+    hires_sampler: str = ""
+    hires_prompt: str = ""
+    hires_negative_prompt: str = ""
 
     @classmethod
     def from_dict(cls, values: dict) -> GenerateJob:
@@ -85,9 +109,102 @@ class GenerateJob:
             self.denoising_strength = real_number("denoising strength", self.denoising_strength, 0, 1)
             if text("resize mode", self.resize_mode) not in RESIZE_MODES:
                 raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
+        self._validate_inpaint()
+        self._validate_hires(limits)
+        width, height = self.frame_size()
         images = self.batch_size * self.batch_count
-        limits.check("max_work", work(images, self.steps, self.width, self.height),
-                     f"{describe_work(images, self.steps, self.width, self.height)}")
+        cost, what = work(images, self.steps, width, height), describe_work(images, self.steps, width, height)
+        second = self.hires_pass()
+        if second is not None:
+            steps = second.steps or self.steps
+            cost += work(images, steps, second.width, second.height)
+            what += f", plus {describe_work(images, steps, second.width, second.height)} for the hires fix"
+        limits.check("max_work", cost, what)
+
+    def _validate_hires(self, limits: Limits) -> None:
+        if not isinstance(self.hires_fix, bool):
+            raise ValueError(f"hires fix must be true or false, got {self.hires_fix!r}")
+        if not self.hires_fix:
+            return
+        if self.init_image is not None:
+            raise ValueError("hires fix is for text to image; for a picture, upscale it and use image to image")
+        real_number("hires scale", self.hires_scale, 1, 4)
+        self.hires_steps = whole_number("hires steps", self.hires_steps, 0, 150)
+        self.hires_denoising = real_number("hires denoising strength", self.hires_denoising, 0, 1)
+        for name in ("hires_width", "hires_height"):
+            value = whole_number(name.replace("_", " "), getattr(self, name), 0, 2048)
+            setattr(self, name, value)
+        text("hires upscaler", self.hires_upscaler)
+        if self.hires_sampler:
+            samplers.check(text("hires sampler", self.hires_sampler), self.schedule)
+        for name, label in (("hires_prompt", "hires prompt"), ("hires_negative_prompt", "hires negative prompt")):
+            check_prompt_limits(text(label, getattr(self, name)), label, limits)
+        width, height = self.hires_pass().width, self.hires_pass().height
+        if max(width, height) > 2048:
+            raise ValueError(f"hires fix to {width}x{height} is over 2048 px a side; use a smaller scale")
+
+    def hires_pass(self) -> hires.HiresPass | None:
+        """The hires fix's second pass (its target size on the 8-px grid), or None when the fix is off."""
+        if not self.hires_fix:
+            return None
+        width, height = hires.target_size(self.width, self.height, float(self.hires_scale), int(self.hires_width),
+                                          int(self.hires_height))
+        return hires.HiresPass(width, height, self.hires_upscaler, int(self.hires_steps),
+                               float(self.hires_denoising), self.hires_sampler or None, self.schedule,
+                               self.hires_prompt, self.hires_negative_prompt)
+
+    def _validate_inpaint(self) -> None:
+        self.outpaint = masking.parse_outpaint(self.outpaint)
+        if self.mask is None and not self.outpaint:
+            return
+        what = "a mask" if self.mask is not None else "outpainting"
+        if self.init_image is None:
+            raise ValueError(f"{what} needs an init image: the picture to paint into")
+        if self.mask is not None and self.outpaint:
+            raise ValueError("a job either inpaints with a mask or outpaints, not both: outpaint first, then inpaint "
+                             "the result")
+        if self.mask is not None:
+            if not isinstance(self.mask, (str, os.PathLike, Image.Image)):
+                raise ValueError(f"mask must be an image file's path or an image, got {type(self.mask).__name__}")
+            if isinstance(self.mask, (str, os.PathLike)) and not Path(self.mask).is_file():
+                raise ValueError(f"mask {Path(self.mask).name!r} does not exist")
+        self.mask_blur = whole_number("mask blur", self.mask_blur, 0, 64)
+        self.inpaint_padding = whole_number("only masked padding", self.inpaint_padding, 0, 256)
+        for label, value, choices in (("mask mode", self.mask_mode, masking.MASK_MODES),
+                                      ("masked content", self.masked_content, masking.MASKED_CONTENT),
+                                      ("inpaint area", self.inpaint_area, masking.INPAINT_AREAS)):
+            if text(label, value) not in choices:
+                raise ValueError(f"{label} must be one of {', '.join(choices)}, got {value!r}")
+        width, height = self.frame_size()
+        if max(width, height) > 2048:
+            raise ValueError(f"outpainting {self.width}x{self.height} to {width}x{height} is over 2048 px a side; "
+                             "add less")
+
+    @property
+    def is_inpaint(self) -> bool:
+        return self.init_image is not None and (self.mask is not None or bool(self.outpaint))
+
+    def frame_size(self) -> tuple[int, int]:
+        """(width, height) of the generation: the job's size, plus what outpainting adds."""
+        pads = masking.parse_outpaint(self.outpaint) if self.outpaint else {}
+        return (self.width + pads.get("left", 0) + pads.get("right", 0),
+                self.height + pads.get("top", 0) + pads.get("bottom", 0))
+
+    def inpaint_plan(self) -> masking.InpaintPlan | None:
+        """The inpainting (or outpainting) set-up of this job, from its checked init image and mask; None when the
+        job has neither. Raises ValueError for an unreadable or oversized mask."""
+        if not self.is_inpaint:
+            return None
+        if self.outpaint:
+            canvas, mask = masking.outpaint_canvas(self.init_picture(), self.outpaint,
+                                                   overlap=max(8, 2 * self.mask_blur))
+            width, height = canvas.size
+            return masking.plan_inpaint(canvas, mask, width, height, "Just resize", self.mask_blur,
+                                        "Inpaint masked", "original", "Whole picture")
+        image = load_init_image(self.init_image)
+        return masking.plan_inpaint(image, load_mask(self.mask), self.width, self.height, self.resize_mode,
+                                    self.mask_blur, self.mask_mode, self.masked_content, self.inpaint_area,
+                                    self.inpaint_padding)
 
 
     @property
@@ -105,6 +222,27 @@ class GenerateJob:
         """The init image as upright RGB, fitted to width x height by `resize_mode`. A file is checked (size on disk,
         format, pixel count) before it is decoded; a refused one raises ValueError saying why."""
         return resize_image(load_init_image(self.init_image), self.resize_mode, self.width, self.height)
+
+
+def load_mask(value: str | os.PathLike | Image.Image) -> Image.Image:
+    """A mask picture in its own mode (alpha kept: a painted layer is a mask), checked before decoding like an init
+    image, EXIF rotation applied."""
+    from PIL import ImageOps
+
+    if isinstance(value, Image.Image):
+        image = value
+    else:
+        path = Path(value)
+        if not path.is_file():
+            raise ValueError(f"mask {path.name!r} does not exist")
+        try:
+            image = open_checked(Source(path.name, path), MAX_INIT_PIXELS, MAX_INIT_BYTES)
+        except SkipImage as e:
+            raise ValueError(f"mask {path.name}: {e}") from None
+    if image.width * image.height > MAX_INIT_PIXELS:
+        raise ValueError(f"mask of {image.width}x{image.height} is over the limit of {MAX_INIT_PIXELS / 1e6:.0f} "
+                         "megapixels")
+    return ImageOps.exif_transpose(image)
 
 
 def load_init_image(value: str | os.PathLike | Image.Image) -> Image.Image:

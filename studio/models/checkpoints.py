@@ -105,6 +105,15 @@ XL_ADM_KEY = "model.diffusion_model.label_emb.0.0.weight"  # the size-and-pooled
 UNET_IN_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 
 
+INPAINT_IN_CHANNELS = 9  # latents 4 + mask 1 + masked picture's latents 4
+
+
+def unet_in_channels(shapes: dict[str, tuple[int, ...]]) -> int:
+    """The UNet's input channels from an original-layout checkpoint's keys (4 when the key is missing)."""
+    shape = shapes.get(UNET_IN_KEY, (0, 4))
+    return int(shape[1]) if len(shape) > 1 else 4
+
+
 def _has(keys, prefix: str | tuple[str, ...]) -> bool:
     return any(k.startswith(prefix) for k in keys)
 
@@ -117,10 +126,10 @@ def detect_family(shapes: dict[str, tuple[int, ...]], name: str = "checkpoint") 
     if not _has(keys, "model.diffusion_model."):
         hint = " (it looks like a VAE)" if _has(keys, ("encoder.", "decoder.")) else ""
         raise ModelLoadError(f"{name} has no Stable Diffusion UNet (model.diffusion_model.*){hint}")
-    in_channels = shapes.get(UNET_IN_KEY, (0, 4))[1:2]
-    if in_channels and in_channels[0] != 4:
-        raise ModelLoadError(f"{name}'s UNet takes {in_channels[0]} input channels (an inpainting or instruct "
-                             "model); the studio loads text-to-image models with 4: use the model's base version")
+    in_channels = unet_in_channels(shapes)
+    if in_channels not in (4, INPAINT_IN_CHANNELS):
+        raise ModelLoadError(f"{name}'s UNet takes {in_channels} input channels (an instruct-pix2pix or other "
+                             "edit model); the studio loads text-to-image models (4) and inpainting models (9)")
     if _has(keys, "conditioner.embedders."):
         adm = shapes.get(XL_ADM_KEY, (0, 0))
         if (_has(keys, XL_REFINER_TEXT_G) and not _has(keys, XL_TEXT_G)) or adm[1:] == (2560,):

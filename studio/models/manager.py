@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from studio.models.checkpoints import (
     prediction_hint,
     probe_v_prediction,
     read_checkpoint_keys,
+    unet_in_channels,
     zero_snr_hint,
 )
 from studio.models.hub import offline, offline_reason
@@ -286,6 +288,9 @@ class ModelManager:
         cls = PIPELINES[family]
         with tempfile.TemporaryDirectory(prefix="studio-config-") as tmp:
             config_dir = self._config_dir_for(family, pred, meta, Path(tmp), path.name)
+            if unet_in_channels(shapes) != 4 and not meta.get(CONFIG_METADATA_KEY):
+                # an inpainting checkpoint (sd-v1-5-inpainting, SDXL inpainting): the family's config, 9 channels in
+                config_dir = inpainting_config_dir(config_dir, Path(tmp) / "inpainting", unet_in_channels(shapes))
             if family == "sdxl":  # name a missing or misshapen weight before diffusers builds anything
                 what = "SDXL base" if not meta.get(CONFIG_METADATA_KEY) else "the SDXL model its metadata describes"
                 check_shapes(shapes, expected_shapes(config_dir), path.name, what)
@@ -707,6 +712,16 @@ def _check_complete(pipe, name: str, family: str) -> None:
         if missing:
             raise ModelLoadError(f"{name} lacks {len(missing)} {part} weight(s), e.g. {missing[0]}; the file is "
                                  "incomplete or of another architecture")
+
+
+def inpainting_config_dir(config_dir: Path, out: Path, in_channels: int) -> Path:
+    """A copy of a family's config folder whose UNet takes `in_channels` (an inpainting model's 9)."""
+    shutil.copytree(config_dir, out)
+    unet_config = out / "unet" / "config.json"
+    config = json.loads(unet_config.read_text())
+    config["in_channels"] = in_channels
+    unet_config.write_text(json.dumps(config, indent=2))
+    return out
 
 
 def write_config_dir(configs: dict, out: Path) -> Path:
