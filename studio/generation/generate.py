@@ -290,7 +290,7 @@ class Generator:
         model.prompt_encoders[key] = ((pipe.tokenizer, *encoders), wanted, encoder)
         return encoder
 
-    def _hires_prompts(self, job: GenerateJob, model: LoadedModel, nets: PromptNetworks, cond: torch.Tensor,
+    def hires_prompts(self, job: GenerateJob, model: LoadedModel, nets: PromptNetworks, cond: torch.Tensor,
                        uncond: torch.Tensor) -> PromptNetworks:
         """The second pass's prompts: the first pass's, or the hires prompts encoded (with the same LoRAs: the
         model is not switched between the passes). `cond`/`uncond` are kept on the returned networks."""
@@ -310,7 +310,7 @@ class Generator:
         hnets.cond, hnets.uncond = hcond, huncond
         return hnets
 
-    def _hires_pass(self, job: GenerateJob, pipe, second: hires.HiresPass, first: DenoiseResult,
+    def run_hires_pass(self, job: GenerateJob, pipe, second: hires.HiresPass, first: DenoiseResult,
                     items: list[DenoiseItem], on_step, cancel: threading.Event | None) -> DenoiseResult:
         """The hires fix's second pass over a finished first pass: its latents upscaled (latent upscalers) or its
         pictures upscaled and encoded again (pixel upscalers), then image to image at the target size. A stopped
@@ -382,7 +382,7 @@ class Generator:
             model_hash = self.manager.model_hash(model)
             cond, uncond, nets = self.encode(job, model)
             second = job.hires_pass()
-            hires_nets = self._hires_prompts(job, model, nets, cond, uncond) if second is not None else None
+            hires_nets = self.hires_prompts(job, model, nets, cond, uncond) if second is not None else None
             base_seed = resolve_seed(job.seed)
             # the latents of the init (once: every image of the run starts from it), with the VAE now in the model
             init_latents = encode_init(pipe, init) if init is not None else None
@@ -421,7 +421,7 @@ class Generator:
 
                     hires_items = [hires_nets.item(hires_nets.cond, hires_nets.uncond, job.cfg_scale, seed)
                                    for seed in seeds]
-                    out = self._hires_pass(job, pipe, second, out, hires_items, hires_step, cancel)
+                    out = self.run_hires_pass(job, pipe, second, out, hires_items, hires_step, cancel)
                 images, interrupted = out.images, out.interrupted
                 if plan is not None:  # the original's pixels back outside the mask (A1111's overlay)
                     images = [plan.finish(image) for image in images]
