@@ -150,3 +150,15 @@ def test_unknown_upscaler_and_other_loras_are_refused_before_the_first_pass(tiny
     with pytest.raises(ValueError, match="same <lora:...> tags"):
         tiny.run(job(hires_prompt="a cat <lora:other:1>"), on_progress=lambda *a: seen.append(a))
     assert seen == []
+
+
+def test_cli_hires_fix(tmp_path, monkeypatch, capsys):
+    from studio.cli import main
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    assert main(["generate", "--model", "demo-tiny", "--prompt", "a cat", "--steps", "4", "--width", "64", "--height",
+                 "64", "--seed", "3", "--hires-scale", "2", "--hires-upscaler", "Latent (nearest)", "--hires-steps",
+                 "2", "--hires-denoise", "0.5"]) == 0
+    made = Image.open(capsys.readouterr().out.strip())
+    assert made.size == (128, 128)
+    assert "Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent (nearest)" in made.info["parameters"]

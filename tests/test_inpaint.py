@@ -289,3 +289,23 @@ def test_masks_of_another_size_and_huge_masks(tiny, tmp_path):
     png_header_only(bomb, 20000, 20000)
     with pytest.raises(ValueError, match="mask mask.png: oversized"):
         job(mask=bomb).inpaint_plan()
+
+
+def test_cli_inpaints_and_outpaints(tmp_path, monkeypatch, capsys):
+    from studio.cli import main
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    noise_image(1).save(tmp_path / "init.png")
+    block_mask().save(tmp_path / "mask.png")
+    base = ["generate", "--model", "demo-tiny", "--prompt", "a cat", "--steps", "3", "--width", "64", "--height", "64",
+            "--seed", "3", "--init-image", str(tmp_path / "init.png"), "--denoise", "1"]
+    assert main([*base, "--mask", str(tmp_path / "mask.png"), "--mask-blur", "0", "--masked-content", "fill",
+                 "--inpaint-area", "masked", "--padding", "8"]) == 0
+    made = Image.open(capsys.readouterr().out.strip())
+    assert "Masked content: fill, Inpaint area: Only masked, Masked area padding: 8" in made.info["parameters"]
+    outside = ~inside(block_mask())
+    assert np.array_equal(np.asarray(made)[outside], np.asarray(noise_image(1))[outside])
+    assert main([*base, "--outpaint", "right=32"]) == 0
+    assert Image.open(capsys.readouterr().out.strip()).size == (96, 64)
+    assert main([*base, "--mask", str(tmp_path / "missing.png")]) == 2
+    assert "mask 'missing.png' does not exist" in capsys.readouterr().err

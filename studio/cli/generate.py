@@ -1,5 +1,5 @@
-"""`python -m studio generate`: text to image (or image to image with --init-image) from the command line; prints
-the PNGs' paths."""
+"""`python -m studio generate`: text to image (image to image with --init-image, inpainting with --mask,
+outpainting with --outpaint, hires fix with --hires-scale) from the command line; prints the PNGs' paths."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ from pathlib import Path
 
 from studio.cli.progress import cli_progress
 from studio.generation import samplers
+from studio.generation import masking
+from studio.generation.hires import DEFAULT_UPSCALER, LATENT_UPSCALERS
 from studio.generation.job import RESIZE_MODES
 
 RESIZE_FLAGS = dict(zip(("just", "crop", "fill"), RESIZE_MODES, strict=True))
+AREA_FLAGS = {"whole": "Whole picture", "masked": "Only masked"}
 
 
 def add_parser(sub) -> None:
@@ -38,6 +41,26 @@ def add_parser(sub) -> None:
     g.add_argument("--resize-mode", default="just", choices=list(RESIZE_FLAGS),
                    help="how --init-image is fitted to the size: just (stretch), crop (cover and crop the centre), "
                         "fill (fit inside and stretch its edges outwards)")
+    g.add_argument("--mask", default=None, metavar="FILE",
+                   help="inpainting: white (or painted, opaque) pixels of this picture are redrawn in --init-image")
+    g.add_argument("--mask-blur", type=int, default=4, help="mask blur in pixels (default 4)")
+    g.add_argument("--invert-mask", action="store_true", help="redraw what is not masked (Inpaint not masked)")
+    g.add_argument("--masked-content", default="original", choices=list(masking.MASKED_CONTENT),
+                   help="what the masked area starts from (default: original)")
+    g.add_argument("--inpaint-area", default="whole", choices=list(AREA_FLAGS),
+                   help="whole: the whole picture at the size; masked: only the mask's area, drawn at the full size "
+                        "and pasted back")
+    g.add_argument("--padding", type=int, default=32, help="pixels around the mask for --inpaint-area masked")
+    g.add_argument("--outpaint", default=None, metavar="SIDES",
+                   help="outpainting: pixels added per side of --init-image, e.g. left=64,right=64 (multiples of 8)")
+    g.add_argument("--hires-scale", type=float, default=None,
+                   help="hires fix: a second pass at this times the size (e.g. 2)")
+    g.add_argument("--hires-upscaler", default=DEFAULT_UPSCALER,
+                   help=f"{', '.join(LATENT_UPSCALERS)}, Lanczos, Nearest, or a file's name in upscalers/ "
+                        f"(default: {DEFAULT_UPSCALER})")
+    g.add_argument("--hires-steps", type=int, default=0, help="steps of the second pass (0: --steps)")
+    g.add_argument("--hires-denoise", type=float, default=0.7, help="denoising strength of the second pass")
+    g.add_argument("--hires-prompt", default="", help="the second pass's prompt (default: --prompt)")
     g.add_argument("--vae", default=None, help="Automatic, None, or a VAE's name in vae/ (default: Automatic)")
     g.add_argument("--out", default=None, help="output folder (default: outputs/<date>/)")
     g.add_argument("--device", default=None, help="auto, cuda, mps or cpu")
@@ -56,8 +79,15 @@ def run(args) -> int:
                       steps=args.steps, cfg_scale=args.cfg, seed=args.seed, width=args.width, height=args.height,
                       batch_size=args.batch_size, batch_count=args.batch_count, clip_skip=args.clip_skip,
                       init_image=args.init_image, denoising_strength=args.denoise,
-                      resize_mode=RESIZE_FLAGS[args.resize_mode])
+                      resize_mode=RESIZE_FLAGS[args.resize_mode], mask=args.mask, mask_blur=args.mask_blur,
+                      mask_mode=masking.MASK_MODES[1 if args.invert_mask else 0], masked_content=args.masked_content,
+                      inpaint_area=AREA_FLAGS[args.inpaint_area], inpaint_padding=args.padding,
+                      outpaint=args.outpaint, hires_fix=args.hires_scale is not None,
+                      hires_scale=args.hires_scale or 2.0, hires_upscaler=args.hires_upscaler,
+                      hires_steps=args.hires_steps, hires_denoising=args.hires_denoise,
+                      hires_prompt=args.hires_prompt)
     job.validate()  # before loading a model: bad input fails fast
+    job.inpaint_plan()  # the mask read and checked too
     cfg = StudioConfig.from_env(device=args.device, precision=args.precision)
     manager = ModelManager(cfg)
     manager.load(args.model or manager.default_choice())
