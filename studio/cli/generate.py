@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 from studio.cli.progress import cli_progress
-from studio.generation import samplers
-from studio.generation import masking
+from studio.generation import masking, samplers
 from studio.generation.hires import DEFAULT_UPSCALER, LATENT_UPSCALERS
 from studio.generation.job import RESIZE_MODES
 
