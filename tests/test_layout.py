@@ -16,7 +16,7 @@ LAYERS = (
     ("studio", "config"),  # the package root (__version__) and the settings
     ("files",),
     ("models",),
-    ("control", "micro"),
+    ("control", "micro", "upscale"),
     ("generation",),
     ("dataset", "explorer"),
     ("storyboard", "train"),

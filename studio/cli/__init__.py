@@ -20,10 +20,11 @@ from studio.cli import (
     storyboard,
     survey,
     train,
+    upscale,
 )
 
 # in the order `--help` lists them
-COMMANDS = (generate, grid, info, preprocess, convert, models, networks, curate, train, evaluate, experiment, survey, storyboard)
+COMMANDS = (generate, grid, info, preprocess, upscale, convert, models, networks, curate, train, evaluate, experiment, survey, storyboard)
 
 
 def build_parser() -> argparse.ArgumentParser:
