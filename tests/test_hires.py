@@ -54,7 +54,8 @@ def img2img(gen: Generator, j: GenerateJob, init: Image.Image) -> np.ndarray:
 
 
 @pytest.mark.parametrize("upscaler, resample", [("Lanczos", Image.Resampling.LANCZOS),
-                                                ("Nearest", Image.Resampling.NEAREST)])
+                                                ("Nearest", Image.Resampling.NEAREST),
+                                                ("None", Image.Resampling.LANCZOS)])  # A1111: None is a resize
 def test_pixel_hires_is_img2img_of_the_upscaled_first_pass(tiny, upscaler, resample):
     j = job(hires_upscaler=upscaler)
     out = tiny.run(j)

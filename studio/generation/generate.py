@@ -325,7 +325,8 @@ class Generator:
             from studio.upscale.tiling import UpscaleCancelled
 
             try:
-                pictures = [upscale(image, second.upscaler, size=(second.width, second.height),
+                name = "Lanczos" if second.upscaler == "None" else second.upscaler  # A1111's hires "None" resizes
+                pictures = [upscale(image, name, size=(second.width, second.height),
                                     folder=self.manager.cfg.upscalers_dir, device=pipe._execution_device,
                                     cancel=cancel).image for image in first.images]
             except UpscaleCancelled:
