@@ -77,6 +77,20 @@ def inpainting_folder(tmp_path_factory):
     return Generator(manager)
 
 
+def reference_pipeline(pipe, scheduler, xl: bool):
+    """diffusers' inpainting pipeline (SD or SDXL) over the studio pipe's components."""
+    if xl:
+        from diffusers import StableDiffusionXLInpaintPipeline
+
+        return StableDiffusionXLInpaintPipeline(
+            vae=pipe.vae, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2, tokenizer=pipe.tokenizer,
+            tokenizer_2=pipe.tokenizer_2, unet=pipe.unet, scheduler=scheduler, requires_aesthetics_score=False,
+            force_zeros_for_empty_prompt=False, add_watermarker=False)
+    return StableDiffusionInpaintPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
 def diffusers_inpaint(gen: Generator, j: GenerateJob) -> np.ndarray:
     """The job through StableDiffusionInpaintPipeline on the same components, conditioning and scheduler, from the
     seed's CPU noise; the init goes in as the VAE posterior's mean (as the studio encodes it), and for a 9-channel
@@ -84,26 +98,24 @@ def diffusers_inpaint(gen: Generator, j: GenerateJob) -> np.ndarray:
     model = gen.manager.current
     pipe = model.pipe
     with gen.manager.lock:
-        cond, uncond, _ = gen.encode(j, model)
+        cond, uncond, nets = gen.encode(j, model)
     processor = pipe.image_processor
     picture = processor.preprocess(j.init_picture())
-    mask = StableDiffusionInpaintPipeline(
-        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-        scheduler=pipe.scheduler, safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False).mask_processor.preprocess(j.mask, height=SIZE, width=SIZE)
+    mask = reference_pipeline(pipe, pipe.scheduler, model.is_xl).mask_processor.preprocess(j.mask, height=SIZE,
+                                                                                         width=SIZE)
     with torch.no_grad():
         sf = pipe.vae.config.scaling_factor
         init_latents = pipe.vae.encode(picture).latent_dist.mode() * sf
         masked_latents = pipe.vae.encode(picture * (mask < 0.5)).latent_dist.mode() * sf
     scheduler = samplers.make_scheduler(j.sampler, j.schedule, dict(pipe.scheduler.config), seed=j.seed)
-    ref = StableDiffusionInpaintPipeline(
-        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ref = reference_pipeline(pipe, scheduler, model.is_xl)
     ref.set_progress_bar_config(disable=True)
+    extra = {} if not model.is_xl else dict(pooled_prompt_embeds=nets.pooled,
+                                            negative_pooled_prompt_embeds=nets.uncond_pooled)
     noise = torch.randn((4, SIZE // 8, SIZE // 8), generator=torch.Generator("cpu").manual_seed(j.seed))[None]
     out = ref(prompt_embeds=cond, negative_prompt_embeds=uncond, image=init_latents, mask_image=j.mask,
               masked_image_latents=masked_latents, latents=noise, height=SIZE, width=SIZE, strength=1.0,
-              num_inference_steps=j.steps, guidance_scale=j.cfg_scale, output_type="pil").images[0]
+              num_inference_steps=j.steps, guidance_scale=j.cfg_scale, output_type="pil", **extra).images[0]
     return np.asarray(out).astype(int)
 
 
@@ -140,6 +152,28 @@ def test_inpainting_checkpoint_equals_diffusers(inpainting_folder, tmp_path_fact
     # the UNet reads the picture around the mask: another picture outside it changes what is drawn inside
     other = pixels(gen.run(job(init_image=noise_image(2))))
     assert np.abs(other - ours)[where].max() > 3
+
+
+@pytest.mark.parametrize("channels", [4, 9])
+def test_sdxl_inpainting_equals_diffusers(tmp_path_factory, channels):
+    """SDXL: blended latents on the base UNet, and an SDXL inpainting UNet (9 channels) from a single file."""
+    from studio.models.tiny import build_tiny_xl_pipeline
+
+    cfg = home(tmp_path_factory)
+    pipe = build_tiny_xl_pipeline()
+    if channels == 9:
+        torch.manual_seed(0)
+        pipe.unet = UNet2DConditionModel.from_config({**pipe.unet.config, "in_channels": 9})
+    save_single_file(pipe, cfg.models_dir / "tiny-xl.safetensors", "sdxl")
+    manager = ModelManager(cfg)
+    manager.load("tiny-xl.safetensors")
+    gen = Generator(manager)
+    assert gen.manager.current.is_xl and gen.manager.current.pipe.unet.config.in_channels == channels
+    j = job(sampler="Euler")
+    ours = pixels(gen.run(j))
+    where = inside(j.mask)
+    assert np.abs(ours - diffusers_inpaint(gen, j))[where].max() <= 1
+    assert np.array_equal(ours[~where], np.asarray(j.init_picture()).astype(int)[~where])
 
 
 def test_text_to_image_on_an_inpainting_model(inpainting_folder):
