@@ -283,6 +283,9 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
     blend = inpaint is not None and inpaint.blends
     if blend and init is None:
         raise ValueError("inpainting needs the init image's latents")
+    if blend and strength >= 1 and hasattr(scheduler, "set_begin_index"):
+        # add_noise then reads the step index instead of searching the timestep on the GPU (a sync every step)
+        scheduler.set_begin_index(0)
     keep = None if not blend else 1 - inpaint.mask.to(device, latents.dtype)
     extra_in = None
     if inpaint is not None and inpaint.conditioning is not None:
