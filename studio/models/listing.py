@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CHECKPOINT_EXTS = (".safetensors", ".ckpt")
+VAE_SIDECAR = ".vae.safetensors"  # NAME.vae.safetensors beside NAME.safetensors: its VAE (A1111), not a model
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ def list_models(models_dir: Path) -> list[ModelEntry]:
             continue  # files inside a diffusers folder are its components, not models
         if path.is_dir() and (path / "model_index.json").is_file():
             entries.append(ModelEntry(rel.as_posix(), path, "diffusers"))
+        elif path.is_file() and path.name.lower().endswith(VAE_SIDECAR):
+            continue  # a checkpoint's own VAE, used when the VAE menu is Automatic
         elif path.is_file() and path.suffix.lower() in CHECKPOINT_EXTS:
             entries.append(ModelEntry(rel.as_posix(), path, "single-file"))
     return entries

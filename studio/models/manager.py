@@ -41,7 +41,7 @@ from studio.models.checkpoints import (
     zero_snr_hint,
 )
 from studio.models.hub import offline, offline_reason
-from studio.models.listing import list_models
+from studio.models.listing import VAE_SIDECAR, list_models
 from studio.models.tiny import TINY_NAME, TINY_NAMES, TINY_XL_NAME, build_tiny_pipeline
 from studio.models.tokenizer import family_tokenizers
 
@@ -50,7 +50,6 @@ CONFIG_METADATA_KEY = "studio.diffusers_config"  # as studio.files.convert write
 DEFAULT_DOWNLOAD = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # the VAE menu's fixed choices (A1111's): a NAME.vae.safetensors beside the checkpoint, else its own; its own
 VAE_AUTOMATIC, VAE_NONE = "Automatic", "None"
-VAE_SIDECAR = ".vae.safetensors"
 # the VAE groups that share latents: SD 1.x and 2.x use one VAE (scaling 0.18215), SDXL its own (0.13025)
 VAE_GROUPS = {"sd1": "sd", "sd2": "sd", "sdxl": "sdxl"}
 VAE_GROUP_LABELS = {"sd": "SD 1.x/2.x", "sdxl": "SDXL"}
