@@ -312,7 +312,7 @@ def test_automatic_picks_the_vae_beside_the_checkpoint(tmp_path):
     gen = Generator(manager)
     base = gen.run(job())
     write_vae(pipe.vae, cfg.models_dir / "tiny.vae.safetensors", perturb=0.05)
-    assert [c for c in manager.choices() if "tiny" in c] == ["tiny.safetensors"]  # the sidecar is not a model
+    assert [c for c in manager.choices() if c.startswith("tiny")] == ["tiny.safetensors"]  # the sidecar is no model
     manager.load("tiny.safetensors")
     assert manager.current.vae_choice.name == "tiny.vae.safetensors"
     beside = gen.run(job())
