@@ -163,3 +163,10 @@ def test_cli_hires_fix(tmp_path, monkeypatch, capsys):
     made = Image.open(capsys.readouterr().out.strip())
     assert made.size == (128, 128)
     assert "Hires upscale: 2, Hires steps: 2, Hires upscaler: Latent (nearest)" in made.info["parameters"]
+
+
+def test_sizes_far_from_native_are_warned_about(tiny):
+    assert not tiny.run(job(hires_fix=False)).notes  # demo-tiny's native 64x64
+    notes = tiny.run(job(hires_fix=False, width=256, height=64)).notes
+    assert any("256x64 is far from demo-tiny's native 64x64" in n and "hires fix" in n for n in notes)
+    assert not tiny.run(job(width=64, height=64, hires_scale=2)).notes  # the hires pass is the way to go larger

@@ -102,6 +102,18 @@ def build_infotext(job: GenerateJob, seed: int, model: LoadedModel, model_hash: 
     return format_infotext(job.prompt, job.negative_prompt, params)
 
 
+def size_note(width: int, height: int, model: LoadedModel) -> str | None:
+    """A warning when a side is far from the model's native size (over 2x or under half): such images take
+    longer per step and the model composes them badly (repeated subjects when large, mush when small)."""
+    native = model.native_size
+    if all(native / 2 <= side <= 2 * native for side in (width, height)):
+        return None
+    what = ("larger: each step costs more and subjects tend to repeat" if max(width, height) > 2 * native
+            else "smaller: the model has too few pixels to draw with")
+    return (f"{width}x{height} is far from {model.name}'s native {native}x{native} ({what}); "
+            f"try {native}x{native}, or a hires fix for a larger picture")
+
+
 def inpaint_fields(job: GenerateJob) -> dict:
     """A1111's inpainting fields, each written only when it is not the default (as A1111 does); outpainting as
     `Outpaint: left 64, right 64`."""
@@ -395,6 +407,9 @@ class Generator:
                 hires_steps = min(int((second.steps or job.steps) * second.denoising_strength), second.steps or job.steps)
             total = (run_steps + hires_steps) * job.batch_count
             result = GenerateResult(notes=nets.notes)
+            note = size_note(width, height, model)
+            if note:
+                result.notes.append(note)
             for batch in range(job.batch_count):
                 # 2. seeds and noise: image i of the whole run uses seed + i, as in A1111
                 seeds = [base_seed + batch * job.batch_size + i for i in range(job.batch_size)]
