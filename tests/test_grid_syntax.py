@@ -130,7 +130,7 @@ def test_axis_spec(text, expected):
     ("CFG Scal: 3", "unknown axis 'CFG Scal'"),
     ("CFG Scal: 3", "did you mean 'CFG Scale'"),
     ("Steps 10,20", "could not read the axis 'Steps 10,20'"),
-    ("Denoising: 0.5", "choose one of: Nothing, Seed, Steps"),
+    ("Refiner switch at: 0.8", "choose one of: Nothing, Seed, Steps"),  # not an axis here (no refiner)
 ])
 def test_axis_spec_errors(text, message):
     with pytest.raises(AxisSyntaxError) as e:

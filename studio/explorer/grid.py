@@ -1,6 +1,7 @@
 """The parameter explorer: A1111's X/Y/Z plot planned into GenerateJobs, run as batched passes of the Generate
-denoise loop (cells sharing checkpoint, LoRAs, sampler, steps and size), written as a lettered grid PNG, a PNG
-per cell and the table of cells (JSON, CSV)."""
+denoise loop (cells sharing checkpoint, VAE, LoRAs, sampler, steps, size, denoising strength and hires fix), written
+as a lettered grid PNG, a PNG per cell and the table of cells (JSON, CSV). Text to image, image to image,
+inpainting and outpainting and hires fix cells each run as Generate runs them."""
 
 from __future__ import annotations
 
@@ -43,11 +44,11 @@ from studio.explorer.syntax import (
     swap_network,
 )
 from studio.files.atomic import write_text
-from studio.generation import samplers
-from studio.generation.denoise import denoise, pass_noise_is_shared
+from studio.generation import hires, samplers
+from studio.generation.denoise import denoise, encode_init, pass_noise_is_shared
 from studio.generation.generate import GeneratedImage, Generator, build_infotext, save_png
 from studio.generation.infotext import format_infotext, parse_infotext
-from studio.generation.job import MAX_SEED, GenerateJob, work
+from studio.generation.job import MAX_SEED, GenerateJob, load_init_image, work
 from studio.generation.oom import generation_advice, run_with_advice
 from studio.generation.prompt_syntax import extract_network_tags
 from studio.models import speed
@@ -143,16 +144,20 @@ class GridCell:
     job: GenerateJob  # what Generate would run for this cell (batch 1, a real seed)
     checkpoint: str  # "" = the model loaded when the grid starts
     labels: tuple[str, str, str]
+    vae: str = ""  # a VAE axis's choice (a name of ModelManager.vae_choices()); "" = the VAE menu's setting
+    size: tuple[int, int] = (0, 0)  # the finished image's size (hires fix: the second pass's); (0, 0) = the job's
 
 
 @dataclass
 class GridGroup:
-    """Cells that can share denoising passes: same checkpoint, LoRA set, sampler, schedule, steps, size."""
+    """Cells that can share denoising passes: same checkpoint, VAE, LoRA set, sampler, schedule, steps, size,
+    clip skip, denoising strength (image to image) and hires fix settings."""
 
     key: tuple
     checkpoint: str
     cells: list[int]
     passes: list[list[int]]
+    vae: str = ""  # "" = the VAE menu's setting when the grid starts
 
 
 @dataclass
@@ -169,28 +174,67 @@ class GridPlan:
 
     @property
     def total_steps(self) -> int:
-        return sum(self.cells[p[0]].job.steps for p in self.passes)
+        """The sampling steps the passes run (image to image: steps x strength; hires fix: both passes)."""
+        return sum(sum(run_steps(self.cells[p[0]].job)) for p in self.passes)
 
     def summary(self) -> str:
         shape = " × ".join(str(len(a.values)) for a in self.axes if a.active)
         w, h = self.layout.size
         loads = len({g.checkpoint for g in self.groups} - {""})
+        vaes = len({g.vae for g in self.groups} - {""})
         text = (f"{len(self.cells)} cells ({shape}) in {len(self.passes)} denoising pass"
                 f"{'es' if len(self.passes) != 1 else ''} ({len(self.groups)} group{'s' if len(self.groups) != 1 else ''})"
                 f", grid {w}×{h} px")
         if loads:
             text += f", {loads} checkpoint load{'s' if loads != 1 else ''}"
+        if vaes:
+            text += f", {vaes} VAE{'s' if vaes != 1 else ''}"
+        base = self.job.base
+        if base.hires_fix:
+            text += ", hires fix on"
+        elif base.is_inpaint:
+            text += ", outpainting" if base.outpaint else ", inpainting"
+        elif base.is_img2img:
+            text += ", image to image"
         return text
 
     def estimate_seconds(self, seconds_per_step_megapixel: float | None) -> float | None:
         """Denoising time from a measured rate (seconds per step, cell and megapixel), or None without one."""
         if not seconds_per_step_megapixel:
             return None
-        total = 0.0
-        for p in self.passes:
-            job = self.cells[p[0]].job
-            total += job.steps * len(p) * job.width * job.height / 1e6
+        total = sum(len(p) * run_work(self.cells[p[0]].job) for p in self.passes)
         return total * seconds_per_step_megapixel
+
+
+def run_steps(job: GenerateJob) -> tuple[int, int]:
+    """(steps the first pass runs, steps the hires fix's second pass runs), counted as Generate counts them: image
+    to image runs steps x strength, and so does the second pass (steps x hires denoising)."""
+    second = job.hires_pass()
+    if second is None:
+        return job.denoise_steps(), 0
+    steps = second.steps or job.steps
+    return job.denoise_steps(), min(int(steps * second.denoising_strength), steps)
+
+
+def run_work(job: GenerateJob) -> float:
+    """Step-megapixels one cell's passes run (what the measured rate is per)."""
+    first, second_steps = run_steps(job)
+    width, height = job.frame_size()
+    out = work(1, first, width, height)
+    second = job.hires_pass()
+    if second is not None:
+        out += work(1, second_steps, second.width, second.height)
+    return out
+
+
+def limit_work(job: GenerateJob) -> float:
+    """One cell's work as Limits.max_work counts it (GenerateJob.validate's count: all steps, the hires fix's
+    second pass included)."""
+    out = work(1, job.steps, *job.frame_size())
+    second = job.hires_pass()
+    if second is not None:
+        out += work(1, second.steps or job.steps, second.width, second.height)
+    return out
 
 
 def _number(value: float) -> str:
@@ -202,11 +246,37 @@ def _label(axis_type_: AxisType, value_text: str) -> str:
     return value_text if axis_type_.bare_label else f"{axis_type_.name}: {value_text}"
 
 
+ChoicesFn = Callable[[str], list[str]]  # axis kind ("hires_upscaler", "vae") -> the names it may take
+
+
+def hires_upscaler_choices(upscalers_dir: Path | None = None) -> list[str]:
+    """The hires fix's upscalers, as Generate takes them: A1111's latent upscalers, Lanczos, Nearest, then the model
+    files in `upscalers_dir` ("None" is left out: it would not reach the target size)."""
+    names = [*hires.LATENT_UPSCALERS, "Lanczos", "Nearest"]
+    if upscalers_dir is not None:
+        from studio.upscale.library import local_upscalers
+
+        names += [e.name for e in local_upscalers(upscalers_dir)]
+    return names
+
+
+def default_choices(kind: str) -> list[str]:
+    """The names an axis takes when no studio folder is known: the latent upscalers, Lanczos and Nearest for
+    Hires upscaler (files in upscalers/ need GridRunner's list); Automatic and None for VAE."""
+    if kind == "hires_upscaler":
+        return hires_upscaler_choices()
+    if kind == "vae":
+        return ["Automatic", "None"]
+    return []
+
+
 def read_axis(letter: str, spec: AxisSpec, base: GenerateJob, keep_random_seeds: bool = False,
               rng: random.Random | None = None, check_checkpoint: Callable[[str], str] | None = None,
-              check_network: Callable[[str, str], None] | None = None, limits: Limits | None = None) -> Axis:
-    """Read one axis's values against the base job (pure unless the two checks are given). Errors name the axis
-    and quote the value; an axis of more values than max_grid_cells is refused before its ranges are listed."""
+              check_network: Callable[[str, str], None] | None = None, limits: Limits | None = None,
+              choices: ChoicesFn | None = None) -> Axis:
+    """Read one axis's values against the base job (pure unless the checks are given; `choices` lists the hires
+    upscalers and VAEs there are). Errors name the axis and quote the value; an axis of more values than
+    max_grid_cells is refused before its ranges are listed."""
     atype = axis_type(spec.type)
     axis = Axis(letter, spec, atype)
     if atype.kind == "nothing":
@@ -216,7 +286,8 @@ def read_axis(letter: str, spec: AxisSpec, base: GenerateJob, keep_random_seeds:
     try:
         if not isinstance(spec.values, str):
             raise AxisSyntaxError(f"the values must be text, got {spec.values!r}")
-        values, texts = _read_values(atype, spec, base, check_checkpoint, check_network, max_values)
+        _check_mode(atype, base)
+        values, texts = _read_values(atype, spec, base, check_checkpoint, check_network, max_values, choices)
         if len(values) > max_values:
             raise LimitExceeded("max_grid_cells", max_values, f"{len(values):,} values")
         if atype.kind == "lora_weight":
@@ -240,14 +311,59 @@ def read_axis(letter: str, spec: AxisSpec, base: GenerateJob, keep_random_seeds:
 
 _EXAMPLES = {"int": "10, 20, 30", "float": "3, 7, 11", "sampler": "Euler a, DPM++ 2M", "schedule": "Karras, Beta",
              "size": "512x512, 768x512", "prompt_sr": "red, blue, green", "negative_sr": "blurry, noisy",
-             "lora_weight": "0, 0.5, 1", "network": "inkwash, paperfold, None", "checkpoint": "demo-tiny"}
+             "lora_weight": "0, 0.5, 1", "network": "inkwash, paperfold, None", "checkpoint": "demo-tiny",
+             "denoising": "0.3, 0.5, 0.7", "hires_steps": "0, 10, 20", "hires_scale": "1.5, 2",
+             "hires_upscaler": "Latent, Lanczos", "vae": "Automatic, None"}
+# the ranges of the numeric axes of this module's own (as GenerateJob.validate checks them)
+_RANGES = {"denoising": (0.0, 1.0, "denoising strength", "0 to 1"),
+           "hires_steps": (0, 150, "hires steps", "0 (the same as steps) to 150"),
+           "hires_scale": (1.0, 4.0, "hires upscale", "1 to 4")}
 
 
-def _read_values(atype, spec, base, check_checkpoint, check_network, max_values) -> tuple[list, list[str]]:
+def _check_mode(atype: AxisType, base: GenerateJob) -> None:
+    """Refuse an axis the base job gives nothing to act on (a Denoising axis on text to image, a hires axis without
+    hires fix), saying what to set."""
+    if atype.kind == "denoising" and not base.is_img2img and not base.hires_fix:
+        raise AxisSyntaxError("the Denoising axis sets the denoising strength of image to image (or of the hires "
+                              "fix's second pass), and the base settings are text to image: add an init image or "
+                              "turn hires fix on")
+    if atype.kind in ("hires_steps", "hires_scale", "hires_upscaler") and not base.hires_fix:
+        raise AxisSyntaxError(f"the {atype.name} axis changes the hires fix, which is off in the base settings: turn hires "
+                              "fix on")
+    if atype.kind == "hires_scale" and (base.hires_width or base.hires_height):
+        raise AxisSyntaxError(f"the base settings resize the hires fix to {base.hires_width}x{base.hires_height} "
+                              "(resize width/height), so the upscale is not used: set them to 0")
+
+
+def _in_range(kind: str, values: list) -> None:
+    lo, hi, label, allowed = _RANGES[kind]
+    for v in values:
+        if not lo <= v <= hi:
+            raise AxisSyntaxError(f"{label} {_number(v)} is out of range; use {allowed}")
+
+
+def _read_values(atype, spec, base, check_checkpoint, check_network, max_values,
+                 choices: ChoicesFn | None = None) -> tuple[list, list[str]]:
     kind, text = atype.kind, spec.values
-    if kind == "int":
+    if kind in ("int", "hires_steps"):
         values = parse_int_values(text, atype.name.lower(), max_values)
+        if kind in _RANGES:
+            _in_range(kind, values)
         return values, [str(v) for v in values]
+    if kind in ("denoising", "hires_scale"):
+        values = parse_float_values(text, _RANGES[kind][2], max_values)
+        _in_range(kind, values)
+        return values, [_number(v) for v in values]
+    if kind in ("hires_upscaler", "vae"):
+        names = choices(kind) if choices is not None else default_choices(kind)
+        what = "hires upscaler" if kind == "hires_upscaler" else "VAE"
+        values = []
+        for v in split_values(text):
+            if kind == "vae" and choices is None and v.lower() not in ("automatic", "none"):
+                values.append(v)  # no studio to list vae/: GridRunner checks the name
+            else:
+                values.append(match_choice(v, names, what))
+        return values, values
     if kind in ("float", "lora_weight"):
         values = parse_float_values(text, "weight" if kind == "lora_weight" else atype.name, max_values)
         return values, [_number(v) for v in values]
@@ -311,6 +427,19 @@ def _apply(axis: Axis, value, job: GenerateJob, cell: dict, limits: Limits | Non
         job.steps = value
     elif kind == "float":
         job.cfg_scale = value
+    elif kind == "denoising":  # A1111's denoising_strength: hires fix's second pass in text to image
+        if job.hires_fix:
+            job.hires_denoising = value
+        else:
+            job.denoising_strength = value
+    elif kind == "hires_steps":
+        job.hires_steps = value
+    elif kind == "hires_scale":
+        job.hires_scale = value
+    elif kind == "hires_upscaler":
+        job.hires_upscaler = value
+    elif kind == "vae":
+        cell["vae"] = value
     elif kind == "sampler":
         job.sampler = value[0]
         if value[1] != samplers.AUTOMATIC:
@@ -340,37 +469,59 @@ def lora_set(prompt: str) -> tuple:
     return tuple(sorted((t.name, t.te, t.unet) for t in tags))
 
 
+def pass_key(cell: GridCell) -> tuple:
+    """What must be equal in one denoising call: checkpoint, VAE, LoRA set (the slow changes, in that order),
+    sampler, schedule, steps, size, clip skip, image to image's strength and the hires fix's second pass."""
+    j = cell.job
+    strength = float(j.denoising_strength) if j.is_img2img else None
+    return (cell.checkpoint, cell.vae, lora_set(j.prompt), j.sampler, samplers.resolve_schedule(j.sampler, j.schedule),
+            j.steps, j.width, j.height, j.clip_skip, strength, j.hires_pass())
+
+
 def plan_groups(cells: list[GridCell], cells_per_pass: int) -> list[GridGroup]:
     """Group cells that can share denoising passes and order the groups so that the slow changes (checkpoint,
-    then LoRA set) happen least often; split each group into passes of at most `cells_per_pass` cells (one cell per
-    pass for samplers whose noise belongs to the whole pass)."""
+    then VAE, then LoRA set) happen least often; split each group into passes of at most `cells_per_pass` cells
+    (one cell per pass for samplers whose noise belongs to the whole pass)."""
     groups: dict[tuple, GridGroup] = {}
     for cell in cells:
-        j = cell.job
-        key = (cell.checkpoint, lora_set(j.prompt), j.sampler, samplers.resolve_schedule(j.sampler, j.schedule),
-               j.steps, j.width, j.height, j.clip_skip)
-        groups.setdefault(key, GridGroup(key, cell.checkpoint, [], [])).cells.append(cell.index)
+        key = pass_key(cell)
+        groups.setdefault(key, GridGroup(key, cell.checkpoint, [], [], cell.vae)).cells.append(cell.index)
     first_seen: dict[tuple, int] = {}
     for key in groups:
-        for part in (key[0], key[:2]):
+        for part in (key[:1], key[:2], key[:3]):
             first_seen.setdefault(part, len(first_seen))
-    ordered = sorted(groups.values(), key=lambda g: (first_seen[g.key[0]], first_seen[g.key[:2]], g.cells[0]))
+    ordered = sorted(groups.values(), key=lambda g: (first_seen[g.key[:1]], first_seen[g.key[:2]],
+                                                     first_seen[g.key[:3]], g.cells[0]))
     for group in ordered:
-        size = 1 if pass_noise_is_shared(group.key[2]) else cells_per_pass
+        size = 1 if pass_noise_is_shared(cells[group.cells[0]].job.sampler) else cells_per_pass
         group.passes = [group.cells[i : i + size] for i in range(0, len(group.cells), size)]
     return ordered
 
 
+def output_size(job: GenerateJob, init_size: Callable[[], tuple[int, int]]) -> tuple[int, int]:
+    """The size of the image Generate makes for `job`: the hires fix's target, the init's own size for "Only
+    masked" inpainting (the result is laid back into it), else the frame (outpainting adds its bands)."""
+    second = job.hires_pass()
+    if second is not None:
+        return second.width, second.height
+    if job.is_inpaint and not job.outpaint and job.inpaint_area == "Only masked":
+        return init_size()
+    return job.frame_size()
+
+
 def plan_grid(job: GridJob, rng: random.Random | None = None, check_checkpoint: Callable[[str], str] | None = None,
-              check_network: Callable[[str, str], None] | None = None, limits: Limits | None = None) -> GridPlan:
+              check_network: Callable[[str, str], None] | None = None, limits: Limits | None = None,
+              choices: ChoicesFn | None = None) -> GridPlan:
     """Validate the job, read the axes, make every cell's GenerateJob, group the cells into passes and lay out
     the grid image. Errors name the axis and quote the value; nothing has run yet. `limits` (default:
-    Limits.from_env()) bounds the cells, each cell's prompts, the grid image and the work."""
+    Limits.from_env()) bounds the cells, each cell's prompts, the grid image and the work (hires fix's second
+    passes included); `choices` lists the hires upscalers and VAEs (default: default_choices)."""
     # 1. validate the job and read the axes
     limits = limits or Limits.from_env()
     job.validate(limits)
     rng = rng or random.Random()
-    axes = [read_axis(letter, spec, job.base, job.keep_random_seeds, rng, check_checkpoint, check_network, limits)
+    axes = [read_axis(letter, spec, job.base, job.keep_random_seeds, rng, check_checkpoint, check_network, limits,
+                      choices)
             for letter, spec in zip(LETTERS, job.axes(), strict=True)]
     n_cells = len(axes[0].values) * len(axes[1].values) * len(axes[2].values)
     shape = " × ".join(str(len(a.values)) for a in axes if a.active)
@@ -378,11 +529,17 @@ def plan_grid(job: GridJob, rng: random.Random | None = None, check_checkpoint: 
     # 2. one GenerateJob per cell; seeds: -1 is one random seed for all cells, or one per cell with keep -1
     shared_seed = rng.randint(0, MAX_SEED) if job.base.seed == -1 and not job.keep_random_seeds else job.base.seed
     cells: list[GridCell] = []
+    init_sizes: list[tuple[int, int]] = []
+
+    def init_size() -> tuple[int, int]:  # read once, only for "Only masked" inpainting
+        if not init_sizes:
+            init_sizes.append(load_init_image(job.base.init_image).size)
+        return init_sizes[0]
     for iz, z in enumerate(axes[2].values):
         for iy, y in enumerate(axes[1].values):
             for ix, x in enumerate(axes[0].values):
                 cell_job = replace(job.base, seed=shared_seed)
-                extra = {"checkpoint": job.checkpoint}
+                extra = {"checkpoint": job.checkpoint, "vae": ""}
                 pos = (ix, iy, iz)
                 labels = tuple(a.labels[i] for a, i in zip(axes, pos, strict=True))
                 try:
@@ -391,14 +548,15 @@ def plan_grid(job: GridJob, rng: random.Random | None = None, check_checkpoint: 
                     if cell_job.seed == -1:
                         cell_job.seed = rng.randint(0, MAX_SEED)
                     cell_job.validate(limits)
+                    size = output_size(cell_job, init_size)
                 except LimitExceeded as e:
                     raise LimitExceeded(e.name, e.limit, f"cell {_where(axes, labels)}: {e.what}") from None
                 except ValueError as e:
                     raise ValueError(f"cell {_where(axes, labels)}: {e}") from None
-                cells.append(GridCell(len(cells), pos, cell_job, extra["checkpoint"], labels))
-    total = sum(work(1, c.job.steps, c.job.width, c.job.height) for c in cells)
+                cells.append(GridCell(len(cells), pos, cell_job, extra["checkpoint"], labels, extra["vae"], size))
+    total = sum(limit_work(c.job) for c in cells)
     limits.check("max_work", total, f"the grid's {len(cells):,} cells are {total:,.0f} step-megapixels of work "
-                                    "(steps x width x height / 1e6, summed)")
+                                    "(steps x width x height / 1e6, summed, hires fix second passes included)")
     # 3. groups and passes
     groups = plan_groups(cells, job.cells_per_pass)
     # 4. the size guard: the grid image must stay drawable
@@ -421,8 +579,9 @@ def layout_for(axes: list[Axis], cells: list[GridCell]) -> GridLayout:
     col_w, row_h = [0] * nx, [0] * ny
     for cell in cells:
         ix, iy, _ = cell.pos
-        col_w[ix] = max(col_w[ix], cell.job.width)
-        row_h[iy] = max(row_h[iy], cell.job.height)
+        width, height = cell.size if cell.size != (0, 0) else (cell.job.width, cell.job.height)
+        col_w[ix] = max(col_w[ix], width)
+        row_h[iy] = max(row_h[iy], height)
     return grid_layout(col_w, row_h, *[a.labels if a.active else [] for a in axes])
 
 
@@ -483,8 +642,37 @@ class GridRunner:
             known = ", ".join(lib.embeddings().found) or "none"
             raise ValueError(f"no embedding {name!r} in {lib.embeddings_dir} (found: {known})")
 
+    def _choices(self, kind: str) -> list[str]:
+        if kind == "hires_upscaler":
+            return hires_upscaler_choices(self.manager.cfg.upscalers_dir)
+        if kind == "vae":
+            return self.manager.vae_choices()
+        return default_choices(kind)
+
     def plan(self, job: GridJob, rng: random.Random | None = None) -> GridPlan:
-        return plan_grid(job, rng, self._check_checkpoint, self._check_network, self.manager.cfg.limits)
+        return plan_grid(job, rng, self._check_checkpoint, self._check_network, self.manager.cfg.limits,
+                         self._choices)
+
+    def prepare_inits(self, plan: GridPlan) -> dict[int, tuple]:
+        """Per group (by its first cell): (inpaint plan, init picture), read and checked before any cell runs, as
+        Generate reads them before any model work; hires fix's upscalers are resolved now too."""
+        out: dict[int, tuple] = {}
+        by_size: dict[tuple[int, int], tuple] = {}
+        for group in plan.groups:
+            j = plan.cells[group.cells[0]].job
+            second = j.hires_pass()
+            if second is not None and not second.in_latent_space:  # a missing file fails now, not after pass 1
+                from studio.upscale.library import resolve_upscaler
+
+                resolve_upscaler(second.upscaler, self.manager.cfg.upscalers_dir)
+            if not j.is_img2img:
+                out[group.cells[0]] = (None, None)
+                continue
+            if (j.width, j.height) not in by_size:
+                inpaint = j.inpaint_plan()
+                by_size[j.width, j.height] = (inpaint, inpaint.picture if inpaint is not None else j.init_picture())
+            out[group.cells[0]] = by_size[j.width, j.height]
+        return out
 
     def check_chunks(self, plan: GridPlan) -> None:
         """Every cell's prompts within max_prompt_chunks, counted with the loaded model's tokenizer before any
@@ -528,6 +716,7 @@ class GridRunner:
         if self.manager.current is None:
             raise RuntimeError("no model is loaded; load one first")
         self.check_chunks(plan)
+        inits = self.prepare_inits(plan)
         if grid_path is None and outputs_dir is not None:
             with self._path_lock:
                 grid_path = next_grid_path(outputs_dir)
@@ -536,6 +725,8 @@ class GridRunner:
         result = GridResult(plan)
         original = self.manager.current
         original_spec = str(original.path) if original.path else original.name
+        original_vae = self.manager.vae_setting
+        vae_axis = any(a.active and a.type.kind == "vae" for a in plan.axes)
         done, total = 0, plan.total_steps
         n_passes = len(plan.passes)
         try:
@@ -543,17 +734,25 @@ class GridRunner:
                 if cancel is not None and cancel.is_set():
                     result.interrupted = True
                     break
-                # 3. the group's checkpoint (the slowest change: groups are ordered to need few)
+                # 3. the group's checkpoint (the slowest change: groups are ordered to need few), then its VAE
                 spec = group.checkpoint or original_spec
                 if not self._is_loaded(spec):
                     if on_progress:
                         on_progress(done, total, f"loading {spec}")
                     self.manager.load(spec)
+                if vae_axis:
+                    want = group.vae or original_vae
+                    # a VAE the checkpoint's load could not apply (vae_note) is tried again: it fails, naming why
+                    if want != self.manager.vae_setting or (group.vae and self.manager.vae_note):
+                        if on_progress:
+                            on_progress(done, total, f"VAE {want}")
+                        self.manager.set_vae(want)
+                init = inits[group.cells[0]]
                 with self.manager.lock:
                     # out of GPU memory: freed, and a message with what to change (studio.oom)
                     done = run_with_advice(
-                        lambda done=done, group=group: self._run_group(plan, group, result, cells_dir, done, total,
-                                                                       n_passes, on_progress, cancel),
+                        lambda done=done, group=group, init=init: self._run_group(
+                            plan, group, result, cells_dir, done, total, n_passes, on_progress, cancel, init),
                         "the X/Y/Z plot", lambda group=group: generation_advice(
                             max(len(p) for p in group.passes), plan.job.base.width, plan.job.base.height,
                             self.manager.memory, "number of cells per pass", "the grid then takes more passes"))
@@ -566,6 +765,8 @@ class GridRunner:
         finally:
             if not self._is_loaded(original_spec):
                 self.manager.load(original_spec)  # as A1111 does: the grid leaves the model it found
+            if vae_axis:
+                self._restore_vae(original_vae)
         if result.interrupted:
             result.message = (f"stopped: {len(result.images)} of {len(plan.cells)} cells finished and kept; "
                               "the pass that was running is dropped")
@@ -573,58 +774,93 @@ class GridRunner:
         self._finish(result, grid_path)
         return result
 
-    def _run_group(self, plan, group, result, cells_dir, done, total, n_passes, on_progress, cancel) -> int:
+    def _restore_vae(self, name: str) -> None:
+        """The VAE menu's choice back as the user had it (and on the model the grid leaves loaded)."""
+        if self.manager.vae_setting == name and not self.manager.vae_note:
+            return
+        try:
+            self.manager.set_vae(name)
+        except (RuntimeError, ValueError):  # it did not fit this model before the grid either: keep the choice
+            self.manager.vae_setting = name
+
+    def _run_group(self, plan, group, result, cells_dir, done, total, n_passes, on_progress, cancel,
+                   init: tuple = (None, None)) -> int:
         model = self.manager.current
         pipe = model.pipe
         model_hash = self.manager.model_hash(model)
-        # 4. encode each distinct prompt pair once (this applies the group's LoRAs)
+        # the group shares sampler, steps, size, strength and hires fix: its first cell's job says them
+        lead = plan.cells[group.cells[0]].job
+        second = lead.hires_pass()
+        # 4. encode each distinct prompt pair once (this applies the group's LoRAs), and the hires fix's prompts
         encoded = {}
         for index in group.cells:
             j = plan.cells[index].job
             key = _encoding_key(j)
             if key not in encoded:
-                encoded[key] = self.generator.encode(j, model)
-                for note in encoded[key][2].notes:
+                cond, uncond, nets = self.generator.encode(j, model)
+                hires_nets = self.generator.hires_prompts(j, model, nets, cond, uncond) if second is not None else None
+                encoded[key] = (cond, uncond, nets, hires_nets)
+                for note in nets.notes:
                     if note not in result.notes:
                         result.notes.append(note)
+        # image to image and inpainting: the init's latents once per group, with the group's VAE
+        inpaint_plan, picture = init
+        init_latents = encode_init(pipe, picture) if picture is not None else None
+        width, height = lead.frame_size()
+        inpaint = self.generator.inpaint_for(lead, pipe, inpaint_plan, width, height)
+        first_steps, hires_steps = run_steps(lead)
+        steps_run = first_steps + hires_steps
         # 5. passes (split further when prompts of different lengths meet: their conditionings cannot stack)
         for planned in group.passes:
-            by_length: dict[int, list[int]] = {}
+            by_length: dict[tuple, list[int]] = {}
             for index in planned:
-                j = plan.cells[index].job
-                by_length.setdefault(encoded[_encoding_key(j)][0].shape[1], []).append(index)
+                cond, _, _, hires_nets = encoded[_encoding_key(plan.cells[index].job)]
+                length = (cond.shape[1], hires_nets.cond.shape[1] if hires_nets is not None else 0)
+                by_length.setdefault(length, []).append(index)
             for indices in by_length.values():
                 jobs = [plan.cells[i].job for i in indices]
-                first = jobs[0]
-                items = []
+                items, hires_items = [], []
                 for j in jobs:
-                    cond, uncond, nets = encoded[_encoding_key(j)]
+                    cond, uncond, nets, hires_nets = encoded[_encoding_key(j)]
                     items.append(nets.item(cond, uncond, j.cfg_scale, j.seed))
+                    if hires_nets is not None:
+                        hires_items.append(hires_nets.item(hires_nets.cond, hires_nets.uncond, j.cfg_scale, j.seed))
                 number = result.passes_run + 1
                 label = f"pass {number}/{n_passes}" if number <= n_passes else f"pass {number}"
 
-                def on_step(i, n, done=done, first=first, label=f"{label} ({len(items)} cells)"):
+                def on_step(i, n, done=done, steps=first_steps, what="", label=f"{label} ({len(items)} cells)"):
                     if on_progress:
-                        step = -(-i * first.steps // n)  # 2nd-order samplers take more timesteps than steps
-                        on_progress(done + step, total, f"{label}, step {step}/{first.steps}")
+                        step = -(-i * steps // n)  # 2nd-order samplers take more timesteps than steps
+                        on_progress(done + step, total, f"{label}, {what}step {step}/{steps}")
 
-                note = speed.compile_note(pipe.unet, (len(items), first.width, first.height, False))
+                def hires_step(i, n, done=done + first_steps):
+                    on_step(i, n, done, hires_steps, "hires fix, ")
+
+                note = speed.compile_note(pipe.unet, (len(items), width, height, False))
                 if note and on_progress:
                     on_progress(done, total, f"{label}: {note}")
                 t0 = time.perf_counter()
-                out = denoise(pipe, items, first.sampler, first.schedule, first.steps, first.width, first.height,
-                              on_step=on_step, cancel=cancel)
+                out = denoise(pipe, items, lead.sampler, lead.schedule, lead.steps, width, height,
+                              on_step=on_step, cancel=cancel, init_latents=init_latents,
+                              strength=lead.denoising_strength, inpaint=inpaint,
+                              decode=second is None or not second.in_latent_space)
+                if second is not None:  # the second pass, as Generate runs it (a stopped first pass returns as is)
+                    out = self.generator.run_hires_pass(lead, pipe, second, out, hires_items, hires_step, cancel)
                 if out.interrupted:
                     result.interrupted = True
                     return done
                 result.passes_run += 1
-                megapixels = first.width * first.height / 1e6
-                rate = (time.perf_counter() - t0) / (first.steps * len(items) * megapixels)
-                old = self.rates.get(model.name)
-                self.rates[model.name] = rate if old is None else 0.5 * (old + rate)
-                done += first.steps
+                cost = len(items) * run_work(lead)
+                if cost > 0:
+                    rate = (time.perf_counter() - t0) / cost
+                    old = self.rates.get(model.name)
+                    self.rates[model.name] = rate if old is None else 0.5 * (old + rate)
+                done += steps_run
+                images = out.images
+                if inpaint_plan is not None:  # the original's pixels back outside the mask (A1111's overlay)
+                    images = [inpaint_plan.finish(image) for image in images]
                 # 6. save each cell with the infotext Generate writes for it
-                for index, j, image in zip(indices, jobs, out.images, strict=True):
+                for index, j, image in zip(indices, jobs, images, strict=True):
                     nets = encoded[_encoding_key(j)][2]
                     info = build_infotext(j, j.seed, model, model_hash, nets)
                     item = GeneratedImage(image, j.seed, info)
@@ -667,8 +903,8 @@ class GridRunner:
 
 
 def _encoding_key(job: GenerateJob) -> tuple:
-    """What a cell's conditioning depends on (steps too: prompt editing switches at a step)."""
-    return job.prompt, job.negative_prompt, job.clip_skip, job.steps
+    """What a cell's conditioning depends on (steps too: prompt editing switches at a step; the hires prompts)."""
+    return job.prompt, job.negative_prompt, job.clip_skip, job.steps, job.hires_prompt, job.hires_negative_prompt
 
 
 def grid_infotext(plan: GridPlan, result: GridResult) -> str:
@@ -700,7 +936,7 @@ def grid_infotext(plan: GridPlan, result: GridResult) -> str:
 
 CSV_COLUMNS = ["index", "x", "y", "z", "x_label", "y_label", "z_label", "status", "pass", "file", "checkpoint",
                "prompt", "negative_prompt", "sampler", "schedule", "steps", "cfg_scale", "seed", "width", "height",
-               "clip_skip", "infotext"]
+               "clip_skip", "vae", "denoising_strength", "hires_upscaler", "hires_scale", "hires_steps", "infotext"]
 
 
 def table_rows(result: GridResult) -> list[dict]:
@@ -716,6 +952,12 @@ def table_rows(result: GridResult) -> list[dict]:
             "prompt": j.prompt, "negative_prompt": j.negative_prompt, "sampler": j.sampler,
             "schedule": samplers.resolve_schedule(j.sampler, j.schedule), "steps": j.steps, "cfg_scale": j.cfg_scale,
             "seed": j.seed, "width": j.width, "height": j.height, "clip_skip": j.clip_skip,
+            "vae": cell.vae,
+            # the strength that ran: the hires fix's second pass's, image to image's, or none (text to image)
+            "denoising_strength": j.hires_denoising if j.hires_fix else j.denoising_strength if j.is_img2img else None,
+            "hires_upscaler": j.hires_upscaler if j.hires_fix else None,
+            "hires_scale": j.hires_scale if j.hires_fix else None,
+            "hires_steps": j.hires_steps if j.hires_fix else None,
             "infotext": item.infotext if item else None,
         })
     return rows

@@ -30,7 +30,8 @@ class AxisSyntaxError(ValueError):
 @dataclass(frozen=True)
 class AxisType:
     name: str  # as A1111 writes it in "X Type: ..."
-    kind: str  # int, float, sampler, schedule, size, prompt_sr, negative_sr, lora_weight, network, checkpoint
+    kind: str  # int, float, sampler, schedule, size, prompt_sr, negative_sr, lora_weight, network, checkpoint,
+    #            denoising, hires_steps, hires_scale, hires_upscaler, vae
     bare_label: bool = False  # legend shows the value alone (A1111 does so for sampler, S/R and checkpoint)
     aliases: tuple[str, ...] = ()
 
@@ -42,16 +43,23 @@ AXIS_TYPES: dict[str, AxisType] = {
         AxisType(NOTHING, "nothing", aliases=("", "none")),
         AxisType("Seed", "int"),
         AxisType("Steps", "int"),
+        AxisType("Hires steps", "hires_steps", aliases=("hires second pass steps", "hr steps", "hires fix steps",
+                                                        "hr second pass steps")),
         AxisType("CFG Scale", "float", aliases=("cfg",)),
         AxisType("Sampler", "sampler", bare_label=True, aliases=("sampler name",)),
         AxisType("Schedule type", "schedule", aliases=("schedule", "scheduler")),
         AxisType("Size", "size"),
+        AxisType("Denoising", "denoising", aliases=("denoising strength", "denoise", "strength")),
+        AxisType("Hires upscale", "hires_scale", aliases=("hires scale", "hr scale", "hires upscale by",
+                                                          "hr upscale", "upscale by")),
+        AxisType("Hires upscaler", "hires_upscaler", aliases=("hr upscaler", "hires fix upscaler", "upscaler")),
         AxisType("Prompt S/R", "prompt_sr", bare_label=True, aliases=("s/r", "prompt sr")),
         AxisType("Negative prompt S/R", "negative_sr", bare_label=True, aliases=("negative s/r", "negative sr")),
         AxisType("LoRA weight", "lora_weight", aliases=("lora alpha",)),
         AxisType("LoRA / embedding", "network", bare_label=True,
                  aliases=("lora", "embedding", "network", "lora or embedding", "lora/embedding")),
         AxisType("Checkpoint name", "checkpoint", bare_label=True, aliases=("checkpoint", "model")),
+        AxisType("VAE", "vae", aliases=("sd vae", "vae name")),
     )
 }
 _BY_LOWER = {n.lower(): n for n in AXIS_TYPES} | {a: t.name for t in AXIS_TYPES.values() for a in t.aliases}

@@ -1,6 +1,6 @@
 """The Explorer tab: A1111's X/Y/Z plot (axis pickers, value boxes with dropdown helpers, a preview of the cell
 count and time), run as batched passes with progress and Stop; the grid in a zoomable view; send a cell to
-Generate."""
+Generate. The cells' base settings may start from an init image (image to image) or use hires fix."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from studio.explorer.grid import AxisSpec, GridJob, GridPlan, GridRunner
+from studio.explorer.grid import AxisSpec, GridJob, GridPlan, GridRunner, hires_upscaler_choices
 from studio.explorer.syntax import AXIS_TYPES, NONE_VALUE, NOTHING, lora_tags
-from studio.generation import samplers
-from studio.generation.job import GenerateJob
+from studio.generation import hires, samplers
+from studio.generation.job import RESIZE_MODES, GenerateJob, load_init_image
 from studio.ui.state import AppState
 
 AXIS_NAMES = list(AXIS_TYPES)
@@ -29,6 +29,11 @@ PLACEHOLDERS = {
     "LoRA weight": "0, 0.25, 0.5, 0.75, 1  ·  0-1 [5]",
     "LoRA / embedding": "the first is in the prompt, the others replace it: inkwash, paperfold, None",
     "Checkpoint name": "model names from models/ (or demo-tiny, demo-tiny-xl)",
+    "Denoising": "0.3, 0.5, 0.7  ·  0.2-0.8 [4]  (needs an init image, or hires fix on)",
+    "Hires steps": "0, 10, 20  (0: the same as the sampling steps; needs hires fix on)",
+    "Hires upscale": "1.5, 2  ·  1-2 (+0.25)  (needs hires fix on)",
+    "Hires upscaler": "Latent, Lanczos, 4x-UltraSharp  (needs hires fix on)",
+    "VAE": "Automatic, None, names of files in vae/",
 }
 
 
@@ -54,15 +59,25 @@ def helper_choices(state: AppState, axis_name: str) -> list[str] | None:
     if kind == "network":
         lib = state.generator.networks
         return sorted(lib.loras().found) + sorted(lib.embeddings().found) + [NONE_VALUE]
+    if kind == "hires_upscaler":
+        return hires_upscaler_choices(state.cfg.upscalers_dir)
+    if kind == "vae":
+        return state.manager.vae_choices()
     return None
 
 
 def grid_job_from_inputs(prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height, clip_skip,
                          x_type, x_values, x_lora, y_type, y_values, y_lora, z_type, z_values, z_lora, keep_seeds,
-                         cells_per_pass) -> GridJob:
-    # the values as sent: validation refuses 2.7 steps or None instead of a silent int() here
+                         cells_per_pass, init_image=None, denoising_strength=0.75, resize_mode="Just resize",
+                         hires_fix=False, hires_upscaler=hires.DEFAULT_UPSCALER, hires_scale=2.0, hires_steps=0,
+                         hires_denoising=0.7) -> GridJob:
+    # the values as sent: validation refuses 2.7 steps or None instead of a silent int() here; the image to image
+    # and hires fix inputs have defaults, so callers sending the text-to-image values still work
     base = GenerateJob(prompt=prompt, negative_prompt=negative, sampler=sampler, schedule=schedule, steps=steps,
-                       cfg_scale=cfg_scale, seed=seed, width=width, height=height, clip_skip=clip_skip)
+                       cfg_scale=cfg_scale, seed=seed, width=width, height=height, clip_skip=clip_skip,
+                       init_image=init_image or None, denoising_strength=denoising_strength, resize_mode=resize_mode,
+                       hires_fix=hires_fix, hires_upscaler=hires_upscaler, hires_scale=hires_scale,
+                       hires_steps=hires_steps, hires_denoising=hires_denoising)
     axes = [AxisSpec(t or NOTHING, v or "", (lora or "") if t == "LoRA weight" else "")
             for t, v, lora in ((x_type, x_values, x_lora), (y_type, y_values, y_lora), (z_type, z_values, z_lora))]
     return GridJob(base, *axes, keep_random_seeds=bool(keep_seeds), cells_per_pass=cells_per_pass)
@@ -123,6 +138,23 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
                 with gr.Row():
                     seed = gr.Number(value=-1, label="Seed (-1 = one random seed for all cells)")  # no rounding
                     clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip")
+            with gr.Accordion("Image to image (every cell starts from the init image)", open=False):
+                # a file, not gr.Image: gr.Image decodes an upload before any check (as on the Generate tab)
+                init_in = gr.File(label="Init image (PNG, JPEG, WebP): needed for a Denoising axis without hires fix",
+                                  file_types=["image"], elem_id="explorer-init-image", height=90)
+                strength = gr.Slider(0, 1, value=0.75, step=0.01, label="Denoising strength (a Denoising axis "
+                                     "sets it per cell)", elem_id="explorer-denoising")
+                resize_mode = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], label="Resize mode")
+            with gr.Accordion("Hires fix (text to image)", open=False):
+                hires_fix = gr.Checkbox(value=False, label="Hires fix: a second pass at a larger size",
+                                        elem_id="explorer-hires")
+                with gr.Row():
+                    hires_upscaler = gr.Dropdown(hires_upscaler_choices(state.cfg.upscalers_dir),
+                                                 value=hires.DEFAULT_UPSCALER, label="Upscaler")
+                    hires_scale = gr.Slider(1, 4, value=2, step=0.05, label="Upscale by")
+                with gr.Row():
+                    hires_steps = gr.Slider(0, 150, value=0, step=1, label="Hires steps (0: the same)")
+                    hires_denoising = gr.Slider(0, 1, value=0.7, step=0.01, label="Denoising strength")
             axis_inputs, axis_rows = [], []
             for letter, default, value in zip("XYZ", DEFAULT_AXES, DEFAULT_VALUES, strict=True):
                 with gr.Group():
@@ -162,7 +194,19 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
     selected = gr.State(None)
 
     inputs = [prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height, clip_skip, *axis_inputs,
-              keep_seeds, cells_per_pass]
+              keep_seeds, cells_per_pass, init_in, strength, resize_mode, hires_fix, hires_upscaler, hires_scale,
+              hires_steps, hires_denoising]
+
+    # the init image checked on upload as Generate checks it (header before decoding, size limits)
+    def check_init(path):
+        if not path:
+            return
+        try:
+            load_init_image(path)
+        except ValueError as e:
+            gr.Warning(str(e))
+
+    init_in.change(check_init, init_in, None, api_visibility="private")
 
     # axis pickers: the helper dropdown lists what the axis can take
     for axis_type, values, helper, lora in axis_rows:
