@@ -6,6 +6,7 @@ hires fix counted in the work limit."""
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -336,3 +337,24 @@ def test_explorer_tab_offers_the_axes_and_the_base_job_modes(studio):
     assert (job.base.hires_fix, job.base.hires_upscaler, job.base.hires_scale, job.base.hires_steps,
             job.base.hires_denoising) == (True, "Lanczos", 1.5, 2, 0.4)
     assert [c.job.hires_denoising for c in runner.plan(job).cells] == [0.3, 0.6]
+
+
+def test_cli_grid_with_an_init_image_and_hires_fix(tmp_path, monkeypatch, capsys):
+    """`python -m studio grid --init-image ... --x 'Denoising: ...'` and a hires axis from the command line."""
+    from studio.cli import main
+
+    monkeypatch.setenv("STUDIO_HOME", str(tmp_path / "home"))
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "i.png")
+    base = ["grid", "--model", "demo-tiny", "--prompt", "a cat", "--steps", "4", "--width", "64", "--height", "64",
+            "--seed", "2"]
+    assert main([*base, "--init-image", str(tmp_path / "i.png"), "--x", "Denoising: 0.3, 0.9"]) == 0
+    grid = Path(capsys.readouterr().out.strip())
+    assert grid.is_file()
+    cells = sorted((grid.parent / f"{grid.stem.removesuffix('-grid')}-cells").glob("*.png"))
+    assert [Image.open(c).info["parameters"].count("Denoising strength: ") for c in cells] == [1, 1]
+    assert main([*base, "--hires-scale", "2", "--hires-steps", "2", "--x", "Hires upscaler: Latent, Lanczos"]) == 0
+    grid = Path(capsys.readouterr().out.strip())
+    cells = list((grid.parent / f"{grid.stem.removesuffix('-grid')}-cells").glob("*.png"))
+    assert len(cells) == 2 and all(Image.open(c).size == (128, 128) for c in cells)
+    assert main([*base, "--x", "Denoising: 0.5"]) == 2  # text to image: the axis has nothing to act on
+    assert "add an init image or turn hires fix on" in capsys.readouterr().err

@@ -35,6 +35,13 @@ def add_parser(sub) -> None:
     xyz.add_argument("--width", type=int, default=512)
     xyz.add_argument("--height", type=int, default=512)
     xyz.add_argument("--clip-skip", type=int, default=1)
+    xyz.add_argument("--init-image", default=None, metavar="FILE",
+                     help="image to image: every cell starts from this picture (a Denoising axis varies the strength)")
+    xyz.add_argument("--denoise", type=float, default=0.75, help="denoising strength for --init-image (default 0.75)")
+    xyz.add_argument("--hires-scale", type=float, default=None, help="hires fix on, at this scale (e.g. 2)")
+    xyz.add_argument("--hires-upscaler", default="Latent", help="the hires fix's upscaler (default: Latent)")
+    xyz.add_argument("--hires-steps", type=int, default=0, help="the hires fix's steps (0: --steps)")
+    xyz.add_argument("--hires-denoise", type=float, default=0.7, help="the hires fix's denoising strength")
     xyz.add_argument("--cells-per-pass", type=int, default=8, help="the largest denoising batch (memory)")
     xyz.add_argument("--out", default=None, metavar="FILE.png",
                      help="the grid image; FILE.json, FILE.csv and FILE-cells/ go beside it "
@@ -42,6 +49,21 @@ def add_parser(sub) -> None:
     xyz.add_argument("--device", default=None, help="auto, cuda, mps or cpu")
     xyz.add_argument("--precision", default=None, help="auto, fp16, bf16 or fp32")
     xyz.set_defaults(func=run)
+
+
+def folder_choices(cfg):
+    """The names the Hires upscaler and VAE axes may take, from the studio's folders (no model loaded yet)."""
+    from studio.explorer.grid import default_choices, hires_upscaler_choices
+    from studio.models.manager import VAE_AUTOMATIC, VAE_NONE, list_vaes
+
+    def choices(kind: str) -> list[str]:
+        if kind == "hires_upscaler":
+            return hires_upscaler_choices(cfg.upscalers_dir)
+        if kind == "vae":
+            return [VAE_AUTOMATIC, VAE_NONE, *list_vaes(cfg.vae_dir)]
+        return default_choices(kind)
+
+    return choices
 
 
 def run(args) -> int:
@@ -53,14 +75,17 @@ def run(args) -> int:
     sampler, schedule = samplers.sampler_and_schedule(args.sampler, args.schedule)
     base = GenerateJob(prompt=args.prompt, negative_prompt=args.negative, sampler=sampler, schedule=schedule,
                        steps=args.steps, cfg_scale=args.cfg, seed=args.seed, width=args.width, height=args.height,
-                       clip_skip=args.clip_skip)
+                       clip_skip=args.clip_skip, init_image=args.init_image, denoising_strength=args.denoise,
+                       hires_fix=args.hires_scale is not None, hires_scale=args.hires_scale or 2.0,
+                       hires_upscaler=args.hires_upscaler, hires_steps=args.hires_steps,
+                       hires_denoising=args.hires_denoise)
     job = GridJob(base, x=AxisSpec.parse(args.x), y=AxisSpec.parse(args.y), z=AxisSpec.parse(args.z),
                   checkpoint="", keep_random_seeds=args.keep_random_seeds, cells_per_pass=args.cells_per_pass)
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix.lower() != ".png":
         raise ValueError(f"--out must be a .png file, got {out.name}")
-    plan_grid(job)  # before loading a model: bad axes fail fast
     cfg = StudioConfig.from_env(device=args.device, precision=args.precision)
+    plan_grid(job, choices=folder_choices(cfg))  # before loading a model: bad axes fail fast
     manager = ModelManager(cfg)
     manager.load(args.model or manager.default_choice())
     if manager.current.is_demo:
