@@ -1,5 +1,5 @@
-"""The Generate tab: prompt and A1111 parameters -> gallery, with progress, Stop, image to image, the VAE menu,
-PNG info and presets."""
+"""The Generate tab: prompt and A1111 parameters -> gallery, with progress, Stop, image to image, inpainting,
+outpainting, hires fix, upscaling (Extras), Send to buttons, the VAE menu, PNG info and presets."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import gradio as gr
 
 from studio.generation import samplers
 from studio.generation.expand import DEFAULT_EXPANDER, ExpandError, ExpandJob
+from studio.generation.hires import DEFAULT_UPSCALER
 from studio.generation.infotext import parse_infotext, read_image_infotext, rng_note, to_fields
 from studio.generation.job import RESIZE_MODES, GenerateJob, load_init_image
 from studio.generation.paste import denoising_strength, restore_lora_names, vae_choice
 from studio.generation.presets import PresetExistsError, apply_preset, list_presets, save_preset
 from studio.models.checkpoints import ModelLoadError
-from studio.ui import networks_panel
+from studio.ui import hires_panel, inpaint_panel, networks_panel, upscale_panel
 from studio.ui.state import AppState
 
 DEMO_BANNER = (
@@ -24,13 +25,26 @@ DEMO_BANNER = (
 
 def job_from_inputs(prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height, batch_size,
                     batch_count, clip_skip=1, init_image=None, denoising_strength=0.75,
-                    resize_mode="Just resize") -> GenerateJob:
+                    resize_mode="Just resize", mask=None, mask_blur=4, mask_mode="Inpaint masked",
+                    masked_content="original", inpaint_area="Whole picture", inpaint_padding=32, outpaint=None,
+                    hires_fix=False, hires_scale=2.0, hires_upscaler=DEFAULT_UPSCALER, hires_steps=0,
+                    hires_denoising=0.7, hires_width=0, hires_height=0, hires_sampler="", hires_prompt="",
+                    hires_negative_prompt="") -> GenerateJob:
     """The job exactly as the widgets (or the API) sent it: GenerateJob.validate refuses what is not a valid value
-    (2.7 steps, a bool, None) instead of rounding it here. An init image (a file path) makes it image to image."""
+    (2.7 steps, a bool, None) instead of rounding it here. An init image (a file path) makes it image to image; a
+    mask (a file path or an image) with it inpainting, outpaint pads ({"left": 64}) outpainting. The inputs after
+    resize_mode have defaults, so callers that send the older, shorter list still get the same job."""
     return GenerateJob(prompt=prompt, negative_prompt=negative, sampler=sampler, schedule=schedule, steps=steps,
                        cfg_scale=cfg_scale, seed=seed, width=width, height=height, batch_size=batch_size,
                        batch_count=batch_count, clip_skip=clip_skip, init_image=init_image or None,
-                       denoising_strength=denoising_strength, resize_mode=resize_mode)
+                       denoising_strength=denoising_strength, resize_mode=resize_mode,
+                       mask=None if isinstance(mask, str) and not mask else mask,
+                       mask_blur=mask_blur, mask_mode=mask_mode, masked_content=masked_content,
+                       inpaint_area=inpaint_area, inpaint_padding=inpaint_padding, outpaint=outpaint or None,
+                       hires_fix=hires_fix, hires_scale=hires_scale, hires_upscaler=hires_upscaler,
+                       hires_steps=hires_steps, hires_denoising=hires_denoising, hires_width=hires_width,
+                       hires_height=hires_height, hires_sampler=hires_sampler or "", hires_prompt=hires_prompt or "",
+                       hires_negative_prompt=hires_negative_prompt or "")
 
 
 def build(state: AppState, model_dropdown: gr.Dropdown):
@@ -66,7 +80,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
                 seed = gr.Number(value=-1, label="Seed (-1 = random)", elem_id="seed")
                 random_btn = gr.Button("Random", scale=0, min_width=70)
                 reuse_btn = gr.Button("Reuse", scale=0, min_width=70)
-            with gr.Accordion("Image to image", open=False, elem_id="img2img"):
+            with gr.Accordion("Image to image", open=False, elem_id="img2img") as img2img_acc:
                 # a file, not gr.Image: gr.Image decodes an upload before any check (see PNG info below)
                 init_in = gr.File(label="Init image (PNG, JPEG, WebP): start from it instead of noise",
                                   file_types=["image"], elem_id="init-image", height=90)
@@ -75,6 +89,9 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
                                      "1 redraws it all)", elem_id="denoising-strength")
                 resize_mode = gr.Radio(list(RESIZE_MODES), value=RESIZE_MODES[0], label="Resize mode",
                                        elem_id="resize-mode")
+            inpaint = inpaint_panel.build_inpaint()
+            outpaint = inpaint_panel.build_outpaint(width, height)
+            hires_fix = hires_panel.build(state.cfg.upscalers_dir)
             with gr.Accordion("Presets", open=False):
                 presets = list_presets(state.cfg.presets_dir)
                 preset = gr.Dropdown(list(presets), value=None, label="Preset", elem_id="preset")
@@ -83,7 +100,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
                     preset_name = gr.Textbox(label="Save current settings as", scale=3, elem_id="preset-name")
                     save_btn = gr.Button("Save preset", scale=1, elem_id="preset-save")
                 preset_replace = gr.Checkbox(False, label="Replace the preset of that name", elem_id="preset-replace")
-            with gr.Accordion("PNG info: drop an image from A1111 or the studio", open=False):
+            with gr.Accordion("PNG info: drop an image from A1111 or the studio", open=False) as png_acc:
                 # a file, not gr.Image: gr.Image converts uploads to RGB (a full decode) before any check
                 png_in = gr.File(label="Image (PNG, JPEG, WebP)", file_types=["image"], elem_id="png-info",
                                  height=90)
@@ -107,18 +124,41 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
             gallery = gr.Gallery(label="Images", columns=2, height=520, elem_id="gallery", format="png")
             used_seed = gr.Markdown(elem_id="used-seed")
             infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False, elem_id="infotext")
+            with gr.Row():
+                send_img2img = gr.Button("Send to image to image", size="sm", elem_id="send-img2img")
+                send_inpaint = gr.Button("Send to inpaint", size="sm", elem_id="send-inpaint")
+                send_upscale = gr.Button("Send to upscale", size="sm", elem_id="send-upscale")
+                send_png = gr.Button("Read its parameters", size="sm", elem_id="send-png-info")
+            upscale = upscale_panel.build(state)
+    saved_paths = gr.State([])  # the saved PNGs of the last run, in the gallery's order (None: not saved)
+    selected = gr.State(None)  # the saved PNG the gallery has selected (server-side: never a path from the browser)
 
+    # the text-to-image and image-to-image inputs (presets and the older API read only these), then the new ones
     params = [prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height, batch_size, batch_count,
               clip_skip, init_in, strength, resize_mode]
+    inpaint_inputs = [inpaint["editor"], inpaint["mask_file"], inpaint["mask_blur"], inpaint["mask_mode"],
+                      inpaint["masked_content"], inpaint["inpaint_area"], inpaint["padding"], *outpaint["sides"]]
+    all_inputs = [*params, *inpaint_inputs, *hires_fix["inputs"]]
 
     def run(request: gr.Request, prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height,
             batch_size, batch_count, clip_skip, init_image=None, denoising_strength=0.75, resize_mode="Just resize",
-            progress=gr.Progress()):
-        # `request` first (it names the session); the image-to-image inputs have defaults, so API callers that send
-        # the twelve text-to-image values still work
+            mask_editor=None, mask_file=None, mask_blur=4, mask_mode="Inpaint masked", masked_content="original",
+            inpaint_area="Whole picture", inpaint_padding=32, outpaint_left=0, outpaint_right=0, outpaint_top=0,
+            outpaint_bottom=0, hires=False, hires_scale=2.0, hires_upscaler=DEFAULT_UPSCALER, hires_steps=0,
+            hires_denoising=0.7, hires_width=0, hires_height=0, hires_sampler=hires_panel.SAME_SAMPLER,
+            hires_prompt="", hires_negative="", progress=gr.Progress()):
+        # `request` first (it names the session); every input after the twelve text-to-image values has a default,
+        # so API callers that send only those (or the image-to-image three too) still work
         try:
+            mask = inpaint_panel.pick_mask(mask_editor, mask_file)
             job = job_from_inputs(prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height,
-                                  batch_size, batch_count, clip_skip, init_image, denoising_strength, resize_mode)
+                                  batch_size, batch_count, clip_skip, init_image, denoising_strength, resize_mode,
+                                  mask, mask_blur, mask_mode, masked_content, inpaint_area, inpaint_padding,
+                                  inpaint_panel.outpaint_value(outpaint_left, outpaint_right, outpaint_top,
+                                                               outpaint_bottom),
+                                  hires, hires_scale, hires_upscaler, hires_steps, hires_denoising, hires_width,
+                                  hires_height, hires_panel.sampler_value(hires_sampler), hires_prompt,
+                                  hires_negative)
             job.validate(state.cfg.limits)
         except ValueError as e:
             raise gr.Error(str(e)) from e
@@ -143,11 +183,13 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
         saved = result.images[0].path.parent if result.images and result.images[0].path else None
         where = f" · saved to `{state.shown(saved)}`" if saved else ""
         text = result.images[0].infotext if result.images else ""
-        return items, f"**Seed:** {seeds}{where}{note}", text
+        paths = [str(im.path) if im.path else None for im in result.images]
+        return items, f"**Seed:** {seeds}{where}{note}", text, paths, next((p for p in paths if p), None)
 
-    generate_btn.click(run, params, [gallery, used_seed, infotext], concurrency_id="gpu", concurrency_limit=1,
+    outputs = [gallery, used_seed, infotext, saved_paths, selected]  # the States are not part of the API's answer
+    generate_btn.click(run, all_inputs, outputs, concurrency_id="gpu", concurrency_limit=1,
                        show_progress_on=gallery, api_name="generate")
-    prompt.submit(run, params, [gallery, used_seed, infotext], concurrency_id="gpu", concurrency_limit=1,
+    prompt.submit(run, all_inputs, outputs, concurrency_id="gpu", concurrency_limit=1,
                   show_progress_on=gallery, api_visibility="private")
     def stop(request: gr.Request = None):
         state.cancel_for(request).set()  # this session's generation only
@@ -156,17 +198,39 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
 
     random_btn.click(lambda: -1, None, seed, api_visibility="private")
 
-    # image to image: the upload checked before decoding, shown as it was accepted
+    # image to image: the upload checked before decoding, shown as it was accepted, and put under the mask editor
+    # (the editor takes no upload of its own: its picture is always this checked one)
     def show_init(path):
         if not path:
-            return None
+            return None, None
         try:
-            return load_init_image(path)
+            image = load_init_image(path)
         except ValueError as e:
             gr.Warning(str(e))
-            return None
+            return None, None
+        return image, inpaint_panel.editor_value(image)
 
-    init_in.change(show_init, init_in, init_preview, api_visibility="private")
+    init_in.change(show_init, init_in, [init_preview, inpaint["editor"]], api_visibility="private")
+
+    # the gallery's selection, as the saved PNG's path kept on the server, and the Send to buttons
+    def pick(paths, evt: gr.SelectData):
+        index = evt.index if isinstance(evt.index, int) else -1
+        return paths[index] if paths and 0 <= index < len(paths) else None
+
+    gallery.select(pick, saved_paths, selected, api_visibility="private")
+
+    def sender(count):
+        def send(path):
+            if not path:
+                gr.Warning("nothing to send: generate an image first (a stopped run's images are not saved)")
+                return (gr.update(),) * (count + 1)
+            return (path, *(gr.update(open=True),) * count)
+        return send
+
+    send_img2img.click(sender(1), selected, [init_in, img2img_acc], api_visibility="private")
+    send_inpaint.click(sender(2), selected, [init_in, img2img_acc, inpaint["accordion"]], api_visibility="private")
+    send_upscale.click(sender(1), selected, [upscale["source"], upscale["accordion"]], api_visibility="private")
+    send_png.click(sender(1), selected, [png_in, png_acc], api_visibility="private")
 
     # the VAE menu: the manager swaps it (and keeps it for the models loaded after)
     def pick_vae(name):
@@ -233,18 +297,34 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
     save_btn.click(do_save, [preset_name, preset_replace, *params], [preset, preset_info, preset_replace],
                    api_visibility="private")
 
-    # PNG info
+    # PNG info: the text-to-image fields, then the hires fix's and the inpainting options when the text has them,
+    # then the text and the accepted image (last, in this order)
+    hires_keys = ["enabled", "scale", "steps", "upscaler", "denoising", "width", "height", "sampler", "prompt",
+                  "negative"]
+    inpaint_keys = ["mask_blur", "mask_mode", "masked_content", "inpaint_area", "padding"]
+    pasted = [hires_fix[k] for k in hires_keys] + [inpaint[k] for k in inpaint_keys]
+    unchanged = 11 + len(pasted)
+
+    def pasted_values(extra):
+        found = hires_panel.paste_fields(extra)
+        if "upscaler" in found and found["upscaler"] not in hires_panel.hires_upscalers(state.cfg.upscalers_dir):
+            gr.Info(f"hires upscaler {found.pop('upscaler')!r} is not here (files go in upscalers/); kept the "
+                    "current one")
+        found_inpaint = inpaint_panel.paste_fields(extra)
+        return ([found.get(k, gr.update()) for k in hires_keys] + [found_inpaint.get(k, gr.update())
+                                                                    for k in inpaint_keys]), found["enabled"]
+
     def read_png(path):
         if not path:
-            return (gr.update(),) * 11 + ("", None)
+            return (gr.update(),) * unchanged + ("", None)
         try:
             text = read_image_infotext(path)  # header checked before anything is decoded
         except (ValueError, OSError) as e:
             gr.Warning(str(e))
-            return (gr.update(),) * 11 + (f"(refused: {e})", None)
+            return (gr.update(),) * unchanged + (f"(refused: {e})", None)
         if not text:
             gr.Warning("this image carries no generation parameters")
-            return (gr.update(),) * 11 + ("(no parameters in this image)", path)
+            return (gr.update(),) * unchanged + ("(no parameters in this image)", path)
         try:
             f = to_fields(parse_infotext(text))
         except ValueError as e:
@@ -263,7 +343,9 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
         if rng:
             gr.Info(rng)
         skip = f["extra"].get("Clip skip", "1")
-        pasted_strength = denoising_strength(f["extra"])  # an image-to-image infotext
+        extra_values, has_hires = pasted_values(f["extra"])
+        # an image-to-image infotext; with hires fields it is the hires pass's strength (filled in above)
+        pasted_strength = None if has_hires else denoising_strength(f["extra"])
         vae_name, vae_missing = vae_choice(f["extra"], state.manager.vae_choices())
         if vae_missing:
             gr.Info(vae_missing)
@@ -273,10 +355,11 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
                 f.get("steps", gr.update()), f.get("cfg_scale", gr.update()), f.get("seed", gr.update()),
                 f.get("width", gr.update()), f.get("height", gr.update()),
                 int(skip) if skip.isdigit() else gr.update(),
-                pasted_strength if pasted_strength is not None else gr.update(), text, path)
+                pasted_strength if pasted_strength is not None else gr.update(), *extra_values, text, path)
 
     png_in.change(read_png, png_in, [prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height,
-                                     clip_skip, strength, png_text, png_preview], api_visibility="private")
+                                     clip_skip, strength, *pasted, png_text, png_preview], api_visibility="private")
 
-    return {"width": width, "height": height, "gallery": gallery, "vae": vae, "networks_refresh": networks_refresh,
+    return {"width": width, "height": height, "gallery": gallery, "upscale": upscale, "inpaint": inpaint,
+            "hires": hires_fix, "selected": selected, "vae": vae, "networks_refresh": networks_refresh,
             "networks_outputs": networks_outputs, "png_info": png_in}
