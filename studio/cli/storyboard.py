@@ -39,6 +39,16 @@ def add_parser(sub) -> None:
     sb.add_argument("--width", type=int, default=None, help="frame width (default: the model's native size)")
     sb.add_argument("--height", type=int, default=None, help="frame height (default: the model's native size)")
     sb.add_argument("--clip-skip", type=int, default=None)
+    sb.add_argument("--aspect", default=None, help="the board's aspect, e.g. 16:9 or 2.39:1 (the export's frame "
+                                                    "boxes; default: width:height)")
+    sb.add_argument("--hires", action="store_true", default=None,
+                    help="hires fix for every frame: drawn at the size, then again at --hires-scale x it")
+    sb.add_argument("--hires-scale", type=float, default=None, help="hires fix upscale (default 2)")
+    sb.add_argument("--hires-upscaler", default=None,
+                    help="hires fix upscaler: Latent (default), another latent upscaler, Lanczos, Nearest or a file "
+                         "in upscalers/")
+    sb.add_argument("--hires-steps", type=int, default=None, help="hires fix steps (default 0: as --steps)")
+    sb.add_argument("--hires-denoising", type=float, default=None, help="hires fix denoising strength (default 0.7)")
     sb.add_argument("--device", default=None, help="auto, cuda, mps or cpu")
     sb.add_argument("--precision", default=None, help="auto, fp16, bf16 or fp32")
     sb.set_defaults(func=run)
@@ -93,7 +103,9 @@ def run(args) -> int:
         board.settings.schedule = args.schedule
     for flag, name in (("negative", "negative_prompt"), ("steps", "steps"), ("cfg", "cfg_scale"), ("width", "width"),
                        ("height", "height"), ("clip_skip", "clip_skip"), ("candidates", "candidates"),
-                       ("controlnet", "controlnet")):
+                       ("controlnet", "controlnet"), ("aspect", "aspect"), ("hires", "hires_fix"),
+                       ("hires_scale", "hires_scale"), ("hires_upscaler", "hires_upscaler"),
+                       ("hires_steps", "hires_steps"), ("hires_denoising", "hires_denoising")):
         if getattr(args, flag) is not None:
             setattr(board.settings, name, getattr(args, flag))
     if args.template:

@@ -17,6 +17,7 @@ from studio.control.controlnet import DEFAULT_CONTROLNET, ControlSettings
 from studio.control.preprocess import check_thresholds, read_reference
 from studio.files.atomic import atomic_path, write_text
 from studio.files.names import check_name, safe_child
+from studio.generation import hires
 from studio.generation.job import MAX_SEED, GenerateJob
 from studio.generation.presets import scan_presets
 from studio.generation.prompt_syntax import check_prompt_limits
@@ -116,13 +117,33 @@ class Style:
         return ""
 
 
+FRAME_ACTIONS = ("generate", "img2img", "inpaint", "outpaint")
+
+
 @dataclass
 class Frame:
-    """One candidate of a shot: its seed and PNG (relative to the project folder)."""
+    """One candidate of a shot: its seed and PNG (relative to the project folder), and where it came from: made
+    from the prompt ("generate") or from another candidate (`source`, its file) by image to image, inpainting or
+    outpainting (Refine frame, Outpaint to the board's aspect)."""
 
     seed: int
     file: str
     controlnet: bool = False  # made through the ControlNet (the shot had a reference)
+    action: str = "generate"  # one of FRAME_ACTIONS
+    source: str = ""  # the candidate's file it was made from ("" for "generate")
+
+
+@dataclass
+class Refinement:
+    """One entry of a shot's history: a candidate made from another one (which file, from which, with which mask,
+    and the new frame's infotext). Kept when the shot is generated again (its files then go with the folder)."""
+
+    action: str  # "img2img", "inpaint" or "outpaint"
+    source: str  # the candidate's file it was made from
+    file: str  # the new candidate's file
+    seed: int
+    infotext: str
+    mask: str = ""  # the mask used (a file beside the frames), "" for none
 
 
 @dataclass
@@ -139,8 +160,9 @@ class Shot:
     control_scale: float = 1.0
     control_start: float = 0.0
     control_end: float = 1.0
-    frames: list[Frame] = field(default_factory=list)  # the last generation's candidates
+    frames: list[Frame] = field(default_factory=list)  # the last generation's candidates and those made from them
     picked: int = 0  # index into frames
+    history: list[Refinement] = field(default_factory=list)  # refinements and outpaintings, oldest first
 
     def control(self) -> ControlSettings:
         return ControlSettings(self.control_scale, self.control_start, self.control_end)
@@ -176,6 +198,14 @@ class Shot:
         self.picked = whole_number(f"{where}: picked candidate", self.picked)
         if self.frames and not 0 <= self.picked < len(self.frames):
             raise ValueError(f"{where}: picked candidate {self.picked} does not exist (it has {len(self.frames)})")
+        for frame in self.frames:
+            if frame.action not in FRAME_ACTIONS:
+                raise ValueError(f"{where}: frame {frame.file!r}: action must be one of {', '.join(FRAME_ACTIONS)}, "
+                                 f"got {frame.action!r}")
+        for entry in self.history:
+            if entry.action not in FRAME_ACTIONS[1:]:
+                raise ValueError(f"{where}: history entry {entry.file!r}: action must be one of "
+                                 f"{', '.join(FRAME_ACTIONS[1:])}, got {entry.action!r}")
 
     @property
     def picked_frame(self) -> Frame | None:
@@ -199,12 +229,30 @@ class BoardSettings:
     # a name in controlnet/, micro-canny (built in), a hub id (or a path, from the command line); new boards start with
     # the loaded model's default (studio.control.controlnet.default_controlnet: micro-canny for micro)
     controlnet: str = DEFAULT_CONTROLNET
+    # the board's aspect for "Outpaint to the board's aspect": "" = width:height, else "16:9", "2.39:1" or 1.85
+    aspect: str = ""
+    # hires fix of generated frames (export quality): a second pass at hires_scale x the size, from the first
+    # upscaled by hires_upscaler (a latent upscaler, Lanczos, Nearest or a file in upscalers/), redrawn at
+    # hires_denoising with hires_steps (0: steps)
+    hires_fix: bool = False
+    hires_scale: float = 2.0
+    hires_upscaler: str = hires.DEFAULT_UPSCALER
+    hires_steps: int = 0
+    hires_denoising: float = 0.7
 
-    def job(self, prompt: str, seed: int) -> GenerateJob:
+    def job(self, prompt: str, seed: int, hires_fix: bool = True) -> GenerateJob:
+        """Generate's job for a frame; with `hires_fix` False the board's hires fix is left out (image to image and
+        inpainting of a frame run at the frame's own size)."""
         return GenerateJob(prompt=prompt, negative_prompt=self.negative_prompt, sampler=self.sampler,
                            schedule=self.schedule, steps=self.steps, cfg_scale=self.cfg_scale, seed=seed,
                            width=self.width, height=self.height, batch_size=1, batch_count=1,
-                           clip_skip=self.clip_skip)
+                           clip_skip=self.clip_skip, hires_fix=self.hires_fix and hires_fix,
+                           hires_scale=self.hires_scale, hires_upscaler=self.hires_upscaler,
+                           hires_steps=self.hires_steps, hires_denoising=self.hires_denoising)
+
+    def aspect_ratio(self) -> float:
+        """The board's aspect (width / height): `aspect` read as W:H or a number, else width / height."""
+        return parse_aspect(self.aspect) if self.aspect.strip() else self.width / self.height
 
     def validate(self, limits: Limits | None = None) -> None:
         limits = limits or Limits.from_env()
@@ -212,8 +260,18 @@ class BoardSettings:
         limits.check("max_storyboard_candidates", self.candidates,
                      f"{self.candidates:,} candidates per shot were asked for")
         text("ControlNet", self.controlnet)
+        if text("aspect", self.aspect).strip():
+            parse_aspect(self.aspect)
+        if not isinstance(self.hires_fix, bool):
+            raise ValueError(f"hires fix must be true or false, got {self.hires_fix!r}")
         # Generate's own checks (steps, size, sampler, CFG, clip skip, the negative prompt); the job validated is a
         # copy, so the settings take its whole numbers (20.0 is 20)
+        # the hires values are checked with the fix off too (they are kept in the file); with it on, by the job
+        real_number("hires scale", self.hires_scale, 1, 4)
+        self.hires_steps = whole_number("hires steps", self.hires_steps, 0, 150)
+        real_number("hires denoising strength", self.hires_denoising, 0, 1)
+        if not text("hires upscaler", self.hires_upscaler).strip():
+            raise ValueError("hires upscaler is empty; e.g. Latent or Lanczos")
         job = self.job("", 0)
         job.validate(limits)
         self.steps, self.width, self.height, self.clip_skip = job.steps, job.width, job.height, job.clip_skip
@@ -309,7 +367,8 @@ class Storyboard:
             for s in data.pop("shots", []):
                 s = dict(s)
                 frames = [_from_dict(Frame, f, "frame") for f in s.pop("frames", [])]
-                shots.append(_from_dict(Shot, {**s, "frames": frames}, "shot"))
+                history = [_from_dict(Refinement, h, "history entry") for h in s.pop("history", [])]
+                shots.append(_from_dict(Shot, {**s, "frames": frames, "history": history}, "shot"))
             types = [_from_dict(ShotType, t, "shot type") for t in data.pop("shot_types", [])] or default_shot_types()
             style = _from_dict(Style, data.pop("style", {}), "style")
             settings = _from_dict(BoardSettings, data.pop("settings", {}), "settings")
@@ -317,6 +376,19 @@ class Storyboard:
                                     "settings": settings}, "storyboard")
         except TypeError as e:
             raise ValueError(f"storyboard is not valid: {e}") from None
+
+
+def parse_aspect(value: str) -> float:
+    """"16:9" -> 1.777..., "2.39:1" -> 2.39, "1.85" -> 1.85; between 1:4 and 4:1, else ValueError."""
+    raw = text("aspect", value).strip()
+    try:
+        w, sep, h = raw.partition(":")
+        ratio = float(w) / float(h) if sep else float(raw)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"aspect must be like 16:9, 2.39:1 or 1.85 (width:height), got {value!r}") from None
+    if not 0.25 <= ratio <= 4:
+        raise ValueError(f"aspect must be between 1:4 and 4:1, got {value!r}")
+    return ratio
 
 
 def check_board_name(name: str) -> str:

@@ -67,11 +67,18 @@ def caption_text(shot: Shot) -> str:
 # --- the contact sheet -----------------------------------------------------------------------------------------
 
 
+def frame_box(board: Storyboard, longest: int) -> tuple[int, int]:
+    """A frame's box, `longest` px on its long side: the board's width x height, or its aspect when one is set
+    (frames outpainted to it fill the box; others keep their own aspect ratio, centred)."""
+    s = board.settings
+    width, height = (s.width, s.height) if not s.aspect.strip() else (s.aspect_ratio(), 1.0)
+    scale = longest / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def contact_sheet(board: Storyboard, items: list[Entry], columns: int = SHEET_COLUMNS) -> Image.Image:
     """The frames in rows of `columns`, each with its title and description under it, the board's name on top."""
-    s = board.settings
-    scale = SHEET_FRAME / max(s.width, s.height)
-    fw, fh = max(1, round(s.width * scale)), max(1, round(s.height * scale))
+    fw, fh = frame_box(board, SHEET_FRAME)
     pad, gap = 16, 12
     title_font, text_font = sheet_font(18, bold=True), sheet_font(14)
     line = 20
@@ -166,8 +173,9 @@ def write_pdf(board: Storyboard, items: list[Entry], path: Path, columns: int = 
     cell_w = (pdf.w - 2 * margin - (columns - 1) * gap) / columns
     row_h = (pdf.h - top - bottom - (rows - 1) * gap) / rows
     s = board.settings
-    img_h = min(row_h - caption_h, cell_w * s.height / s.width)
-    img_w = img_h * s.width / s.height
+    bw, bh = (s.width, s.height) if not s.aspect.strip() else (s.aspect_ratio(), 1.0)  # the frame box's shape
+    img_h = min(row_h - caption_h, cell_w * bh / bw)
+    img_w = img_h * bw / bh
     per_page = columns * rows
     for i, entry in enumerate(items):
         if i % per_page == 0:

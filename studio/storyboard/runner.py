@@ -5,21 +5,33 @@ from __future__ import annotations
 
 import random
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from studio.config import LimitExceeded
+from PIL import Image
+
+from studio.config import LimitExceeded, whole_number
 from studio.control.controlnet import ControlNetLoader
 from studio.control.preprocess import canny_map, fit_to_frame, read_reference
-from studio.files.atomic import atomic_dir
-from studio.generation.denoise import Control, denoise, pass_noise_is_shared
+from studio.files.atomic import atomic_dir, atomic_path
+from studio.files.names import safe_child
+from studio.generation import masking
+from studio.generation.denoise import Control, denoise, encode_init, pass_noise_is_shared
 from studio.generation.generate import Generator, build_infotext
 from studio.generation.infotext import format_infotext, parse_infotext, png_info
-from studio.generation.job import MAX_SEED, describe_work, work
+from studio.generation.job import MAX_SEED, GenerateJob, describe_work, load_mask, resolve_seed, work
 from studio.generation.oom import generation_advice, run_with_advice
 from studio.models import speed
 from studio.models.manager import ModelManager
-from studio.storyboard.board import PER_PASS, Frame, ProgressFn, Shot, Storyboard, StoryboardStore
+from studio.storyboard.board import (
+    PER_PASS,
+    Frame,
+    ProgressFn,
+    Refinement,
+    Shot,
+    Storyboard,
+    StoryboardStore,
+)
 
 
 @dataclass
@@ -34,6 +46,20 @@ class ShotResult:
 class StoryboardResult:
     board: Storyboard
     shots: list[ShotResult] = field(default_factory=list)
+    interrupted: bool = False
+    message: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RefineResult:
+    """A candidate made from another (Refine frame, Outpaint to the board's aspect): the new frame (None when
+    stopped: nothing is kept), its index in the shot's frames, and what the user should know."""
+
+    board: Storyboard
+    shot: str
+    frame: Frame | None
+    index: int | None
     interrupted: bool = False
     message: str = ""
     notes: list[str] = field(default_factory=list)
@@ -79,12 +105,23 @@ class StoryboardRunner:
         self.allow_paths = allow_paths  # ControlNet given as a path (command line only)
         self.per_pass = PER_PASS
 
-    def control_image(self, board: Storyboard, shot: Shot) -> tuple:
-        """(reference fitted to the frame, its canny map) for a shot with a reference."""
+    def control_image(self, board: Storyboard, shot: Shot, size: tuple[int, int] | None = None) -> tuple:
+        """(reference fitted to the frame, its canny map) for a shot with a reference; `size` (default: the board's
+        width x height) is the frame's."""
         s = board.settings
+        width, height = size or (s.width, s.height)
         ref = read_reference(self.store.reference_path(board, shot))
-        fitted = fit_to_frame(ref.image, s.width, s.height)
+        fitted = fit_to_frame(ref.image, width, height)
         return fitted, canny_map(fitted, shot.canny_low, shot.canny_high)
+
+    def check_hires_upscaler(self, board: Storyboard) -> None:
+        """A board hires fix through a pixel upscaler: the name must resolve (a file in upscalers/) before any
+        denoising, as Generate checks it."""
+        second = board.settings.job("", 0).hires_pass()
+        if second is not None and not second.in_latent_space:
+            from studio.upscale.library import resolve_upscaler
+
+            resolve_upscaler(second.upscaler, self.manager.cfg.upscalers_dir)
 
     def run(self, board: Storyboard, shots: list[str] | None = None, only_missing: bool = False,
             on_progress: ProgressFn | None = None, cancel: threading.Event | None = None,
@@ -99,8 +136,14 @@ class StoryboardRunner:
             chosen = [s for s in chosen if not s.frames]
         images = sum(board.candidates_of(shot) for shot in chosen)
         st = board.settings
-        limits.check("max_work", work(images, st.steps, st.width, st.height),
-                     f"{len(chosen):,} shots: {describe_work(images, st.steps, st.width, st.height)}")
+        cost, what = work(images, st.steps, st.width, st.height), describe_work(images, st.steps, st.width, st.height)
+        second = st.job("", 0).hires_pass()
+        if second is not None:
+            steps = second.steps or st.steps
+            cost += work(images, steps, second.width, second.height)
+            what += f", plus {describe_work(images, steps, second.width, second.height)} for the hires fix"
+        limits.check("max_work", cost, f"{len(chosen):,} shots: {what}")
+        self.check_hires_upscaler(board)
         if self.manager.current is None:
             raise RuntimeError("no model is loaded; load one first")
         for shot in chosen:
@@ -159,10 +202,193 @@ class StoryboardRunner:
                               "keeps its earlier candidates")
         return result
 
+    # candidates made from candidates: Refine frame, Outpaint to the board's aspect ---------------------------
+
+    def source_frame(self, board: Storyboard, shot_number: str, index: int | None = None) -> tuple:
+        """(shot, index, frame, its file's path) of the candidate to work from: `index`, or the picked one."""
+        shot = board.shot(shot_number)
+        if not shot.frames:
+            raise ValueError(f"shot {shot.shot} has no candidates yet; generate it first")
+        k = shot.picked if index is None else whole_number(f"shot {shot.shot}: candidate", index, 0,
+                                                             len(shot.frames) - 1)
+        frame = shot.frames[k]
+        path = safe_child(self.store.path(board.name), frame.file)
+        if not path.is_file():
+            raise ValueError(f"shot {shot.shot}: candidate #{k}'s file {frame.file} is missing; generate the shot "
+                             "again")
+        return shot, k, frame, path
+
+    def refine(self, board: Storyboard, shot_number: str, strength: float = 0.5, mask=None, description: str = "",
+               seed: int | None = None, index: int | None = None, mask_blur: int = 4,
+               masked_content: str = "original", inpaint_area: str = "Whole picture",
+               on_progress: ProgressFn | None = None, cancel: threading.Event | None = None) -> RefineResult:
+        """Image to image (or, with `mask`: a path or picture, white or painted = redraw, inpainting) of a candidate
+        (`index`, default the picked one) at its own size: Generate's job with the board's settings, the shot's
+        prompt (its description replaced by `description` when given; the type's template, LoRA and the board's
+        style stay), the candidate's seed (`seed` None; -1: a random one) and the shot's ControlNet when it has a
+        reference. The result is added as a new candidate (the others stay) and recorded in the shot's history."""
+        shot, k, frame, path = self.source_frame(board, shot_number, index)
+        prompt = board.prompt(replace(shot, description=description) if (description or "").strip() else shot)
+        job = self._frame_job(board, prompt, frame, path, seed)
+        job.denoising_strength = strength
+        job.mask = mask
+        job.mask_blur, job.masked_content, job.inpaint_area = mask_blur, masked_content, inpaint_area
+        action = "inpaint" if mask is not None else "img2img"
+        return self._derive(board, shot, k, frame, job, action, True, on_progress, cancel)
+
+    def outpaint(self, board: Storyboard, shot_number: str, strength: float = 1.0, seed: int | None = None,
+                 index: int | None = None, mask_blur: int = 4, on_progress: ProgressFn | None = None,
+                 cancel: threading.Event | None = None) -> RefineResult:
+        """A candidate extended to the board's aspect (BoardSettings.aspect_ratio): even bands added left and right
+        (or top and bottom) by masking.pads_for_aspect, drawn by Generate's outpainting with the shot's prompt and
+        the candidate's seed; the candidate's pixels are kept away from the seam. Runs without the ControlNet (the
+        reference is fitted to the frame, not to the wider canvas). A new candidate, recorded in the history."""
+        shot, k, frame, path = self.source_frame(board, shot_number, index)
+        with Image.open(path) as im:
+            width, height = im.size
+        aspect = board.settings.aspect_ratio()
+        pads = masking.pads_for_aspect(width, height, aspect)
+        if not pads:
+            raise ValueError(f"shot {shot.shot}: candidate #{k} ({width}x{height}) already has the board's aspect "
+                             f"({board.settings.aspect or f'{board.settings.width}:{board.settings.height}'}); set "
+                             "the board's aspect (e.g. 16:9) under the generation settings")
+        job = self._frame_job(board, board.prompt(shot), frame, path, seed, (width, height))
+        job.outpaint, job.denoising_strength, job.mask_blur = pads, strength, mask_blur
+        result = self._derive(board, shot, k, frame, job, "outpaint", False, on_progress, cancel)
+        if shot.reference:
+            result.notes.append(f"shot {shot.shot}: outpainting runs without the ControlNet (its reference is fitted "
+                                "to the frame, not to the wider canvas)")
+        return result
+
+    def _frame_job(self, board: Storyboard, prompt: str, frame: Frame, path: Path, seed: int | None,
+                   size: tuple[int, int] | None = None) -> GenerateJob:
+        """Generate's image-to-image job on a candidate's file at its own size (no hires fix)."""
+        if size is None:
+            with Image.open(path) as im:
+                size = im.size
+        seed = frame.seed if seed is None else resolve_seed(whole_number("seed", seed, -1, MAX_SEED))
+        job = board.settings.job(prompt, seed, hires_fix=False)
+        job.width, job.height = size
+        job.init_image = path
+        return job
+
+    def _derive(self, board: Storyboard, shot: Shot, k: int, source: Frame, job: GenerateJob, action: str,
+                use_control: bool, on_progress: ProgressFn | None,
+                cancel: threading.Event | None) -> RefineResult:
+        limits = self.manager.cfg.limits
+        board.validate(limits)
+        job.validate(limits)
+        n = len(shot.frames) + 1
+        limits.check("max_storyboard_candidates", n, f"shot {shot.shot} would have {n:,} candidates")
+        if self.manager.current is None:
+            raise RuntimeError("no model is loaded; load one first")
+        if use_control and shot.reference:
+            self.store.reference_path(board, shot)
+        # the init, mask and the picture the sampler sees, read before any model work (as Generate does)
+        plan = job.inpaint_plan()
+        init = plan.picture if plan is not None else job.init_picture()
+        mask = masking.binary_mask(load_mask(job.mask)) if job.mask is not None else None
+        width, height = job.frame_size()
+        return run_with_advice(
+            lambda: self._derive_locked(board, shot, k, source, job, action, use_control, plan, init, mask,
+                                        on_progress, cancel),
+            f"shot {shot.shot}", lambda: generation_advice(1, width, height, self.manager.memory))
+
+    def _derive_locked(self, board, shot, k, source, job, action, use_control, plan, init, mask, on_progress,
+                       cancel) -> RefineResult:
+        result = RefineResult(board, shot.shot, None, None)
+        width, height = job.frame_size()
+        with self.manager.lock:
+            model = self.manager.current
+            if model is None:
+                raise RuntimeError("no model is loaded; load one first")
+            pipe = model.pipe
+            try:
+                self.generator.check_chunks(job, model)
+            except LimitExceeded as e:
+                raise LimitExceeded(e.name, e.limit, f"shot {shot.shot}: {e.what}") from None
+            controlnet = None
+            if use_control and shot.reference:
+                controlnet = self.controlnets.load(board.settings.controlnet, pipe._execution_device, pipe.unet.dtype,
+                                                   pipe.unet.config.cross_attention_dim, self.allow_paths,
+                                                   compile_as=speed.compiled_as(pipe.unet), xl=model.is_xl)
+            model_hash = self.manager.model_hash(model)
+            # the shot's prompt encoded as Generate encodes it (this applies its LoRAs)
+            cond, uncond, nets = self.generator.encode(job, model)
+            result.notes += [note for note in nets.notes if note not in result.notes]
+            control, extra = None, {}
+            if controlnet is not None:
+                # the ControlNet steers the image-to-image steps too (denoise takes both): the reference's canny
+                # map fitted to this frame's size
+                from diffusers.image_processor import VaeImageProcessor
+
+                _, canny = self.control_image(board, shot, (width, height))
+                processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor, do_convert_rgb=True,
+                                              do_normalize=False)
+                c = shot.control()
+                control = Control(controlnet.model, processor.preprocess(canny, height=height, width=width), c.scale,
+                                  c.start, c.end)
+                extra = controlnet_fields(controlnet.name, controlnet.hash, shot, width, height)
+            init_latents = encode_init(pipe, init)
+            inpaint = self.generator.inpaint_for(job, pipe, plan, width, height)
+            steps = job.denoise_steps()
+            what = f"shot {shot.shot}: {action} of candidate #{k}"
+
+            def on_step(i, count):
+                if on_progress:
+                    step = -(-i * steps // count)
+                    on_progress(step, steps, f"{what}, step {step}/{steps}")
+
+            note = speed.compile_note(pipe.unet, (1, width, height, control is not None))
+            if note and on_progress:
+                on_progress(0, steps, f"{what}: {note}")
+            out = denoise(pipe, [nets.item(cond, uncond, job.cfg_scale, job.seed)], job.sampler, job.schedule,
+                          job.steps, width, height, on_step=on_step, cancel=cancel, control=control,
+                          init_latents=init_latents, strength=job.denoising_strength, inpaint=inpaint)
+            if out.interrupted:
+                result.interrupted = True
+                result.message = f"stopped: shot {shot.shot} keeps its candidates as they were"
+                return result
+            image = out.images[0]
+            if plan is not None:  # the original's pixels back outside the mask (A1111's overlay)
+                image = plan.finish(image)
+            info = build_infotext(job, job.seed, model, model_hash, nets)
+            if extra:
+                info = add_fields(info, extra)
+            # 6. the new candidate beside the others (the shot's folder is not replaced), then the project
+            project = self.store.path(board.name)
+            rel = self._free_name(project, shot, f"{len(shot.frames):02d}-{job.seed}-{action}")
+            with atomic_path(project / rel) as tmp:
+                image.save(tmp, format="PNG", pnginfo=png_info(info))
+            mask_rel = ""
+            if mask is not None:
+                mask_rel = rel[: -len(".png")] + "-mask.png"
+                with atomic_path(project / mask_rel) as tmp:
+                    mask.save(tmp, format="PNG")
+            frame = Frame(job.seed, rel, control is not None, action, source.file)
+            shot.frames.append(frame)
+            shot.history.append(Refinement(action, source.file, rel, job.seed, info, mask_rel))
+            board.model = model.name
+            self.store.save(board)
+        result.frame, result.index = frame, len(shot.frames) - 1
+        result.message = (f"shot {shot.shot}: candidate #{result.index} ({image.width}x{image.height}) made by "
+                          f"{action} from #{k}")
+        return result
+
+    @staticmethod
+    def _free_name(project: Path, shot: Shot, stem: str) -> str:
+        """shots/<shot>/<stem>.png, or with -2, -3 ... when a file or a frame already has that name."""
+        taken = {f.file for f in shot.frames}
+        for n in range(1, 1000):
+            rel = f"shots/{shot.shot}/{stem}{'' if n == 1 else f'-{n}'}.png"
+            if rel not in taken and not (project / rel).exists():
+                return rel
+        raise ValueError(f"shot {shot.shot}: no free file name for {stem}")
+
     def board_steps(self, board: Storyboard, shot: Shot) -> int:
         n = board.candidates_of(shot)
         per_pass = 1 if pass_noise_is_shared(board.settings.sampler) else self.per_pass
-        return board.settings.steps * -(-n // per_pass)
+        return (board.settings.steps + hires_steps(board)) * -(-n // per_pass)
 
     def _run_shot(self, board, shot, model, model_hash, controlnet, label, done, total, on_progress, cancel, rng,
                   notes) -> tuple[ShotResult | None, int]:
@@ -206,11 +432,30 @@ class StoryboardRunner:
                 note = speed.compile_note(model.pipe.unet, (len(items), s.width, s.height, control is not None))
                 if note and on_progress:
                     on_progress(done, total, f"{what}: {note}")
+                second = job.hires_pass()
                 out = denoise(model.pipe, items, s.sampler, s.schedule, s.steps, s.width, s.height, on_step=on_step,
-                              cancel=cancel, control=control)
+                              cancel=cancel, control=control,
+                              inpaint=self.generator.inpaint_for(job, model.pipe, None, s.width, s.height),
+                              decode=second is None or not second.in_latent_space)
                 if out.interrupted:
                     raise _Stopped()  # leaves the old folder in place (atomic_dir drops tmp)
                 done += s.steps
+                if second is not None:
+                    # the board's hires fix: Generate's second pass (image to image at the larger size, without
+                    # the ControlNet: Generator.run_hires_pass takes none), on the same prompts
+                    extra_steps = hires_steps(board)
+
+                    def on_hires(i, count, done=done, what=what, extra_steps=extra_steps):
+                        if on_progress:
+                            step = -(-i * extra_steps // count)
+                            on_progress(done + step, total, f"{what}, hires fix step {step}/{extra_steps}")
+
+                    hnets = self.generator.hires_prompts(job, model, nets, cond, uncond)
+                    hitems = [hnets.item(hnets.cond, hnets.uncond, s.cfg_scale, seed) for seed in pass_seeds]
+                    out = self.generator.run_hires_pass(job, model.pipe, second, out, hitems, on_hires, cancel)
+                    if out.interrupted:
+                        raise _Stopped()
+                    done += extra_steps
                 for k, (image, seed) in enumerate(zip(out.images, pass_seeds, strict=True), start=start):
                     info = build_infotext(s.job(job.prompt, seed), seed, model, model_hash, nets)
                     if extra:
@@ -220,10 +465,24 @@ class StoryboardRunner:
                     frames.append(Frame(seed, f"shots/{shot.shot}/{name}", control is not None))
             if canny is not None:
                 canny.save(tmp / "canny.png", format="PNG")
+        if control is not None and job.hires_pass() is not None:
+            note = ("the hires fix's second pass runs without the ControlNet (the first pass follows the reference; "
+                    "Generate's hires pass takes no ControlNet)")
+            if note not in notes:
+                notes.append(note)
         shot.frames = frames
         shot.picked = 0
         return ShotResult(shot.shot, frames, control is not None,
                           folder / "canny.png" if canny is not None else None), done
+
+
+def hires_steps(board: Storyboard) -> int:
+    """The steps the board's hires pass runs (its steps x its denoising strength, as Generate counts them)."""
+    second = board.settings.job("", 0).hires_pass()
+    if second is None:
+        return 0
+    steps = second.steps or board.settings.steps
+    return min(int(steps * second.denoising_strength), steps)
 
 
 class _Stopped(Exception):

@@ -1,6 +1,7 @@
 """The Storyboard tab: a project's shot list as an editable table (CSV import/export), shot types and style, per
 shot a reference with a live canny preview and the ControlNet's scale and guidance, candidates to pick from,
-regenerate one shot, lock its seed, and export as PDF and contact sheet."""
+regenerate one shot, lock its seed, refine a candidate (image to image or inpainting) or outpaint it to the board's
+aspect as a new candidate, a board hires fix, and export as PDF and contact sheet."""
 
 from __future__ import annotations
 
@@ -31,12 +32,17 @@ from studio.storyboard.board import (
 )
 from studio.storyboard.export import export_board
 from studio.storyboard.runner import StoryboardRunner
+from studio.ui import hires_panel, inpaint_panel
+from studio.ui.checked_editor import CheckedImageEditor
 from studio.ui.state import AppState
 
 SHOT_COLUMNS = ["shot", "type", "description", "characters / notes", "reference", "seed", "candidates"]
 TYPE_COLUMNS = ["shot type", "prompt template", "LoRA", "LoRA weight"]
 SETTING_NAMES = ["negative_prompt", "sampler", "schedule", "steps", "cfg_scale", "width", "height", "clip_skip",
-                 "candidates", "controlnet"]
+                 "candidates", "controlnet", "aspect", "hires_fix", "hires_scale", "hires_upscaler", "hires_steps",
+                 "hires_denoising"]
+# the board's aspect menu (outpainting to it; the PDF's and contact sheet's frame boxes): "" = width x height
+ASPECT_CHOICES = [("as width x height", ""), "16:9", "1.85:1", "2.39:1", "4:3", "3:2", "1:1", "9:16"]
 ERRORS = (ValueError, RuntimeError, ModelLoadError, UnsafeNameError, OSError)
 
 
@@ -103,11 +109,14 @@ def board_from_form(base: Storyboard, shots_table, types_table, style_kind, styl
     board.style = Style(style_kind or "none", (style_name or "").strip(), style_weight if style_weight is not None
                         else 1.0)
     values = dict(zip(SETTING_NAMES, settings, strict=True))
-    for name in ("steps", "width", "height", "clip_skip", "candidates"):
+    for name in ("steps", "width", "height", "clip_skip", "candidates", "hires_steps"):
         value = values[name]
         values[name] = int(value) if isinstance(value, float) and value.is_integer() else value
     values["negative_prompt"] = values["negative_prompt"] or ""
     values["controlnet"] = (values["controlnet"] or "").strip()
+    values["aspect"] = (values["aspect"] or "").strip()
+    values["hires_fix"] = bool(values["hires_fix"])
+    values["hires_upscaler"] = (values["hires_upscaler"] or "").strip()
     board.settings = BoardSettings(**values)
     board.validate(limits)
     return board
@@ -126,9 +135,31 @@ def candidate_items(store: StoryboardStore, board: Storyboard, number: str | Non
     except ValueError:
         return [], None
     folder = store.path(board.name)
-    items = [(str(folder / f.file), f"#{k} · seed {f.seed}" + (" · picked" if k == shot.picked else ""))
-             for k, f in enumerate(shot.frames) if (folder / f.file).is_file()]
+    index = {f.file: k for k, f in enumerate(shot.frames)}
+
+    def caption(k, f) -> str:
+        made = f" · {f.action} of #{index[f.source]}" if f.source in index else (
+            f" · {f.action}" if f.action != "generate" else "")
+        return f"#{k} · seed {f.seed}{made}" + (" · picked" if k == shot.picked else "")
+
+    items = [(str(folder / f.file), caption(k, f)) for k, f in enumerate(shot.frames) if (folder / f.file).is_file()]
     return items, (shot.picked if items else None)
+
+
+def picked_picture(store: StoryboardStore, board: Storyboard, number: str | None):
+    """The shot's picked candidate as the mask editor's background (None when it has none)."""
+    from PIL import Image
+
+    if not number:
+        return None
+    try:
+        frame = board.shot(number).picked_frame
+        if frame is None:
+            return None
+        with Image.open(store.path(board.name) / frame.file) as im:
+            return inpaint_panel.editor_value(im.convert("RGB"))
+    except (ValueError, OSError):
+        return None
 
 
 def canny_preview(store: StoryboardStore, board: Storyboard, number: str | None, low, high):
@@ -207,7 +238,24 @@ def build(state: AppState) -> dict:
             clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip")
             candidates = gr.Slider(1, 64, value=defaults.settings.candidates, step=1, label="Candidates per shot",
                                    elem_id="sb-candidates-default")
-    setting_inputs = [negative, sampler, schedule, steps, cfg_scale, width, height, clip_skip, candidates, controlnet]
+            aspect = gr.Dropdown(ASPECT_CHOICES, value="", allow_custom_value=True, elem_id="sb-aspect",
+                                 label="Board aspect (Outpaint to board aspect; the export's frame boxes)")
+        with gr.Group(elem_id="sb-hires"):
+            s0 = defaults.settings
+            hires_fix = gr.Checkbox(s0.hires_fix, elem_id="sb-hires-fix",
+                                    label="Hires fix: generated frames drawn at this size, then again larger "
+                                          "(export quality; the second pass runs without the ControlNet)")
+            with gr.Row():
+                hires_scale = gr.Slider(1, 4, value=s0.hires_scale, step=0.05, label="Upscale by",
+                                        elem_id="sb-hires-scale")
+                hires_upscaler = gr.Dropdown(hires_panel.hires_upscalers(cfg.upscalers_dir), value=s0.hires_upscaler,
+                                             allow_custom_value=True, label="Upscaler", elem_id="sb-hires-upscaler")
+                hires_steps = gr.Slider(0, 150, value=s0.hires_steps, step=1, label="Hires steps (0 = as steps)",
+                                        elem_id="sb-hires-steps")
+                hires_denoising = gr.Slider(0, 1, value=s0.hires_denoising, step=0.01, label="Denoising strength",
+                                            elem_id="sb-hires-denoising")
+    setting_inputs = [negative, sampler, schedule, steps, cfg_scale, width, height, clip_skip, candidates, controlnet,
+                      aspect, hires_fix, hires_scale, hires_upscaler, hires_steps, hires_denoising]
     form = [shots, types, style_kind, style_name, style_weight, *setting_inputs]
     with gr.Row():
         save_btn = gr.Button("Save (and shots.csv)", elem_id="sb-save")
@@ -242,6 +290,27 @@ def build(state: AppState) -> dict:
                 regen_btn = gr.Button("Regenerate this shot", elem_id="sb-regenerate")
                 lock_btn = gr.Button("Lock the picked seed", elem_id="sb-lock")
                 unlock_btn = gr.Button("Unlock seed")
+            with gr.Accordion("Refine or outpaint the picked candidate (a new candidate; the others stay)",
+                              open=False, elem_id="sb-refine"):
+                with gr.Row():
+                    refine_strength = gr.Slider(0, 1, value=0.5, step=0.01, label="Denoising strength (refine)",
+                                                elem_id="sb-refine-strength")
+                    refine_blur = gr.Slider(0, 64, value=4, step=1, label="Mask blur", elem_id="sb-refine-blur")
+                refine_text = gr.Textbox("", label="Description for the refinement (empty = the shot's; the shot "
+                                                   "type's template, LoRA and the board's style stay)",
+                                         elem_id="sb-refine-description")
+                refine_editor = CheckedImageEditor(
+                    label="Mask (optional): paint over the picked candidate what to redraw; nothing painted = "
+                          "image to image", sources=(), type="pil", image_mode="RGBA", layers=False, transforms=(),
+                    brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=8),
+                    eraser=gr.Eraser(default_size=8), format="png", height=300, elem_id="sb-refine-editor")
+                refine_mask = gr.File(label="Or a mask file (white = redraw; used instead of the painting)",
+                                      file_types=["image"], height=90, elem_id="sb-refine-mask")
+                with gr.Row():
+                    refine_btn = gr.Button("Refine frame", elem_id="sb-refine-btn")
+                    outpaint_strength = gr.Slider(0, 1, value=1.0, step=0.01, elem_id="sb-outpaint-strength",
+                                                  label="Denoising strength (outpaint)")
+                    outpaint_btn = gr.Button("Outpaint to board aspect", elem_id="sb-outpaint-btn")
             export_btn = gr.Button("Export PDF and contact sheet", variant="primary", elem_id="sb-export")
             files = gr.File(label="Exported files", file_count="multiple", interactive=False, elem_id="sb-files")
             sheet = gr.Image(label="Contact sheet", interactive=False, elem_id="sb-sheet")
@@ -283,13 +352,15 @@ def build(state: AppState) -> dict:
         return (gr.update(choices=numbers, value=number), None, ref,
                 shot.canny_low if shot else 100, shot.canny_high if shot else 200, preview,
                 shot.control_scale if shot else 1.0, shot.control_start if shot else 0.0,
-                shot.control_end if shot else 1.0, gr.update(value=items, selected_index=picked))
+                shot.control_end if shot else 1.0, gr.update(value=items, selected_index=picked),
+                picked_picture(store, board, number))
 
-    shot_outputs = [shot_pick, reference, reference_view, low, high, edges, scale, start, end, gallery]
+    shot_outputs = [shot_pick, reference, reference_view, low, high, edges, scale, start, end, gallery,
+                    refine_editor]
 
     def everything(board: Storyboard, number: str | None = None):
         values = settings_values(board)
-        values[-1] = gr.update(choices=controlnet_choices(cfg.controlnet_dir, cfg.assets_dir, state.manager.current),
+        values[SETTING_NAMES.index("controlnet")] = gr.update(choices=controlnet_choices(cfg.controlnet_dir, cfg.assets_dir, state.manager.current),
                                value=board.settings.controlnet)
         return (board.name, gr.update(choices=store.names(), value=board.name), shot_rows(board), type_rows(board),
                 board.style.kind, board.style.name, board.style.weight, *values, *shot_view(board, number))
@@ -405,6 +476,51 @@ def build(state: AppState) -> dict:
                     api_name="storyboard_regenerate", show_progress_on=status)
     stop_btn.click(stop, None, None, concurrency_limit=None, api_visibility="private")
 
+    # refine / outpaint the picked candidate: a new candidate of the same shot, the shot kept selected ----------
+
+    def derive(request, name, number, how, *values, progress):
+        if not number:
+            raise gr.Error("pick a shot first")
+        board = from_form(name, *values)
+        save(board)
+        if state.manager.current is None:
+            raise gr.Error("no model is loaded; pick one in the Model menu")
+        cancel = state.cancel_for(request)
+        cancel.clear()
+
+        def on_progress(done, total, info):
+            progress((done, total), desc=info, unit="steps")
+
+        try:
+            result = how(board, on_progress, cancel)
+        except ERRORS as e:
+            raise gr.Error(str(e)) from e
+        for note in result.notes:
+            gr.Warning(note)
+        text = f"⚠ {result.message}" if result.interrupted else result.message
+        return text, *shot_view(board, number)
+
+    def refine_frame(request: gr.Request, name, number, strength, description, editor, mask_file, blur, *values,
+                     progress=gr.Progress()):
+        mask = inpaint_panel.pick_mask(editor, mask_file)
+        return derive(request, name, number, lambda board, on_progress, cancel: runner.refine(
+            board, number, strength=strength, mask=mask, description=(description or "").strip(),
+            mask_blur=inpaint_panel.whole(blur), on_progress=on_progress, cancel=cancel), *values, progress=progress)
+
+    def outpaint_frame(request: gr.Request, name, number, strength, blur, *values, progress=gr.Progress()):
+        return derive(request, name, number, lambda board, on_progress, cancel: runner.outpaint(
+            board, number, strength=strength, mask_blur=inpaint_panel.whole(blur), on_progress=on_progress,
+            cancel=cancel), *values, progress=progress)
+
+    derive_outputs = [status, *shot_outputs]
+    refine_btn.click(refine_frame, [current, shot_pick, refine_strength, refine_text, refine_editor, refine_mask,
+                                    refine_blur, *form], derive_outputs, concurrency_id="gpu", concurrency_limit=1,
+                     api_name="storyboard_refine", show_progress_on=status)
+    outpaint_btn.click(outpaint_frame, [current, shot_pick, outpaint_strength, refine_blur, *form], derive_outputs,
+                       concurrency_id="gpu", concurrency_limit=1, api_name="storyboard_outpaint",
+                       show_progress_on=status)
+    refine_mask.change(inpaint_panel.check_mask_file, refine_mask, refine_mask, api_visibility="private")
+
     # one shot: reference, canny preview, ControlNet settings, pick, lock --------------------------------------
 
     def select_shot(name, number):
@@ -480,9 +596,9 @@ def build(state: AppState) -> dict:
             raise gr.Error(str(e)) from e
         items, picked = candidate_items(store, board, number)
         return f"shot {number}: candidate #{evt.index} (seed {frame.seed}) picked", \
-            gr.update(value=items, selected_index=picked)
+            gr.update(value=items, selected_index=picked), picked_picture(store, board, number)
 
-    gallery.select(pick_candidate, [current, shot_pick], [status, gallery], api_visibility="private")
+    gallery.select(pick_candidate, [current, shot_pick], [status, gallery, refine_editor], api_visibility="private")
 
     def lock(name, number, unlock=False):
         board = load(name)
