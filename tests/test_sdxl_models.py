@@ -194,8 +194,8 @@ def test_refiner_file_and_folder_are_refused(studio_cfg):
 @pytest.mark.parametrize("keys, message", [
     ({"model.diffusion_model.label_emb.0.0.weight": (1536, 2560), "conditioner.embedders.0.transformer.a": (1,),
       "conditioner.embedders.1.model.a": (1,)}, "refiner"),
-    ({"model.diffusion_model.input_blocks.0.0.weight": (320, 9, 3, 3), "conditioner.embedders.0.transformer.a": (1,),
-      "conditioner.embedders.1.model.a": (1,)}, "9 input channels"),
+    ({"model.diffusion_model.input_blocks.0.0.weight": (320, 8, 3, 3), "conditioner.embedders.0.transformer.a": (1,),
+      "conditioner.embedders.1.model.a": (1,)}, "8 input channels"),  # instruct-pix2pix; 9 (inpainting) loads
     ({"model.diffusion_model.a": (1,), "conditioner.embedders.1.model.a": (1,)}, "lacks the CLIP ViT-L"),
     ({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": (4, 8)}, "LoRA.*loras/"),
     ({"encoder.conv_in.weight": (1,), "decoder.conv_out.weight": (1,)}, "VAE"),
