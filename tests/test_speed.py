@@ -112,9 +112,9 @@ def test_storyboard_compiles_the_controlnet_like_the_unet_and_frames_stay_the_sa
     notes.clear()
     before = counters["stats"]["unique_graphs"]
     compiled, runner = frame("compiled", True)
-    cn = runner.controlnets._last[1].model
+    cn = next(reversed(runner.controlnets._kept.values())).model
     assert speed.compiled_as(cn) == ("default", "aot_eager")
-    assert not speed.is_compiled(eager_runner.controlnets._last[1].model)
+    assert not speed.is_compiled(next(reversed(eager_runner.controlnets._kept.values())).model)
     assert counters["stats"]["unique_graphs"] >= before + 2  # UNet and ControlNet both went through the compiler
     assert np.abs(compiled - eager).max() <= 1
     assert sum(speed.COMPILE_NOTE in m for m in notes) == 1  # progress says why the first frame waits

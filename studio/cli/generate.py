@@ -8,6 +8,7 @@ from pathlib import Path
 
 from studio.cli.progress import cli_progress
 from studio.generation import masking, samplers
+from studio.generation.controls import parse_control_flag
 from studio.generation.hires import DEFAULT_UPSCALER, LATENT_UPSCALERS
 from studio.generation.job import RESIZE_MODES
 
@@ -60,6 +61,13 @@ def add_parser(sub) -> None:
     g.add_argument("--hires-steps", type=int, default=0, help="steps of the second pass (0: --steps)")
     g.add_argument("--hires-denoise", type=float, default=0.7, help="denoising strength of the second pass")
     g.add_argument("--hires-prompt", default="", help="the second pass's prompt (default: --prompt)")
+    g.add_argument("--control", action="append", default=[], metavar="TYPE:MODEL:IMAGE[:WEIGHT[:START:END]]",
+                   help="a ControlNet (repeat for several): TYPE a preprocessor (canny, lineart_standard, openpose, "
+                        "depth_midas, ... see `python -m studio preprocess --help`) or none for a finished map, MODEL "
+                        "a ControlNet in controlnet/ (or micro-canny, or a hub id), IMAGE the picture")
+    g.add_argument("--control-mode", default="Balanced",
+                   choices=["Balanced", "My prompt is more important", "ControlNet is more important"],
+                   help="A1111's control mode for every --control (default Balanced)")
     g.add_argument("--vae", default=None, help="Automatic, None, or a VAE's name in vae/ (default: Automatic)")
     g.add_argument("--out", default=None, help="output folder (default: outputs/<date>/)")
     g.add_argument("--device", default=None, help="auto, cuda, mps or cpu")
@@ -84,7 +92,9 @@ def run(args) -> int:
                       outpaint=args.outpaint, hires_fix=args.hires_scale is not None,
                       hires_scale=args.hires_scale or 2.0, hires_upscaler=args.hires_upscaler,
                       hires_steps=args.hires_steps, hires_denoising=args.hires_denoise,
-                      hires_prompt=args.hires_prompt)
+                      hires_prompt=args.hires_prompt, controls=[parse_control_flag(v) for v in args.control])
+    for unit in job.controls:
+        unit.mode = args.control_mode
     job.validate()  # before loading a model: bad input fails fast
     job.inpaint_plan()  # the mask read and checked too
     cfg = StudioConfig.from_env(device=args.device, precision=args.precision)

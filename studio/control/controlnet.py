@@ -8,6 +8,7 @@ import inspect
 import json
 import tempfile
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,14 +247,16 @@ def _stamp(path: Path | None) -> tuple:
 
 
 class ControlNetLoader:
-    """Loads ControlNets and keeps the last one (a storyboard uses one for all its shots)."""
+    """Loads ControlNets and keeps the last `keep` of them (a storyboard uses one for all its shots; a generation
+    with a pose and a depth ControlNet uses two at every step)."""
 
-    def __init__(self, folder: Path, cache_dir: Path | None = None, assets_dir: Path | None = None):
+    def __init__(self, folder: Path, cache_dir: Path | None = None, assets_dir: Path | None = None, keep: int = 1):
         self.folder = Path(folder)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.assets_dir = Path(assets_dir) if assets_dir is not None else ASSETS_DIR
+        self.keep = max(1, keep)
         self._lock = threading.Lock()
-        self._last: tuple[tuple, LoadedControlNet] | None = None
+        self._kept: OrderedDict[tuple, LoadedControlNet] = OrderedDict()
 
     @property
     def hash_cache(self) -> Path | None:
@@ -268,17 +271,19 @@ class ControlNetLoader:
         kind, path = resolve_controlnet(spec, self.folder, allow_paths, self.assets_dir)
         key = (kind, str(path) if path else spec, _stamp(path), str(device), str(dtype), compile_as)
         with self._lock:
-            if self._last is not None and self._last[0] == key:
-                loaded = self._last[1]
+            if key in self._kept:
+                self._kept.move_to_end(key)
+                loaded = self._kept[key]
             else:
-                self._last = None  # free the old one before loading the next
+                while len(self._kept) >= self.keep:  # free the oldest before loading the next
+                    self._kept.popitem(last=False)
                 loaded = self._open(spec, kind, path, dtype)
                 loaded.model.to(device=device)
                 loaded.model.eval()
                 loaded.model.requires_grad_(False)
                 if compile_as is not None:
                     speed.compile_unet(loaded.model, *compile_as)
-                self._last = (key, loaded)
+                self._kept[key] = loaded
         width = loaded.model.config.cross_attention_dim
         if xl is not None and is_xl_config(loaded.model.config) != xl:
             fitting = DEFAULT_SDXL_CONTROLNET if xl else DEFAULT_CONTROLNET if cross_attention_dim == 768 else None

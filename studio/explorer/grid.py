@@ -107,6 +107,9 @@ class GridJob:
             raise ValueError("choose at least one axis (X, Y or Z) with values")
         self.cells_per_pass = whole_number("cells per pass", self.cells_per_pass, 1, MAX_CELLS_PER_PASS)
         self.base.validate(limits)
+        if self.base.controls:
+            raise ValueError("the explorer does not run ControlNets yet: make the grid without them, or generate "
+                             "each setting in Generate")
         if self.base.batch_size != 1 or self.base.batch_count != 1:
             raise ValueError(f"a grid makes one image per cell: batch size and batch count must be 1, got "
                              f"{self.base.batch_size} and {self.base.batch_count} (cells per pass sets the batching)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 import threading
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,21 +47,51 @@ class DenoiseItem:
         return (self.cond, self.uncond, self.pooled, self.uncond_pooled) if k < 0 else tuple(self.schedule[k][1:])
 
 
+# A1111's ControlNet "Control Mode"s: the prompt and the ControlNet balanced (diffusers' plain ControlNet), the
+# prompt more important (the residuals weighted down towards the UNet's outer blocks), the ControlNet more important
+# (those weights, and the residuals added to the prompt's half of the CFG batch only)
+CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+SOFT_DECAY = 0.825  # sd-webui-controlnet's soft injection: residual k of n weighted 0.825 ** (n - 1 - k)
+
+
 @dataclass
 class Control:
-    """A ControlNet steering every item of a pass (storyboards): its model, the conditioning image as a
-    [1, 3, H, W] float tensor in 0..1 (the frame's size), the scale, and the fraction of steps it acts in."""
+    """A ControlNet steering every item of a pass: its model, the conditioning image as a [1, 3, H, W] float tensor
+    in 0..1 (the frame's size), the scale, the fraction of steps it acts in and A1111's control mode. Several
+    Controls add their residuals, as diffusers' MultiControlNetModel does."""
 
     model: object  # diffusers ControlNetModel, on the pipe's device and dtype
     image: torch.Tensor
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
+    mode: str = CONTROL_MODES[0]
 
     def scale_at(self, i: int, n: int) -> float:
         """StableDiffusionControlNetPipeline's rule: off before `start` and after `end` (fractions of the steps)."""
         off = i / n < self.start or (i + 1) / n > self.end
         return 0.0 if off else self.scale
+
+    def residuals(self, model_input: torch.Tensor, t, embeds: torch.Tensor, added: dict | None, i: int, n: int,
+                  cfg_rows: bool, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """This ControlNet's (down, mid) residuals at step `i` of `n` for the pass's UNet input (`cfg_rows`: its
+        batch is [uncond; cond])."""
+        extra = {"added_cond_kwargs": added} if added is not None else {}
+        cond_only = self.mode == CONTROL_MODES[2] and cfg_rows
+        if cond_only:  # the prompt's half only: the negative prompt's half gets no control
+            half = model_input.shape[0] // 2
+            model_input, embeds, image = model_input[half:], embeds[half:], image[half:]
+            if added is not None:
+                extra = {"added_cond_kwargs": {k: v[half:] for k, v in added.items()}}
+        down, mid = self.model(model_input, t, encoder_hidden_states=embeds, controlnet_cond=image,
+                               conditioning_scale=self.scale_at(i, n), return_dict=False, **extra)
+        if self.mode != CONTROL_MODES[0]:
+            last = len(down)
+            down = [d * SOFT_DECAY ** (last - k) for k, d in enumerate(down)]
+        if cond_only:
+            down = [torch.cat([torch.zeros_like(d), d]) for d in down]
+            mid = torch.cat([torch.zeros_like(mid), mid])
+        return list(down), mid
 
 
 @dataclass
@@ -252,11 +282,11 @@ def _guided(noise_pred: torch.Tensor, items: list[DenoiseItem], any_cfg: bool) -
 @torch.no_grad()
 def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: int, width: int, height: int,
             on_step: StepFn | None = None, cancel: threading.Event | None = None,
-            control: Control | None = None, init_latents: torch.Tensor | None = None,
+            control: Control | list[Control] | None = None, init_latents: torch.Tensor | None = None,
             strength: float = 1.0, inpaint: Inpaint | None = None, decode: bool = True) -> DenoiseResult:
     """Denoise `items` in one pass and decode them. On cancel it stops after the current step and returns the
-    unfinished images with `interrupted` set. With `control`, a ControlNet's residuals are added to the UNet's
-    blocks at every step where it is active (the rest of the loop is unchanged).
+    unfinished images with `interrupted` set. With `control` (one or several), the ControlNets' residuals, summed,
+    are added to the UNet's blocks at every step where they are active (the rest of the loop is unchanged).
 
     With `init_latents` (encode_init's, one row for every item or one per item), image to image: the last
     steps x `strength` timesteps run from the init noised to the first of them with each seed's text-to-image
@@ -321,12 +351,16 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
     interrupted = False
     # CUDA graph trees: one step = [ControlNet graph ->] UNet graph; the step starts before the ControlNet, whose
     # outputs the UNet's graph then reads
-    compiled = speed.is_compiled(pipe.unet) or (control is not None and speed.is_compiled(control.model))
-    control_image = None
-    if control is not None:
-        control_image = control.image.to(device, control.model.dtype).expand(embeds.shape[0], -1, -1, -1)
-    with batch_invariant_time_embedding(pipe.unet), \
-            batch_invariant_time_embedding(control.model if control is not None else None):
+    controls = [] if control is None else [control] if isinstance(control, Control) else list(control)
+    for c in controls:
+        if c.mode not in CONTROL_MODES:
+            raise ValueError(f"control mode must be one of {', '.join(CONTROL_MODES)}, got {c.mode!r}")
+    compiled = speed.is_compiled(pipe.unet) or any(speed.is_compiled(c.model) for c in controls)
+    control_images = [c.image.to(device, c.model.dtype).expand(embeds.shape[0], -1, -1, -1) for c in controls]
+    with ExitStack() as hooks:
+        hooks.enter_context(batch_invariant_time_embedding(pipe.unet))
+        for c in controls:
+            hooks.enter_context(batch_invariant_time_embedding(c.model))
         for i, t in enumerate(timesteps):
             if scheduled:
                 now = tuple(item.span(i) for item in items)
@@ -343,11 +377,12 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
             unet_input = model_input
             if extra_in is not None:  # a 9-channel inpainting UNet: latents, mask, masked picture's latents
                 unet_input = torch.cat([model_input, extra_in.expand(model_input.shape[0], -1, -1, -1)], dim=1)
-            if control is not None:
-                extra = {"added_cond_kwargs": added} if added is not None else {}
-                down, mid = control.model(model_input, t, encoder_hidden_states=embeds, controlnet_cond=control_image,
-                                          conditioning_scale=control.scale_at(i, len(timesteps)), return_dict=False,
-                                          **extra)
+            down = mid = None
+            for c, image in zip(controls, control_images, strict=True):
+                d, m = c.residuals(model_input, t, embeds, added, i, len(timesteps), any_cfg and not pad, image)
+                # summed as MultiControlNetModel sums them
+                down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d, strict=True)], mid + m)
+            if down is not None:
                 residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
             noise_pred = pipe.unet(unet_input, t, encoder_hidden_states=embeds, timestep_cond=None,
                                    cross_attention_kwargs=None, added_cond_kwargs=added, return_dict=False,

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from studio import __version__
+from studio.control.controlnet import ControlNetLoader
 from studio.files.adapters import ActiveLora
 from studio.files.atomic import atomic_path
 from studio.files.networks import FAMILY_LABELS, EmbeddingFile, NetworkFileError, NetworkLibrary
@@ -25,7 +26,10 @@ from studio.generation.conditioning import (
     encode_pair,
     encode_spans,
 )
+from studio.generation.controls import MAX_UNITS, ControlUnit
+from studio.generation.controls import infotext_fields as control_fields
 from studio.generation.denoise import (
+    Control,
     DenoiseItem,
     DenoiseResult,
     Inpaint,
@@ -69,7 +73,7 @@ class GenerateResult:
 
 
 def build_infotext(job: GenerateJob, seed: int, model: LoadedModel, model_hash: str,
-                   networks: PromptNetworks | None = None) -> str:
+                   networks: PromptNetworks | None = None, extra: dict | None = None) -> str:
     params = {
         "Steps": job.steps,
         **samplers.infotext_names(job.sampler, job.schedule),
@@ -98,6 +102,7 @@ def build_infotext(job: GenerateJob, seed: int, model: LoadedModel, model_hash: 
             params["Lora hashes"] = ", ".join(f"{n}: {h}" for n, h in networks.lora_hashes.items())
         if networks.ti_hashes:
             params["TI hashes"] = ", ".join(f"{n}: {h}" for n, h in networks.ti_hashes.items())
+    params.update(extra or {})  # e.g. the ControlNet units
     params["Version"] = f"studio {__version__}"
     return format_infotext(job.prompt, job.negative_prompt, params)
 
@@ -232,6 +237,8 @@ class Generator:
     def __init__(self, manager: ModelManager, networks: NetworkLibrary | None = None):
         self.manager = manager
         self.networks = networks or NetworkLibrary(manager.cfg.loras_dir, manager.cfg.embeddings_dir)
+        cfg = manager.cfg
+        self.controlnets = ControlNetLoader(cfg.controlnet_dir, cfg.cache_dir, cfg.assets_dir, keep=MAX_UNITS)
 
     def encode(self, job: GenerateJob, model: LoadedModel) -> tuple[torch.Tensor, torch.Tensor, PromptNetworks]:
         """Apply the job's LoRAs to the model and encode its prompts the A1111 way (weights, long prompts,
@@ -323,10 +330,11 @@ class Generator:
         return hnets
 
     def run_hires_pass(self, job: GenerateJob, pipe, second: hires.HiresPass, first: DenoiseResult,
-                    items: list[DenoiseItem], on_step, cancel: threading.Event | None) -> DenoiseResult:
+                    items: list[DenoiseItem], on_step, cancel: threading.Event | None,
+                    control: list[Control] | None = None) -> DenoiseResult:
         """The hires fix's second pass over a finished first pass: its latents upscaled (latent upscalers) or its
-        pictures upscaled and encoded again (pixel upscalers), then image to image at the target size. A stopped
-        first pass is returned as it is."""
+        pictures upscaled and encoded again (pixel upscalers), then image to image at the target size (with
+        `control`, its ControlNets, their maps at that size). A stopped first pass is returned as it is."""
         if first.interrupted:
             return first if first.images else DenoiseResult(decode_latents(pipe, first.latents), True, first.latents)
         if second.in_latent_space:
@@ -347,7 +355,31 @@ class Generator:
         inpaint = self.inpaint_for(job, pipe, None, second.width, second.height)
         return denoise(pipe, items, second.sampler or job.sampler, job.schedule, second.steps or job.steps,
                        second.width, second.height, on_step=on_step, cancel=cancel, init_latents=init,
-                       strength=second.denoising_strength, inpaint=inpaint)
+                       strength=second.denoising_strength, inpaint=inpaint, control=control)
+
+    def load_controlnet(self, unit: ControlUnit, model: LoadedModel):
+        """The unit's ControlNet on the pipe's device and dtype, compiled as the UNet is; one of another family is
+        refused naming it (studio.control.controlnet)."""
+        pipe = model.pipe
+        return self.controlnets.load(unit.model, pipe._execution_device, pipe.unet.dtype,
+                                     pipe.unet.config.cross_attention_dim, compile_as=speed.compiled_as(pipe.unet),
+                                     xl=model.is_xl)
+
+    @staticmethod
+    def controls_for(units: list[ControlUnit], loaded: list, maps: list[Image.Image], width: int, height: int,
+                     pipe) -> list[Control]:
+        """The denoise loop's Controls: each unit's map at width x height as a 0..1 tensor, its weight, start/end
+        and control mode."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        processor = VaeImageProcessor(vae_scale_factor=pipe.vae_scale_factor, do_convert_rgb=True, do_normalize=False)
+        out = []
+        for unit, net, image in zip(units, loaded, maps, strict=True):
+            if image.size != (width, height):
+                image = image.resize((width, height), Image.Resampling.LANCZOS)
+            out.append(Control(net.model, processor.preprocess(image, height=height, width=width), unit.weight,
+                               unit.start, unit.end, unit.mode))
+        return out
 
     @staticmethod
     def inpaint_for(job: GenerateJob, pipe, plan: InpaintPlan | None, width: int, height: int) -> Inpaint | None:
@@ -378,14 +410,18 @@ class Generator:
             from studio.upscale.library import resolve_upscaler
 
             resolve_upscaler(second.upscaler, self.manager.cfg.upscalers_dir)
+        # ControlNet maps: pictures read (checked), fitted and preprocessed before any model work
+        width, height = job.frame_size()
+        maps = [unit.make_map(width, height, self.manager.cfg.cache_dir / "annotators") for unit in job.controls]
         # out of GPU memory: memory freed, a message with what to change (studio.oom), the studio keeps serving
-        return run_with_advice(lambda: self._run(job, outputs_dir, on_progress, cancel, init, plan), "generation",
+        return run_with_advice(lambda: self._run(job, outputs_dir, on_progress, cancel, init, plan, maps),
+                               "generation",
                                lambda: generation_advice(job.batch_size, job.width, job.height,
                                                          self.manager.memory))
 
     def _run(self, job: GenerateJob, outputs_dir: Path | None, on_progress: ProgressFn | None,
              cancel: threading.Event | None, init: Image.Image | None = None,
-             plan: InpaintPlan | None = None) -> GenerateResult:
+             plan: InpaintPlan | None = None, maps: list[Image.Image] | None = None) -> GenerateResult:
         with self.manager.lock:
             # the model is taken under the lock, so a model switch cannot come between reading it and using it
             model = self.manager.current
@@ -401,6 +437,9 @@ class Generator:
             init_latents = encode_init(pipe, init) if init is not None else None
             width, height = job.frame_size()
             inpaint = self.inpaint_for(job, pipe, plan, width, height)
+            loaded = [self.load_controlnet(unit, model) for unit in job.controls]
+            controls = self.controls_for(job.controls, loaded, maps or [], width, height, pipe)
+            extra = control_fields(job.controls, loaded, width, height)
             run_steps = job.denoise_steps()  # image to image runs steps x strength of them
             hires_steps = 0
             if second is not None:  # the second pass is image to image: its steps x its strength run
@@ -429,7 +468,7 @@ class Generator:
                     on_progress(done_before, total, note)
                 out = denoise(pipe, items, job.sampler, job.schedule, job.steps, width, height,
                               on_step=on_step, cancel=cancel, init_latents=init_latents,
-                              strength=job.denoising_strength, inpaint=inpaint,
+                              strength=job.denoising_strength, inpaint=inpaint, control=controls or None,
                               decode=second is None or not second.in_latent_space)
                 if second is not None:
                     def hires_step(done, n, done_before=done_before + run_steps, batch=batch):
@@ -437,13 +476,16 @@ class Generator:
 
                     hires_items = [hires_nets.item(hires_nets.cond, hires_nets.uncond, job.cfg_scale, seed)
                                    for seed in seeds]
-                    out = self.run_hires_pass(job, pipe, second, out, hires_items, hires_step, cancel)
+                    hires_controls = self.controls_for(job.controls, loaded, maps or [], second.width, second.height,
+                                                       pipe)
+                    out = self.run_hires_pass(job, pipe, second, out, hires_items, hires_step, cancel,
+                                              hires_controls or None)
                 images, interrupted = out.images, out.interrupted
                 if plan is not None:  # the original's pixels back outside the mask (A1111's overlay)
                     images = [plan.finish(image) for image in images]
                 # 4. save (a stopped pass is shown but not saved: it is unfinished)
                 for image, seed in zip(images, seeds, strict=True):
-                    info = build_infotext(job, seed, model, model_hash, nets)
+                    info = build_infotext(job, seed, model, model_hash, nets, extra)
                     item = GeneratedImage(image, seed, info)
                     if outputs_dir is not None and not interrupted:
                         with self._save_lock:

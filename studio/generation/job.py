@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -66,6 +66,9 @@ class GenerateJob:
     hires_sampler: str = ""
     hires_prompt: str = ""
     hires_negative_prompt: str = ""
+    # ControlNets (A1111's ControlNet units, studio.generation.controls.ControlUnit or dicts): each a model, a
+    # picture, a preprocessor, weight, start/end, control mode and resize mode; several add up
+    controls: list = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, values: dict) -> GenerateJob:
@@ -74,7 +77,9 @@ class GenerateJob:
         return cls(**values)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["controls"] = [c.to_dict() if hasattr(c, "to_dict") else c for c in self.controls]
+        return out
 
     def validate(self, limits: Limits | None = None) -> None:
         """Raise ValueError naming the bad value and what would be right. Nothing is corrected (20.0 becomes 20,
@@ -111,6 +116,9 @@ class GenerateJob:
                 raise ValueError(f"resize mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
         self._validate_inpaint()
         self._validate_hires(limits)
+        from studio.generation.controls import check_units
+
+        self.controls = check_units(self.controls)
         width, height = self.frame_size()
         images = self.batch_size * self.batch_count
         cost, what = work(images, self.steps, width, height), describe_work(images, self.steps, width, height)
