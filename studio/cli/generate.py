@@ -68,6 +68,10 @@ def add_parser(sub) -> None:
     g.add_argument("--control-mode", default="Balanced",
                    choices=["Balanced", "My prompt is more important", "ControlNet is more important"],
                    help="A1111's control mode for every --control (default Balanced)")
+    g.add_argument("--regions", default="", metavar="LAYOUT",
+                   help="regional prompts: 'cols 1,1' (two columns) or 'rows 2,1' (ratios), one --region-prompt "
+                        "each, in order; --prompt is what the regions share")
+    g.add_argument("--region-prompt", action="append", default=[], metavar="TEXT", help="a region's prompt (repeat)")
     g.add_argument("--vae", default=None, help="Automatic, None, or a VAE's name in vae/ (default: Automatic)")
     g.add_argument("--out", default=None, help="output folder (default: outputs/<date>/)")
     g.add_argument("--device", default=None, help="auto, cuda, mps or cpu")
@@ -92,7 +96,8 @@ def run(args) -> int:
                       outpaint=args.outpaint, hires_fix=args.hires_scale is not None,
                       hires_scale=args.hires_scale or 2.0, hires_upscaler=args.hires_upscaler,
                       hires_steps=args.hires_steps, hires_denoising=args.hires_denoise,
-                      hires_prompt=args.hires_prompt, controls=[parse_control_flag(v) for v in args.control])
+                      hires_prompt=args.hires_prompt, controls=[parse_control_flag(v) for v in args.control],
+                      regions=args.regions, region_prompts=args.region_prompt)
     for unit in job.controls:
         unit.mode = args.control_mode
     job.validate()  # before loading a model: bad input fails fast

@@ -34,6 +34,9 @@ class DenoiseItem:
     schedule: tuple = ()
     pooled: torch.Tensor | None = None  # SDXL: [1, dim] pooled text embedding of the prompt
     uncond_pooled: torch.Tensor | None = None  # and of the negative prompt
+    # regional prompts: (latent mask [1, 1, h, w], cond, pooled) per region, the masks summing to 1; the prompt's
+    # noise prediction is each region's prediction where its mask is (empty: `cond` everywhere)
+    regions: tuple = ()
 
     def span(self, i: int) -> int:
         """Which schedule entry UNet call `i` uses (-1: no schedule)."""
@@ -73,13 +76,13 @@ class Control:
         return 0.0 if off else self.scale
 
     def residuals(self, model_input: torch.Tensor, t, embeds: torch.Tensor, added: dict | None, i: int, n: int,
-                  cfg_rows: bool, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """This ControlNet's (down, mid) residuals at step `i` of `n` for the pass's UNet input (`cfg_rows`: its
-        batch is [uncond; cond])."""
+                  uncond_rows: int, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """This ControlNet's (down, mid) residuals at step `i` of `n` for the pass's UNet input (its first
+        `uncond_rows` rows are the negative prompt's)."""
         extra = {"added_cond_kwargs": added} if added is not None else {}
-        cond_only = self.mode == CONTROL_MODES[2] and cfg_rows
-        if cond_only:  # the prompt's half only: the negative prompt's half gets no control
-            half = model_input.shape[0] // 2
+        cond_only = self.mode == CONTROL_MODES[2] and uncond_rows > 0
+        if cond_only:  # the prompt's rows only: the negative prompt's rows get no control
+            half = uncond_rows
             model_input, embeds, image = model_input[half:], embeds[half:], image[half:]
             if added is not None:
                 extra = {"added_cond_kwargs": {k: v[half:] for k, v in added.items()}}
@@ -89,8 +92,8 @@ class Control:
             last = len(down)
             down = [d * SOFT_DECAY ** (last - k) for k, d in enumerate(down)]
         if cond_only:
-            down = [torch.cat([torch.zeros_like(d), d]) for d in down]
-            mid = torch.cat([torch.zeros_like(mid), mid])
+            down = [torch.cat([d.new_zeros((half, *d.shape[1:])), d]) for d in down]
+            mid = torch.cat([mid.new_zeros((half, *mid.shape[1:])), mid])
         return list(down), mid
 
 
@@ -325,7 +328,13 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
     # or alternation switches it
     dtype = pipe.unet.dtype
     any_cfg = any(item.cfg_scale > 1 for item in items)
-    pad = len(items) == 1 and not any_cfg  # a UNet batch of one takes other CPU kernels: pad it to two
+    n_regions = len(items[0].regions)
+    if any(len(item.regions) != n_regions for item in items):
+        raise ValueError("items of one pass must have the same number of regions")
+    if n_regions and any(item.schedule for item in items):
+        raise ValueError("regional prompts cannot be combined with prompt editing ([from:to:when]) yet")
+    copies = max(n_regions, 1)  # the prompt's rows: one group, or one per region
+    pad = len(items) == 1 and not any_cfg and copies == 1  # a UNet batch of one takes other CPU kernels: pad it
 
     def stacked(rows: list[torch.Tensor], uncond_rows: list[torch.Tensor]) -> torch.Tensor:
         out = torch.cat(rows).to(device, dtype)
@@ -334,15 +343,25 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
 
     def conditioning(i: int) -> tuple[torch.Tensor, dict | None]:
         picks = [item.at_step(i) for item in items]
-        embeds = stacked([c for c, _, _, _ in picks], [u for _, u, _, _ in picks])
+        if n_regions:  # region-major: region 0's rows for every item, then region 1's, ...
+            conds = [item.regions[r][1] for r in range(n_regions) for item in items]
+            pooled = [item.regions[r][2] for r in range(n_regions) for item in items]
+        else:
+            conds, pooled = [c for c, _, _, _ in picks], [p for _, _, p, _ in picks]
+        embeds = stacked(conds, [u for _, u, _, _ in picks])
         if picks[0][2] is None:
             return embeds, None
         # SDXL: the pooled text embedding and the size / crop conditioning, as A1111 sets them (original size =
         # target size = the image's, no crop)
         time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype)
-        added = {"text_embeds": stacked([p for _, _, p, _ in picks], [q for _, _, _, q in picks]),
-                 "time_ids": stacked([time_ids] * len(items), [time_ids] * len(items))}
+        added = {"text_embeds": stacked(pooled, [q for _, _, _, q in picks]),
+                 "time_ids": stacked([time_ids] * len(conds), [time_ids] * len(items))}
         return embeds, added
+
+    region_masks = None
+    if n_regions:  # [regions, batch, 1, h, w]
+        region_masks = torch.stack([torch.cat([item.regions[r][0] for item in items]) for r in range(n_regions)])
+        region_masks = region_masks.to(device, dtype)
 
     scheduled = any(item.schedule for item in items)
     embeds, added = conditioning(0)
@@ -367,7 +386,8 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
                 if picks is not None and now != picks:
                     embeds, added = conditioning(i)
                 picks = now
-            model_input = torch.cat([latents] * 2) if any_cfg else latents
+            repeats = copies + 1 if any_cfg else copies
+            model_input = torch.cat([latents] * repeats) if repeats > 1 else latents
             model_input = scheduler.scale_model_input(model_input, t)
             if pad:
                 model_input = torch.cat([model_input, model_input])
@@ -379,7 +399,8 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
                 unet_input = torch.cat([model_input, extra_in.expand(model_input.shape[0], -1, -1, -1)], dim=1)
             down = mid = None
             for c, image in zip(controls, control_images, strict=True):
-                d, m = c.residuals(model_input, t, embeds, added, i, len(timesteps), any_cfg and not pad, image)
+                d, m = c.residuals(model_input, t, embeds, added, i, len(timesteps),
+                                   len(items) if any_cfg else 0, image)
                 # summed as MultiControlNetModel sums them
                 down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d, strict=True)], mid + m)
             if down is not None:
@@ -389,6 +410,12 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
                                    **residuals)[0]
             if pad:
                 noise_pred = noise_pred[:1]
+            if region_masks is not None:  # each region's prediction where its mask is
+                b = len(items)
+                start = b if any_cfg else 0
+                by_region = noise_pred[start:].reshape(n_regions, b, *noise_pred.shape[1:])
+                combined = (by_region * region_masks).sum(dim=0)
+                noise_pred = torch.cat([noise_pred[:b], combined]) if any_cfg else combined
             latents = scheduler.step(_guided(noise_pred, items, any_cfg), t, latents, **step_kwargs,
                                      return_dict=False)[0]
             if blend:  # the init outside the mask, at the noise level the next step expects

@@ -18,7 +18,7 @@ from studio.control.controlnet import ControlNetLoader
 from studio.files.adapters import ActiveLora
 from studio.files.atomic import atomic_path
 from studio.files.networks import FAMILY_LABELS, EmbeddingFile, NetworkFileError, NetworkLibrary
-from studio.generation import hires, samplers
+from studio.generation import hires, regions, samplers
 from studio.generation.conditioning import (
     PromptEncoder,
     TextualInversion,
@@ -102,6 +102,9 @@ def build_infotext(job: GenerateJob, seed: int, model: LoadedModel, model_hash: 
             params["Lora hashes"] = ", ".join(f"{n}: {h}" for n, h in networks.lora_hashes.items())
         if networks.ti_hashes:
             params["TI hashes"] = ", ".join(f"{n}: {h}" for n, h in networks.ti_hashes.items())
+    if job.regions:  # regional prompts: the layout and each region's prompt
+        params["Regions"] = job.regions
+        params.update({f"Region {k} prompt": p for k, p in enumerate(job.region_prompts, 1)})
     params.update(extra or {})  # e.g. the ControlNet units
     params["Version"] = f"studio {__version__}"
     return format_infotext(job.prompt, job.negative_prompt, params)
@@ -179,12 +182,24 @@ class PromptNetworks:
     schedule: tuple = ()  # DenoiseItem.schedule when the prompts edit or alternate during sampling
     cond: torch.Tensor | None = None  # the encoded prompts, when kept with them (hires fix's second pass)
     uncond: torch.Tensor | None = None
+    region_conds: list = field(default_factory=list)  # regional prompts: (cond, pooled) per region
+    regions: tuple = ()  # DenoiseItem.regions at the pass's size (masks, conds)
     pooled: torch.Tensor | None = None  # SDXL's pooled text embeddings of the prompt and the negative prompt
     uncond_pooled: torch.Tensor | None = None
 
     def item(self, cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float, seed: int) -> DenoiseItem:
         """One image's DenoiseItem with these prompts' conditioning."""
-        return DenoiseItem(cond, uncond, cfg_scale, seed, self.schedule, self.pooled, self.uncond_pooled)
+        return DenoiseItem(cond, uncond, cfg_scale, seed, self.schedule, self.pooled, self.uncond_pooled,
+                           self.regions)
+
+    def at_size(self, layout: str, width: int, height: int, scale: int) -> PromptNetworks:
+        """These prompts with their regions' masks for a width x height pass (hires fix's second pass)."""
+        from dataclasses import replace
+
+        if not self.region_conds:
+            return self
+        masks = regions.latent_masks(layout, width, height, scale)
+        return replace(self, regions=tuple((m, c, p) for m, (c, p) in zip(masks, self.region_conds, strict=True)))
     notes: list[str] = field(default_factory=list)
 
 
@@ -248,7 +263,17 @@ class Generator:
         nets.notes += model.loras().unmatched_notes(nets.loras)
         encoder = self.prompt_encoder(model, nets.embeddings, job.clip_skip, nets.embeddings_g,
                                       self.manager.cfg.sdxl_clip_l_skip)
-        if len(spans) == 1:  # nothing switches (`[a:b:0]` is b throughout)
+        if job.regions:  # the prompt and each region's, padded to one length with the negative prompt
+            if len(spans) != 1:
+                raise ValueError("regional prompts cannot be combined with prompt editing ([from:to:when]) yet")
+            texts = [regions.region_text(nets.prompt, r) for r in job.region_prompts]
+            encoded, used = encode_spans(encoder, [(0, nets.prompt, nets.negative_prompt)]
+                                         + [(0, t, nets.negative_prompt) for t in texts])
+            _, cond, uncond, nets.pooled, nets.uncond_pooled = encoded[0]
+            nets.region_conds = [(c, p) for _, c, _, p, _ in encoded[1:]]
+            width, height = job.frame_size()
+            nets.regions = nets.at_size(job.regions, width, height, model.pipe.vae_scale_factor).regions
+        elif len(spans) == 1:  # nothing switches (`[a:b:0]` is b throughout)
             c, u, used = encode_pair(encoder, spans[0][1], spans[0][2])
             cond, uncond, nets.pooled, nets.uncond_pooled = c.embeds, u.embeds, c.pooled, u.pooled
         else:
@@ -267,7 +292,9 @@ class Generator:
                                       self.manager.cfg.sdxl_clip_l_skip)
         limits = self.manager.cfg.limits
         seen: set[str] = set()
-        for _, prompt, negative in spans:
+        checked = [*spans, *((0, regions.region_text(nets.prompt, r), nets.negative_prompt)
+                             for r in job.region_prompts)]
+        for _, prompt, negative in checked:
             for label, text in (("prompt", prompt), ("negative prompt", negative)):
                 if text not in seen:
                     seen.add(text)
@@ -314,9 +341,10 @@ class Generator:
         """The second pass's prompts: the first pass's, or the hires prompts encoded (with the same LoRAs: the
         model is not switched between the passes). `cond`/`uncond` are kept on the returned networks."""
         second = job.hires_pass()
+        scale = model.pipe.vae_scale_factor
         if not (second.prompt or second.negative_prompt):
             nets.cond, nets.uncond = cond, uncond
-            return nets
+            return nets.at_size(job.regions, second.width, second.height, scale)
         from dataclasses import replace
 
         hjob = replace(job, prompt=second.prompt or job.prompt, negative_prompt=second.negative_prompt or job.negative_prompt,
@@ -327,7 +355,7 @@ class Generator:
                              "applied between the passes); leave the hires prompt empty or copy the tags")
         hcond, huncond, hnets = self.encode(hjob, model)
         hnets.cond, hnets.uncond = hcond, huncond
-        return hnets
+        return hnets.at_size(job.regions, second.width, second.height, scale)
 
     def run_hires_pass(self, job: GenerateJob, pipe, second: hires.HiresPass, first: DenoiseResult,
                     items: list[DenoiseItem], on_step, cancel: threading.Event | None,

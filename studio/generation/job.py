@@ -69,6 +69,10 @@ class GenerateJob:
     # ControlNets (A1111's ControlNet units, studio.generation.controls.ControlUnit or dicts): each a model, a
     # picture, a preprocessor, weight, start/end, control mode and resize mode; several add up
     controls: list = field(default_factory=list)
+    # regional prompts: a layout ("cols 1,1", "rows 2,1") and one prompt per region; the prompt above is what the
+    # regions share (setting, style) and goes before each region's own
+    regions: str = ""
+    region_prompts: list = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, values: dict) -> GenerateJob:
@@ -119,6 +123,7 @@ class GenerateJob:
         from studio.generation.controls import check_units
 
         self.controls = check_units(self.controls)
+        self._validate_regions(limits)
         width, height = self.frame_size()
         images = self.batch_size * self.batch_count
         cost, what = work(images, self.steps, width, height), describe_work(images, self.steps, width, height)
@@ -128,6 +133,27 @@ class GenerateJob:
             cost += work(images, steps, second.width, second.height)
             what += f", plus {describe_work(images, steps, second.width, second.height)} for the hires fix"
         limits.check("max_work", cost, what)
+
+    def _validate_regions(self, limits: Limits) -> None:
+        from studio.generation import regions
+        from studio.generation.prompt_syntax import extract_network_tags
+
+        if not text("regions", self.regions).strip():
+            if self.region_prompts:
+                raise ValueError("region prompts need a regions layout, like 'cols 1,1'")
+            self.regions = ""
+            return
+        _, shares = regions.parse_layout(self.regions)
+        if not isinstance(self.region_prompts, (list, tuple)) or len(self.region_prompts) != len(shares):
+            count = len(self.region_prompts) if isinstance(self.region_prompts, (list, tuple)) else "no"
+            raise ValueError(f"regions {self.regions!r} has {len(shares)} regions: give one prompt for each "
+                             f"({count} given)")
+        for k, prompt in enumerate(self.region_prompts, 1):
+            check_prompt_limits(text(f"region {k} prompt", prompt), f"region {k} prompt", limits)
+            if extract_network_tags(prompt)[1]:
+                raise ValueError(f"region {k} prompt: <lora:...> tags act on the whole picture; put them in the "
+                                 "prompt")
+        self.region_prompts = list(self.region_prompts)
 
     def _validate_hires(self, limits: Limits) -> None:
         if not isinstance(self.hires_fix, bool):
