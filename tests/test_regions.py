@@ -60,8 +60,8 @@ def test_layouts_and_masks():
         regions.latent_masks("cols 1,20", 64, 64, 8)
 
 
-def test_each_region_takes_its_own_prediction(tiny):
-    """One Euler step: the latents in the left region are those the left prompt alone gives, the right ones those
+def test_latent_mode_each_region_takes_its_own_prediction(tiny):
+    """Latent mode, one Euler step: the latents in the left region are those the left prompt alone gives, the right ones those
     of the right prompt alone (the step is linear in the prediction; the predictions are made on the same input)."""
     model = tiny.manager.current
     pipe = model.pipe
@@ -71,7 +71,7 @@ def test_each_region_takes_its_own_prediction(tiny):
         with tiny.manager.lock:
             cond, uncond, nets = tiny.encode(j, model)
             return denoise(pipe, [nets.item(cond, uncond, j.cfg_scale, j.seed)], j.sampler, j.schedule, 1, SIZE,
-                           SIZE, decode=False).latents
+                           SIZE, decode=False, region_mode="Latent").latents
 
     both = latents(split)
     fox, bird = latents(job(prompt="a red fox", steps=1)), latents(job(prompt="a blue bird", steps=1))
@@ -86,7 +86,7 @@ def test_one_prompt_in_every_region_is_no_regions(tiny):
     same = tiny.run(job(prompt="", regions="rows 1,1", region_prompts=["a red fox", "a red fox"]))
     assert np.abs(pixels(same) - plain).max() <= 1
     text = same.images[0].infotext
-    assert 'Regions: "rows 1,1", Region 1 prompt: a red fox, Region 2 prompt: a red fox,' in text
+    assert 'Regions: "rows 1,1", Region mode: Attention, Region 1 prompt: a red fox, Region 2 prompt: a red fox,' in text
 
 
 def test_regions_with_hires_fix_and_batches(tiny):
@@ -135,7 +135,40 @@ def test_cli_regions(tmp_path, monkeypatch, capsys):
                  "--height", "64", "--seed", "1", "--regions", "cols 1,1", "--region-prompt", "a red fox",
                  "--region-prompt", "a blue bird"]) == 0
     text = Image.open(capsys.readouterr().out.strip()).info["parameters"]
-    assert 'Regions: "cols 1,1", Region 1 prompt: a red fox, Region 2 prompt: a blue bird' in text
+    assert 'Regions: "cols 1,1", Region mode: Attention, Region 1 prompt: a red fox, Region 2 prompt: a blue bird' in text
     assert main(["generate", "--model", "demo-tiny", "--prompt", "x", "--regions", "cols 1,1",
                  "--region-prompt", "a"]) == 2
     assert "give one prompt for each" in capsys.readouterr().err
+
+
+def test_attention_mode_masks_each_regions_cross_attention():
+    """The processor: each region's prompt attended to by the whole frame, kept where its mask is; the UNet's own
+    processors are back after the pass."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, cross_attention_dim=6, heads=2, dim_head=4)
+    masks = regions.latent_masks("cols 1,1", 32, 32, 8)  # 4x4 latents
+    proc = regions.RegionalCrossAttention(AttnProcessor2_0(), torch.cat(masks), tokens=3)
+    x = torch.randn(2, 16, 8)
+    a, b = torch.randn(2, 3, 6), torch.randn(2, 3, 6)
+    out = proc(attn, x, torch.cat([a, b], dim=1))
+    alone_a, alone_b = AttnProcessor2_0()(attn, x, a), AttnProcessor2_0()(attn, x, b)
+    left = masks[0].flatten()[None, :, None].bool()
+    assert torch.allclose(out, torch.where(left, alone_a, alone_b), atol=1e-6)
+    # at a coarser layer (2x2 positions) the mask is scaled down with it
+    small = torch.randn(2, 4, 8)
+    out = proc(attn, small, torch.cat([a, b], dim=1))
+    assert torch.allclose(out[:, [0, 2]], AttnProcessor2_0()(attn, small, a)[:, [0, 2]], atol=1e-6)
+    assert torch.allclose(out[:, [1, 3]], AttnProcessor2_0()(attn, small, b)[:, [1, 3]], atol=1e-6)
+
+
+def test_attention_mode_runs_and_restores_the_unet(tiny):
+    unet = tiny.manager.current.pipe.unet
+    before = {k: type(v) for k, v in unet.attn_processors.items()}
+    split = tiny.run(job(prompt="", regions="cols 1,1", region_prompts=["a red fox", "a blue bird"]))
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == before
+    latent = tiny.run(job(prompt="", regions="cols 1,1", region_prompts=["a red fox", "a blue bird"],
+                          region_mode="Latent"))
+    assert np.abs(pixels(split) - pixels(latent)).max() > 3
+    assert "Region mode: Latent" in latent.images[0].infotext

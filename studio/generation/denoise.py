@@ -207,6 +207,21 @@ def _first_row(module, args):
 
 
 @contextmanager
+def regional_attention(unet, regions: tuple):
+    """While active, the UNet's cross-attention layers draw each region from its own prompt (Regional Prompter's
+    Attention mode, studio.generation.regions); its own processors are put back afterwards."""
+    from studio.generation.regions import regional_processors
+
+    masks = torch.cat([mask for mask, _, _ in regions])
+    original = dict(unet.attn_processors)
+    unet.set_attn_processor(regional_processors(unet, masks, regions[0][1].shape[1]))
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(original)
+
+
+@contextmanager
 def batch_invariant_time_embedding(unet):
     """While active, the UNet's timestep embedding is computed on one row and broadcast over the batch.
 
@@ -286,7 +301,8 @@ def _guided(noise_pred: torch.Tensor, items: list[DenoiseItem], any_cfg: bool) -
 def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: int, width: int, height: int,
             on_step: StepFn | None = None, cancel: threading.Event | None = None,
             control: Control | list[Control] | None = None, init_latents: torch.Tensor | None = None,
-            strength: float = 1.0, inpaint: Inpaint | None = None, decode: bool = True) -> DenoiseResult:
+            strength: float = 1.0, inpaint: Inpaint | None = None, decode: bool = True,
+            region_mode: str = "Attention") -> DenoiseResult:
     """Denoise `items` in one pass and decode them. On cancel it stops after the current step and returns the
     unfinished images with `interrupted` set. With `control` (one or several), the ControlNets' residuals, summed,
     are added to the UNet's blocks at every step where they are active (the rest of the loop is unchanged).
@@ -333,7 +349,11 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
         raise ValueError("items of one pass must have the same number of regions")
     if n_regions and any(item.schedule for item in items):
         raise ValueError("regional prompts cannot be combined with prompt editing ([from:to:when]) yet")
-    copies = max(n_regions, 1)  # the prompt's rows: one group, or one per region
+    attention_regions = n_regions > 0 and region_mode == "Attention"
+    if n_regions and region_mode not in ("Attention", "Latent"):
+        raise ValueError(f"region mode must be Attention or Latent, got {region_mode!r}")
+    # the prompt's rows: one group, or one per region (Latent mode: a noise prediction per region)
+    copies = n_regions if n_regions and not attention_regions else 1
     pad = len(items) == 1 and not any_cfg and copies == 1  # a UNet batch of one takes other CPU kernels: pad it
 
     def stacked(rows: list[torch.Tensor], uncond_rows: list[torch.Tensor]) -> torch.Tensor:
@@ -343,6 +363,16 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
 
     def conditioning(i: int) -> tuple[torch.Tensor, dict | None]:
         picks = [item.at_step(i) for item in items]
+        if attention_regions:  # each row's text: every region's prompt one after another (the negative repeated)
+            embeds = stacked([torch.cat([r[1] for r in item.regions], dim=1) for item in items],
+                             [u.repeat(1, n_regions, 1) for _, u, _, _ in picks])
+            if picks[0][2] is None:
+                return embeds, None
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype)
+            # SDXL's pooled text: the mean of the regions' (one pooled vector speaks for the whole frame)
+            pooled = [torch.stack([r[2] for r in item.regions]).mean(dim=0) for item in items]
+            return embeds, {"text_embeds": stacked(pooled, [q for _, _, _, q in picks]),
+                            "time_ids": stacked([time_ids] * len(items), [time_ids] * len(items))}
         if n_regions:  # region-major: region 0's rows for every item, then region 1's, ...
             conds = [item.regions[r][1] for r in range(n_regions) for item in items]
             pooled = [item.regions[r][2] for r in range(n_regions) for item in items]
@@ -359,7 +389,7 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
         return embeds, added
 
     region_masks = None
-    if n_regions:  # [regions, batch, 1, h, w]
+    if n_regions and not attention_regions:  # [regions, batch, 1, h, w]
         region_masks = torch.stack([torch.cat([item.regions[r][0] for item in items]) for r in range(n_regions)])
         region_masks = region_masks.to(device, dtype)
 
@@ -378,6 +408,8 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
     control_images = [c.image.to(device, c.model.dtype).expand(embeds.shape[0], -1, -1, -1) for c in controls]
     with ExitStack() as hooks:
         hooks.enter_context(batch_invariant_time_embedding(pipe.unet))
+        if attention_regions:
+            hooks.enter_context(regional_attention(pipe.unet, items[0].regions))
         for c in controls:
             hooks.enter_context(batch_invariant_time_embedding(c.model))
         for i, t in enumerate(timesteps):

@@ -104,6 +104,7 @@ def build_infotext(job: GenerateJob, seed: int, model: LoadedModel, model_hash: 
             params["TI hashes"] = ", ".join(f"{n}: {h}" for n, h in networks.ti_hashes.items())
     if job.regions:  # regional prompts: the layout and each region's prompt
         params["Regions"] = job.regions
+        params["Region mode"] = job.region_mode
         params.update({f"Region {k} prompt": p for k, p in enumerate(job.region_prompts, 1)})
     params.update(extra or {})  # e.g. the ControlNet units
     params["Version"] = f"studio {__version__}"
@@ -383,7 +384,8 @@ class Generator:
         inpaint = self.inpaint_for(job, pipe, None, second.width, second.height)
         return denoise(pipe, items, second.sampler or job.sampler, job.schedule, second.steps or job.steps,
                        second.width, second.height, on_step=on_step, cancel=cancel, init_latents=init,
-                       strength=second.denoising_strength, inpaint=inpaint, control=control)
+                       strength=second.denoising_strength, inpaint=inpaint, control=control,
+                       region_mode=job.region_mode)
 
     def load_controlnet(self, unit: ControlUnit, model: LoadedModel):
         """The unit's ControlNet on the pipe's device and dtype, compiled as the UNet is; one of another family is
@@ -497,6 +499,7 @@ class Generator:
                 out = denoise(pipe, items, job.sampler, job.schedule, job.steps, width, height,
                               on_step=on_step, cancel=cancel, init_latents=init_latents,
                               strength=job.denoising_strength, inpaint=inpaint, control=controls or None,
+                              region_mode=job.region_mode,
                               decode=second is None or not second.in_latent_space)
                 if second is not None:
                     def hires_step(done, n, done_before=done_before + run_steps, batch=batch):

@@ -73,6 +73,7 @@ class GenerateJob:
     # regions share (setting, style) and goes before each region's own
     regions: str = ""
     region_prompts: list = field(default_factory=list)
+    region_mode: str = "Attention"  # Regional Prompter's: "Attention" (cross-attention per region) or "Latent"
 
     @classmethod
     def from_dict(cls, values: dict) -> GenerateJob:
@@ -144,6 +145,8 @@ class GenerateJob:
             self.regions = ""
             return
         _, shares = regions.parse_layout(self.regions)
+        if self.region_mode not in regions.MODES:
+            raise ValueError(f"region mode must be one of {', '.join(regions.MODES)}, got {self.region_mode!r}")
         if not isinstance(self.region_prompts, (list, tuple)) or len(self.region_prompts) != len(shares):
             count = len(self.region_prompts) if isinstance(self.region_prompts, (list, tuple)) else "no"
             raise ValueError(f"regions {self.regions!r} has {len(shares)} regions: give one prompt for each "

@@ -55,3 +55,37 @@ def region_text(prompt: str, region_prompt: str) -> str:
     style) and the region's own."""
     shared, own = prompt.strip(), region_prompt.strip()
     return f"{shared}, {own}" if shared and own else shared or own
+
+
+MODES = ("Attention", "Latent")  # Regional Prompter's: cross-attention masked per region, or noise predictions
+
+
+class RegionalCrossAttention:
+    """An attention processor for the UNet's cross-attention layers (set with diffusers' set_attn_processor while a
+    pass with regions runs): the text holds each region's prompt one after another (`tokens` positions each); every
+    region's prompt is attended to by the whole frame and the results are kept where that region's mask is (the
+    masks scaled to the layer's resolution), so one UNet call draws each region from its own prompt."""
+
+    def __init__(self, base, masks: torch.Tensor, tokens: int):
+        self.base = base  # the processor it wraps (SDPA, or a LoRA-aware one)
+        self.masks = masks  # [regions, 1, h, w] at latent size, 0/1, summing to 1
+        self.tokens = tokens
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is None or encoder_hidden_states.shape[1] == self.tokens:
+            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        outs = [self.base(attn, hidden_states, chunk, attention_mask, temb, **kwargs)
+                for chunk in encoder_hidden_states.split(self.tokens, dim=1)]
+        h, w = self.masks.shape[-2:]
+        positions = outs[0].shape[1]
+        factor = round((h * w / positions) ** 0.5)
+        small = torch.nn.functional.interpolate(self.masks.to(outs[0].dtype), size=(h // factor, w // factor),
+                                                mode="nearest")
+        weights = small.flatten(2).transpose(1, 2)  # [regions, positions, 1]
+        return sum(weights[r : r + 1].to(out.device) * out for r, out in enumerate(outs))
+
+
+def regional_processors(unet, masks: torch.Tensor, tokens: int) -> dict:
+    """The UNet's attention processors with every cross-attention one wrapped in RegionalCrossAttention."""
+    return {name: RegionalCrossAttention(proc, masks, tokens) if ".attn2." in name else proc
+            for name, proc in unet.attn_processors.items()}
