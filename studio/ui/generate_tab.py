@@ -1,5 +1,5 @@
 """The Generate tab: prompt and A1111 parameters -> gallery, with progress, Stop, image to image, inpainting,
-outpainting, hires fix, upscaling (Extras), Send to buttons, the VAE menu, PNG info and presets."""
+outpainting, hires fix, ControlNet units, upscaling (Extras), Send to buttons, the VAE menu, PNG info and presets."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from studio.generation.job import RESIZE_MODES, GenerateJob, load_init_image
 from studio.generation.paste import denoising_strength, restore_lora_names, vae_choice
 from studio.generation.presets import PresetExistsError, apply_preset, list_presets, save_preset
 from studio.models.checkpoints import ModelLoadError
-from studio.ui import hires_panel, inpaint_panel, networks_panel, upscale_panel
+from studio.ui import control_panel, hires_panel, inpaint_panel, networks_panel, upscale_panel
 from studio.ui.state import AppState
 
 DEMO_BANNER = (
@@ -29,11 +29,12 @@ def job_from_inputs(prompt, negative, sampler, schedule, steps, cfg_scale, seed,
                     masked_content="original", inpaint_area="Whole picture", inpaint_padding=32, outpaint=None,
                     hires_fix=False, hires_scale=2.0, hires_upscaler=DEFAULT_UPSCALER, hires_steps=0,
                     hires_denoising=0.7, hires_width=0, hires_height=0, hires_sampler="", hires_prompt="",
-                    hires_negative_prompt="") -> GenerateJob:
+                    hires_negative_prompt="", controls=None) -> GenerateJob:
     """The job exactly as the widgets (or the API) sent it: GenerateJob.validate refuses what is not a valid value
     (2.7 steps, a bool, None) instead of rounding it here. An init image (a file path) makes it image to image; a
-    mask (a file path or an image) with it inpainting, outpaint pads ({"left": 64}) outpainting. The inputs after
-    resize_mode have defaults, so callers that send the older, shorter list still get the same job."""
+    mask (a file path or an image) with it inpainting, outpaint pads ({"left": 64}) outpainting; controls are
+    ControlNet units (ControlUnit or dicts). The inputs after resize_mode have defaults, so callers that send the
+    older, shorter list still get the same job."""
     return GenerateJob(prompt=prompt, negative_prompt=negative, sampler=sampler, schedule=schedule, steps=steps,
                        cfg_scale=cfg_scale, seed=seed, width=width, height=height, batch_size=batch_size,
                        batch_count=batch_count, clip_skip=clip_skip, init_image=init_image or None,
@@ -44,7 +45,7 @@ def job_from_inputs(prompt, negative, sampler, schedule, steps, cfg_scale, seed,
                        hires_fix=hires_fix, hires_scale=hires_scale, hires_upscaler=hires_upscaler,
                        hires_steps=hires_steps, hires_denoising=hires_denoising, hires_width=hires_width,
                        hires_height=hires_height, hires_sampler=hires_sampler or "", hires_prompt=hires_prompt or "",
-                       hires_negative_prompt=hires_negative_prompt or "")
+                       hires_negative_prompt=hires_negative_prompt or "", controls=list(controls or []))
 
 
 def build(state: AppState, model_dropdown: gr.Dropdown):
@@ -92,6 +93,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
             inpaint = inpaint_panel.build_inpaint()
             outpaint = inpaint_panel.build_outpaint(width, height)
             hires_fix = hires_panel.build(state.cfg.upscalers_dir)
+            control = control_panel.build(state, width, height)
             with gr.Accordion("Presets", open=False):
                 presets = list_presets(state.cfg.presets_dir)
                 preset = gr.Dropdown(list(presets), value=None, label="Preset", elem_id="preset")
@@ -138,7 +140,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
               clip_skip, init_in, strength, resize_mode]
     inpaint_inputs = [inpaint["editor"], inpaint["mask_file"], inpaint["mask_blur"], inpaint["mask_mode"],
                       inpaint["masked_content"], inpaint["inpaint_area"], inpaint["padding"], *outpaint["sides"]]
-    all_inputs = [*params, *inpaint_inputs, *hires_fix["inputs"]]
+    all_inputs = [*params, *inpaint_inputs, *hires_fix["inputs"], *control["inputs"]]
 
     def run(request: gr.Request, prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height,
             batch_size, batch_count, clip_skip, init_image=None, denoising_strength=0.75, resize_mode="Just resize",
@@ -146,10 +148,27 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
             inpaint_area="Whole picture", inpaint_padding=32, outpaint_left=0, outpaint_right=0, outpaint_top=0,
             outpaint_bottom=0, hires=False, hires_scale=2.0, hires_upscaler=DEFAULT_UPSCALER, hires_steps=0,
             hires_denoising=0.7, hires_width=0, hires_height=0, hires_sampler=hires_panel.SAME_SAMPLER,
-            hires_prompt="", hires_negative="", progress=gr.Progress()):
+            hires_prompt="", hires_negative="",
+            cn0_enabled=False, cn0_image=None, cn0_module=control_panel.DEFAULT_MODULE, cn0_resolution=512,
+            cn0_threshold_a=100, cn0_threshold_b=200, cn0_model="", cn0_weight=1.0, cn0_start=0.0, cn0_end=1.0,
+            cn0_mode="Balanced", cn0_resize_mode="Crop and Resize",
+            cn1_enabled=False, cn1_image=None, cn1_module=control_panel.DEFAULT_MODULE, cn1_resolution=512,
+            cn1_threshold_a=100, cn1_threshold_b=200, cn1_model="", cn1_weight=1.0, cn1_start=0.0, cn1_end=1.0,
+            cn1_mode="Balanced", cn1_resize_mode="Crop and Resize",
+            cn2_enabled=False, cn2_image=None, cn2_module=control_panel.DEFAULT_MODULE, cn2_resolution=512,
+            cn2_threshold_a=100, cn2_threshold_b=200, cn2_model="", cn2_weight=1.0, cn2_start=0.0, cn2_end=1.0,
+            cn2_mode="Balanced", cn2_resize_mode="Crop and Resize", progress=gr.Progress()):
         # `request` first (it names the session); every input after the twelve text-to-image values has a default,
-        # so API callers that send only those (or the image-to-image three too) still work
+        # so API callers that send only those (or the image-to-image three too) still work. The ControlNet units
+        # come last, control_panel.FIELDS per unit (control_panel.input_names())
         try:
+            controls = control_panel.units_from_values([
+                cn0_enabled, cn0_image, cn0_module, cn0_resolution, cn0_threshold_a, cn0_threshold_b, cn0_model,
+                cn0_weight, cn0_start, cn0_end, cn0_mode, cn0_resize_mode,
+                cn1_enabled, cn1_image, cn1_module, cn1_resolution, cn1_threshold_a, cn1_threshold_b, cn1_model,
+                cn1_weight, cn1_start, cn1_end, cn1_mode, cn1_resize_mode,
+                cn2_enabled, cn2_image, cn2_module, cn2_resolution, cn2_threshold_a, cn2_threshold_b, cn2_model,
+                cn2_weight, cn2_start, cn2_end, cn2_mode, cn2_resize_mode])
             mask = inpaint_panel.pick_mask(mask_editor, mask_file)
             job = job_from_inputs(prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height,
                                   batch_size, batch_count, clip_skip, init_image, denoising_strength, resize_mode,
@@ -158,7 +177,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
                                                                outpaint_bottom),
                                   hires, hires_scale, hires_upscaler, hires_steps, hires_denoising, hires_width,
                                   hires_height, hires_panel.sampler_value(hires_sampler), hires_prompt,
-                                  hires_negative)
+                                  hires_negative, controls)
             job.validate(state.cfg.limits)
         except ValueError as e:
             raise gr.Error(str(e)) from e
@@ -302,7 +321,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
     hires_keys = ["enabled", "scale", "steps", "upscaler", "denoising", "width", "height", "sampler", "prompt",
                   "negative"]
     inpaint_keys = ["mask_blur", "mask_mode", "masked_content", "inpaint_area", "padding"]
-    pasted = [hires_fix[k] for k in hires_keys] + [inpaint[k] for k in inpaint_keys]
+    pasted = [hires_fix[k] for k in hires_keys] + [inpaint[k] for k in inpaint_keys] + control["pasted"]
     unchanged = 11 + len(pasted)
 
     def pasted_values(extra):
@@ -311,8 +330,12 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
             gr.Info(f"hires upscaler {found.pop('upscaler')!r} is not here (files go in upscalers/); kept the "
                     "current one")
         found_inpaint = inpaint_panel.paste_fields(extra)
+        found_control, notes = control_panel.paste_fields(extra, control["models"]())
+        for note in notes:
+            gr.Info(note)
         return ([found.get(k, gr.update()) for k in hires_keys] + [found_inpaint.get(k, gr.update())
-                                                                    for k in inpaint_keys]), found["enabled"]
+                                                                    for k in inpaint_keys]
+                + found_control), found["enabled"]
 
     def read_png(path):
         if not path:
@@ -362,4 +385,4 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
 
     return {"width": width, "height": height, "gallery": gallery, "upscale": upscale, "inpaint": inpaint,
             "hires": hires_fix, "selected": selected, "vae": vae, "networks_refresh": networks_refresh,
-            "networks_outputs": networks_outputs, "png_info": png_in}
+            "networks_outputs": networks_outputs, "png_info": png_in, "control": control}
