@@ -141,6 +141,8 @@ class StudioConfig:
     vae_dir: Path = ROOT / "vae"
     # upscaler model files (ESRGAN / Real-ESRGAN / SwinIR / ... .pth or .safetensors), read with spandrel
     upscalers_dir: Path = ROOT / "upscalers"
+    # IP-Adapter weights (image prompts) and their CLIP image encoders (image_encoder/ folders)
+    ipadapter_dir: Path = ROOT / "ipadapter"
     # shipped data: model configs for offline single-file loading, templates
     assets_dir: Path = ROOT / "assets"
     # files we derive once and reuse (the CLIP tokenizer built from open_clip's BPE file)
@@ -201,13 +203,14 @@ class StudioConfig:
             controlnet_dir=home / "controlnet",
             vae_dir=home / "vae",
             upscalers_dir=home / "upscalers",
+            ipadapter_dir=home / "ipadapter",
             cache_dir=home / ".cache",
         )
 
     def ensure_dirs(self) -> None:
         for d in (self.models_dir, self.loras_dir, self.embeddings_dir, self.outputs_dir,
                   self.presets_dir, self.datasets_dir, self.runs_dir, self.cache_dir, self.storyboards_dir,
-                  self.controlnet_dir, self.vae_dir, self.upscalers_dir):
+                  self.controlnet_dir, self.vae_dir, self.upscalers_dir, self.ipadapter_dir):
             d.mkdir(parents=True, exist_ok=True)
 
 

@@ -10,6 +10,7 @@ from studio.cli.progress import cli_progress
 from studio.generation import masking, samplers
 from studio.generation.controls import parse_control_flag
 from studio.generation.hires import DEFAULT_UPSCALER, LATENT_UPSCALERS
+from studio.generation.ip_adapter import parse_ip_flags
 from studio.generation.job import RESIZE_MODES
 
 RESIZE_FLAGS = dict(zip(("just", "crop", "fill"), RESIZE_MODES, strict=True))
@@ -72,6 +73,15 @@ def add_parser(sub) -> None:
                    help="regional prompts: 'cols 1,1' (two columns) or 'rows 2,1' (ratios), one --region-prompt "
                         "each, in order; --prompt is what the regions share")
     g.add_argument("--region-prompt", action="append", default=[], metavar="TEXT", help="a region's prompt (repeat)")
+    # IP-Adapter image prompts (studio.generation.ip_adapter)
+    g.add_argument("--ip-adapter", action="append", default=[], metavar="NAME",
+                   help="an IP-Adapter in ipadapter/ (its image encoder in ipadapter/image_encoder/ or "
+                        "ipadapter/NAME/image_encoder/); repeat for several")
+    g.add_argument("--ip-image", action="append", default=[], metavar="FILE",
+                   help="the IP-Adapter's picture (repeat: with one --ip-adapter, all are its pictures; with "
+                        "several, one each in order)")
+    g.add_argument("--ip-scale", action="append", type=float, default=[], metavar="S",
+                   help="IP-Adapter scale 0..2 (default 1; one for all, or one per --ip-adapter)")
     g.add_argument("--vae", default=None, help="Automatic, None, or a VAE's name in vae/ (default: Automatic)")
     g.add_argument("--out", default=None, help="output folder (default: outputs/<date>/)")
     g.add_argument("--device", default=None, help="auto, cuda, mps or cpu")
@@ -97,7 +107,8 @@ def run(args) -> int:
                       hires_scale=args.hires_scale or 2.0, hires_upscaler=args.hires_upscaler,
                       hires_steps=args.hires_steps, hires_denoising=args.hires_denoise,
                       hires_prompt=args.hires_prompt, controls=[parse_control_flag(v) for v in args.control],
-                      regions=args.regions, region_prompts=args.region_prompt)
+                      regions=args.regions, region_prompts=args.region_prompt,
+                      ip_adapters=parse_ip_flags(args.ip_adapter, args.ip_image, args.ip_scale))
     for unit in job.controls:
         unit.mode = args.control_mode
     job.validate()  # before loading a model: bad input fails fast

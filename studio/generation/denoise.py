@@ -302,7 +302,7 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
             on_step: StepFn | None = None, cancel: threading.Event | None = None,
             control: Control | list[Control] | None = None, init_latents: torch.Tensor | None = None,
             strength: float = 1.0, inpaint: Inpaint | None = None, decode: bool = True,
-            region_mode: str = "Attention") -> DenoiseResult:
+            region_mode: str = "Attention", image_prompts: list | None = None) -> DenoiseResult:
     """Denoise `items` in one pass and decode them. On cancel it stops after the current step and returns the
     unfinished images with `interrupted` set. With `control` (one or several), the ControlNets' residuals, summed,
     are added to the UNet's blocks at every step where they are active (the rest of the loop is unchanged).
@@ -314,7 +314,11 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
 
     With `inpaint` (and the init's latents), the latents outside its mask are set back to the init noised to the
     next timestep after every step (the init itself after the last), or a 9-channel UNet gets its conditioning.
-    `decode` False skips the VAE (the result's latents are what hires fix needs)."""
+    `decode` False skips the VAE (the result's latents are what hires fix needs).
+
+    With `image_prompts` (studio.generation.ip_adapter.ImagePrompt, one per IP-Adapter already put on the UNet by
+    ip_adapter.adapters_on), their image embeds go to the UNet as added_cond_kwargs["image_embeds"], stacked like
+    the text ([negative; prompt] rows), and each adapter's scale is set per step (0 outside its start/end)."""
     # 1. noise and sampler (a fresh scheduler per pass: stochastic samplers are seeded per pass)
     seeds = [item.seed for item in items]
     device = pipe._execution_device
@@ -388,6 +392,20 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
                  "time_ids": stacked([time_ids] * len(conds), [time_ids] * len(items))}
         return embeds, added
 
+    # IP-Adapter image prompts (studio.generation.ip_adapter): the image embeds in the text's row order, for the
+    # UNet only (a ControlNet reads the text alone, as in diffusers' ControlNet pipelines)
+    image_prompts = list(image_prompts or [])
+    image_embeds = None
+    if image_prompts:
+        if getattr(pipe.unet.config, "encoder_hid_dim_type", None) != "ip_image_proj":
+            raise ValueError("image prompts need their IP-Adapters on the UNet (studio.generation.ip_adapter)")
+        if attention_regions:
+            raise ValueError("IP-Adapter image prompts cannot be combined with regional prompts in Attention mode "
+                             "yet; use the Latent region mode")
+        image_embeds = [stacked([p.embeds] * (copies * len(items)), [p.negative] * len(items))
+                        for p in image_prompts]
+    ip_scales = None
+
     region_masks = None
     if n_regions and not attention_regions:  # [regions, batch, 1, h, w]
         region_masks = torch.stack([torch.cat([item.regions[r][0] for item in items]) for r in range(n_regions)])
@@ -437,8 +455,15 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
                 down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d, strict=True)], mid + m)
             if down is not None:
                 residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            unet_added = added
+            if image_embeds is not None:  # IP-Adapters: their scales at this step, their embeds beside the text
+                scales = [p.scale_at(i, len(timesteps)) for p in image_prompts]
+                if scales != ip_scales:
+                    pipe.set_ip_adapter_scale(scales)
+                    ip_scales = scales
+                unet_added = {**(added or {}), "image_embeds": image_embeds}
             noise_pred = pipe.unet(unet_input, t, encoder_hidden_states=embeds, timestep_cond=None,
-                                   cross_attention_kwargs=None, added_cond_kwargs=added, return_dict=False,
+                                   cross_attention_kwargs=None, added_cond_kwargs=unet_added, return_dict=False,
                                    **residuals)[0]
             if pad:
                 noise_pred = noise_pred[:1]

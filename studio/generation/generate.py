@@ -7,6 +7,7 @@ import datetime as dt
 import re
 import threading
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from studio.control.controlnet import ControlNetLoader
 from studio.files.adapters import ActiveLora
 from studio.files.atomic import atomic_path
 from studio.files.networks import FAMILY_LABELS, EmbeddingFile, NetworkFileError, NetworkLibrary
-from studio.generation import hires, regions, samplers
+from studio.generation import hires, ip_adapter, regions, samplers
 from studio.generation.conditioning import (
     PromptEncoder,
     TextualInversion,
@@ -250,11 +251,14 @@ class Generator:
 
     _save_lock = threading.Lock()
 
-    def __init__(self, manager: ModelManager, networks: NetworkLibrary | None = None):
+    def __init__(self, manager: ModelManager, networks: NetworkLibrary | None = None,
+                 ipadapter_dir: Path | None = None):
         self.manager = manager
         self.networks = networks or NetworkLibrary(manager.cfg.loras_dir, manager.cfg.embeddings_dir)
         cfg = manager.cfg
         self.controlnets = ControlNetLoader(cfg.controlnet_dir, cfg.cache_dir, cfg.assets_dir, keep=MAX_UNITS)
+        # IP-Adapters (studio.generation.ip_adapter): in `ipadapter_dir`, else the studio's ipadapter/
+        self.ip_adapters = ip_adapter.IPAdapterLoader(ipadapter_dir or cfg.ipadapter_dir, cfg.cache_dir)
 
     def encode(self, job: GenerateJob, model: LoadedModel) -> tuple[torch.Tensor, torch.Tensor, PromptNetworks]:
         """Apply the job's LoRAs to the model and encode its prompts the A1111 way (weights, long prompts,
@@ -360,7 +364,7 @@ class Generator:
 
     def run_hires_pass(self, job: GenerateJob, pipe, second: hires.HiresPass, first: DenoiseResult,
                     items: list[DenoiseItem], on_step, cancel: threading.Event | None,
-                    control: list[Control] | None = None) -> DenoiseResult:
+                    control: list[Control] | None = None, image_prompts: list | None = None) -> DenoiseResult:
         """The hires fix's second pass over a finished first pass: its latents upscaled (latent upscalers) or its
         pictures upscaled and encoded again (pixel upscalers), then image to image at the target size (with
         `control`, its ControlNets, their maps at that size). A stopped first pass is returned as it is."""
@@ -385,7 +389,7 @@ class Generator:
         return denoise(pipe, items, second.sampler or job.sampler, job.schedule, second.steps or job.steps,
                        second.width, second.height, on_step=on_step, cancel=cancel, init_latents=init,
                        strength=second.denoising_strength, inpaint=inpaint, control=control,
-                       region_mode=job.region_mode)
+                       region_mode=job.region_mode, image_prompts=image_prompts)
 
     def load_controlnet(self, unit: ControlUnit, model: LoadedModel):
         """The unit's ControlNet on the pipe's device and dtype, compiled as the UNet is; one of another family is
@@ -443,16 +447,18 @@ class Generator:
         # ControlNet maps: pictures read (checked), fitted and preprocessed before any model work
         width, height = job.frame_size()
         maps = [unit.make_map(width, height, self.manager.cfg.cache_dir / "annotators") for unit in job.controls]
+        pictures = [unit.pictures() for unit in job.ip_adapters]  # IP-Adapter pictures: read (checked) up front
         # out of GPU memory: memory freed, a message with what to change (studio.oom), the studio keeps serving
-        return run_with_advice(lambda: self._run(job, outputs_dir, on_progress, cancel, init, plan, maps),
+        return run_with_advice(lambda: self._run(job, outputs_dir, on_progress, cancel, init, plan, maps, pictures),
                                "generation",
                                lambda: generation_advice(job.batch_size, job.width, job.height,
                                                          self.manager.memory))
 
     def _run(self, job: GenerateJob, outputs_dir: Path | None, on_progress: ProgressFn | None,
              cancel: threading.Event | None, init: Image.Image | None = None,
-             plan: InpaintPlan | None = None, maps: list[Image.Image] | None = None) -> GenerateResult:
-        with self.manager.lock:
+             plan: InpaintPlan | None = None, maps: list[Image.Image] | None = None,
+             pictures: list | None = None) -> GenerateResult:
+        with self.manager.lock, ExitStack() as adapters:  # `adapters`: the IP-Adapters, off the UNet at the end
             # the model is taken under the lock, so a model switch cannot come between reading it and using it
             model = self.manager.current
             if model is None:
@@ -470,6 +476,10 @@ class Generator:
             loaded = [self.load_controlnet(unit, model) for unit in job.controls]
             controls = self.controls_for(job.controls, loaded, maps or [], width, height, pipe)
             extra = control_fields(job.controls, loaded, width, height)
+            # IP-Adapters: checked against the model, their pictures encoded once, on the UNet for this run only
+            ip_loaded, image_prompts = self.ip_adapters.prompts(job.ip_adapters, pipe, pictures)
+            adapters.enter_context(ip_adapter.adapters_on(pipe, ip_loaded))
+            extra.update(ip_adapter.infotext_fields(job.ip_adapters, ip_loaded))
             run_steps = job.denoise_steps()  # image to image runs steps x strength of them
             hires_steps = 0
             if second is not None:  # the second pass is image to image: its steps x its strength run
@@ -499,7 +509,7 @@ class Generator:
                 out = denoise(pipe, items, job.sampler, job.schedule, job.steps, width, height,
                               on_step=on_step, cancel=cancel, init_latents=init_latents,
                               strength=job.denoising_strength, inpaint=inpaint, control=controls or None,
-                              region_mode=job.region_mode,
+                              region_mode=job.region_mode, image_prompts=image_prompts or None,
                               decode=second is None or not second.in_latent_space)
                 if second is not None:
                     def hires_step(done, n, done_before=done_before + run_steps, batch=batch):
@@ -510,7 +520,7 @@ class Generator:
                     hires_controls = self.controls_for(job.controls, loaded, maps or [], second.width, second.height,
                                                        pipe)
                     out = self.run_hires_pass(job, pipe, second, out, hires_items, hires_step, cancel,
-                                              hires_controls or None)
+                                              hires_controls or None, image_prompts or None)
                 images, interrupted = out.images, out.interrupted
                 if plan is not None:  # the original's pixels back outside the mask (A1111's overlay)
                     images = [plan.finish(image) for image in images]

@@ -74,6 +74,9 @@ class GenerateJob:
     regions: str = ""
     region_prompts: list = field(default_factory=list)
     region_mode: str = "Attention"  # Regional Prompter's: "Attention" (cross-attention per region) or "Latent"
+    # IP-Adapter image prompts (issue 23; studio.generation.ip_adapter.IPAdapterUnit or dicts): each an adapter in
+    # ipadapter/, its pictures, scale and start/end
+    ip_adapters: list = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, values: dict) -> GenerateJob:
@@ -84,6 +87,7 @@ class GenerateJob:
     def to_dict(self) -> dict:
         out = asdict(self)
         out["controls"] = [c.to_dict() if hasattr(c, "to_dict") else c for c in self.controls]
+        out["ip_adapters"] = [u.to_dict() if hasattr(u, "to_dict") else u for u in self.ip_adapters]  # IP-Adapter
         return out
 
     def validate(self, limits: Limits | None = None) -> None:
@@ -124,6 +128,9 @@ class GenerateJob:
         from studio.generation.controls import check_units
 
         self.controls = check_units(self.controls)
+        from studio.generation import ip_adapter  # IP-Adapter units, checked like the ControlNet units
+
+        self.ip_adapters = ip_adapter.check_units(self.ip_adapters)
         self._validate_regions(limits)
         width, height = self.frame_size()
         images = self.batch_size * self.batch_count
