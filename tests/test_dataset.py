@@ -254,7 +254,7 @@ def test_write_refuses_overlapping_or_foreign_folders_and_replaces_its_own(tmp_p
     assert (foreign / "thesis.docx").read_text() == "precious"
     out = ds.write_dataset(curation, tmp_path / "ds")
     ds.set_caption(curation, 0, "second  version ")
-    ds.write_dataset(curation, out)  # our own dataset: replaced as a whole
+    ds.write_dataset(curation, out, replace=True)  # our own dataset: replaced as a whole, when asked
     assert (out / "a.txt").read_text() == "second version"
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary folders left
 

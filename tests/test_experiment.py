@@ -12,7 +12,7 @@ import yaml
 from PIL import Image
 
 from studio.config import StudioConfig
-from studio.evaluate.experiment import Experiment, ExperimentRunner, load_experiment
+from studio.evaluate.experiment import Experiment, ExperimentChangedError, ExperimentRunner, load_experiment
 from studio.evaluate.report import table1, table2
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,10 +112,14 @@ def test_runner_writes_both_tables_and_the_plot_and_skips_finished_cells(setup, 
     assert started == [] and again.skipped == 4
     assert (out / "table2.csv").read_text() == before
 
-    # 3. a changed prompt list redoes every cell (the old numbers are not these settings' numbers)
+    # 3. a changed prompt list would replace the finished cells: refused unless asked, then every cell is redone
+    # (the old numbers are not these settings' numbers)
     spec = {**SPEC, "prompts": ["a house"], "methods": ["pe"]}
     path.write_text(yaml.safe_dump(spec))
-    third = ExperimentRunner(cfg).run(load_experiment(path, cfg))
+    with pytest.raises(ExperimentChangedError, match=r"tiny/ holds results of this experiment with other settings"):
+        ExperimentRunner(cfg).run(load_experiment(path, cfg))
+    assert (out / "table2.csv").read_text() == before
+    third = ExperimentRunner(cfg).run(load_experiment(path, cfg), replace=True)
     assert [c.status for c in third.cells] == ["done", "done"] and started == []
     assert len(list((out / "cells" / "dots" / "pe" / "images").glob("*.png"))) == 2
 

@@ -69,7 +69,7 @@ def test_browser_dataset_import_caption_edit_save(app, tmp_path, browser):
     left_out = page.locator("#ds-captions [data-testid=cell-2-1]").inner_text().strip()
     page.locator("#ds-captions [data-testid=cell-2-2] input[type=checkbox]").click()
     # 4. CLIP scores with the tiny CLIP; threshold -1 keeps every pair of this random model
-    page.get_by_text("CLIP check (seed 001)").click()
+    page.get_by_text("Caption check: drop pairs whose caption does not match the image").click()
     pick(page, "ds-clip-model", "demo-tiny")
     page.locator("#ds-threshold input").fill("-1")
     page.locator("#ds-score-btn").click()

@@ -53,7 +53,7 @@ def test_browser_survey_build_answer_report(app, tmp_path, browser):
     studio = browser.new_page(viewport={"width": 1400, "height": 1000})
     studio.goto(url)
     studio.get_by_role("tab", name="Evaluate").click()
-    studio.get_by_text("A/B survey (seed 004)").click()
+    studio.get_by_text("A/B survey: which image do viewers prefer?").click()
     studio.locator("#sv-build-name input, #sv-build-name textarea").first.fill("shots")
     studio.locator("#sv-build-title input, #sv-build-title textarea").first.fill("Close shots")
     studio.locator("#sv-build-a input, #sv-build-a textarea").first.fill(str(base))

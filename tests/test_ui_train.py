@@ -386,7 +386,7 @@ def test_browser_lora_and_finetune_runs(app, browser):
     method.get_by_text("TI-Att (attention inversion module)", exact=True).click()
     page.locator("#tr-module").wait_for(state="visible", timeout=10_000)
     page.locator("#tr-preset input").click()
-    page.get_by_role("option", name="Seed 000: TI-Att").click()
+    page.get_by_role("option", name="Painting style: embedding with an attention module (4 paintings, 1000 steps)").click()
     page.wait_for_function(
         "() => document.querySelector('#tr-preset-info').innerText.includes('image encoder is demo-tiny')",
         timeout=10_000)

@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
     d.add_argument("--input", action="append", required=True, metavar="DIR_OR_ZIP",
                    help="a folder, a .zip or an image; repeat for several. Never modified")
     d.add_argument("--output", required=True, metavar="DIR",
-                   help="dataset folder to write (new, empty, or an earlier studio dataset: replaced)")
+                   help="dataset folder to write (new or empty; an earlier studio dataset only with --overwrite)")
     d.add_argument("--name", default=None, help="dataset name (default: the output folder's name)")
     d.add_argument("--size", type=int, default=512,
                    help="training resolution: 512 (SD 1.x), 768 (SD 2.x 768-v)")
@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
     d.add_argument("--max-megapixels", type=float, default=64.0,
                    help="skip larger images (decompression-bomb guard)")
     d.add_argument("--prune-gray", action="store_true",
-                   help="skip grayscale images instead of converting them to RGB (seed 004)")
+                   help="leave grayscale images out instead of converting them to RGB (as seed 004 did)")
     d.add_argument("--caption", default="none", metavar="none|blip|blip2|MODEL",
                    help="captioner: a BLIP/BLIP-2 hub id or local folder, demo-tiny, or none")
     d.add_argument("--prefix", default="",
@@ -34,7 +34,8 @@ def add_parser(sub) -> None:
                    help="caption images that came with a caption (.txt, .caption, metadata.jsonl) too")
     d.add_argument("--caption-batch", type=int, default=8)
     d.add_argument("--clip-filter", type=float, nargs="?", const=0.2, default=None, metavar="THRESHOLD",
-                   help="remove image-caption pairs scoring below THRESHOLD (default 0.2, seed 001)")
+                   help="drop image-caption pairs whose caption does not match: CLIP score below THRESHOLD "
+                        "(default 0.2, as in seed 001)")
     d.add_argument("--clip-model", default="ViT-L-14",
                    help="open_clip model: ViT-L-14 (openai weights), ARCH:TAG, ARCH:/weights/file, "
                         "local-dir:/folder, hf-hub:org/repo, or demo-tiny")
@@ -48,6 +49,9 @@ def add_parser(sub) -> None:
                    help="repeats per epoch (default: from kohya <repeats>_<name> folders, else 1)")
     d.add_argument("--kohya", default=None, metavar="DIR",
                    help="also export to DIR/<repeats>_<name>/ for kohya's scripts")
+    d.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier studio dataset (and kohya export) of that name; without it the "
+                        "command refuses before any work")
     d.add_argument("--device", default=None, help="auto, cuda, mps or cpu (captioning and CLIP)")
     d.set_defaults(func=run)
 
@@ -55,7 +59,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from studio.config import StudioConfig
     from studio.dataset.captioning import DEFAULT_CAPTIONER
-    from studio.dataset.curate import CurateJob, curate
+    from studio.dataset.curate import CurateJob, DatasetExistsError, curate
 
     aliases = {"blip": DEFAULT_CAPTIONER, "blip2": "Salesforce/blip2-opt-2.7b"}
     flip = "stored" if args.flip_copies else ("random" if args.flip else "none")
@@ -70,8 +74,11 @@ def run(args) -> int:
     job.validate()  # before any model loads
     cfg = StudioConfig.from_env(device=args.device)
     with cli_progress("curate") as (progress, cancel):
-        result = curate(job, cfg.cache_dir, cfg.device, on_progress=progress, cancel=cancel,
-                        kohya_parent=Path(args.kohya) if args.kohya else None)
+        try:
+            result = curate(job, cfg.cache_dir, cfg.device, on_progress=progress, cancel=cancel,
+                            kohya_parent=Path(args.kohya) if args.kohya else None, replace=args.overwrite)
+        except DatasetExistsError as e:
+            raise DatasetExistsError(f"{e} (add --overwrite to replace it)") from None
     counts = result.report["counts"]
     print(f"kept {counts['kept']} of {counts['inputs']} ({counts['converted']} converted), "
           f"removed {counts['removed']}, skipped {counts['skipped']}")

@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
                          "in upscalers/")
     sb.add_argument("--hires-steps", type=int, default=None, help="hires fix steps (default 0: as --steps)")
     sb.add_argument("--hires-denoising", type=float, default=None, help="hires fix denoising strength (default 0.7)")
+    sb.add_argument("--overwrite", action="store_true",
+                    help="replace an earlier storyboard of that name (and an existing --out file); without it the "
+                         "command refuses before loading a model")
     sb.add_argument("--device", default=None, help="auto, cuda, mps or cpu")
     sb.add_argument("--precision", default=None, help="auto, fp16, bf16 or fp32")
     sb.set_defaults(func=run)
@@ -59,6 +62,7 @@ def run(args) -> int:
     from studio.control.controlnet import default_controlnet
     from studio.models.manager import ModelManager
     from studio.storyboard.board import (
+        StoryboardExistsError,
         StoryboardStore,
         apply_board_preset,
         list_board_presets,
@@ -74,6 +78,8 @@ def run(args) -> int:
     out = Path(args.out) if args.out else None
     if out is not None and out.suffix.lower() != ".pdf":
         raise ValueError(f"--out must be a .pdf file, got {out.name}")
+    if out is not None and out.exists() and not args.overwrite:
+        raise StoryboardExistsError(f"--out: {out} already exists; choose another file, or add --overwrite")
     shots_from_csv(csv_path.read_text(encoding="utf-8-sig"), csv_path.name)  # before loading a model
     cfg = StudioConfig.from_env(device=args.device, precision=args.precision)
     cfg.ensure_dirs()
@@ -85,13 +91,18 @@ def run(args) -> int:
         if preset is None:
             raise ValueError(f"no storyboard preset {args.preset!r}; presets: "
                              f"{', '.join(sorted(by_stem)) or 'none'}")
+    store = StoryboardStore(cfg.storyboards_dir)
+    name = args.name or csv_path.stem
+    try:
+        store.check_new(name, args.overwrite)  # before loading a model
+    except StoryboardExistsError as e:
+        raise StoryboardExistsError(f"{e} (add --overwrite to replace it)") from None
     manager = ModelManager(cfg)
     manager.load(args.model)
     if manager.current.is_demo:
         print("note: demo-tiny has random weights; its images are noise", file=sys.stderr)
     size = manager.current.native_size
-    store = StoryboardStore(cfg.storyboards_dir)
-    board = new_board(args.name or csv_path.stem)
+    board = new_board(name)
     board.settings.width = board.settings.height = size
     board.settings.controlnet = default_controlnet(manager.current, cfg.assets_dir)  # micro-canny for micro
     if preset is not None:
@@ -113,7 +124,7 @@ def run(args) -> int:
             shot_type.template = args.template
     for note in store.import_csv(board, csv_path, confine=False):
         print(f"note: {note}", file=sys.stderr)
-    store.save(board)
+    store.create(board, replace=args.overwrite)
     # a path given on the command line is the user's own choice; the UI only takes names in controlnet/
     runner = StoryboardRunner(manager, store, cfg.controlnet_dir, allow_paths=True)
     with cli_progress("storyboard") as (progress, cancel):

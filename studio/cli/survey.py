@@ -20,6 +20,8 @@ def add_parser(sub) -> None:
     sv.add_argument("--title", help="title shown to respondents")
     sv.add_argument("--per-respondent", type=int, default=0, help="pairs shown to each respondent (0: all)")
     sv.add_argument("--json", action="store_true", help="report as JSON")
+    sv.add_argument("--overwrite", action="store_true",
+                    help="build: replace an earlier survey of that name, losing its answers")
     sv.set_defaults(func=run)
 
 
@@ -38,7 +40,11 @@ def run(args) -> int:
             pairs, unmatched = sv.match_pairs(Path(args.baseline), Path(args.candidate), args.category or "")
         else:
             raise ValueError("give --baseline DIR --candidate DIR, or --experiment DIR --methods pe,lora")
-        path = sv.create_survey(folder, args.name, pairs, args.title or "", args.per_respondent)
+        try:
+            path = sv.create_survey(folder, args.name, pairs, args.title or "", args.per_respondent,
+                                    replace=args.overwrite)
+        except sv.SurveyExistsError as e:
+            raise sv.SurveyExistsError(f"{e} (add --overwrite to replace it)") from None
         for name in unmatched:
             print(f"note: {name} has no partner image", file=sys.stderr)
         print(f"survey: {path} ({len(pairs)} pairs); respondents open /survey?survey={args.name} in the studio")

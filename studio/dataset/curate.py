@@ -97,7 +97,7 @@ class CurateJob:
         if self.near_duplicates is not None and not 0 < self.near_duplicates <= 1:
             raise ValueError(f"near-duplicate threshold must be in (0, 1], got {self.near_duplicates}")
         if self.clip_threshold is not None and not -1 <= self.clip_threshold <= 1:
-            raise ValueError(f"CLIP threshold is a cosine in [-1, 1] (0.2 in seed 001), "
+            raise ValueError(f"CLIP threshold is a cosine in [-1, 1] (0.2 is usual), "
                              f"got {self.clip_threshold}")
         if self.caption_batch < 1:
             raise ValueError(f"caption batch size must be at least 1, got {self.caption_batch}")
@@ -498,9 +498,9 @@ def check_output(output: Path, inputs: Iterable[Path], replace: bool = True) -> 
     return output
 
 
-def write_dataset(curation: Curation, output: Path | None = None, replace: bool = True) -> Path:
+def write_dataset(curation: Curation, output: Path | None = None, replace: bool = False) -> Path:
     """Write images, .txt captions, metadata.jsonl, dataset.json and report.json in one atomic step; an earlier
-    studio dataset there is replaced only with `replace`."""
+    studio dataset there is replaced only with `replace` (else DatasetExistsError)."""
     job = curation.job
     output = check_output(output or job.output or Path("dataset"), job.inputs, replace)
     kept = curation.kept()
@@ -574,22 +574,34 @@ def dataset_name(job: CurateJob, output: Path | None) -> str:
     return (_slug(Path(output).name) if output else "") or "dataset"
 
 
+def kohya_target(parent: Path, name: str, repeats: int, replace: bool = False) -> Path:
+    """parent/<repeats>_<name>/, refused when it holds someone else's files or (without `replace`) an earlier
+    export of the studio (DatasetExistsError)."""
+    name = check_name(name, "dataset")
+    if int(repeats) < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    target = safe_child(Path(parent), f"{int(repeats)}_{name}")
+    if target.exists() and any(target.iterdir()):
+        if not (target / ".studio-kohya").is_file():
+            raise ValueError(f"{target} already holds files not written by the studio; choose another folder")
+        if not replace:
+            raise DatasetExistsError(f"a kohya export {target.name!r} already exists in {target.parent.name}/; "
+                                     "choose another name, or ask to replace it")
+    return target
+
+
 def export_kohya(dataset_dir: Path, parent: Path, name: str | None = None,
-                 repeats: int | None = None) -> Path:
-    """Copy a studio dataset into kohya's layout: parent/<repeats>_<name>/ with images and .txt captions."""
+                 repeats: int | None = None, replace: bool = False) -> Path:
+    """Copy a studio dataset into kohya's layout: parent/<repeats>_<name>/ with images and .txt captions; an
+    earlier export there is replaced only with `replace` (else DatasetExistsError)."""
     dataset_dir = Path(dataset_dir)
     manifest_path = dataset_dir / MANIFEST
     if not manifest_path.is_file():
         raise ValueError(f"{dataset_dir} is not a studio dataset (no {MANIFEST})")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    name = check_name(name or manifest.get("name") or "dataset", "dataset")
+    name = name or manifest.get("name") or "dataset"
     repeats = int(repeats or manifest.get("training", {}).get("repeats", 1))
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    parent = Path(parent)
-    target = safe_child(parent, f"{repeats}_{name}")
-    if target.exists() and any(target.iterdir()) and not (target / ".studio-kohya").is_file():
-        raise ValueError(f"{target} already holds files not written by the studio; choose another folder")
+    target = kohya_target(parent, name, repeats, replace)
     with atomic_dir(target) as tmp:
         for path in sorted(dataset_dir.iterdir()):
             if path.suffix.lower() in (".png", ".txt") and path.is_file():
@@ -618,13 +630,16 @@ class CurateResult:
 
 
 def curate(job: CurateJob, cache_dir: Path, device: str = "auto", on_progress: ProgressFn | None = None,
-           cancel: threading.Event | None = None, kohya_parent: Path | None = None) -> CurateResult:
-    """Import -> duplicates -> captions -> CLIP check -> write, deciding duplicates automatically."""
+           cancel: threading.Event | None = None, kohya_parent: Path | None = None,
+           replace: bool = False) -> CurateResult:
+    """Import -> duplicates -> captions -> CLIP check -> write, deciding duplicates automatically. An earlier
+    dataset (or kohya export) of the same name is replaced only with `replace`, else DatasetExistsError before
+    any work."""
     # 1. validate, before any model loads
     job.validate()
     if job.output is None:
         raise ValueError("an output folder is required")
-    check_output(job.output, job.inputs)
+    check_output(job.output, job.inputs, replace)
 
     def step(label: str) -> ProgressFn | None:
         return None if on_progress is None else (lambda d, t, m: on_progress(d, t, f"{label}: {m}"))
@@ -657,8 +672,10 @@ def curate(job: CurateJob, cache_dir: Path, device: str = "auto", on_progress: P
         report = build_report(curation)
         why = "; ".join(f"{e['source']}: {e['reason']}" for e in (report["skipped"] + report["removed"])[:5])
         raise ValueError(f"no usable images in the input ({len(curation.items)} files looked at). {why}")
-    output = write_dataset(curation)
+    if kohya_parent is not None:  # refused before the dataset is written, not after
+        kohya_target(kohya_parent, dataset_name(job, Path(job.output)), curation.repeats, replace)
+    output = write_dataset(curation, job.output, replace=replace)
     kohya = None
     if kohya_parent is not None:
-        kohya = export_kohya(output, kohya_parent, dataset_name(job, output), curation.repeats)
+        kohya = export_kohya(output, kohya_parent, dataset_name(job, output), curation.repeats, replace=replace)
     return CurateResult(output, curation, build_report(curation), kohya)

@@ -320,6 +320,11 @@ def default_out_dir(exp: Experiment, cfg: StudioConfig) -> Path:
     return exp.path(exp.output) if exp.output else Path(cfg.outputs_dir) / "experiments" / exp.name
 
 
+class ExperimentChangedError(ValueError):
+    """The results folder holds finished cells of another version of the experiment (the same name, other
+    settings): running would replace their results, and the caller did not ask to."""
+
+
 class ExperimentRunner:
     """Runs an Experiment cell by cell; finished cells (result.json with the same settings) are skipped."""
 
@@ -333,7 +338,10 @@ class ExperimentRunner:
         self._embedders = None
         self._references: dict[str, dict] = {}
 
-    def run(self, exp: Experiment, out_dir: Path | None = None) -> ExperimentResult:
+    def run(self, exp: Experiment, out_dir: Path | None = None, replace: bool = False) -> ExperimentResult:
+        """Run every cell; a cell finished before with the same settings is skipped (a stopped run continues). A
+        finished cell whose settings changed (the same experiment name, an edited file) is redone only with
+        `replace`, else ExperimentChangedError before anything runs."""
         # 1. validate, folders
         if not exp.datasets_dir:
             exp.datasets_dir = str(self.cfg.datasets_dir)
@@ -344,6 +352,15 @@ class ExperimentRunner:
         self.cell_cfg = dataclasses.replace(self.cfg, embeddings_dir=out / "embeddings", loras_dir=out / "loras",
                                             runs_dir=out / "runs",
                                             device=self._device())
+        if not replace:
+            changed = [f"{style.name} · {method}" for style in exp.styles for method in exp.methods
+                       if (done := _read_json(self.cell_dir(style, method) / "result.json"))
+                       and done.get("key") != self.cell_key(style, method)]
+            if changed:
+                raise ExperimentChangedError(
+                    f"{out.name}/ holds results of this experiment with other settings ({', '.join(changed[:4])}"
+                    f"{' …' if len(changed) > 4 else ''}); running would replace them. Give the experiment another "
+                    "name, or ask to replace its results")
         if rank == 0:
             for d in (out, out / "embeddings", out / "loras", out / "runs", out / "models", out / "cells"):
                 d.mkdir(parents=True, exist_ok=True)

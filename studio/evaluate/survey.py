@@ -141,11 +141,17 @@ def experiment_pairs(exp_dir: Path, baseline: str, candidate: str) -> list[PairS
     return pairs
 
 
+class SurveyExistsError(ValueError):
+    """Building a survey would replace an earlier one of the same name (and its answers), and the caller did not
+    ask to replace it."""
+
+
 def create_survey(surveys_dir: Path, name: str, pairs: list[PairSource], title: str = "",
                   per_respondent: int = 0, replace: bool = False, max_respondents: int | None = None,
                   max_new_per_client_hour: int | None = None) -> Path:
     """Write the survey folder (pixel-only image copies under opaque names). `per_respondent` > 0 shows each
-    respondent a random subset of that many pairs (seed 004: 36); 0 shows every pair."""
+    respondent a random subset of that many pairs (seed 004: 36); 0 shows every pair. A survey of the same name
+    raises SurveyExistsError unless `replace` (which loses its answers)."""
     from studio.files.names import check_name
 
     check_name(name, "survey")
@@ -161,7 +167,8 @@ def create_survey(surveys_dir: Path, name: str, pairs: list[PairSource], title: 
             raise ValueError(f"{label} must be a whole number of at least 1, got {value!r}")
     folder = Path(surveys_dir) / name
     if folder.exists() and not replace:
-        raise ValueError(f"survey {name!r} already exists; choose another name (or replace it, losing its answers)")
+        raise SurveyExistsError(f"a survey named {name!r} already exists; choose another name, or ask to replace it "
+                                "(its answers are lost)")
     entries = []
     with atomic_dir(folder) as tmp:
         (tmp / "images").mkdir()

@@ -419,11 +419,25 @@ def modelspec_architecture(family: str, prediction_type: str | None = None) -> s
     return "stable-diffusion-v2-768-v" if prediction_type == "v_prediction" else "stable-diffusion-v2-512"
 
 
+class ModelExistsError(ValueError):
+    """A conversion would replace a model file or folder that exists, and the caller said `overwrite=False`."""
+
+
+def _check_free(path: Path, overwrite: bool) -> None:
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise ModelExistsError(f"a model named {path.name!r} already exists in {path.parent.name}/; choose another "
+                               "name, or ask to replace it")
+
+
 def save_single_file(
-    pipe, path, family: str, metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None
+    pipe, path, family: str, metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None,
+    overwrite: bool = True,
 ) -> Path:
-    """Write the pipeline as one original-layout .safetensors file, atomically; returns its path."""
+    """Write the pipeline as one original-layout .safetensors file, atomically; returns its path. With
+    `overwrite=False` an existing `path` raises ModelExistsError before any work (the UI and the command line ask
+    for that; the trainer checks its output itself)."""
     path = Path(path)
+    _check_free(path, overwrite)
     _check_family(family)
     extra = dict(metadata or {})
     bad = {k: v for k, v in extra.items() if not isinstance(k, str) or not isinstance(v, str)}
@@ -458,9 +472,11 @@ def save_single_file(
     return path
 
 
-def save_diffusers_folder(pipe, path) -> Path:
-    """Write the pipeline as a diffusers folder (safetensors weights), replacing `path` in one step."""
+def save_diffusers_folder(pipe, path, overwrite: bool = True) -> Path:
+    """Write the pipeline as a diffusers folder (safetensors weights), replacing `path` in one step; with
+    `overwrite=False` an existing `path` raises ModelExistsError instead."""
     path = Path(path)
+    _check_free(path, overwrite)
     with atomic_dir(path) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
     return path

@@ -505,6 +505,11 @@ def shots_to_csv(shots: list[Shot]) -> str:
     return out.getvalue()
 
 
+class StoryboardExistsError(ValueError):
+    """Creating a storyboard would replace an earlier one of the same name, and the caller did not ask to replace
+    it."""
+
+
 class StoryboardStore:
     """storyboards/<name>/: project.json, references/, shots/<shot>/ (candidates), export/."""
 
@@ -536,6 +541,24 @@ class StoryboardStore:
         if board.name != name:
             board.name = name  # the folder was renamed: the folder's name wins
         return board
+
+    def create(self, board: Storyboard, replace: bool = False) -> Path:
+        """Save `board` as a new project; a storyboard of that name (any case) raises StoryboardExistsError unless
+        `replace`, which writes the new shot list and settings over the old project (its pictures stay on disk,
+        unreferenced). `save` is for the open board, whose name is its own."""
+        self.check_new(board.name, replace)
+        return self.save(board)
+
+    def check_new(self, name: str, replace: bool = False) -> None:
+        """Raise StoryboardExistsError when a storyboard called `name` (any case) exists and `replace` is not
+        set (before any work: the command line checks this before it loads a model)."""
+        check_board_name(name)
+        if replace:
+            return
+        clash = [n for n in self.names() if n.lower() == name.lower()]
+        if clash or self.exists(name):
+            raise StoryboardExistsError(f"a storyboard named {(clash or [name])[0]!r} already exists in "
+                                        f"{self.folder.name}/; choose another name, or ask to replace it")
 
     def save(self, board: Storyboard) -> Path:
         board.validate(self.limits)

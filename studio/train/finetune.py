@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from studio.generation.conditioning import PromptEncoder, XLPromptEncoder
-from studio.train.job import TrainJob
+from studio.train.job import OutputExistsError, TrainJob
 from studio.train.lora import caption_prompt
 from studio.train.method import (
     CachedText,
@@ -53,8 +53,8 @@ class FinetuneMethod(TrainMethod):
         if path.suffix.lower() != ".safetensors":
             raise ValueError(f"the fine-tuned checkpoint is written as .safetensors, got {path.name}")
         if path.exists() and not job.overwrite:
-            raise ValueError(f"{path.name} already exists in {path.parent.name}/; choose another name or allow "
-                             "overwriting")
+            raise OutputExistsError(f"{path.name} already exists in {path.parent.name}/; choose another name or "
+                                    "ask to replace it")
 
     def param_groups(self) -> list[ParamGroup]:
         return [ParamGroup("unet", list(self.unet.parameters()), rate_function(self.job, self.job.learning_rate))]

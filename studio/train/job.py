@@ -39,6 +39,11 @@ SHIPPED_PRESETS = ROOT / "presets" / "training"
 MAX_VECTORS = 75
 
 
+class OutputExistsError(ValueError):
+    """A training run would replace an earlier output (embedding, LoRA, checkpoint) of the same name, and the job
+    does not say `overwrite`."""
+
+
 @dataclass
 class TrainJob:
     """Everything one training run needs; the UI, the command line and a run's config.yaml fill the same fields."""
@@ -116,7 +121,7 @@ class TrainJob:
     preview_seed: int = 1
     preview_steps: int = 20
     embedding_format: str = "a1111"  # a1111 (.safetensors emb_params) | diffusers | a1111-pt (.pt)
-    overwrite: bool = False  # replace an existing embedding of the same name
+    overwrite: bool = False  # replace an existing output (embedding, LoRA, checkpoint) of the same name
 
     # 1. building
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from studio.config import StudioConfig
 from studio.generation.conditioning import PromptEncoder, XLPromptEncoder
-from studio.train.job import TrainJob
+from studio.train.job import OutputExistsError, TrainJob
 from studio.train.schedule import lr_factor, parse_schedule, warmup_steps
 
 
@@ -101,7 +101,8 @@ class TrainMethod:
 
     @staticmethod
     def check_output(cfg: StudioConfig, job: TrainJob) -> None:
-        """Raise ValueError when the output would replace someone's file."""
+        """Raise OutputExistsError (a ValueError) when the output would replace a file and the job does not
+        say `overwrite`; ValueError for other problems with the output."""
 
     @staticmethod
     def check_model(pipe, job: TrainJob) -> None:
@@ -176,5 +177,5 @@ def check_output_free(folder: Path, job, exts: tuple[str, ...]) -> None:
         return
     clash = [p for p in (Path(folder) / f"{job.name}{ext}" for ext in exts) if p.exists()]
     if clash:
-        raise ValueError(f"{clash[0].name} already exists in {Path(folder).name}/; choose another name or "
-                         "allow overwriting")
+        raise OutputExistsError(f"{clash[0].name} already exists in {Path(folder).name}/; choose another name "
+                                "or ask to replace it")

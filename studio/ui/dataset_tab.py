@@ -22,6 +22,7 @@ INTRO = ("Bring 4 to 200 pictures. The studio checks every file, converts what i
          "changed.")
 CROP_HELP = {"center": "center", "smart": "smart (saliency)", "entropy": "entropy (most detail)",
              "bucket": "bucket (keep aspect ratio)"}
+REPLACE_LABEL = "Replace the dataset of that name"
 GRID_HEADERS = ["image", "file", "keep", "caption", "CLIP score", "note"]
 DUP_HEADERS = ["pair", "A", "B", "kind", "similarity", "keep (a / b / both)"]
 
@@ -45,8 +46,9 @@ def build(state: AppState):
                                      elem_id="ds-min-side")
             crop = gr.Radio([(CROP_HELP[m], m) for m in CROP_MODES], value="center", label="Crop",
                             elem_id="ds-crop")
-            non_rgb = gr.Radio([("convert to RGB", "convert"), ("prune (seed 004)", "prune")],
-                               value="convert", label="Grayscale images")
+            non_rgb = gr.Radio([("convert to RGB", "convert"), ("leave them out", "prune")],
+                               value="convert", label="Grayscale images",
+                               info="seed 004 left grayscale pictures out of its training sets")
             with gr.Row():
                 import_btn = gr.Button("Import", variant="primary", elem_id="ds-import-btn")
                 stop_btn = gr.Button("Stop", variant="stop", elem_id="ds-stop-btn")
@@ -87,12 +89,14 @@ def build(state: AppState):
                             label="Captions: double-click a caption to edit it; untick keep to leave "
                                   "an image out")
 
-    with gr.Accordion("CLIP check (seed 001)", open=False):
+    with gr.Accordion("Caption check: drop pairs whose caption does not match the image", open=False,
+                      elem_id="ds-clip-check"):
         with gr.Row():
             clip_model = gr.Dropdown([DEFAULT_CLIP, "ViT-B-32", "ViT-H-14", "demo-tiny"], value=DEFAULT_CLIP,
                                      allow_custom_value=True, scale=3, elem_id="ds-clip-model",
                                      label="open_clip model (ARCH, ARCH:TAG, ARCH:/weights, local-dir:/dir)")
-            threshold = gr.Number(value=0.2, label="Threshold", scale=1, elem_id="ds-threshold")
+            threshold = gr.Number(value=0.2, label="Threshold", scale=1, elem_id="ds-threshold",
+                                  info="CLIP image-caption score; seed 001 removed pairs under 0.2")
         score_btn = gr.Button("Score image-caption pairs", elem_id="ds-score-btn")
         scores = gr.Dataframe(headers=["file", "CLIP score", "caption", "below threshold"], interactive=False,
                               wrap=True, max_height=400, elem_id="ds-scores", label="Lowest scores first")
@@ -109,7 +113,7 @@ def build(state: AppState):
         with gr.Row():
             drop_low = gr.Checkbox(True, label="Leave out pairs under the CLIP threshold (scored pairs only)")
             kohya = gr.Checkbox(False, label="Also export kohya's <repeats>_<name> folder")
-            replace_ds = gr.Checkbox(False, label="Replace the dataset of that name", elem_id="ds-replace")
+            replace_ds = gr.Checkbox(False, label=REPLACE_LABEL, elem_id="ds-replace")
         save_btn = gr.Button("Save dataset", variant="primary", elem_id="ds-save-btn")
         saved = gr.Markdown(elem_id="ds-saved")
 
@@ -225,7 +229,7 @@ def build(state: AppState):
         curation = _need(curation)
         _apply_grid(curation, grid_v)
         if not any(it.caption for it in curation.usable()):
-            raise gr.Error("caption the images first: the CLIP check compares each image with its caption")
+            raise gr.Error("caption the images first: the caption check compares each image with its caption")
         cancel.clear()
         progress((0, 1), desc=f"loading {model}", unit="images")
         scorer = _load_clip(model, state)
@@ -252,14 +256,16 @@ def build(state: AppState):
             slug = ds.dataset_name(curation.job, None)
             target = safe_child(state.cfg.datasets_dir, slug)
             ds.apply_clip_filter(curation, curation.job.clip_threshold)
+            kohya_parent = state.cfg.datasets_dir / f"{slug}-kohya"
+            if kohya_v:  # refused before anything is written
+                ds.kohya_target(kohya_parent, slug, curation.repeats, bool(replace_v))
             progress((0, 1), desc="writing", unit="files")
             out = ds.write_dataset(curation, target, replace=bool(replace_v))
             kohya_dir = None
             if kohya_v:
-                kohya_dir = ds.export_kohya(out, state.cfg.datasets_dir / f"{slug}-kohya", slug,
-                                            curation.repeats)
+                kohya_dir = ds.export_kohya(out, kohya_parent, slug, curation.repeats, replace=bool(replace_v))
         except ds.DatasetExistsError as e:
-            raise gr.Error(f"{e}: tick 'Replace the dataset of that name'") from e
+            raise gr.Error(f"Nothing was saved: {e}. Type another name, or tick '{REPLACE_LABEL}'.") from e
         except (ValueError, UnsafeNameError, OSError) as e:
             raise gr.Error(str(e)) from e
         kept = len(curation.kept())

@@ -1,5 +1,5 @@
-"""The Evaluate tab: metrics on a folder of images, seed 000's experiment tables, and the A/B survey (build, link,
-report). Only wiring: the work is in studio.evaluate."""
+"""The Evaluate tab: metrics on a folder of images, method comparison tables (seed 000's tables 1 and 2), and
+the A/B survey (build, link, report). Only wiring: the work is in studio.evaluate."""
 
 from __future__ import annotations
 
@@ -22,14 +22,22 @@ METRIC_HELP = {"clip-i": "CLIP-I (accuracy)", "clip-t": "CLIP-T (editability)", 
 SHIPPED_EXPERIMENTS = ROOT / "presets" / "experiments"
 
 
-def experiment_files(state: AppState) -> list[str]:
+REPLACE_EXPERIMENT_LABEL = "Redo finished cells whose settings changed (their results are replaced)"
+REPLACE_SURVEY_LABEL = "Replace the survey of that name (its answers are lost)"
+# the shipped experiment files by what they compare (their file names cite the paper they repeat)
+EXPERIMENT_LABELS = {"seed000": "Ten painters' styles: prompt words against three kinds of embedding (shipped)"}
+
+
+def experiment_files(state: AppState) -> list[tuple[str, str]]:
+    """(label, path) of the experiment files: the shipped ones by what they compare, the user's by file name."""
     folders = [SHIPPED_EXPERIMENTS, Path(state.cfg.presets_dir) / "experiments"]
     seen, out = set(), []
     for folder in folders:
         for p in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
             if p.resolve() not in seen:
                 seen.add(p.resolve())
-                out.append(str(p))
+                shipped = p.resolve().parent == SHIPPED_EXPERIMENTS.resolve()
+                out.append((EXPERIMENT_LABELS.get(p.stem, p.name) if shipped else p.name, str(p)))
     return out
 
 
@@ -114,16 +122,18 @@ def build(state: AppState):
     stop_btn.click(lambda: cancel.set(), None, None, **stop_kwargs)
 
     # --- 2. experiments ---
-    with gr.Accordion("Experiment: methods × styles (seed 000's tables 1 and 2)", open=False):
+    with gr.Accordion("Experiment: method comparison tables (methods × styles)", open=False, elem_id="ex-accordion"):
         gr.Markdown("An experiment file lists styles (reference images), methods (pe, ti, ti-att, ti-moe, lora, "
                     "finetune), prompts and training settings. The run trains, generates with fixed seeds, scores "
                     "and writes the tables and the accuracy-vs-editability plot under `outputs/experiments/NAME/`. "
                     "Cells finished earlier are not redone, so a stopped run continues where it was.")
         with gr.Row():
             exp_file = gr.Dropdown(experiment_files(state), value=None, allow_custom_value=True, scale=4,
-                                   label="Experiment file (.yaml)", elem_id="ex-file")
+                                   label="Experiment file (.yaml)", elem_id="ex-file",
+                                   info="the shipped seed000.yaml repeats seed 000's tables 1 and 2")
             exp_refresh = gr.Button("↻", scale=0, min_width=40)
         with gr.Row():
+            exp_replace = gr.Checkbox(False, label=REPLACE_EXPERIMENT_LABEL, elem_id="ex-replace")
             exp_run = gr.Button("Run experiment", variant="primary", elem_id="ex-run")
             exp_stop = gr.Button("Stop", variant="stop", elem_id="ex-stop")
         exp_status = gr.Markdown(elem_id="ex-status")
@@ -132,8 +142,8 @@ def build(state: AppState):
             plot = gr.Image(label="Accuracy vs editability", type="filepath", interactive=False, elem_id="ex-plot")
         table2 = gr.Markdown(elem_id="ex-table2")
 
-    def do_experiment(path_v, progress=gr.Progress()):
-        from studio.evaluate.experiment import ExperimentRunner, load_experiment
+    def do_experiment(path_v, replace_v=False, progress=gr.Progress()):
+        from studio.evaluate.experiment import ExperimentChangedError, ExperimentRunner, load_experiment
 
         if not path_v:
             raise gr.Error("choose an experiment file")
@@ -142,7 +152,9 @@ def build(state: AppState):
         try:
             exp = load_experiment(Path(path_v.strip()), state.cfg)
             runner = ExperimentRunner(state.cfg, progress_fn(progress, "cells"), log.append, cancel)
-            result = runner.run(exp)
+            result = runner.run(exp, replace=bool(replace_v))
+        except ExperimentChangedError as e:
+            raise gr.Error(f"Nothing was run: {e}. Tick '{REPLACE_EXPERIMENT_LABEL}' to redo them.") from e
         except (ValueError, RuntimeError, OSError) as e:
             raise gr.Error(str(e)) from e
         done = sum(c.status == "done" for c in result.cells)
@@ -154,9 +166,10 @@ def build(state: AppState):
             return files[name].read_text(encoding="utf-8") if name in files else ""
 
         plot_path = str(files["plot.png"]) if "plot.png" in files else None
-        return "\n\n".join([status, *log[-20:]]), read("table1.md"), plot_path, read("table2.md")
+        return "\n\n".join([status, *log[-20:]]), read("table1.md"), plot_path, read("table2.md"), False
 
-    exp_run.click(do_experiment, exp_file, [exp_status, table1, plot, table2], concurrency_id="gpu",
+    exp_run.click(do_experiment, [exp_file, exp_replace], [exp_status, table1, plot, table2, exp_replace],
+                  concurrency_id="gpu",
                   show_progress_on=exp_status,
                   concurrency_limit=1, api_visibility="private")
     exp_stop.click(lambda: cancel.set(), None, None, **stop_kwargs)
@@ -166,7 +179,7 @@ def build(state: AppState):
     from studio.evaluate import survey as sv
     from studio.ui.survey_page import surveys_dir
 
-    with gr.Accordion("A/B survey (seed 004)", open=False):
+    with gr.Accordion("A/B survey: which image do viewers prefer?", open=False, elem_id="sv-accordion"):
         gr.Markdown("Pairs of a baseline and a fine-tuned image (same prompt and seed) are shown to respondents in "
                     "random order and random A/B placement, with three questions. Respondents open the survey page "
                     "(start the studio with `--listen` so that others on your network can reach it); answers are "
@@ -174,8 +187,8 @@ def build(state: AppState):
         with gr.Row():
             sv_name = gr.Textbox(label="Survey name", elem_id="sv-build-name")
             sv_title = gr.Textbox(label="Title shown to respondents", elem_id="sv-build-title")
-            sv_per = gr.Number(value=0, precision=0, label="Pairs per respondent (0 = all; seed 004: 36)",
-                               elem_id="sv-build-per")
+            sv_per = gr.Number(value=0, precision=0, label="Pairs per respondent (0 = all)",
+                               info="seed 004's survey showed each respondent 36 pairs", elem_id="sv-build-per")
         sv_source = gr.Radio([("two folders", "folders"), ("an experiment", "experiment")], value="folders",
                              label="Pairs from", elem_id="sv-build-source")
         with gr.Row():
@@ -183,7 +196,9 @@ def build(state: AppState):
             sv_b = gr.Textbox(label="Fine-tuned images folder — or the experiment's baseline,candidate methods "
                                     "(e.g. pe,lora)", elem_id="sv-build-b")
             sv_category = gr.Textbox(label="Category (shot type or style; folders only)", elem_id="sv-build-category")
-        sv_build = gr.Button("Build survey", elem_id="sv-build-btn")
+        with gr.Row():
+            sv_replace = gr.Checkbox(False, label=REPLACE_SURVEY_LABEL, elem_id="sv-build-replace")
+            sv_build = gr.Button("Build survey", elem_id="sv-build-btn")
         sv_built = gr.Markdown(elem_id="sv-built")
         with gr.Row():
             sv_pick = gr.Dropdown(sv.list_surveys(surveys_dir(state)), label="Survey", scale=4, elem_id="sv-pick")
@@ -195,7 +210,7 @@ def build(state: AppState):
         url = f"/survey?survey={quote(name)}"  # survey names may hold spaces and brackets
         return f"[{url}]({url})"
 
-    def do_build(name_v, title_v, per_v, source_v, a_v, b_v, category_v):
+    def do_build(name_v, title_v, per_v, source_v, a_v, b_v, category_v, replace_v=False):
         try:
             if source_v == "experiment":
                 methods = [m.strip() for m in (b_v or "").split(",") if m.strip()]
@@ -207,12 +222,14 @@ def build(state: AppState):
                 pairs, unmatched = sv.match_pairs(Path((a_v or "").strip()), Path((b_v or "").strip()),
                                                   (category_v or "").strip())
             folder = sv.create_survey(surveys_dir(state), (name_v or "").strip(), pairs, (title_v or "").strip(),
-                                      int(per_v or 0))
+                                      int(per_v or 0), replace=bool(replace_v))
+        except sv.SurveyExistsError as e:
+            raise gr.Error(f"Nothing was built: {e}. Type another name, or tick '{REPLACE_SURVEY_LABEL}'.") from e
         except (ValueError, OSError) as e:
             raise gr.Error(str(e)) from e
         note = f"; {len(unmatched)} image(s) without a partner: {', '.join(unmatched[:8])}" if unmatched else ""
         return (f"Built **{folder.name}** with {len(pairs)} pairs{note}. Respondents open {link(folder.name)}",
-                gr.update(choices=sv.list_surveys(surveys_dir(state)), value=folder.name))
+                gr.update(choices=sv.list_surveys(surveys_dir(state)), value=folder.name), False)
 
     def do_report(name_v):
         if not name_v:
@@ -223,8 +240,8 @@ def build(state: AppState):
             raise gr.Error(str(e)) from e
         return sv.report_markdown(survey.report()) + f"\nSurvey page: {link(name_v)}\n"
 
-    sv_build.click(do_build, [sv_name, sv_title, sv_per, sv_source, sv_a, sv_b, sv_category], [sv_built, sv_pick],
-                   api_visibility="private")
+    sv_build.click(do_build, [sv_name, sv_title, sv_per, sv_source, sv_a, sv_b, sv_category, sv_replace],
+                   [sv_built, sv_pick, sv_replace], api_visibility="private")
     sv_report_btn.click(do_report, sv_pick, sv_report, api_visibility="private")
     sv_refresh.click(lambda: gr.update(choices=sv.list_surveys(surveys_dir(state))), None, sv_pick,
                      api_visibility="private")

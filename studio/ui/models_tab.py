@@ -7,7 +7,7 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from studio.files.convert import save_diffusers_folder, save_single_file
+from studio.files.convert import ModelExistsError, save_diffusers_folder, save_single_file
 from studio.files.names import check_name, safe_child
 from studio.models.checkpoints import ModelLoadError
 from studio.models.manager import DEFAULT_DOWNLOAD
@@ -19,6 +19,9 @@ def device_text(state: AppState) -> str:
     dev = state.manager.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type.upper()
     return f"**Device:** {name} · **precision:** {str(state.manager.dtype).replace('torch.', '')}"
+
+
+REPLACE_MODEL_LABEL = "Replace the model of that name"
 
 
 def build(state: AppState, model_dropdown: gr.Dropdown):
@@ -74,11 +77,12 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
         with gr.Row():
             fmt = gr.Radio(["single-file", "diffusers"], value="single-file", label="Format")
             precision = gr.Radio(["fp16", "fp32"], value="fp16", label="Single-file precision")
-            out_name = gr.Textbox(label="Name in models/", placeholder="my-model")
+            out_name = gr.Textbox(label="Name in models/", placeholder="my-model", elem_id="cv-name")
+            out_replace = gr.Checkbox(False, label=REPLACE_MODEL_LABEL, elem_id="cv-replace")
         convert_btn = gr.Button("Convert")
         convert_status = gr.Markdown()
 
-    def convert(kind, prec, name, progress=gr.Progress()):
+    def convert(kind, prec, name, replace=False, progress=gr.Progress()):
         model = state.manager.current
         if model is None:
             raise gr.Error("no model is loaded")
@@ -89,19 +93,22 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
             target = safe_child(state.cfg.models_dir, name)
         except ValueError as e:
             raise gr.Error(str(e)) from e
-        if target.exists():
-            raise gr.Error(f"models/{name} exists already; choose another name")
+        existed = target.exists()
         progress(0.1, desc="converting")
         try:
             if kind == "diffusers":
-                save_diffusers_folder(model.without_loras(), target)
+                save_diffusers_folder(model.without_loras(), target, overwrite=bool(replace))
             else:
                 dtype = torch.float16 if prec == "fp16" else torch.float32
                 save_single_file(model.without_loras(), target, model.family, dtype=dtype,
-                                 metadata={"modelspec.title": model.name})
+                                 metadata={"modelspec.title": model.name}, overwrite=bool(replace))
+        except ModelExistsError as e:
+            raise gr.Error(f"Nothing was converted: {e}. Type another name, or tick '{REPLACE_MODEL_LABEL}'.") from e
         except (ValueError, RuntimeError, OSError) as e:
             raise gr.Error(f"conversion failed: {e}") from e
-        return f"saved `{Path(state.cfg.models_dir).name}/{target.name}`", gr.update(choices=state.manager.choices())
+        where = f"{Path(state.cfg.models_dir).name}/{target.name}"
+        return (f"saved `{where}`" + (" (the earlier one was replaced)" if existed else ""),
+                gr.update(choices=state.manager.choices()), False)
 
-    convert_btn.click(convert, [fmt, precision, out_name], [convert_status, model_dropdown], concurrency_id="gpu",
-                      api_visibility="private")
+    convert_btn.click(convert, [fmt, precision, out_name, out_replace], [convert_status, model_dropdown, out_replace],
+                      concurrency_id="gpu", api_visibility="private")

@@ -44,9 +44,17 @@ SETTING_NAMES = ["negative_prompt", "sampler", "schedule", "steps", "cfg_scale",
 # the board's aspect menu (outpainting to it; the PDF's and contact sheet's frame boxes): "" = width x height
 ASPECT_CHOICES = [("as width x height", ""), "16:9", "1.85:1", "2.39:1", "4:3", "3:2", "1:1", "9:16"]
 ERRORS = (ValueError, RuntimeError, ModelLoadError, UnsafeNameError, OSError)
+# the shipped presets by what they do (their names, which cite the paper, stay the values: files and tests use them)
+BOARD_PRESET_LABELS = {"DreamShot shot types (seed 004)": "Film shot types: close, medium and long shot",
+                       "DreamShot shot-type LoRAs (seed 004)": "Film shot types, each with its shot-type LoRA"}
 
 
 # --- form <-> board (pure, tested without a browser) ------------------------------------------------------------
+
+
+def board_preset_choices(presets) -> list[tuple[str, str]]:
+    """(label, preset name) for the preset dropdown: the shipped presets by what they do, the user's by name."""
+    return [(BOARD_PRESET_LABELS.get(name, name), name) for name in presets]
 
 
 def shot_rows(board: Storyboard) -> list[list]:
@@ -192,9 +200,9 @@ def build(state: AppState) -> dict:
     defaults = new_board("new storyboard", new_settings())
     size = defaults.settings.width
 
-    gr.Markdown("A shot list becomes frames in their shot type (seed 004 §5.6). Shots with a reference picture or "
-                "sketch follow its canny edges through a ControlNet. Make several candidates per shot, pick one, "
-                "regenerate a shot on its own, and export a PDF and a contact sheet.")
+    gr.Markdown("A shot list becomes frames, each drawn as its shot type (close, medium, long shot…). Shots with a "
+                "reference picture or sketch follow its canny edges through a ControlNet. Make several candidates "
+                "per shot, pick one, regenerate a shot on its own, and export a PDF and a contact sheet.")
     with gr.Row(equal_height=True):
         project = gr.Dropdown(store.names(), value=None, label="Storyboard (pick one, or type a new name)",
                               allow_custom_value=True, scale=3, elem_id="sb-project")
@@ -209,8 +217,9 @@ def build(state: AppState) -> dict:
     with gr.Accordion("Shot types and style", open=False):
         presets = list_board_presets(cfg.presets_dir)
         with gr.Row():
-            preset = gr.Dropdown(list(presets), value=None, label="Preset (shot types and settings)", scale=1,
-                                 elem_id="sb-preset")
+            preset = gr.Dropdown(board_preset_choices(presets), value=None, scale=1, elem_id="sb-preset",
+                                 label="Preset (shot types and settings)",
+                                 info="the shipped presets follow the storyboard of seed 004 (§5.6)")
             preset_info = gr.Markdown()
         types = gr.Dataframe(value=type_rows(defaults), headers=TYPE_COLUMNS, type="array", interactive=True,
                              datatype=["str", "str", "str", "number"], column_count=4, elem_id="sb-types",
@@ -378,7 +387,7 @@ def build(state: AppState) -> dict:
                 board = store.load(name)
             else:
                 board = new_board(name, new_settings())
-                store.save(board)
+                store.create(board)  # never over another board (a name differing only in case is refused)
                 gr.Info(f"new storyboard {name!r}")
         except ERRORS as e:
             raise gr.Error(str(e)) from e
@@ -636,7 +645,7 @@ def build(state: AppState) -> dict:
     def lists():
         """The lists that name files, read again (on page load): boards, presets and ControlNets made since the
         studio started."""
-        return (gr.update(choices=store.names()), gr.update(choices=list(list_board_presets(cfg.presets_dir))),
+        return (gr.update(choices=store.names()), gr.update(choices=board_preset_choices(list_board_presets(cfg.presets_dir))),
                 gr.update(choices=controlnet_choices(cfg.controlnet_dir, cfg.assets_dir, state.manager.current)))
 
     return {"project": project, "open": open_btn, "shots": shots, "generate": generate_btn, "export": export_btn,

@@ -29,6 +29,7 @@ from studio.train.job import (
     MIXED_PRECISION,
     OPTIMIZERS,
     TI_METHODS,
+    OutputExistsError,
     TrainJob,
     TrainPreset,
     list_train_presets,
@@ -44,6 +45,23 @@ INTRO = ("Teach the model a style or a subject: pick a dataset (make one in the 
          "back. **Textual Inversion** (and TI-Att, TI-MoE) learns a new word (`embeddings/NAME`, used by its name), "
          "**LoRA** a small add-on (`loras/NAME`, used as `<lora:NAME:0.8>`), a **full fine-tune** a new model "
          "(`models/NAME`, picked in the model list at the top).")
+OVERWRITE_LABEL = "Replace an existing file of the same name"
+# the shipped presets and prompt templates by what they do; their names (kept: runs, experiments and files use them)
+# cite the papers they come from, which the preset's description and docs/training.md name
+PRESET_LABELS = {
+    "Seed 000: Textual Inversion": "Painting style: embedding (4 paintings, 1000 steps)",
+    "Seed 000: TI-Att": "Painting style: embedding with an attention module (4 paintings, 1000 steps)",
+    "Seed 000: TI-MoE": "Painting style: embedding with a mixture of experts (4 paintings, 1000 steps)",
+    "Seed 001: full fine-tune": "One artist's paintings: whole-model fine-tune",
+    "Seed 002: Textual Inversion": "Style embedding, web-UI recipe (2000 steps)",
+    "Seed 003: fine-tune with EMA, 8-bit Adam": "Sketch style: fine-tune with EMA and 8-bit Adam",
+    "Seed 004: DreamShot LoRA (table 5.1)": "Shot-type LoRA for storyboards (close, medium, long shot)",
+}
+TEMPLATE_LABELS = {
+    "painting_style_seed000": "painting style (19 phrasings)",
+    "style_seed002": "style, short list (7 phrasings)",
+    "object_seed002": "object, short list (7 phrasings)",
+}
 # TrainJob fields that have a widget, in the order the handlers receive them
 FORM = ("data", "method", "name", "init_word", "vectors", "template", "learning_rate", "batch_size", "grad_accum",
         "max_steps", "resolution", "buckets", "seed", "repeats", "flip_p", "mixed_precision", "image_encoder",
@@ -399,8 +417,14 @@ def model_family(state: AppState) -> str | None:
     return model.family if model is not None else None
 
 
-def preset_choices(presets_dir: Path, method: str, family: str | None = None) -> list[str]:
-    return list(method_presets(presets_dir, method, family))
+def preset_choices(presets_dir: Path, method: str, family: str | None = None) -> list[tuple[str, str]]:
+    """(label, preset name): the shipped presets by what they do, the user's by their own names."""
+    return [(PRESET_LABELS.get(name, name), name) for name in method_presets(presets_dir, method, family)]
+
+
+def template_choices(templates: list[str]) -> list[tuple[str, str]]:
+    """(label, template name): the shipped templates named after a paper shown by what they hold."""
+    return [(TEMPLATE_LABELS.get(name, name), name) for name in templates]
 
 
 def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, networks_outputs=()):
@@ -439,8 +463,11 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
                                        placeholder="a word close to the concept, or *", min_width=120)
                 vectors = gr.Number(defaults.vectors, minimum=1, maximum=75, min_width=100,
                                     label="Vectors per token", elem_id="tr-vectors")
-            template = gr.Dropdown(templates, value=defaults.template if defaults.template in templates else None,
-                                   allow_custom_value=True, label="Prompt template", elem_id="tr-template")
+            template = gr.Dropdown(template_choices(templates),
+                                   value=defaults.template if defaults.template in templates else None,
+                                   allow_custom_value=True, label="Prompt template", elem_id="tr-template",
+                                   info="painting style: seed 000's list; short lists: seed 002's "
+                                        "(painting_style_seed000, style_seed002, object_seed002)")
             template_md = gr.Markdown(template_info(defaults.template, cfg), elem_id="tr-template-info")
             instance_prompt = gr.Textbox(defaults.instance_prompt, elem_id="tr-instance-prompt", visible=False,
                                          label="Instance prompt (empty: each image's caption)",
@@ -562,7 +589,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
                 with gr.Row():
                     fmt = gr.Dropdown(list(EMBEDDING_FORMATS), value=defaults.embedding_format,
                                       label="Embedding file format", elem_id="tr-format")
-                    overwrite = gr.Checkbox(defaults.overwrite, label="Replace an existing file of the same name",
+                    overwrite = gr.Checkbox(defaults.overwrite, label=OVERWRITE_LABEL,
                                             elem_id="tr-overwrite")
             with gr.Accordion("Resume an earlier run", open=False):
                 with gr.Row(equal_height=True):
@@ -644,6 +671,9 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
             if job.optimizer == "adamw8bit" and eight_bit:
                 raise ValueError(f"8-bit AdamW {eight_bit}; choose adamw")
             view = worker.start(job)
+        except OutputExistsError as e:
+            raise gr.Error(f"Not started: {e}. Type another name, or tick '{OVERWRITE_LABEL}' (under Run "
+                           "settings).") from e
         except (ValueError, RuntimeError) as e:
             raise gr.Error(str(e)) from e
         return render(view, None)  # a new run: draw it all
