@@ -144,6 +144,8 @@ def test_presets_fitted_to_demo_tiny_and_the_cpu(monkeypatch):
     assert fitted["image_encoder"] == "demo-tiny" and att["image_encoder"] == "openai/clip-vit-large-patch14"
     assert len(notes) == 1 and "demo-tiny" in notes[0] and "openai/clip-vit-large-patch14" in notes[0]
     assert fit_settings(att, "sd15.safetensors", cuda=False) == (att, [])  # a real model keeps it
+    on_micro, notes = fit_settings(att, "micro", cuda=False)  # micro ships offline: so must its encoder
+    assert on_micro["image_encoder"] == "demo-tiny" and "random weights" in notes[0]
     assert fit_settings({"image_encoder": "demo-tiny"}, "demo-tiny", cuda=False)[1] == []
     ti_run = {"method": "ti", "image_encoder": "openai/clip-vit-large-patch14"}  # a TI run's settings: unused
     assert fit_settings(ti_run, "demo-tiny", cuda=False) == ({"method": "ti", "image_encoder": "demo-tiny"}, [])
@@ -454,3 +456,20 @@ def test_browser_lora_and_finetune_runs(app, browser):
     assert finetune == {"tr-lora": False, "tr-dreambooth": True, "tr-instance-prompt": True}
     assert "finished 2 steps" in tuned and "Pick blue-tuned.safetensors in the model list" in tuned
     assert (home / "models" / "blue-tuned.safetensors").is_file() and "blue-tuned.safetensors" in models
+
+
+def test_image_encoder_default_works_offline_on_the_built_in_models():
+    """TI-Att and TI-MoE on micro or demo-tiny start with demo-tiny's encoder (no CLIP download); a real model with
+    the CLIP hub id."""
+    from types import SimpleNamespace
+
+    from studio.train.image_encoder import DEFAULT_IMAGE_ENCODER
+    from studio.ui.train_tab import model_defaults
+
+    def state(name, source):
+        model = SimpleNamespace(name=name, native_size=64, is_demo=source == "demo", source=source)
+        return SimpleNamespace(manager=SimpleNamespace(current=model))
+
+    assert model_defaults(state("micro", "micro"))[2] == "demo-tiny"
+    assert model_defaults(state("demo-tiny", "demo"))[2] == "demo-tiny"
+    assert model_defaults(state("sd15", "single-file"))[2] == DEFAULT_IMAGE_ENCODER

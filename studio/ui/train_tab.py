@@ -16,6 +16,7 @@ import torch
 from studio.config import real_number, whole_number
 from studio.dataset.curate import MANIFEST, read_manifest
 from studio.dataset.sources import scan_inputs
+from studio.models.builtin import MICRO_NAME
 from studio.models.speed import TRAIN_COMPILE_MODES
 from studio.models.tiny import TINY_NAME
 from studio.train.data import MAX_FILE_BYTES, resolve_data_dir
@@ -180,15 +181,18 @@ def eight_bit_problem(cuda: bool) -> str | None:
 
 def fit_settings(settings: dict, model: str, cuda: bool) -> tuple[dict, list[str]]:
     """A preset's (or a run's) settings changed where this model or machine cannot run them, with a note per
-    change that matters: a hub image encoder on demo-tiny (it would be downloaded, and only fits real models; noted
-    for TI-Att and TI-MoE, the methods that use it), fp16 and 8-bit AdamW without CUDA."""
+    change that matters: a hub image encoder on demo-tiny or micro (it would be downloaded, and only fits real
+    models; noted for TI-Att and TI-MoE, the methods that use it), fp16 and 8-bit AdamW without CUDA."""
     out, notes = dict(settings), []
     encoder = str(out.get("image_encoder") or "")
-    if model == TINY_NAME and encoder and encoder != TINY_NAME and not Path(encoder).expanduser().exists():
+    if (model in (TINY_NAME, MICRO_NAME) and encoder and encoder != TINY_NAME
+            and not Path(encoder).expanduser().exists()):
         out["image_encoder"] = TINY_NAME
         if out.get("method") in ("ti-att", "ti-moe"):  # the other methods read no images through it
-            notes.append(f"The loaded model is demo-tiny, so the image encoder is demo-tiny too (the settings ask "
-                         f"for `{encoder}`, a CLIP download that fits real models only).")
+            notes.append(f"The loaded model is {model}, so the image encoder is demo-tiny (the settings ask for "
+                         f"`{encoder}`, a CLIP download that fits real models only). demo-tiny's encoder works "
+                         "offline with random weights: the attention or experts see fixed random image features "
+                         "rather than CLIP's, which is enough for micro's shapes and colours.")
     if out.get("mixed_precision") == "fp16" and not cuda:
         out["mixed_precision"] = "no"
         notes.append("fp16 mixed precision needs a CUDA GPU: mixed precision is `no` on this CPU.")
@@ -401,7 +405,8 @@ def model_defaults(state: AppState) -> tuple[str, int, str]:
     model = state.manager.current
     if model is None:
         return "demo-tiny", 64, "demo-tiny"
-    return model.name, model.native_size, "demo-tiny" if model.is_demo else DEFAULT_IMAGE_ENCODER
+    offline_encoder = model.is_demo or model.source == "micro"  # a CLIP download fits real models only
+    return model.name, model.native_size, TINY_NAME if offline_encoder else DEFAULT_IMAGE_ENCODER
 
 
 def model_note(state: AppState) -> str:
