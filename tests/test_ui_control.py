@@ -147,7 +147,8 @@ def test_the_preprocessor_menu_relabels_the_sliders_and_a_picture_enables_its_un
     from studio.ui import control_panel
 
     call, fns, uploads, _ = ui
-    choices = fns["generate"].inputs[-10].choices  # unit 2's preprocessor menu: (label, name)
+    names = [p for p in inspect.signature(fns["generate"].fn).parameters if p not in ("request", "progress")]
+    choices = fns["generate"].inputs[names.index("cn2_module")].choices  # unit 2's preprocessor menu: (label, name)
     labels = [label for label, _ in choices]
     assert labels.index("canny") < labels.index("openpose (needs weight files)")
     assert [n for _, n in choices] == control_panel.preprocessors.offline_names() + [
@@ -272,3 +273,17 @@ def test_browser_controlnet_preview_and_generate(app, browser):
     infotext = page.locator("#infotext textarea").input_value()
     assert f'ControlNet 0: "Module: canny, Model: {BROWSER_NET} [' in infotext
     page.close()
+
+
+def test_regional_prompts_from_the_widgets(ui):
+    """The Regional prompts accordion: a layout and a prompt per region reach the job; Off is no regions."""
+    call, fns, _, _ = ui
+    plain = call("generate", generate_inputs(fns, prompt="a garden"))
+    split = call("generate", generate_inputs(fns, prompt="a garden", regions_layout="cols 1,1",
+                                             region_1="a red fox", region_2="a blue bird"))
+    assert np.abs(generated(split) - generated(plain)).max() > 3
+    assert 'Regions: "cols 1,1", Region mode: Attention, Region 1 prompt: a red fox' in split[2]
+    off = call("generate", generate_inputs(fns, prompt="a garden", regions_layout="Off", region_1="a red fox"))
+    assert np.array_equal(generated(off), generated(plain)) and "Regions" not in off[2]
+    with pytest.raises(Exception, match="write a prompt for region 2"):
+        call("generate", generate_inputs(fns, prompt="a garden", regions_layout="cols 1,1", region_1="a red fox"))

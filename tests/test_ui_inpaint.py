@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from studio.ui import control_panel
+from studio.ui import control_panel, regions_panel
 
 BOX = (16, 16, 40, 40)  # the painted square (x1, y1, x2, y2) on a 64 x 64 init
 
@@ -81,7 +81,8 @@ def generate_inputs(fns, **values) -> list:
              "mask_editor", "mask_file", "mask_blur", "mask_mode", "masked_content", "inpaint_area",
              "inpaint_padding", "outpaint_left", "outpaint_right", "outpaint_top", "outpaint_bottom", "hires",
              "hires_scale", "hires_upscaler", "hires_steps", "hires_denoising", "hires_width", "hires_height",
-             "hires_sampler", "hires_prompt", "hires_negative", *control_panel.input_names()]
+             "hires_sampler", "hires_prompt", "hires_negative", *control_panel.input_names(),
+             *regions_panel.INPUTS]
     blocks = fns["generate"].inputs
     assert len(blocks) == len(names), "the test's list of /generate's inputs is out of date"
     base = dict(prompt="a red circle", negative="", sampler="Euler", schedule="Automatic", steps=4, seed=7, width=64, height=64)

@@ -13,7 +13,7 @@ from studio.generation.job import RESIZE_MODES, GenerateJob, load_init_image
 from studio.generation.paste import denoising_strength, restore_lora_names, vae_choice
 from studio.generation.presets import PresetExistsError, apply_preset, list_presets, save_preset
 from studio.models.checkpoints import ModelLoadError
-from studio.ui import control_panel, hires_panel, inpaint_panel, networks_panel, upscale_panel
+from studio.ui import control_panel, hires_panel, inpaint_panel, networks_panel, regions_panel, upscale_panel
 from studio.ui.state import AppState
 
 DEMO_BANNER = (
@@ -29,7 +29,7 @@ def job_from_inputs(prompt, negative, sampler, schedule, steps, cfg_scale, seed,
                     masked_content="original", inpaint_area="Whole picture", inpaint_padding=32, outpaint=None,
                     hires_fix=False, hires_scale=2.0, hires_upscaler=DEFAULT_UPSCALER, hires_steps=0,
                     hires_denoising=0.7, hires_width=0, hires_height=0, hires_sampler="", hires_prompt="",
-                    hires_negative_prompt="", controls=None) -> GenerateJob:
+                    hires_negative_prompt="", controls=None, regions=None) -> GenerateJob:
     """The job exactly as the widgets (or the API) sent it: GenerateJob.validate refuses what is not a valid value
     (2.7 steps, a bool, None) instead of rounding it here. An init image (a file path) makes it image to image; a
     mask (a file path or an image) with it inpainting, outpaint pads ({"left": 64}) outpainting; controls are
@@ -45,7 +45,8 @@ def job_from_inputs(prompt, negative, sampler, schedule, steps, cfg_scale, seed,
                        hires_fix=hires_fix, hires_scale=hires_scale, hires_upscaler=hires_upscaler,
                        hires_steps=hires_steps, hires_denoising=hires_denoising, hires_width=hires_width,
                        hires_height=hires_height, hires_sampler=hires_sampler or "", hires_prompt=hires_prompt or "",
-                       hires_negative_prompt=hires_negative_prompt or "", controls=list(controls or []))
+                       hires_negative_prompt=hires_negative_prompt or "", controls=list(controls or []),
+                       **(regions or {}))
 
 
 def build(state: AppState, model_dropdown: gr.Dropdown):
@@ -94,6 +95,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
             outpaint = inpaint_panel.build_outpaint(width, height)
             hires_fix = hires_panel.build(state.cfg.upscalers_dir)
             control = control_panel.build(state, width, height)
+            regional = regions_panel.build()
             with gr.Accordion("Presets", open=False):
                 presets = list_presets(state.cfg.presets_dir)
                 preset = gr.Dropdown(list(presets), value=None, label="Preset", elem_id="preset")
@@ -140,7 +142,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
               clip_skip, init_in, strength, resize_mode]
     inpaint_inputs = [inpaint["editor"], inpaint["mask_file"], inpaint["mask_blur"], inpaint["mask_mode"],
                       inpaint["masked_content"], inpaint["inpaint_area"], inpaint["padding"], *outpaint["sides"]]
-    all_inputs = [*params, *inpaint_inputs, *hires_fix["inputs"], *control["inputs"]]
+    all_inputs = [*params, *inpaint_inputs, *hires_fix["inputs"], *control["inputs"], *regional["inputs"]]
 
     def run(request: gr.Request, prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height,
             batch_size, batch_count, clip_skip, init_image=None, denoising_strength=0.75, resize_mode="Just resize",
@@ -157,11 +159,14 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
             cn1_mode="Balanced", cn1_resize_mode="Crop and Resize",
             cn2_enabled=False, cn2_image=None, cn2_module=control_panel.DEFAULT_MODULE, cn2_resolution=512,
             cn2_threshold_a=100, cn2_threshold_b=200, cn2_model="", cn2_weight=1.0, cn2_start=0.0, cn2_end=1.0,
-            cn2_mode="Balanced", cn2_resize_mode="Crop and Resize", progress=gr.Progress()):
+            cn2_mode="Balanced", cn2_resize_mode="Crop and Resize", regions_layout="Off", region_mode="Attention",
+            region_1="", region_2="", region_3="", region_4="", progress=gr.Progress()):
         # `request` first (it names the session); every input after the twelve text-to-image values has a default,
         # so API callers that send only those (or the image-to-image three too) still work. The ControlNet units
-        # come last, control_panel.FIELDS per unit (control_panel.input_names())
+        # come next, control_panel.FIELDS per unit (control_panel.input_names()), then regions_panel.INPUTS
         try:
+            regional_fields = regions_panel.job_fields(regions_layout, region_mode, region_1, region_2, region_3,
+                                                       region_4)
             controls = control_panel.units_from_values([
                 cn0_enabled, cn0_image, cn0_module, cn0_resolution, cn0_threshold_a, cn0_threshold_b, cn0_model,
                 cn0_weight, cn0_start, cn0_end, cn0_mode, cn0_resize_mode,
@@ -177,7 +182,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
                                                                outpaint_bottom),
                                   hires, hires_scale, hires_upscaler, hires_steps, hires_denoising, hires_width,
                                   hires_height, hires_panel.sampler_value(hires_sampler), hires_prompt,
-                                  hires_negative, controls)
+                                  hires_negative, controls, regional_fields)
             job.validate(state.cfg.limits)
         except ValueError as e:
             raise gr.Error(str(e)) from e
