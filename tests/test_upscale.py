@@ -314,7 +314,7 @@ def test_a_file_that_is_not_an_upscaler_is_refused_clearly(folder, picture, tmp_
     with pytest.raises(ValueError, match=r"damaged\.safetensors is not a valid safetensors file"):
         library.read_state_dict(bad)
     torch.save([1, 2, 3], tmp_path / "list.pth")
-    with pytest.raises(ValueError, match=r"list\.pth holds a list, not a state dict"):
+    with pytest.raises(ValueError, match=r"list\.pth holds a list, not a dict of tensors"):
         library.read_state_dict(tmp_path / "list.pth")
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(ValueError, match=r"empty\.pt is empty"):

@@ -4,7 +4,6 @@ loaded with spandrel, which tells the architecture from the weights; the last mo
 
 from __future__ import annotations
 
-import pickle
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,6 @@ from pathlib import Path
 import torch
 
 from studio.files.names import UnsafeNameError, safe_child
-from studio.files.pickles import unpickling_refusal
 
 # A1111's pixel upscalers, in its menu order: the image as it is, and two PIL resizes
 NONE, LANCZOS, NEAREST = "None", "Lanczos", "Nearest"
@@ -107,31 +105,18 @@ def resolve_upscaler(name: str, folder: Path) -> UpscalerEntry:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of an upscaler file on the CPU, unwrapped the way spandrel expects ("params_ema", "module."):
     safetensors, or a pickle through torch.load(weights_only=True), so a file that would run code is refused."""
-    from safetensors.torch import load_file
     from spandrel import canonicalize_state_dict
+
+    from studio.files.networks import read_tensor_file
 
     path = Path(path)
     try:
-        size = path.stat().st_size
-    except OSError as e:
-        raise ValueError(f"{path.name}: cannot read ({e.strerror or e})") from e
-    if size == 0:
-        raise ValueError(f"{path.name} is empty (0 bytes)")
-    if path.suffix.lower() == ".safetensors":
-        try:
-            state = load_file(str(path), device="cpu")
-        except Exception as e:  # safetensors raises its own error types for a damaged header
-            raise ValueError(f"{path.name} is not a valid safetensors file ({e})") from e
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise ValueError(unpickling_refusal(path, e)) from e
-        except Exception as e:
-            if "TorchScript" in str(e):
-                raise ValueError(f"{path.name} is a TorchScript program, which is not read (it can carry code); "
-                                 "use the model's .pth or .safetensors weights") from None
-            raise ValueError(f"{path.name} is not a readable PyTorch file ({type(e).__name__}: {e})") from e
+        state, _ = read_tensor_file(path)  # the project's checked reader: safetensors, or weights_only pickles
+    except ValueError as e:
+        if "TorchScript" in str(e):
+            raise ValueError(f"{path.name} is a TorchScript program, which is not read (it can carry code); "
+                             "use the model's .pth or .safetensors weights") from None
+        raise
     if not isinstance(state, dict):
         raise ValueError(f"{path.name} holds a {type(state).__name__}, not a state dict of weights")
     state = canonicalize_state_dict(state)
