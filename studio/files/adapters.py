@@ -1,4 +1,5 @@
-"""LoRAs on a loaded pipeline: kohya files converted to peft layout, loaded as diffusers adapters, weighted per
+"""LoRAs on a loaded pipeline: plain kohya files converted to peft layout and loaded as diffusers adapters, LyCORIS
+files (LoCon, LoHa, LoKr, full, DoRA) kept as their factors; the active ones merged into the base weights, weighted per
 prompt (text encoder and UNet separately), and switched off completely when a prompt has none."""
 
 from __future__ import annotations
@@ -8,16 +9,17 @@ import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
+from studio.files import lycoris
 from studio.files.networks import KOHYA_PREFIXES, KOHYA_TE_PREFIX, LoraFile, NetworkFileError, kohya_name
 
 log = logging.getLogger(__name__)
 
 _SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
-_LYCORIS_MARKERS = ("hada_", "lokr_", "lora_mid", ".dora_scale", "oft_")
 MAX_CACHED_ADAPTERS = 8
 
 
@@ -62,8 +64,9 @@ def kohya_to_peft(state_dict: Mapping[str, torch.Tensor], pipe, name: str = "LoR
                   ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """A kohya LoRA as a diffusers/peft state dict (`unet.<module>.lora_A.weight`, …), alpha/rank folded into
     lora_B so no per-layer alpha needs to travel. Returns (state dict, kohya layer names that match nothing)."""
-    if any(marker in k for k in state_dict for marker in _LYCORIS_MARKERS):
-        raise NetworkFileError(f"{name} is a LyCORIS (LoHa/LoKr/DoRA/Tucker) network; only plain LoRA is supported")
+    if lycoris.is_lycoris(state_dict):
+        raise NetworkFileError(f"{name} is a LyCORIS network, which has no peft form: LoraSlot merges its layers "
+                               "from their factors (lycoris_layers)")
     index = _kohya_index(pipe)
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state_dict.items():
@@ -103,6 +106,66 @@ def kohya_to_peft(state_dict: Mapping[str, torch.Tensor], pipe, name: str = "LoR
     return out, unmatched
 
 
+@dataclass
+class LycorisLayer:
+    """One layer of a LyCORIS file matched to the model's module. Its tensors stay as the file has them (CPU, the
+    file's dtype) until a merge computes ΔW from them: a full ΔW per layer would take gigabytes for SDXL."""
+
+    component: str
+    path: str
+    module: nn.Module
+    parts: dict[str, torch.Tensor]  # suffix (`hada_w1_a`, `alpha`, …) -> tensor
+
+    def delta(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(ΔW, bias delta or None) in float32 on `weight`'s device; `weight` is the original weight (for DoRA)."""
+        parts = {k: v if k == "alpha" else v.to(weight.device, torch.float32) for k, v in self.parts.items()}
+        return lycoris.layer_delta(parts, weight)
+
+
+def _check_layer(parts: Mapping[str, torch.Tensor], module: nn.Module, name: str, base: str) -> None:
+    """Refuse a layer whose factors do not make the module's weight (and bias) shape, computing ΔW on the meta device:
+    shapes only, no memory and no arithmetic."""
+    meta = {k: v if k == "alpha" else torch.empty(v.shape, device="meta") for k, v in parts.items()}
+    try:
+        _, bias = lycoris.layer_delta(meta, torch.empty(module.weight.shape, device="meta"))
+    except lycoris.ShapeMismatchError as e:
+        raise NetworkFileError(f"{name}: layer {base} {e}; the LoRA was made for another model family") from e
+    except ValueError as e:
+        raise NetworkFileError(f"{name}: layer {base} {e}") from e
+    if bias is not None and (module.bias is None or bias.numel() != module.bias.numel()):
+        have = "no bias" if module.bias is None else f"a bias of {module.bias.numel()}"
+        raise NetworkFileError(f"{name}: layer {base} changes a bias of {bias.numel()} values but the model's layer "
+                               f"has {have}; the LoRA was made for another model family")
+
+
+def lycoris_layers(state_dict: Mapping[str, torch.Tensor], pipe, name: str = "LoRA"
+                   ) -> tuple[list[LycorisLayer], list[str]]:
+    """A kohya-named LyCORIS file's layers matched to the model's modules by kohya name and checked against their
+    shapes. Returns (layers, kohya layer names that match nothing or are not applied: LyCORIS' norm layers)."""
+    index = _kohya_index(pipe)
+    grouped = lycoris.group_layers(state_dict)
+    layers, unmatched = [], []
+    for base, parts in grouped.items():
+        unknown = [s for s in parts if s not in lycoris.SUFFIXES]
+        if unknown:
+            raise NetworkFileError(f"{name}: unexpected key {base}.{unknown[0]} in a LyCORIS network")
+        if base not in index or set(parts) <= lycoris.NORM_SUFFIXES | {"alpha"}:
+            unmatched.append(base)
+            continue
+        component, path, module = index[base]
+        _check_layer(parts, module, name, base)
+        layers.append(LycorisLayer(component, path, module, dict(parts)))
+    if not layers:
+        raise NetworkFileError(f"{name}: none of its {len(grouped)} layers matches this model "
+                               f"(e.g. {next(iter(grouped), '?')}); it was made for another model family")
+    return layers, unmatched
+
+
+def _peft_delta(layer, key: str, weight: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """A peft adapter's ΔW (alpha/rank included) in float32 and the weight's shape, like a LyCORIS layer's delta."""
+    return layer.get_delta_weight(key).float().reshape(weight.shape), None
+
+
 def _is_kohya(state_dict: Mapping) -> bool:
     return all(k.startswith(KOHYA_PREFIXES) for k in state_dict)
 
@@ -130,14 +193,20 @@ def adapter_id(lora: LoraFile) -> str:
 
 
 class LoraSlot:
-    """The LoRA adapters loaded into one pipeline (owned by its LoadedModel) and which are active."""
+    """The LoRAs loaded into one pipeline (owned by its LoadedModel) and which are active: plain LoRAs as peft
+    adapters, LyCORIS files as their matched layers (`lycoris`)."""
 
     def __init__(self, pipe):
         self.pipe = pipe
-        self.loaded: dict[str, LoraFile] = {}  # adapter id -> file, oldest first
+        self.loaded: dict[str, LoraFile] = {}  # adapter id -> file, oldest first (peft adapters and LyCORIS alike)
+        self.lycoris: dict[str, list[LycorisLayer]] = {}  # adapter id -> its layers, for the LyCORIS files
         self.warnings: dict[str, list[str]] = {}
         self.merged: dict[str, dict[str, float]] = {}  # adapter id -> weights now merged into the base weights
-        self._originals: dict[tuple[str, str], torch.Tensor] = {}  # (component, module) -> weight before merging
+        # (component, module) -> (module, weight before merging, bias before merging or None)
+        self._originals: dict[tuple[str, str], tuple[nn.Module, torch.Tensor, torch.Tensor | None]] = {}
+
+    def _peft_ids(self) -> list[str]:
+        return [k for k in self.loaded if k not in self.lycoris]
 
     def _load(self, lora: LoraFile) -> str:
         key = adapter_id(lora)
@@ -145,18 +214,22 @@ class LoraSlot:
             self.loaded[key] = self.loaded.pop(key)  # most recently used last
             return key
         state = lora.state_dict()
-        if _is_kohya(state):
-            state, unmatched = kohya_to_peft(state, self.pipe, lora.path.name)
-            if unmatched:
-                self.warnings[key] = unmatched
-                log.warning("%s: %d layers match nothing in this model: %s", lora.name, len(unmatched),
-                            ", ".join(unmatched[:5]))
-        try:
-            with _quiet_transformers():
-                self.pipe.load_lora_weights(state, adapter_name=key)
-        except Exception as e:
-            self._forget(key)
-            raise NetworkFileError(f"could not apply LoRA {lora.name}: {type(e).__name__}: {e}") from e
+        unmatched = []
+        if _is_kohya(state) and lycoris.is_lycoris(state):
+            self.lycoris[key], unmatched = lycoris_layers(state, self.pipe, lora.path.name)
+        else:
+            if _is_kohya(state):
+                state, unmatched = kohya_to_peft(state, self.pipe, lora.path.name)
+            try:
+                with _quiet_transformers():
+                    self.pipe.load_lora_weights(state, adapter_name=key)
+            except Exception as e:
+                self._forget(key)
+                raise NetworkFileError(f"could not apply LoRA {lora.name}: {type(e).__name__}: {e}") from e
+        if unmatched:
+            self.warnings[key] = unmatched
+            log.warning("%s: %d layers match nothing in this model: %s", lora.name, len(unmatched),
+                        ", ".join(unmatched[:5]))
         self.loaded[key] = lora
         return key
 
@@ -173,10 +246,11 @@ class LoraSlot:
     def _forget(self, key: str) -> None:
         if key in self.merged:
             self._restore()
-        try:
-            self.pipe.delete_adapters([key])
-        except Exception:  # the adapter may be half-loaded; nothing else to undo
-            pass
+        if self.lycoris.pop(key, None) is None:
+            try:
+                self.pipe.delete_adapters([key])
+            except Exception:  # the adapter may be half-loaded; nothing else to undo
+                pass
         self.loaded.pop(key, None)
 
     def apply(self, active: list[ActiveLora]) -> None:
@@ -198,7 +272,7 @@ class LoraSlot:
         if weights == self.merged:
             return
         self._restore()
-        if self.loaded:
+        if self._peft_ids():
             self.pipe.disable_lora()  # the peft layers pass through to their (merged) base layers
         self._merge(weights)
 
@@ -212,34 +286,53 @@ class LoraSlot:
 
     @torch.no_grad()
     def _merge(self, weights: dict[str, dict[str, float]]) -> None:
+        """W = W0 + Σ s·ΔW over the active networks, added in float32. Every ΔW is computed from the original W0, so a
+        DoRA layer decomposes the base weight whatever other LoRAs are active (as A1111 does)."""
+        # (component, module path) -> (module, [(user weight, ΔW from W0)]), peft adapters and LyCORIS layers alike
+        targets: dict[tuple[str, str], tuple[nn.Module, list]] = {}
         for component in COMPONENTS:
             for name, layer in self._lora_layers(component):
-                delta = None
                 for key, w in weights.items():
-                    if w[component] == 0 or key not in layer.lora_A:
-                        continue
-                    d = layer.get_delta_weight(key).float() * w[component]
-                    delta = d if delta is None else delta + d
-                if delta is None:
-                    continue
-                base = layer.get_base_layer().weight
-                self._originals[(component, name)] = base.detach().clone()
-                base.copy_((base.float() + delta.reshape(base.shape)).to(base.dtype))
+                    if w[component] != 0 and key in layer.lora_A:
+                        targets.setdefault((component, name), (layer.get_base_layer(), []))[1].append(
+                            (w[component], partial(_peft_delta, layer, key)))
+        for key, w in weights.items():
+            for item in self.lycoris.get(key, ()):
+                if w[item.component] != 0:
+                    targets.setdefault((item.component, item.path), (item.module, []))[1].append(
+                        (w[item.component], item.delta))
+        for target, (module, deltas) in targets.items():
+            weight, bias = module.weight, module.bias
+            original = weight.float()
+            delta, bias_delta = None, None
+            for scale, delta_of in deltas:
+                dw, db = delta_of(original)
+                delta = dw * scale if delta is None else delta + dw * scale
+                if db is not None:
+                    db = db.to(bias.device, torch.float32).reshape(bias.shape) * scale
+                    bias_delta = db if bias_delta is None else bias_delta + db
+            self._originals[target] = (module, weight.detach().clone(),
+                                       None if bias_delta is None else bias.detach().clone())
+            weight.copy_((original + delta).to(weight.dtype))
+            if bias_delta is not None:
+                bias.copy_((bias.float() + bias_delta).to(bias.dtype))
         self.merged = weights
 
     @torch.no_grad()
     def _restore(self) -> None:
         """Put the saved base weights back: the model is bit-identical to the one that was loaded."""
-        modules = {(c, n): m for c in COMPONENTS for n, m in self._lora_layers(c)}
-        for key, original in self._originals.items():
-            modules[key].get_base_layer().weight.copy_(original)
+        for module, weight, bias in self._originals.values():
+            module.weight.copy_(weight)
+            if bias is not None:
+                module.bias.copy_(bias)
         self._originals.clear()
         self.merged = {}
 
     def clear(self) -> None:
         """Remove every adapter and the peft wrappers, leaving the plain model (before saving or converting)."""
         self._restore()
-        if self.loaded:
+        if self._peft_ids():
             self.pipe.unload_lora_weights()
         self.loaded.clear()
+        self.lycoris.clear()
         self.warnings.clear()

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from studio.files import lycoris
 from studio.files.atomic import atomic_path
 from studio.files.hashes import addnet_hashes
 from studio.files.pickles import unpickling_refusal
@@ -228,6 +229,7 @@ class LoraFile:
     path: Path
     metadata: dict[str, str] = field(default_factory=dict)
     family: str | None = None  # "sd1", "sd2" or "sdxl" as read from its keys and metadata; None when it cannot tell
+    algorithm: str | None = None  # "lora", "locon", "loha", "lokr", "full", maybe "+dora" (lycoris.network_algorithm)
 
     @property
     def alias(self) -> str | None:
@@ -252,23 +254,28 @@ class LoraFile:
 
 def lora_family(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, str] | None = None) -> str | None:
     """The model family a LoRA is for ("sd1", "sd2", "sdxl"), from its tensor names and shapes (kohya's two text
-    encoders, the cross-attention width of attn2.to_k: 768 / 1024 / 2048, the text encoder's width), else from
-    kohya's `ss_base_model_version` / `modelspec.architecture`; None when nothing tells."""
+    encoders, the cross-attention width of attn2.to_k: 768 / 1024 / 2048, the text encoder's width; for LyCORIS
+    layers the input width their factors make), else from kohya's `ss_base_model_version` /
+    `modelspec.architecture`; None when nothing tells."""
     keys = list(shapes)
     if any(k.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")) for k in keys):
         return "sdxl"
-    for key in keys:  # the UNet's cross-attention input is the text width: decisive
-        if ("attn2_to_k" in key or "attn2.to_k" in key) and key.endswith(
-                ("lora_down.weight", "lora_A.weight", ".down.weight")) and len(shapes[key]) >= 2:
-            family = _CROSS_WIDTH_FAMILY.get(int(shapes[key][1]))
-            if family:
-                return family
-    for key in keys:  # a text-encoder-only LoRA: the text encoder's width
-        if key.startswith(("lora_te_", "text_encoder.")) and key.endswith(
-                ("q_proj.lora_down.weight", "q_proj.lora_A.weight")) and len(shapes[key]) >= 2:
-            family = {768: "sd1", 1024: "sd2"}.get(int(shapes[key][1]))
-            if family:
-                return family
+    kohya = lycoris.group_layers({k: v for k, v in shapes.items() if k.startswith(KOHYA_PREFIXES)})
+    # the UNet's cross-attention input is the text width: decisive
+    widths = [lycoris.in_width(parts) for base, parts in kohya.items() if "attn2_to_k" in base]
+    widths += [int(shapes[k][1]) for k in keys if "attn2.to_k" in k and k.endswith(("lora_A.weight", ".down.weight"))
+               and len(shapes[k]) >= 2]
+    for width in widths:
+        if width in _CROSS_WIDTH_FAMILY:
+            return _CROSS_WIDTH_FAMILY[width]
+    # a text-encoder-only LoRA: the text encoder's width
+    widths = [lycoris.in_width(parts) for base, parts in kohya.items()
+              if base.startswith("lora_te_") and base.endswith("q_proj")]
+    widths += [int(shapes[k][1]) for k in keys if k.startswith("text_encoder.") and k.endswith("q_proj.lora_A.weight")
+               and len(shapes[k]) >= 2]
+    for width in widths:
+        if width in (768, 1024):
+            return {768: "sd1", 1024: "sd2"}[width]
     meta = metadata or {}
     version = str(meta.get("ss_base_model_version", "")).lower()
     arch = str(meta.get("modelspec.architecture", "")).lower()
@@ -282,7 +289,8 @@ def lora_family(shapes: Mapping[str, tuple[int, ...]], metadata: Mapping[str, st
 
 
 def check_lora_state_dict(data: Mapping, name: str = "LoRA") -> None:
-    """A kohya (lora_unet_*/lora_te*_*) or diffusers/peft (…lora_A/lora_B…) LoRA; a clear error otherwise."""
+    """A kohya (lora_unet_*/lora_te*_*, plain LoRA or LyCORIS) or diffusers/peft (…lora_A/lora_B…) LoRA; a clear
+    error otherwise, and for the LyCORIS algorithms the studio does not merge (OFT/BOFT, IA3, GLoRA)."""
     keys = [k for k, v in data.items() if isinstance(v, torch.Tensor)]
     if not keys:
         raise NetworkFileError(f"{name} holds no tensors")
@@ -290,6 +298,10 @@ def check_lora_state_dict(data: Mapping, name: str = "LoRA") -> None:
     peft = any(".lora_A." in k or ".lora.down." in k or "lora_linear_layer" in k for k in keys)
     if not (kohya or peft):
         raise NetworkFileError(f"{name} is not a LoRA (keys such as {keys[0]!r} are neither kohya nor diffusers)")
+    unsupported = lycoris.unsupported_algorithm(keys) if kohya else None
+    if unsupported:
+        article = "an" if unsupported[0] in "AEIOU" else "a"
+        raise NetworkFileError(f"{name} is {article} {unsupported} network; the studio loads {lycoris.LOADABLE}")
     bad = [k for k in keys if not torch.isfinite(data[k]).all()]
     if bad:
         raise NetworkFileError(f"{name}: NaN or infinite values in {bad[0]}")
@@ -409,17 +421,22 @@ class NetworkLibrary:
         return next((lf for lf in scan.found.values() if lf.hash == short_hash.lower()), None)
 
 
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape from a safetensors header, reading no tensor."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
 def _load_lora_entry(path: Path) -> LoraFile:
     if path.suffix.lower() == ".safetensors":
         meta = read_metadata(path)
-        with safe_open(str(path), framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        shapes = _safetensors_shapes(path)
         check_lora_state_dict({k: torch.zeros(()) for k in shapes}, path.name)
-        return LoraFile(path.stem, path, meta, lora_family(shapes, meta))
+        return LoraFile(path.stem, path, meta, lora_family(shapes, meta), lycoris.network_algorithm(shapes))
     data, _ = read_tensor_file(path)  # refuses hostile pickles at scan time
     check_lora_state_dict(data, path.name)
     shapes = {k: tuple(v.shape) for k, v in data.items() if isinstance(v, torch.Tensor)}
-    return LoraFile(path.stem, path, {}, lora_family(shapes))
+    return LoraFile(path.stem, path, {}, lora_family(shapes), lycoris.network_algorithm(shapes))
 
 
 def _unknown(kind: str, name: str, known: list[str], folder: Path, scan: Scan) -> str:
@@ -491,9 +508,16 @@ def _top_tags(tag_frequency: str, n: int = 8) -> list[str]:
 
 
 def lora_card(lora: LoraFile) -> dict:
-    """Human-facing facts about a LoRA from its kohya `ss_*` / `modelspec.*` metadata."""
+    """Human-facing facts about a LoRA from its kohya `ss_*` / `modelspec.*` metadata, and its algorithm (LoRA,
+    LoCon, LoHa, LoKr, DoRA, full) and rank read from its tensors."""
     m = lora.metadata
     card = {"name": lora.name, "file": lora.path.name, "for": lora.family_label}
+    # the tensors' shapes (from the safetensors header) when the scan or the metadata left something to tell
+    unknown = lora.algorithm is None or m.get("ss_network_dim") in (None, "", "None")
+    shapes = _safetensors_shapes(lora.path) if unknown and lora.path.suffix.lower() == ".safetensors" else {}
+    algorithm = lora.algorithm or (lycoris.network_algorithm(shapes) if shapes else None)
+    if algorithm:
+        card["algorithm"] = lycoris.algorithm_label(algorithm)
     pairs = {
         "alias": "ss_output_name", "base model": "ss_base_model_version", "trained on": "ss_sd_model_name",
         "rank": "ss_network_dim", "alpha": "ss_network_alpha", "module": "ss_network_module",
@@ -511,11 +535,11 @@ def lora_card(lora: LoraFile) -> dict:
         if tags:
             card["frequent tags"] = ", ".join(tags)
     card.update(user_metadata(lora.path))
-    if "rank" not in card and lora.path.suffix.lower() == ".safetensors":
-        with safe_open(str(lora.path), framework="pt") as f:
-            down = next((k for k in f.keys() if k.endswith(("lora_down.weight", "lora_A.weight"))), None)
-            if down:
-                card["rank"] = str(f.get_slice(down).get_shape()[0])
+    # the rank: rows of the down (LoRA, LoCon), w1_b (LoHa) or a low-rank LoKr factor; full networks have none
+    down = next((k for k in shapes if k.endswith(("lora_down.weight", "lora_A.weight", "hada_w1_b", "lokr_w1_b",
+                                                  "lokr_w2_b"))), None)
+    if "rank" not in card and down:
+        card["rank"] = str(shapes[down][0])
     return card
 
 
@@ -663,8 +687,13 @@ def kohya_metadata(*, output_name: str, family: str, rank: int, alpha: float, ba
                    unet_lr: float | None = None, text_encoder_lr: float | None = None,
                    lr_scheduler: str = "", optimizer: str = "", seed: int | None = None,
                    trigger_phrase: str = "", tag_frequency: Mapping | None = None, comment: str = "",
+                   lr_warmup_steps: int | None = None, lr_scheduler_num_cycles: int | None = None,
+                   shuffle_caption: bool | None = None, keep_tokens: int | None = None,
+                   caption_dropout_rate: float | None = None, caption_tag_dropout_rate: float | None = None,
+                   caption_dropout_every_n_epochs: int | None = None,
                    extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The `ss_*` and `modelspec.*` metadata kohya's tools and A1111's extra-networks cards read."""
+    """The `ss_*` and `modelspec.*` metadata kohya's tools and A1111's extra-networks cards read. Values left None
+    are not written; the caption options as kohya's train_network writes them (str() of a bool, an int, a float)."""
     version = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}.get(family, family)
     arch = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-512/lora",
             "sdxl": "stable-diffusion-xl-v1-base/lora"}.get(family, family)
@@ -675,6 +704,12 @@ def kohya_metadata(*, output_name: str, family: str, rank: int, alpha: float, ba
         "ss_resolution": f"({resolution[0]}, {resolution[1]})" if resolution else None,
         "ss_learning_rate": learning_rate, "ss_unet_lr": unet_lr, "ss_text_encoder_lr": text_encoder_lr,
         "ss_lr_scheduler": lr_scheduler, "ss_optimizer": optimizer, "ss_seed": seed,
+        "ss_lr_warmup_steps": lr_warmup_steps, "ss_lr_scheduler_num_cycles": lr_scheduler_num_cycles,
+        "ss_shuffle_caption": None if shuffle_caption is None else bool(shuffle_caption),
+        "ss_keep_tokens": None if keep_tokens is None else int(keep_tokens),
+        "ss_caption_dropout_rate": None if caption_dropout_rate is None else float(caption_dropout_rate),
+        "ss_caption_dropout_every_n_epochs": caption_dropout_every_n_epochs,
+        "ss_caption_tag_dropout_rate": None if caption_tag_dropout_rate is None else float(caption_tag_dropout_rate),
         "ss_training_comment": comment,
         "ss_tag_frequency": json.dumps(tag_frequency) if tag_frequency else None,
         "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": arch, "modelspec.title": output_name,
