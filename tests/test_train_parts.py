@@ -9,7 +9,7 @@ import torch
 from studio.config import StudioConfig
 from studio.train.inversion_modules import AttentionInversion, MoEInversion, importance_loss, load_loss
 from studio.train.job import TrainJob, find_train_preset, job_from_yaml, job_to_yaml, list_train_presets
-from studio.train.schedule import parse_schedule
+from studio.train.schedule import LR_SCHEDULERS, lr_factor, parse_schedule
 from studio.train.templates import fill_template, list_templates, load_templates
 
 CFG = StudioConfig()
@@ -48,6 +48,22 @@ def test_schedule_errors_quote_the_bad_piece(text, quoted):
 
 def test_schedule_round_trips_as_text():
     assert str(parse_schedule("0.005:100, 1e-3:1000, 1e-5")) == "0.005:100, 0.001:1000, 1e-05"
+
+
+@pytest.mark.parametrize("kind", LR_SCHEDULERS)
+def test_every_scheduler_factor_equals_diffusers_get_scheduler(kind):
+    """Optimizer step n (1-based) gets the factor diffusers' LambdaLR gives its 0-based index n - 1."""
+    from diffusers.optimization import get_scheduler
+
+    max_steps, warmup, cycles = 50, 7, 3
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    kwargs = {"num_cycles": cycles} if kind == "cosine_with_restarts" else {}
+    scheduler = get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps, **kwargs)
+    for step in range(1, max_steps + 1):
+        assert lr_factor(kind, step, max_steps, warmup, cycles) == pytest.approx(optimizer.param_groups[0]["lr"],
+                                                                                 abs=1e-12), step
+        optimizer.step()
+        scheduler.step()
 
 
 # --- templates ---
@@ -114,6 +130,10 @@ def good_job(**changes) -> TrainJob:
     ({"embedding_format": "ckpt"}, "embedding format"),
     ({"init_word": " "}, "initializer word"),
     ({"data": ""}, "dataset"),
+    ({"caption_dropout": 2}, "caption dropout must be between 0 and 1"),
+    ({"tag_dropout": -1}, "tag dropout must be between 0 and 1"),
+    ({"keep_tokens": -2}, "keep tokens"),
+    ({"lr_cycles": 0}, "lr cycles"),
 ])
 def test_job_validation_names_the_problem(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -112,6 +112,29 @@ def test_job_from_form_lora_and_finetune_values():
     assert ti.class_images == 0
 
 
+def test_job_from_form_caption_options_and_restart_cycles():
+    from studio.ui.train_tab import FORM, SCHEDULER_CHOICES, form_from_settings, job_from_form
+
+    job = job_from_form(form_values(method="lora", learning_rate="1e-4", shuffle_tags=True, keep_tokens=1.0,
+                                    caption_dropout=0.05, tag_dropout=0.1, caption_prefix=" sks ",
+                                    caption_suffix="", lr_scheduler="cosine_with_restarts", lr_cycles=4.0),
+                        "demo-tiny")
+    job.validate()
+    assert (job.shuffle_tags, job.keep_tokens, job.caption_dropout, job.tag_dropout) == (True, 1, 0.05, 0.1)
+    assert (job.caption_prefix, job.lr_scheduler, job.lr_cycles) == ("sks", "cosine_with_restarts", 4)
+    assert isinstance(job.keep_tokens, int) and isinstance(job.lr_cycles, int)
+    # every method shapes its captions (Textual Inversion: [filewords])
+    assert job_from_form(form_values(shuffle_tags=True), "demo-tiny").shuffle_tags
+    # a preset (or an earlier run) fills the caption widgets
+    form, extra = form_from_settings(form_values(), {"shuffle_tags": True, "keep_tokens": 2, "lr_cycles": 3})
+    assert (form["shuffle_tags"], form["keep_tokens"], form["lr_cycles"]) == (True, 2, 3) and extra == {}
+    assert {"shuffle_tags", "keep_tokens", "caption_dropout", "tag_dropout", "caption_prefix", "caption_suffix",
+            "lr_cycles"} <= set(FORM)
+    assert ("cosine with restarts", "cosine_with_restarts") in SCHEDULER_CHOICES
+    with pytest.raises(ValueError, match="keep tokens must be a whole number"):
+        job_from_form(form_values(keep_tokens=1.5), "demo-tiny")
+
+
 def test_method_defaults_and_presets():
     from studio.train.job import METHODS, TrainJob
     from studio.ui.train_tab import FORM, ONLY_FOR, job_from_form, method_defaults, method_presets, shown_for

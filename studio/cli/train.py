@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from studio.cli.progress import cli_progress
+from studio.train.schedule import LR_SCHEDULERS
 
 
 def add_parser(sub) -> None:
@@ -82,7 +83,9 @@ TRAIN_FLAGS = {"model": "model", "data": "data", "name": "name", "method": "meth
                "lr_scheduler": "lr_scheduler", "warmup": "lr_warmup", "optimizer": "optimizer",
                "gradient_checkpointing": "gradient_checkpointing", "min_snr": "min_snr_gamma",
                "noise_offset": "noise_offset", "max_grad_norm": "max_grad_norm", "save_diffusers": "save_diffusers",
-               "ema": "ema", "ema_decay": "ema_decay", "out": "output", "compile": "compile"}
+               "ema": "ema", "ema_decay": "ema_decay", "out": "output", "compile": "compile",
+               "keep_tokens": "keep_tokens", "caption_dropout": "caption_dropout", "tag_dropout": "tag_dropout",
+               "caption_prefix": "caption_prefix", "caption_suffix": "caption_suffix", "lr_cycles": "lr_cycles"}
 
 
 def train_job_from_args(args):
@@ -98,8 +101,9 @@ def train_job_from_args(args):
     # `is not`, not `in (None, False)`: 0 == False, and `--preview-every 0`, `--seed 0`, `--dropout 0` are values
     values.update({field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()
                    if getattr(args, flag, None) is not None and getattr(args, flag) is not False})
-    if getattr(args, "buckets", None) is not None:
-        values["buckets"] = args.buckets  # --no-buckets is a value too (False), which the loop above skips
+    for flag, field in (("buckets", "buckets"), ("shuffle_tags", "shuffle_tags")):
+        if getattr(args, flag, None) is not None:
+            values[field] = getattr(args, flag)  # --no-buckets is a value too (False), which the loop above skips
     if getattr(args, "te_lr", None) is not None:
         values["train_text_encoder"] = True  # a text-encoder rate means: train it
     if args.kind != "ti" and values["method"] != args.kind:
@@ -131,8 +135,20 @@ def _kind_parser(tsub, kind: str, help_text: str) -> argparse.ArgumentParser:
                         "max-autotune (no CUDA graphs in training); the first step waits for the compiler. With "
                         "--resume: switch it for the rest of the run")
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit"])
-    p.add_argument("--lr-scheduler", choices=["constant", "constant_with_warmup", "linear", "cosine"])
+    p.add_argument("--lr-scheduler", choices=list(LR_SCHEDULERS))
     p.add_argument("--warmup", type=float, help="warmup steps, or a fraction of the steps below 1 (0.1 = 10%%)")
+    p.add_argument("--lr-cycles", type=int, metavar="N", help="cosine_with_restarts: the number of cosine cycles "
+                                                              "(default 1)")
+    # kohya's caption options: each image's caption (TI: [filewords]) shaped every step, from the seed
+    p.add_argument("--shuffle-tags", action=argparse.BooleanOptionalAction, default=None,
+                   help="shuffle the comma-separated tags of each caption every step (kohya --shuffle_caption)")
+    p.add_argument("--keep-tokens", type=int, metavar="N", help="the first N tags stay in place (kohya --keep_tokens)")
+    p.add_argument("--caption-dropout", type=float, metavar="R",
+                   help="train on an empty prompt at this rate (kohya --caption_dropout_rate)")
+    p.add_argument("--tag-dropout", type=float, metavar="R",
+                   help="drop each tag (after the kept ones) at this rate (kohya --caption_tag_dropout_rate)")
+    p.add_argument("--caption-prefix", metavar="TEXT", help="a tag before every caption, never shuffled")
+    p.add_argument("--caption-suffix", metavar="TEXT", help="a tag after every caption, never shuffled")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps")
     p.add_argument("--preview-every", type=int, help="preview image every N steps (0: none)")
     p.add_argument("--preview-prompt", help="preview prompt; [name] is the output's name")

@@ -45,7 +45,8 @@ class FinetuneMethod(TrainMethod):
             self.ema = EMAModel(self.unet.parameters(), decay=job.ema_decay, model_cls=type(self.unet),
                                 model_config=self.unet.config)
         self.encoder = base_prompt_encoder(ctx.pipe)
-        self.cached = CachedText(self.encoder) if self.xl else None  # SDXL: both encoders once per caption
+        # SDXL: both encoders once per caption (per step when the caption options shuffle or drop tags)
+        self.cached = CachedText(self.encoder, keep=not self.caption_options.random) if self.xl else None
 
     @staticmethod
     def check_output(cfg, job: TrainJob) -> None:

@@ -63,11 +63,22 @@ class TrainJob:
     buckets: bool | None = None
     repeats: int | None = None  # times each image is seen per epoch; None: the dataset's (dataset.json), else 1
     flip_p: float | None = None  # probability of a horizontal flip; None: the dataset's setting, else 0
+    # --- the captions (kohya's caption options, studio.train.captions; all off by default). They shape each
+    # image's caption wherever it becomes a prompt: LoRA's and the fine-tune's captions, TI's [filewords]. Every draw
+    # comes from the seed, the micro-batch and the image, so a resumed run sees the same captions ---
+    shuffle_tags: bool = False  # shuffle the comma-separated tags every step (kohya shuffle_caption)
+    keep_tokens: int = 0  # the first N tags stay in place, in order (kohya keep_tokens)
+    caption_dropout: float = 0.0  # train on an empty prompt at this rate (kohya caption_dropout_rate)
+    tag_dropout: float = 0.0  # drop each tag after the kept ones at this rate (kohya caption_tag_dropout_rate)
+    caption_prefix: str = ""  # a tag put before every caption, never shuffled (kohya caption_prefix)
+    caption_suffix: str = ""  # a tag put after every caption, never shuffled (kohya caption_suffix)
     # --- optimisation ---
     learning_rate: str = "0.005"  # a number or an A1111 schedule "0.005:100, 1e-3:1000" (LoRA: the UNet's)
     text_encoder_lr: float | None = None  # LoRA with the text encoder: its rate (None: the same as the UNet's)
-    lr_scheduler: str = "constant"  # constant | constant_with_warmup | linear | cosine (multiplies the rate)
+    # constant | constant_with_warmup | linear | cosine | cosine_with_restarts (multiplies the rate)
+    lr_scheduler: str = "constant"
     lr_warmup: float = 0  # warmup steps, or a fraction of max_steps when below 1 (seed 004: 0.1)
+    lr_cycles: int = 1  # cosine_with_restarts: cosine cycles after the warmup (kohya lr_scheduler_num_cycles)
     # adamw | adamw8bit (bitsandbytes, CUDA only) | prodigy (prodigyopt: finds its own step size; the learning rate
     # is a multiplier, usually 1) | adafactor (transformers, fixed learning rate as kohya sets it)
     optimizer: str = "adamw"
@@ -150,9 +161,9 @@ class TrainJob:
         limits = limits or Limits.from_env()
         for name in ("method", "model", "name", "init_word", "template", "lr_scheduler", "optimizer",
                      "mixed_precision", "compile", "lora_targets", "instance_prompt", "class_prompt", "output",
-                     "image_encoder", "preview_prompt", "embedding_format"):
+                     "image_encoder", "preview_prompt", "embedding_format", "caption_prefix", "caption_suffix"):
             text(name.replace("_", " "), getattr(self, name))
-        for name in ("preview_prompt", "instance_prompt", "class_prompt"):
+        for name in ("preview_prompt", "instance_prompt", "class_prompt", "caption_prefix", "caption_suffix"):
             check_prompt_limits(getattr(self, name), name.replace("_", " "), limits)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
@@ -167,7 +178,8 @@ class TrainJob:
                 "heads": (1, 64), "experts": (1, 64), "top_k": (1, 64), "max_images": (1, 256),
                 "save_every": (1, 1_000_000), "keep_checkpoints": (1, 1000), "preview_every": (0, 1_000_000),
                 "preview_seed": (0, 2**32 - 1), "preview_steps": (1, 150),
-                "overfit_batches": (0, 1000), "rank": (1, 1024), "class_images": (0, 100_000)}
+                "overfit_batches": (0, 1000), "rank": (1, 1024), "class_images": (0, 100_000),
+                "keep_tokens": (0, 1000), "lr_cycles": (1, 100_000)}
         for name, (lo, hi) in ints.items():
             setattr(self, name, whole_number(name.replace("_", " "), getattr(self, name), lo, hi))  # 4.0 is 4
         if self.resolution % 8:
@@ -195,7 +207,7 @@ class TrainJob:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not 0 < real_number("Prodigy d_coef", self.prodigy_d_coef) <= 100:
             raise ValueError(f"Prodigy d_coef must be in (0, 100], got {self.prodigy_d_coef!r}")
-        for name in ("prodigy_safeguard_warmup", "prodigy_bias_correction"):
+        for name in ("prodigy_safeguard_warmup", "prodigy_bias_correction", "shuffle_tags"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name.replace('_', ' ')} must be true or false, got {getattr(self, name)!r}")
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -203,7 +215,7 @@ class TrainJob:
                              f"got {self.lr_scheduler!r}")
         floats = {"lr_warmup": (0, 1e9), "max_grad_norm": (0, 1e9), "min_snr_gamma": (0, 1e6),
                   "noise_offset": (0, 1), "dropout": (0, 0.99), "prior_loss_weight": (0, 1e6),
-                  "ema_decay": (0, 1)}
+                  "ema_decay": (0, 1), "caption_dropout": (0, 1), "tag_dropout": (0, 1)}
         for name, (lo, hi) in floats.items():
             real_number(name.replace("_", " "), getattr(self, name), lo, hi)
         if self.alpha is not None and real_number("LoRA alpha (or empty for the rank)", self.alpha) <= 0:

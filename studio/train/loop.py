@@ -287,7 +287,7 @@ class Trainer:
                       "step waits for the compiler")
         noise_scheduler = _training_scheduler(pipe, model.prediction_type)
         self.method = method
-        self._first_prompt = method.prompts([data.images[0].caption], random.Random(0))[0]
+        self._first_prompt = method.first_prompt(data.images[0].caption)
 
         # 6. train
         return self._loop(job, run, method, groups, optimizer, noise_scheduler, data, latents, class_latents,
@@ -411,7 +411,7 @@ class Trainer:
             torch.manual_seed(rng_seed(job.seed, STREAM_DROPOUT, index))  # LoRA dropout draws from the global RNG
         idx = data.batch(job.seed, index, job.batch_size)
         rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
-        prompts = method.prompts([data.images[i].caption for i in idx], rng)
+        prompts = method.batch_prompts([data.images[i].caption for i in idx], rng, index, idx)
         x0, flips = self._sample_latents(latents, idx, data.flip_p, g)
         parts = [LatentBatch(x0, prompts, [data.images[i].time_ids(bool(f)) for i, f in zip(idx, flips,
                                                                                             strict=True)])]

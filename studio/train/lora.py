@@ -27,6 +27,7 @@ from studio.train.method import (
     first_rate,
     rate_function,
 )
+from studio.train.schedule import warmup_steps
 from studio.train.templates import fill_template
 
 ADAPTER = "studio_train"
@@ -130,7 +131,9 @@ class LoraMethod(TrainMethod):
             encoder = XLPromptEncoder(self.ctx.pipe)
             if self.job.train_text_encoder:
                 encoder.set_runners(self.trainable("text_encoder"), self.trainable("text_encoder_2"))
-            self._encoder = encoder if self.job.train_text_encoder else CachedText(encoder)
+            # frozen encoders: per prompt, kept unless the caption options change prompts every step
+            self._encoder = (encoder if self.job.train_text_encoder
+                             else CachedText(encoder, keep=not self.caption_options.random))
         if self.job.train_text_encoder:
             return self._encoder.encode_batch(prompts)
         return self._encoder(prompts)
@@ -166,6 +169,7 @@ class LoraMethod(TrainMethod):
         job, ctx = self.job, self.ctx
         data_name = Path(str(job.data)).name
         trigger = job.instance_prompt.replace("[filewords]", "").strip(" ,") if job.instance_prompt else ""
+        trigger = trigger or job.caption_prefix.strip(" ,")  # a caption prefix is the trigger word of tag runs
         return kohya_metadata(
             output_name=job.name, family=ctx.model.family, rank=job.rank, alpha=float(self.alpha),
             base_model_name=ctx.model.name, steps=step, num_images=len(self.captions),
@@ -175,6 +179,10 @@ class LoraMethod(TrainMethod):
                              else first_rate(job.learning_rate)) if job.train_text_encoder else None,
             lr_scheduler=job.lr_scheduler, optimizer=job.optimizer_label(), seed=job.seed, trigger_phrase=trigger,
             tag_frequency=tag_frequency(self.captions, data_name),
+            lr_warmup_steps=warmup_steps(job.lr_warmup, job.max_steps),
+            lr_scheduler_num_cycles=job.lr_cycles if job.lr_scheduler == "cosine_with_restarts" else None,
+            shuffle_caption=job.shuffle_tags, keep_tokens=job.keep_tokens, caption_dropout_rate=job.caption_dropout,
+            caption_tag_dropout_rate=job.tag_dropout, caption_dropout_every_n_epochs=0,
             comment=f"trained with studio ({job.method}); run {ctx.run_path.name if ctx.run_path else ''}",
             extra={**self.bucket_metadata(),
                    "ss_sd_model_hash": ctx.model_hash[:10], "ss_new_sd_model_hash": ctx.model_hash,
@@ -184,6 +192,8 @@ class LoraMethod(TrainMethod):
                    "ss_noise_offset": job.noise_offset or "", "ss_prior_loss_weight": job.prior_loss_weight,
                    "ss_num_reg_images": job.class_images, "ss_gradient_checkpointing": job.gradient_checkpointing,
                    "studio.method": job.method, "studio.lora_targets": job.lora_targets,
+                   **({"studio.caption_prefix": job.caption_prefix} if job.caption_prefix else {}),
+                   **({"studio.caption_suffix": job.caption_suffix} if job.caption_suffix else {}),
                    "modelspec.date": dt.date.today().isoformat()})
 
     def bucket_metadata(self) -> dict[str, str]:

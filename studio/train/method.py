@@ -4,6 +4,7 @@ its output files."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,8 @@ from torch import nn
 
 from studio.config import StudioConfig
 from studio.generation.conditioning import PromptEncoder, XLPromptEncoder
+from studio.train.captions import STREAM_CAPTIONS, CaptionOptions, caption_dropped, frame_caption
+from studio.train.data import rng_seed
 from studio.train.job import OutputExistsError, TrainJob
 from studio.train.schedule import lr_factor, parse_schedule, warmup_steps
 
@@ -50,18 +53,24 @@ def base_prompt_encoder(pipe) -> PromptEncoder | XLPromptEncoder:
 
 class CachedText:
     """SDXL conditioning of frozen text encoders, (embeds, pooled) per prompt, computed once: both encoders then
-    run once per caption instead of every step. One prompt at a time, so it never depends on the batch."""
+    run once per caption instead of every step. One prompt at a time, so it never depends on the batch. Keyed by
+    the prompt itself; with `keep` False (captions that change every step: shuffled or dropped tags) nothing is
+    kept, each prompt is encoded when it comes, the same way, so the results equal the cached ones."""
 
-    def __init__(self, encoder: XLPromptEncoder):
+    def __init__(self, encoder: XLPromptEncoder, keep: bool = True):
         self.encoder = encoder
+        self.keep = keep
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @torch.no_grad()
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        found = {}
         for prompt in prompts:
-            if prompt not in self.cache:
-                self.cache[prompt] = self.encoder.encode_batch([prompt])
-        return (torch.cat([self.cache[p][0] for p in prompts]), torch.cat([self.cache[p][1] for p in prompts]))
+            if prompt not in found:
+                found[prompt] = self.cache.get(prompt) or self.encoder.encode_batch([prompt])
+        if self.keep:
+            self.cache.update(found)
+        return (torch.cat([found[p][0] for p in prompts]), torch.cat([found[p][1] for p in prompts]))
 
 
 @dataclass
@@ -80,17 +89,28 @@ def rate_function(job: TrainJob, base: str | float) -> Callable[[int], float]:
     """A1111 schedule text (or a number) times the warmup/decay factor of the job's scheduler."""
     schedule = parse_schedule(base)
     warm = warmup_steps(job.lr_warmup, job.max_steps)
-    return lambda step: schedule.rate_at(step) * lr_factor(job.lr_scheduler, step, job.max_steps, warm)
+    return lambda step: schedule.rate_at(step) * lr_factor(job.lr_scheduler, step, job.max_steps, warm,
+                                                           job.lr_cycles)
+
+
+def caption_rng(seed: int, micro_batch: int, position: int, image: int) -> random.Random:
+    """The generator of one caption's draws (shuffle, tag and caption dropout): from the run's seed, the
+    micro-batch, the item's place in it and the image, so a resumed run draws what an uninterrupted one drew."""
+    return random.Random(rng_seed(seed, STREAM_CAPTIONS, micro_batch, position, image))
 
 
 class TrainMethod:
     """Base of the methods. Subclasses set `self.modules` (what accelerate prepares) and fill the hooks."""
 
     label = "training"
+    # a dropped caption (caption dropout) empties the whole prompt, instance prompt included: the unconditional
+    # case, as kohya trains it. Textual Inversion empties only the caption ([filewords]); its template keeps [name]
+    drops_prompt = True
 
     def __init__(self, ctx: TrainContext):
         self.ctx = ctx
         self.job = ctx.job
+        self.caption_options = CaptionOptions.from_job(ctx.job)
         pipe = ctx.pipe
         self.tokenizer, self.text_encoder, self.unet = pipe.tokenizer, pipe.text_encoder, pipe.unet
         self.text_encoder_2 = getattr(pipe, "text_encoder_2", None)  # SDXL's second text encoder, else None
@@ -126,6 +146,28 @@ class TrainMethod:
     def prompts(self, captions: list[str], rng) -> list[str]:
         """The training prompts of a batch of images (their captions, templates, an instance prompt)."""
         raise NotImplementedError
+
+    def batch_prompts(self, captions: list[str], rng, micro_batch: int, indices: list[int]) -> list[str]:
+        """The prompts of micro-batch `micro_batch` (images `indices`): each caption shaped by the job's caption
+        options (studio.train.captions) with a generator of its own (caption_rng), then made a prompt (prompts()).
+        With every option off this is prompts() itself: the same prompts and draws as before the options."""
+        options = self.caption_options
+        if not options.active:
+            return self.prompts(captions, rng)
+        shaped, dropped = [], []
+        for position, (caption, image) in enumerate(zip(captions, indices, strict=True)):
+            draws = caption_rng(self.job.seed, micro_batch, position, image)
+            drop = caption_dropped(draws, options.caption_dropout)  # the first draw, as in shape_caption
+            dropped.append(drop)
+            shaped.append("" if drop else options.arrange(caption, draws))
+        prompts = self.prompts(shaped, rng)
+        return ["" if drop and self.drops_prompt else prompt for prompt, drop in zip(prompts, dropped, strict=True)]
+
+    def first_prompt(self, caption: str) -> str:
+        """The prompt of a caption without the random options (prefix and suffix only; templates drawn from a
+        fixed generator): what previews use when the preview prompt is empty."""
+        options = self.caption_options
+        return self.prompts([frame_caption(caption, options.prefix, options.suffix)], random.Random(0))[0]
 
     def encode(self, prompts: list[str], generator: torch.Generator | None
                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:

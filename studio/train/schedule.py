@@ -65,7 +65,7 @@ def parse_schedule(text: str | float | int) -> LearnRateSchedule:
     return LearnRateSchedule(tuple(pieces))
 
 
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
 
 
 def warmup_steps(warmup: float, max_steps: int) -> int:
@@ -73,9 +73,10 @@ def warmup_steps(warmup: float, max_steps: int) -> int:
     return int(round(warmup * max_steps)) if 0 < warmup < 1 else int(warmup)
 
 
-def lr_factor(kind: str, step: int, max_steps: int, warmup: int) -> float:
+def lr_factor(kind: str, step: int, max_steps: int, warmup: int, cycles: int = 1) -> float:
     """The multiplier of the base rate at optimizer step `step` (1-based), as diffusers' get_scheduler computes
-    it for the step's 0-based index: linear warmup from 0, then constant, linear decay to 0, or a half cosine."""
+    it for the step's 0-based index: linear warmup from 0, then constant, linear decay to 0, a half cosine, or
+    `cycles` half cosines each restarting from the full rate (get_cosine_with_hard_restarts_schedule_with_warmup)."""
     s = step - 1
     if kind not in LR_SCHEDULERS:
         raise ValueError(f"learning-rate scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {kind!r}")
@@ -88,4 +89,8 @@ def lr_factor(kind: str, step: int, max_steps: int, warmup: int) -> float:
     progress = (s - warmup) / max(1, max_steps - warmup)
     if kind == "linear":
         return max(0.0, 1.0 - progress)
+    if kind == "cosine_with_restarts":
+        if progress >= 1.0:
+            return 0.0
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((float(cycles) * progress) % 1.0))))
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))

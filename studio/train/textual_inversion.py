@@ -69,6 +69,8 @@ def embedding_width(text_encoder) -> int:
 class InversionMethod(TrainMethod):
     """TI, TI-Att and TI-MoE: the trained module returns the token's vectors; prompts come from templates."""
 
+    drops_prompt = False  # caption dropout empties [filewords] only: the template keeps [name], which trains
+
     def __init__(self, ctx: TrainContext, image_features: torch.Tensor | None = None,
                  templates: Templates | None = None):
         super().__init__(ctx)

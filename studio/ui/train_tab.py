@@ -73,15 +73,17 @@ FORM = ("data", "method", "name", "init_word", "vectors", "template", "learning_
         "save_diffusers", "class_prompt", "class_images", "prior_loss_weight", "ema", "ema_decay", "output",
         # optimisation (every method)
         "lr_scheduler", "lr_warmup", "optimizer", "max_grad_norm", "gradient_checkpointing", "min_snr_gamma",
-        "noise_offset", "compile")
+        "noise_offset", "compile", "lr_cycles",
+        # captions (kohya's caption options; every method: TI shapes its [filewords])
+        "shuffle_tags", "keep_tokens", "caption_dropout", "tag_dropout", "caption_prefix", "caption_suffix")
 INT_FIELDS = {"vectors", "batch_size", "grad_accum", "max_steps", "resolution", "seed", "repeats", "heads",
-              "experts", "top_k", "save_every", "preview_every", "rank", "class_images"}
+              "experts", "top_k", "save_every", "preview_every", "rank", "class_images", "lr_cycles", "keep_tokens"}
 TEXT_FIELDS = {"data", "name", "init_word", "template", "learning_rate", "image_encoder", "preview_prompt",
-               "instance_prompt", "class_prompt", "output"}
+               "instance_prompt", "class_prompt", "output", "caption_prefix", "caption_suffix"}
 FLOAT_FIELDS = {"aux_weight", "dropout", "prior_loss_weight", "ema_decay", "max_grad_norm", "min_snr_gamma",
-                "noise_offset"}
+                "noise_offset", "caption_dropout", "tag_dropout"}
 OPTIONAL_FLOATS = {"alpha": "LoRA alpha", "text_encoder_lr": "text encoder learning rate"}  # empty: None
-BOOL_FIELDS = {"overwrite", "train_text_encoder", "save_diffusers", "ema", "gradient_checkpointing"}
+BOOL_FIELDS = {"overwrite", "train_text_encoder", "save_diffusers", "ema", "gradient_checkpointing", "shuffle_tags"}
 LORA_AND_FINETUNE = ("lora", "finetune")
 # widgets that matter for some methods only (shown for those, ignored by the others); the rest matter for all
 ONLY_FOR = {
@@ -104,6 +106,8 @@ STATE_ICONS = {"idle": "○", "starting": "◌", "running": "●", "finished": "
 FLIP_DATASET = "dataset's"  # the flip widget's "use the dataset's setting"
 # the buckets widget: (label, value); "auto" is TrainJob.buckets None (on for SDXL models, off for the others)
 BUCKET_CHOICES = [("on for SDXL, off otherwise", "auto"), ("on", "on"), ("off (center-cropped squares)", "off")]
+# the scheduler widget: (label in words, TrainJob.lr_scheduler)
+SCHEDULER_CHOICES = [(kind.replace("_", " "), kind) for kind in LR_SCHEDULERS]
 LOG_LINES = 80
 SMOOTHING = 0.9  # EMA weight of the smoothed loss line (TensorBoard's slider, debiased)
 
@@ -558,10 +562,13 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
                                     elem_id="tr-aux")
             with gr.Accordion("Optimisation", open=False, elem_id="tr-optimisation"):
                 with gr.Row():
-                    scheduler = gr.Dropdown(list(LR_SCHEDULERS), value=defaults.lr_scheduler, min_width=120,
+                    scheduler = gr.Dropdown(SCHEDULER_CHOICES, value=defaults.lr_scheduler, min_width=120,
                                             label="LR scheduler", elem_id="tr-scheduler")
                     warmup = gr.Number(defaults.lr_warmup, minimum=0, step=0.1, min_width=100, elem_id="tr-warmup",
                                        label="Warmup (steps, or a fraction < 1)")
+                    cycles = gr.Number(defaults.lr_cycles, minimum=1, precision=0, min_width=100,
+                                       elem_id="tr-lr-cycles", label="Restart cycles",
+                                       info="cosine with restarts: the rate falls and jumps back this many times")
                     optimizer = gr.Dropdown(list(OPTIMIZERS) if not eight_bit else ["adamw"], min_width=120,
                                             value=defaults.optimizer, label="Optimizer", elem_id="tr-optimizer")
                 if eight_bit:
@@ -581,6 +588,31 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
                         label="Compile UNet", elem_id="tr-compile",
                         info="torch.compile of the UNet, forward and backward: fused kernels; the first step waits "
                              "for the compiler" + ("" if cuda else " (CUDA only: not offered on this CPU)"))
+            with gr.Accordion("Captions", open=False, elem_id="tr-captions"):
+                gr.Markdown("Each image's caption (Textual Inversion: its `[filewords]`) can change every step, as "
+                            "kohya_ss does it: tags are the comma-separated parts. Drawn from the seed, so a resumed "
+                            "run sees the same captions.")
+                with gr.Row(equal_height=True):
+                    shuffle_tags = gr.Checkbox(defaults.shuffle_tags, label="Shuffle tags", elem_id="tr-shuffle-tags",
+                                               info="a new order of the tags every step")
+                    keep_tokens = gr.Number(defaults.keep_tokens, minimum=0, precision=0, min_width=100,
+                                            label="Keep first N tags in place", elem_id="tr-keep-tokens",
+                                            info="e.g. 1 keeps the trigger word first")
+                with gr.Row():
+                    caption_dropout = gr.Number(defaults.caption_dropout, minimum=0, maximum=1, step=0.05,
+                                                min_width=100, label="Drop the whole caption (rate)",
+                                                elem_id="tr-caption-dropout",
+                                                info="train on an empty prompt this often (0: never)")
+                    tag_dropout = gr.Number(defaults.tag_dropout, minimum=0, maximum=1, step=0.05, min_width=100,
+                                            label="Drop each tag (rate)", elem_id="tr-tag-dropout",
+                                            info="each tag after the kept ones (0: never)")
+                with gr.Row():
+                    caption_prefix = gr.Textbox(defaults.caption_prefix, label="Caption prefix",
+                                                elem_id="tr-caption-prefix", placeholder="e.g. my-style",
+                                                info="a tag before every caption, never shuffled")
+                    caption_suffix = gr.Textbox(defaults.caption_suffix, label="Caption suffix",
+                                                elem_id="tr-caption-suffix", placeholder="e.g. high quality",
+                                                info="a tag after every caption, never shuffled")
             with gr.Accordion("Run settings", open=False):
                 with gr.Row():
                     save_every = gr.Number(defaults.save_every, minimum=1,
@@ -633,7 +665,9 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
             "prior_loss_weight": prior_weight, "ema": ema, "ema_decay": ema_decay, "output": output,
             "lr_scheduler": scheduler, "lr_warmup": warmup, "optimizer": optimizer, "max_grad_norm": grad_norm,
             "gradient_checkpointing": checkpointing, "min_snr_gamma": snr, "noise_offset": noise_offset,
-            "compile": compile_mode}
+            "compile": compile_mode, "lr_cycles": cycles, "shuffle_tags": shuffle_tags, "keep_tokens": keep_tokens,
+            "caption_dropout": caption_dropout, "tag_dropout": tag_dropout, "caption_prefix": caption_prefix,
+            "caption_suffix": caption_suffix}
     widgets = [form[key] for key in FORM]
     networks_outputs = list(networks_outputs)
     view_outputs = [shown, timer, status, progress, plot, previews, log, runs, model_dropdown, *networks_outputs]
