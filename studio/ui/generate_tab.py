@@ -1,5 +1,6 @@
 """The Generate tab: prompt and A1111 parameters -> gallery, with progress, Stop, image to image, inpainting,
-outpainting, hires fix, ControlNet units, upscaling (Extras), Send to buttons, the VAE menu, PNG info and presets."""
+outpainting, hires fix, ControlNet units, IP-Adapter units, regional prompts, upscaling (Extras), Send to buttons,
+the VAE menu, PNG info and presets."""
 
 from __future__ import annotations
 
@@ -13,7 +14,15 @@ from studio.generation.job import RESIZE_MODES, GenerateJob, load_init_image
 from studio.generation.paste import denoising_strength, restore_lora_names, vae_choice
 from studio.generation.presets import PresetExistsError, apply_preset, list_presets, save_preset
 from studio.models.checkpoints import ModelLoadError
-from studio.ui import control_panel, hires_panel, inpaint_panel, networks_panel, regions_panel, upscale_panel
+from studio.ui import (
+    control_panel,
+    hires_panel,
+    inpaint_panel,
+    ip_adapter_panel,
+    networks_panel,
+    regions_panel,
+    upscale_panel,
+)
 from studio.ui.state import AppState
 
 DEMO_BANNER = (
@@ -29,11 +38,11 @@ def job_from_inputs(prompt, negative, sampler, schedule, steps, cfg_scale, seed,
                     masked_content="original", inpaint_area="Whole picture", inpaint_padding=32, outpaint=None,
                     hires_fix=False, hires_scale=2.0, hires_upscaler=DEFAULT_UPSCALER, hires_steps=0,
                     hires_denoising=0.7, hires_width=0, hires_height=0, hires_sampler="", hires_prompt="",
-                    hires_negative_prompt="", controls=None, regions=None) -> GenerateJob:
+                    hires_negative_prompt="", controls=None, regions=None, ip_adapters=None) -> GenerateJob:
     """The job exactly as the widgets (or the API) sent it: GenerateJob.validate refuses what is not a valid value
     (2.7 steps, a bool, None) instead of rounding it here. An init image (a file path) makes it image to image; a
     mask (a file path or an image) with it inpainting, outpaint pads ({"left": 64}) outpainting; controls are
-    ControlNet units (ControlUnit or dicts). The inputs after resize_mode have defaults, so callers that send the
+    ControlNet units (ControlUnit or dicts), ip_adapters IP-Adapter units (IPAdapterUnit or dicts). The inputs after resize_mode have defaults, so callers that send the
     older, shorter list still get the same job."""
     return GenerateJob(prompt=prompt, negative_prompt=negative, sampler=sampler, schedule=schedule, steps=steps,
                        cfg_scale=cfg_scale, seed=seed, width=width, height=height, batch_size=batch_size,
@@ -46,7 +55,7 @@ def job_from_inputs(prompt, negative, sampler, schedule, steps, cfg_scale, seed,
                        hires_steps=hires_steps, hires_denoising=hires_denoising, hires_width=hires_width,
                        hires_height=hires_height, hires_sampler=hires_sampler or "", hires_prompt=hires_prompt or "",
                        hires_negative_prompt=hires_negative_prompt or "", controls=list(controls or []),
-                       **(regions or {}))
+                       ip_adapters=list(ip_adapters or []), **(regions or {}))
 
 
 def build(state: AppState, model_dropdown: gr.Dropdown):
@@ -96,6 +105,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
             hires_fix = hires_panel.build(state.cfg.upscalers_dir)
             control = control_panel.build(state, width, height)
             regional = regions_panel.build()
+            ip_refs = ip_adapter_panel.build(state)
             with gr.Accordion("Presets", open=False):
                 presets = list_presets(state.cfg.presets_dir)
                 preset = gr.Dropdown(list(presets), value=None, label="Preset", elem_id="preset")
@@ -142,7 +152,8 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
               clip_skip, init_in, strength, resize_mode]
     inpaint_inputs = [inpaint["editor"], inpaint["mask_file"], inpaint["mask_blur"], inpaint["mask_mode"],
                       inpaint["masked_content"], inpaint["inpaint_area"], inpaint["padding"], *outpaint["sides"]]
-    all_inputs = [*params, *inpaint_inputs, *hires_fix["inputs"], *control["inputs"], *regional["inputs"]]
+    all_inputs = [*params, *inpaint_inputs, *hires_fix["inputs"], *control["inputs"], *regional["inputs"],
+                  *ip_refs["inputs"]]
 
     def run(request: gr.Request, prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height,
             batch_size, batch_count, clip_skip, init_image=None, denoising_strength=0.75, resize_mode="Just resize",
@@ -160,10 +171,14 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
             cn2_enabled=False, cn2_image=None, cn2_module=control_panel.DEFAULT_MODULE, cn2_resolution=512,
             cn2_threshold_a=100, cn2_threshold_b=200, cn2_model="", cn2_weight=1.0, cn2_start=0.0, cn2_end=1.0,
             cn2_mode="Balanced", cn2_resize_mode="Crop and Resize", regions_layout="Off", region_mode="Attention",
-            region_1="", region_2="", region_3="", region_4="", progress=gr.Progress()):
+            region_1="", region_2="", region_3="", region_4="",
+            ip0_enabled=False, ip0_images=None, ip0_name="", ip0_scale=0.7, ip0_start=0.0, ip0_end=1.0,
+            ip1_enabled=False, ip1_images=None, ip1_name="", ip1_scale=0.7, ip1_start=0.0, ip1_end=1.0,
+            progress=gr.Progress()):
         # `request` first (it names the session); every input after the twelve text-to-image values has a default,
         # so API callers that send only those (or the image-to-image three too) still work. The ControlNet units
-        # come next, control_panel.FIELDS per unit (control_panel.input_names()), then regions_panel.INPUTS
+        # come next, control_panel.FIELDS per unit (control_panel.input_names()), then regions_panel.INPUTS, then
+        # ip_adapter_panel.FIELDS per unit (ip_adapter_panel.input_names())
         try:
             regional_fields = regions_panel.job_fields(regions_layout, region_mode, region_1, region_2, region_3,
                                                        region_4)
@@ -174,6 +189,9 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
                 cn1_weight, cn1_start, cn1_end, cn1_mode, cn1_resize_mode,
                 cn2_enabled, cn2_image, cn2_module, cn2_resolution, cn2_threshold_a, cn2_threshold_b, cn2_model,
                 cn2_weight, cn2_start, cn2_end, cn2_mode, cn2_resize_mode])
+            ip_units = ip_adapter_panel.units_from_values([
+                ip0_enabled, ip0_images, ip0_name, ip0_scale, ip0_start, ip0_end,
+                ip1_enabled, ip1_images, ip1_name, ip1_scale, ip1_start, ip1_end])
             mask = inpaint_panel.pick_mask(mask_editor, mask_file)
             job = job_from_inputs(prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height,
                                   batch_size, batch_count, clip_skip, init_image, denoising_strength, resize_mode,
@@ -182,7 +200,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
                                                                outpaint_bottom),
                                   hires, hires_scale, hires_upscaler, hires_steps, hires_denoising, hires_width,
                                   hires_height, hires_panel.sampler_value(hires_sampler), hires_prompt,
-                                  hires_negative, controls, regional_fields)
+                                  hires_negative, controls, regional_fields, ip_units)
             job.validate(state.cfg.limits)
         except ValueError as e:
             raise gr.Error(str(e)) from e
@@ -326,7 +344,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
     hires_keys = ["enabled", "scale", "steps", "upscaler", "denoising", "width", "height", "sampler", "prompt",
                   "negative"]
     inpaint_keys = ["mask_blur", "mask_mode", "masked_content", "inpaint_area", "padding"]
-    pasted = [hires_fix[k] for k in hires_keys] + [inpaint[k] for k in inpaint_keys] + control["pasted"]
+    pasted = [hires_fix[k] for k in hires_keys] + [inpaint[k] for k in inpaint_keys] + control["pasted"] + ip_refs["pasted"]
     unchanged = 11 + len(pasted)
 
     def pasted_values(extra):
@@ -336,11 +354,13 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
                     "current one")
         found_inpaint = inpaint_panel.paste_fields(extra)
         found_control, notes = control_panel.paste_fields(extra, control["models"]())
+        found_ip, ip_notes = ip_adapter_panel.paste_fields(extra, ip_refs["names"]())
+        notes += ip_notes
         for note in notes:
             gr.Info(note)
         return ([found.get(k, gr.update()) for k in hires_keys] + [found_inpaint.get(k, gr.update())
                                                                     for k in inpaint_keys]
-                + found_control), found["enabled"]
+                + found_control + found_ip), found["enabled"]
 
     def read_png(path):
         if not path:
@@ -390,4 +410,5 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
 
     return {"width": width, "height": height, "gallery": gallery, "upscale": upscale, "inpaint": inpaint,
             "hires": hires_fix, "selected": selected, "vae": vae, "networks_refresh": networks_refresh,
-            "networks_outputs": networks_outputs, "png_info": png_in, "control": control}
+            "networks_outputs": networks_outputs, "png_info": png_in, "control": control,
+            "ip_adapter": ip_refs}
