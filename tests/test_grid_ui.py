@@ -27,7 +27,7 @@ def test_build_ui_has_the_explorer_tab_and_its_api(state):
     tabs = [b for b in demo.blocks.values() if isinstance(b, gr.Tab)]
     assert "Explorer" in [t.label for t in tabs]
     ids = {getattr(b, "elem_id", None) for b in demo.blocks.values()}
-    assert {"explorer-run", "explorer-stop", "explorer-grid", "explorer-cells", "explorer-send",
+    assert {"explorer-run", "explorer-stop", "explorer-grid", "explorer-cells", "explorer-send-img2img", "explorer-send-png-info",
             "explorer-preview"} <= ids
     assert "grid" in {d.api_name for d in demo.fns.values()}
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from studio.ui import control_panel, regions_panel
+from studio.ui import control_panel, ip_adapter_panel, regions_panel
 
 BOX = (16, 16, 40, 40)  # the painted square (x1, y1, x2, y2) on a 64 x 64 init
 
@@ -82,7 +82,7 @@ def generate_inputs(fns, **values) -> list:
              "inpaint_padding", "outpaint_left", "outpaint_right", "outpaint_top", "outpaint_bottom", "hires",
              "hires_scale", "hires_upscaler", "hires_steps", "hires_denoising", "hires_width", "hires_height",
              "hires_sampler", "hires_prompt", "hires_negative", *control_panel.input_names(),
-             *regions_panel.INPUTS]
+             *regions_panel.INPUTS, *ip_adapter_panel.input_names()]
     blocks = fns["generate"].inputs
     assert len(blocks) == len(names), "the test's list of /generate's inputs is out of date"
     base = dict(prompt="a red circle", negative="", sampler="Euler", schedule="Automatic", steps=4, seed=7, width=64, height=64)
@@ -287,8 +287,8 @@ def test_send_to_uses_the_saved_png_of_the_selection(ui):
     assert second == str(saved[1])  # the server's path, never the browser's
     assert pick([str(p) for p in saved], gr.SelectData(None, {"index": 5, "value": None})) is None
     assert len(data[0]) == 2
-    send = [fn for fn in fns["_all"] if fn.fn.__name__ == "send"]
-    targets = {fn.outputs[0].elem_id: fn for fn in send}
+    send = [fn for fn in fns["_all"] if fn.fn.__name__ == "send" and not isinstance(fn.outputs[-1], gr.Tabs)]
+    targets = {fn.outputs[0].elem_id: fn for fn in send}  # the Generate tab's own (others also show the tab)
     assert set(targets) == {"init-image", "upscale-image", "png-info"}
     out = targets["upscale-image"].fn(second)
     assert out[0] == second and out[1]["open"] is True

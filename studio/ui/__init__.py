@@ -43,7 +43,7 @@ def build_ui(state: AppState) -> gr.Blocks:
             with gr.Tab("Explorer", id="explorer"):
                 explorer_tab.build(state, gen, tabs)
             with gr.Tab("Storyboard", id="storyboard"):
-                board = storyboard_tab.build(state)
+                board = storyboard_tab.build(state, gen, tabs)
             with gr.Tab("Models", id="models"):
                 models_tab.build(state, model_dd)
             with gr.Tab("Dataset", id="dataset"):

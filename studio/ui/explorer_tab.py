@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import html
 import io
-from pathlib import Path
 
 import gradio as gr
 
@@ -15,6 +14,7 @@ from studio.explorer.grid import AxisSpec, GridJob, GridPlan, GridRunner, hires_
 from studio.explorer.syntax import AXIS_TYPES, NONE_VALUE, NOTHING, lora_tags
 from studio.generation import hires, samplers
 from studio.generation.job import RESIZE_MODES, GenerateJob, load_init_image
+from studio.ui import send_to
 from studio.ui.state import AppState
 
 AXIS_NAMES = list(AXIS_TYPES)
@@ -187,8 +187,8 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
             cells = gr.Gallery(label="Cells (click one to select it)", columns=6, height=280, format="png",
                                elem_id="explorer-cells")
             cell_info = gr.Textbox(label="Selected cell's parameters", lines=3, interactive=False)
-            send_btn = gr.Button("Send cell to Generate", elem_id="explorer-send",
-                                 visible=gen is not None and "png_info" in gen)
+            # the selected cell to the Generate tab: image to image, inpaint, upscale, or its parameters
+            send_buttons = send_to.buttons("explorer-send") if gen is not None else {}
     grid_state = gr.State((None, 0))  # (grid path, width)
     cell_paths = gr.State([])
     selected = gr.State(None)
@@ -275,16 +275,6 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
 
     cells.select(pick, cell_paths, [selected, cell_info], api_visibility="private")
 
-    if gen is not None and "png_info" in gen:
-        # the Generate tab's PNG-info box reads the cell's infotext into its fields (LoRA names included)
-        def send(path):
-            if not path:
-                raise gr.Error("click a cell first")
-            if not Path(path).is_file():
-                raise gr.Error(f"{path} is gone")
-            return path
-
-        event = send_btn.click(send, selected, gen["png_info"], api_visibility="private")
-        if tabs is not None:
-            event.success(lambda: gr.Tabs(selected="generate"), None, tabs, api_visibility="private")
+    if gen is not None:
+        send_to.wire(send_buttons, gen, selected, tabs, what="a cell")
     return {"run": run_btn, "preview": preview, "plan_preview": plan_preview, "inputs": inputs}

@@ -21,6 +21,7 @@ from studio.ui import (
     ip_adapter_panel,
     networks_panel,
     regions_panel,
+    send_to,
     upscale_panel,
 )
 from studio.ui.state import AppState
@@ -114,7 +115,8 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
                     preset_name = gr.Textbox(label="Save current settings as", scale=3, elem_id="preset-name")
                     save_btn = gr.Button("Save preset", scale=1, elem_id="preset-save")
                 preset_replace = gr.Checkbox(False, label="Replace the preset of that name", elem_id="preset-replace")
-            with gr.Accordion("PNG info: drop an image from A1111 or the studio", open=False) as png_acc:
+            with gr.Accordion("PNG info: drop an image from A1111 or the studio", open=False,
+                              elem_id="png-info-accordion") as png_acc:
                 # a file, not gr.Image: gr.Image converts uploads to RGB (a full decode) before any check
                 png_in = gr.File(label="Image (PNG, JPEG, WebP)", file_types=["image"], elem_id="png-info",
                                  height=90)
@@ -138,11 +140,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
             gallery = gr.Gallery(label="Images", columns=2, height=520, elem_id="gallery", format="png")
             used_seed = gr.Markdown(elem_id="used-seed")
             infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False, elem_id="infotext")
-            with gr.Row():
-                send_img2img = gr.Button("Send to image to image", size="sm", elem_id="send-img2img")
-                send_inpaint = gr.Button("Send to inpaint", size="sm", elem_id="send-inpaint")
-                send_upscale = gr.Button("Send to upscale", size="sm", elem_id="send-upscale")
-                send_png = gr.Button("Read its parameters", size="sm", elem_id="send-png-info")
+            send_buttons = send_to.buttons("send")
             upscale = upscale_panel.build(state)
     saved_paths = gr.State([])  # the saved PNGs of the last run, in the gallery's order (None: not saved)
     selected = gr.State(None)  # the saved PNG the gallery has selected (server-side: never a path from the browser)
@@ -261,18 +259,9 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
 
     gallery.select(pick, saved_paths, selected, api_visibility="private")
 
-    def sender(count):
-        def send(path):
-            if not path:
-                gr.Warning("nothing to send: generate an image first (a stopped run's images are not saved)")
-                return (gr.update(),) * (count + 1)
-            return (path, *(gr.update(open=True),) * count)
-        return send
-
-    send_img2img.click(sender(1), selected, [init_in, img2img_acc], api_visibility="private")
-    send_inpaint.click(sender(2), selected, [init_in, img2img_acc, inpaint["accordion"]], api_visibility="private")
-    send_upscale.click(sender(1), selected, [upscale["source"], upscale["accordion"]], api_visibility="private")
-    send_png.click(sender(1), selected, [png_in, png_acc], api_visibility="private")
+    send_to.wire(send_buttons, {"init_image": init_in, "img2img_accordion": img2img_acc, "inpaint": inpaint,
+                                "upscale": upscale, "png_info": png_in, "png_accordion": png_acc}, selected,
+                 what="an image in the gallery (a stopped run's images are not saved)")
 
     # the VAE menu: the manager swaps it (and keeps it for the models loaded after)
     def pick_vae(name):
@@ -410,5 +399,6 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
 
     return {"width": width, "height": height, "gallery": gallery, "upscale": upscale, "inpaint": inpaint,
             "hires": hires_fix, "selected": selected, "vae": vae, "networks_refresh": networks_refresh,
-            "networks_outputs": networks_outputs, "png_info": png_in, "control": control,
+            "networks_outputs": networks_outputs, "png_info": png_in, "png_accordion": png_acc,
+            "init_image": init_in, "img2img_accordion": img2img_acc, "control": control,
             "ip_adapter": ip_refs}

@@ -158,7 +158,7 @@ def _build_unit(index: int, choices: list[str]) -> dict:
         gallery = gr.Gallery(label="Reference", interactive=False, height=200, columns=4, elem_id=f"ip{i}-gallery",
                              scale=2)
     with gr.Row():
-        name = gr.Dropdown(choices, value=choices[0] if choices else None, allow_custom_value=True, label="Adapter",
+        name = gr.Dropdown(choices, value=choices[0] if choices else "", allow_custom_value=True, label="Adapter",
                            scale=3, elem_id=f"ip{i}-name", info="ipadapter/ files (plain, Plus, Plus Face)")
         refresh = gr.Button("↻", scale=0, min_width=40, elem_id=f"ip{i}-refresh")
     with gr.Row():

@@ -32,7 +32,7 @@ from studio.storyboard.board import (
 )
 from studio.storyboard.export import export_board
 from studio.storyboard.runner import StoryboardRunner
-from studio.ui import hires_panel, inpaint_panel
+from studio.ui import hires_panel, inpaint_panel, send_to
 from studio.ui.checked_editor import CheckedImageEditor
 from studio.ui.state import AppState
 
@@ -186,7 +186,7 @@ def canny_preview(store: StoryboardStore, board: Storyboard, number: str | None,
 # --- the tab ---------------------------------------------------------------------------------------------------
 
 
-def build(state: AppState) -> dict:
+def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None) -> dict:
     cfg = state.cfg
     store = StoryboardStore(cfg.storyboards_dir, cfg.limits)
     runner = StoryboardRunner(state.manager, store, cfg.controlnet_dir, state.generator)
@@ -299,6 +299,8 @@ def build(state: AppState) -> dict:
                 regen_btn = gr.Button("Regenerate this shot", elem_id="sb-regenerate")
                 lock_btn = gr.Button("Lock the picked seed", elem_id="sb-lock")
                 unlock_btn = gr.Button("Unlock seed")
+            # the picked candidate to the Generate tab (image to image, inpaint, upscale, its parameters)
+            send_buttons = send_to.buttons("sb-send") if gen is not None else {}
             with gr.Accordion("Refine or outpaint the picked candidate (a new candidate; the others stay)",
                               open=False, elem_id="sb-refine"):
                 with gr.Row():
@@ -608,6 +610,19 @@ def build(state: AppState) -> dict:
             gr.update(value=items, selected_index=picked), picked_picture(store, board, number)
 
     gallery.select(pick_candidate, [current, shot_pick], [status, gallery, refine_editor], api_visibility="private")
+
+    def picked_path(name, number):
+        """The shot's picked candidate's file (None when the board or shot has none)."""
+        if not name or not number:
+            return None
+        try:
+            frame = load(name).shot(number).picked_frame
+        except (gr.Error, *ERRORS):
+            return None
+        return str(store.path(name) / frame.file) if frame is not None else None
+
+    if gen is not None:
+        send_to.wire(send_buttons, gen, [current, shot_pick], tabs, what="a shot's candidate", resolve=picked_path)
 
     def lock(name, number, unlock=False):
         board = load(name)
