@@ -496,3 +496,36 @@ def test_image_encoder_default_works_offline_on_the_built_in_models():
     assert model_defaults(state("micro", "micro"))[2] == "demo-tiny"
     assert model_defaults(state("demo-tiny", "demo"))[2] == "demo-tiny"
     assert model_defaults(state("sd15", "single-file"))[2] == DEFAULT_IMAGE_ENCODER
+
+
+def test_job_from_form_network_fields_shown_per_network():
+    from studio.ui.train_tab import FORM, NETWORK_CHOICES, form_from_settings, job_from_form, shown_for
+
+    assert {"network", "conv_rank", "conv_alpha", "lokr_factor"} <= set(FORM)
+    assert ("LoCon (LoRA + convolutions)", "locon") in NETWORK_CHOICES and ("DoRA", "dora") in NETWORK_CHOICES
+    loha = job_from_form(form_values(method="lora", learning_rate="1e-4", network="loha", conv_rank=" 8 ",
+                                     conv_alpha="4", lokr_factor=8.0), "demo-tiny")
+    loha.validate()
+    assert (loha.network, loha.conv_rank, loha.conv_alpha, loha.lokr_factor) == ("loha", 8, 4.0, -1)
+    assert isinstance(loha.conv_rank, int)  # the LoKr factor (hidden for LoHa) does not reach the job
+    lokr = job_from_form(form_values(method="lora", network="lokr", conv_rank="", lokr_factor=4.0), "demo-tiny")
+    lokr.validate()
+    assert (lokr.conv_rank, lokr.conv_alpha, lokr.lokr_factor) == (None, None, 4)
+    # plain LoRA shows no conv rank: one left in the (hidden) box is ignored, as is a network for Textual Inversion
+    plain = job_from_form(form_values(method="lora", network="lora", conv_rank="8", conv_alpha="2"), "demo-tiny")
+    assert (plain.network, plain.conv_rank, plain.conv_alpha) == ("lora", None, None)
+    ti = job_from_form(form_values(network="dora", conv_rank="4"), "demo-tiny")
+    ti.validate()
+    assert (ti.network, ti.conv_rank) == ("lora", None)
+    assert shown_for("conv_rank", "lora", "locon") and not shown_for("conv_rank", "lora", "lora")
+    assert shown_for("lokr_factor", "lora", "lokr") and not shown_for("lokr_factor", "lora", "dora")
+    assert not shown_for("network", "ti") and shown_for("network", "lora")
+    with pytest.raises(ValueError, match="conv rank must be a whole number"):
+        job_from_form(form_values(method="lora", network="locon", conv_rank="2.5"), "demo-tiny")
+    with pytest.raises(ValueError, match="conv rank must be a number"):
+        job_from_form(form_values(method="lora", network="locon", conv_rank="wide"), "demo-tiny")
+    # a run's settings fill the widgets (conv rank and alpha as their text boxes show them)
+    form, extra = form_from_settings(form_values(), {"method": "lora", "network": "dora", "conv_rank": 4,
+                                                     "conv_alpha": 2.0, "lokr_factor": -1})
+    assert (form["network"], form["conv_rank"], form["conv_alpha"], form["lokr_factor"]) == ("dora", "4", "2", -1)
+    assert extra == {}

@@ -30,6 +30,17 @@ def add_parser(sub) -> None:
     lo.add_argument("--alpha", type=float, help="LoRA alpha (network alpha), default: the rank")
     lo.add_argument("--dropout", type=float, help="LoRA dropout")
     lo.add_argument("--targets", choices=["attention", "transformer", "all"], help="UNet layers (default attention)")
+    lo.add_argument("--network", choices=["lora", "locon", "loha", "lokr", "dora"],
+                    help="lora (default, kohya's networks.lora) or a LyCORIS network written in LyCORIS' keys: locon "
+                         "(LoRA + the 3x3 convolutions), loha (Hadamard product), lokr (Kronecker product), dora "
+                         "(LoRA + a trained magnitude per output channel)")
+    lo.add_argument("--conv-rank", type=int, metavar="N",
+                    help="rank of the ResNet 3x3 convolutions (LyCORIS conv_dim) for locon, loha, lokr, dora; "
+                         "default: none (locon: the rank)")
+    lo.add_argument("--conv-alpha", type=float, metavar="A", help="their alpha (LyCORIS conv_alpha; default: the "
+                                                                  "conv rank)")
+    lo.add_argument("--lokr-factor", type=int, metavar="F",
+                    help="LoKr's Kronecker factor (LyCORIS factor; default -1: as balanced as possible)")
     lo.add_argument("--unet-lr", help="UNet learning rate (default 1e-4)")
     lo.add_argument("--te-lr", type=float, help="text-encoder learning rate; giving it trains the text encoder")
     lo.add_argument("--text-encoder", action="store_true", help="train a LoRA on the text encoder too")
@@ -77,7 +88,8 @@ TRAIN_FLAGS = {"model": "model", "data": "data", "name": "name", "method": "meth
                "image_encoder": "image_encoder", "experts": "experts", "top_k": "top_k", "aux_weight": "aux_weight",
                "save_every": "save_every", "preview_every": "preview_every", "preview_prompt": "preview_prompt",
                "format": "embedding_format", "overwrite": "overwrite", "rank": "rank", "alpha": "alpha",
-               "dropout": "dropout", "targets": "lora_targets", "unet_lr": "learning_rate",
+               "dropout": "dropout", "targets": "lora_targets", "network": "network", "conv_rank": "conv_rank",
+               "conv_alpha": "conv_alpha", "lokr_factor": "lokr_factor", "unet_lr": "learning_rate",
                "te_lr": "text_encoder_lr", "text_encoder": "train_text_encoder", "instance_prompt": "instance_prompt",
                "class_prompt": "class_prompt", "class_images": "class_images", "prior_weight": "prior_loss_weight",
                "lr_scheduler": "lr_scheduler", "warmup": "lr_warmup", "optimizer": "optimizer",

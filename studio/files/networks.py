@@ -644,6 +644,59 @@ def peft_to_layers(peft_state_dict: Mapping[str, torch.Tensor], alpha: float | M
     return layers
 
 
+# peft's adapter parameter names (get_peft_model_state_dict, adapter name removed) -> LyCORIS' suffixes
+PEFT_TO_LYCORIS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",
+                   "lora_magnitude_vector": "dora_scale",
+                   **{name: name for name in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
+                                              "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                                              "lokr_t2")}}
+
+
+def peft_to_lycoris_layers(peft_state_dict: Mapping[str, torch.Tensor], scaling: float | Mapping[str, float],
+                           ) -> dict[str, dict[str, torch.Tensor]]:
+    """Module path -> {LyCORIS suffix: tensor} from `peft.get_peft_model_state_dict` of a LoRA (LoCon, DoRA), LoHa
+    or LoKr adapter, so that studio.files.lycoris.layer_delta (and A1111, ComfyUI, LyCORIS) rebuild the very ΔW peft
+    trains. peft's parameters are LyCORIS' own (peft ported them), only the scale is written differently: peft
+    multiplies by `scaling` (alpha / r, one number or module path -> number), the files by alpha / rank, the rank
+    read from the factors' shapes. So alpha = scaling · rank, with two exceptions:
+
+    * LoKr with both Kronecker factors full (`lokr_w1`, `lokr_w2`): loaders take the scale as 1 and ignore alpha, so
+      the scaling is multiplied into lokr_w1 and alpha is 1 (scale 1 for any reader);
+    * DoRA: peft's magnitude (one norm per output row: LyCORIS' wd_on_output) becomes `dora_scale` [out, 1, …]
+      with as many dimensions as the layer's weight, the layout LyCORIS writes and the loaders read per output."""
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in peft_state_dict.items():
+        found = next(((key[: -len(name) - 1], suffix) for name, suffix in PEFT_TO_LYCORIS.items()
+                      if key.endswith("." + name)), None)
+        if found is None:
+            raise ValueError(f"{key}: not a LoRA, DoRA, LoHa or LoKr parameter of peft")
+        layers.setdefault(found[0], {})[found[1]] = tensor.detach()
+    for module, parts in layers.items():
+        scale = scaling.get(module, scaling.get("default")) if isinstance(scaling, Mapping) else scaling
+        if scale is None:
+            raise ValueError(f"{module}: no scaling given for this layer")
+        if "lora_down.weight" in parts:
+            down, up = parts["lora_down.weight"], parts.get("lora_up.weight")
+            if up is None:
+                raise ValueError(f"{module}: lora_A without lora_B")
+            rank = down.shape[0]
+            if "dora_scale" in parts:
+                parts["dora_scale"] = parts["dora_scale"].reshape(up.shape[0], *[1] * (down.ndim - 1))
+        elif "hada_w1_b" in parts:
+            rank = parts["hada_w1_b"].shape[0]
+        elif any(s.startswith("lokr_") for s in parts):
+            low = next((parts[s] for s in ("lokr_w1_b", "lokr_w2_b") if s in parts), None)
+            if low is None:  # both factors full: the scale goes into w1
+                parts["lokr_w1"] = parts["lokr_w1"] * scale
+                rank, scale = 1, 1.0
+            else:
+                rank = low.shape[0]
+        else:
+            raise ValueError(f"{module}: {sorted(parts)} is no whole layer")
+        parts["alpha"] = torch.tensor(float(scale) * rank)
+    return layers
+
+
 def save_kohya_lora(path: Path, unet: Mapping[str, LoraLayer] | None = None,
                     text_encoder: Mapping[str, LoraLayer] | None = None,
                     metadata: Mapping[str, str] | None = None, dtype: torch.dtype = torch.float16,
@@ -675,6 +728,37 @@ def save_kohya_lora(path: Path, unet: Mapping[str, LoraLayer] | None = None,
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     # the file's own hashes, as kohya writes them: A1111 takes sshs_model_hash as the LoRA's hash
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(tensors, meta)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return path
+
+
+def save_kohya_network(path: Path, unet: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                       text_encoder: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                       metadata: Mapping[str, str] | None = None, dtype: torch.dtype = torch.float16,
+                       text_encoder_2: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+                       unet_names: Mapping[str, str] | None = None) -> Path:
+    """A LyCORIS network in kohya's layout: each layer's {suffix: tensor} (peft_to_lycoris_layers) under its kohya
+    name (`lora_unet_….hada_w1_a`, `….alpha`), with save_kohya_lora's naming (SDXL: `text_encoder_2` and
+    `unet_names` for the original UNet names), dtype, `sshs_*` hashes and metadata."""
+    xl = text_encoder_2 is not None
+    tensors: dict[str, torch.Tensor] = {}
+    parts = (("unet", unet or {}), ("text_encoder", text_encoder or {}), ("text_encoder_2", text_encoder_2 or {}))
+    for component, layers in parts:
+        for module, layer in layers.items():
+            if component == "unet" and unet_names is not None:
+                if module not in unet_names:
+                    raise ValueError(f"{module}: no original (SGM) name for this UNet layer")
+                module = unet_names[module]
+            base = kohya_name(component, module, xl)
+            for suffix, tensor in layer.items():
+                tensors[f"{base}.{suffix}"] = tensor.detach().to("cpu", dtype).contiguous()
+    if not tensors:
+        raise ValueError("a network needs at least one layer")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
     meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(tensors, meta)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
@@ -718,3 +802,27 @@ def kohya_metadata(*, output_name: str, family: str, rank: int, alpha: float, ba
     out = {k: str(v) for k, v in values.items() if v not in (None, "")}
     out.update({k: str(v) for k, v in (extra or {}).items()})
     return out
+
+
+# LyCORIS' algorithm names (its `algo` network argument) of the studio's networks
+LYCORIS_ALGOS = {"locon": "locon", "loha": "loha", "lokr": "lokr", "dora": "lora"}
+
+
+def network_metadata(network: str, conv: tuple[int, float] | None = None, lokr_factor: int = -1,
+                     rank_dropout: float = 0.0) -> dict[str, str]:
+    """`ss_network_module` and `ss_network_args` of a trained network, as kohya's train_network writes them for
+    LyCORIS (`--network_module lycoris.kohya --network_args algo=loha conv_dim=8 …`: the arguments as a JSON object
+    of strings); plain LoRA is kohya's own `networks.lora`, without arguments. `conv` is the 3x3 convolutions' (rank,
+    alpha) when they train at their own rank."""
+    if network == "lora":
+        return {"ss_network_module": "networks.lora"}
+    args = {"algo": LYCORIS_ALGOS[network]}
+    if conv is not None:
+        args.update(conv_dim=str(conv[0]), conv_alpha=f"{float(conv[1]):g}")
+    if network == "lokr":
+        args["factor"] = str(lokr_factor)
+    if network == "dora":
+        args.update(dora_wd="True", wd_on_output="True")
+    if rank_dropout:
+        args["rank_dropout"] = f"{float(rank_dropout):g}"
+    return {"ss_network_module": "lycoris.kohya", "ss_network_args": json.dumps(args)}

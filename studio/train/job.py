@@ -28,6 +28,11 @@ LORA_TARGETS = {
             "conv2", "conv_shortcut", "time_emb_proj"],
 }
 TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+# what a LoRA-method run trains (studio.train.lora): plain LoRA, or a LyCORIS network written in LyCORIS' keys
+NETWORKS = ("lora", "locon", "loha", "lokr", "dora")
+NETWORK_LABELS = {"lora": "LoRA", "locon": "LoCon (LoRA + convolutions)", "loha": "LoHa", "lokr": "LoKr",
+                  "dora": "DoRA"}
+CONV_NETWORKS = ("locon", "loha", "lokr", "dora")  # the ones that take a conv rank (LyCORIS' conv_dim)
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
 # where a method's usual value differs from the TI defaults of TrainJob (the UI and the command line start here)
 METHOD_DEFAULTS = {"lora": {"learning_rate": "1e-4", "preview_prompt": ""},
@@ -106,6 +111,13 @@ class TrainJob:
     alpha: float | None = None  # None: the rank (scale 1)
     dropout: float = 0.0
     lora_targets: str = "attention"  # attention | transformer | all (see LORA_TARGETS)
+    # lora | locon | loha | lokr | dora (NETWORKS): plain LoRA (kohya's networks.lora), or a LyCORIS network written
+    # in LyCORIS' keys: LoCon (LoRA with the ResNet 3x3 convolutions too), LoHa (Hadamard product), LoKr (Kronecker
+    # product), DoRA (LoRA with a trained magnitude per output channel)
+    network: str = "lora"
+    conv_rank: int | None = None  # the 3x3 convolutions' rank (LyCORIS conv_dim); None: none (LoCon: the rank)
+    conv_alpha: float | None = None  # their alpha (LyCORIS conv_alpha); None: the conv rank (scale 1)
+    lokr_factor: int = -1  # LoKr's Kronecker factor (LyCORIS factor); -1: as balanced as possible
     train_text_encoder: bool = False  # LoRA on the text encoder's q/k/v/out projections too
     instance_prompt: str = ""  # one prompt for every image instead of the captions ([filewords] = the caption)
     save_diffusers: bool = False  # also write a diffusers-format copy (pytorch_lora_weights.safetensors)
@@ -160,7 +172,7 @@ class TrainJob:
         same number). `limits` (default: Limits.from_env()) bounds the preview, instance and class prompts."""
         limits = limits or Limits.from_env()
         for name in ("method", "model", "name", "init_word", "template", "lr_scheduler", "optimizer",
-                     "mixed_precision", "compile", "lora_targets", "instance_prompt", "class_prompt", "output",
+                     "mixed_precision", "compile", "lora_targets", "network", "instance_prompt", "class_prompt", "output",
                      "image_encoder", "preview_prompt", "embedding_format", "caption_prefix", "caption_suffix"):
             text(name.replace("_", " "), getattr(self, name))
         for name in ("preview_prompt", "instance_prompt", "class_prompt", "caption_prefix", "caption_suffix"):
@@ -225,6 +237,7 @@ class TrainJob:
             raise ValueError(f"text encoder learning rate must be positive, got {self.text_encoder_lr!r}")
         if self.lora_targets not in LORA_TARGETS:
             raise ValueError(f"LoRA targets must be one of {', '.join(LORA_TARGETS)}, got {self.lora_targets!r}")
+        self._check_network()
         if bool(self.class_prompt.strip()) != (self.class_images > 0):
             raise ValueError("prior preservation needs both a class prompt and a number of class images "
                              f"(got class prompt {self.class_prompt!r}, {self.class_images} class images)")
@@ -235,6 +248,43 @@ class TrainJob:
                              f"got {self.embedding_format!r}")
         if self.method == "ti" and not str(self.init_word).strip():
             raise ValueError("initializer word is empty; use a word close to the concept (e.g. 'painting') or '*'")
+
+    def _check_network(self) -> None:
+        """The network (LoRA, LoCon, LoHa, LoKr, DoRA) and its conv rank, conv alpha and LoKr factor."""
+        if self.network not in NETWORKS:
+            raise ValueError(f"network must be one of {', '.join(NETWORKS)}, got {self.network!r}")
+        if self.method != "lora" and (self.network != "lora" or self.conv_rank is not None or self.lokr_factor != -1):
+            raise ValueError(f"network {self.network!r}, conv rank and LoKr factor are for the LoRA method (LoRA, "
+                             f"LoCon, LoHa, LoKr, DoRA); {METHOD_LABELS.get(self.method, self.method)} trains "
+                             "no network: leave network lora and conv rank empty")
+        if self.conv_rank is not None:
+            if self.network not in CONV_NETWORKS:
+                raise ValueError("a conv rank trains the 3x3 convolutions: that is LoCon (network locon), or LoHa, "
+                                 f"LoKr, DoRA; got network {self.network!r}")
+            self.conv_rank = whole_number("conv rank (or empty for none)", self.conv_rank, 1, 1024)
+        if self.conv_alpha is not None:
+            if self.conv_rank is None and self.network != "locon":
+                raise ValueError("conv alpha needs a conv rank (the 3x3 convolutions it scales)")
+            if real_number("conv alpha (or empty for the conv rank)", self.conv_alpha) <= 0:
+                raise ValueError(f"conv alpha must be a positive number (or empty for the conv rank), "
+                                 f"got {self.conv_alpha!r}")
+        self.lokr_factor = whole_number("LoKr factor", self.lokr_factor, -1, 1_000_000)
+        if self.lokr_factor in (0, 1):
+            raise ValueError(f"LoKr factor must be -1 (as balanced as possible) or 2 and above, got {self.lokr_factor}")
+        if self.lokr_factor != -1 and self.network != "lokr":
+            raise ValueError(f"the LoKr factor is for network lokr, got network {self.network!r}")
+        if self.save_diffusers and self.network in ("loha", "lokr"):
+            raise ValueError(f"diffusers' LoRA layout has no {NETWORK_LABELS[self.network]}: untick 'save a "
+                             "diffusers copy' (the kohya/LyCORIS file is what A1111, ComfyUI and the studio load)")
+
+    @property
+    def conv_dims(self) -> tuple[int, float] | None:
+        """(rank, alpha) of the 3x3 convolutions a LyCORIS network trains at their own rank, None when it trains
+        none that way: the conv rank (LoCon: the rank when empty), alpha the conv alpha or that rank."""
+        rank = self.conv_rank if self.conv_rank is not None else (self.rank if self.network == "locon" else None)
+        if rank is None:
+            return None
+        return rank, float(self.conv_alpha if self.conv_alpha is not None else rank)
 
     def optimizer_label(self) -> str:
         """The optimizer as kohya writes `ss_optimizer`: its class path, with Prodigy's and Adafactor's arguments."""

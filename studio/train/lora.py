@@ -1,7 +1,16 @@
 """LoRA (and DreamBooth-LoRA) on the shared loop: peft adapters on the UNet's attention projections (optionally
 more layers, optionally the text encoders' q/k/v/out: SDXL's two with one rate), written as a kohya-format file
 (SDXL: original UNet names, lora_te1_ / lora_te2_) with `ss_*` / `modelspec.*` metadata that A1111, ComfyUI, kohya
-and diffusers load."""
+and diffusers load.
+
+The same method trains the LyCORIS networks (TrainJob.network): LoCon (LoRA with the ResNet 3x3 convolutions), LoHa,
+LoKr and DoRA, written in LyCORIS' keys (`hada_w1_a`, `lokr_w1`, `dora_scale`, …; studio.files.networks'
+peft_to_lycoris_layers) that A1111, ComfyUI, kohya and the studio's own loader read. They are peft's adapters
+(`LoHaConfig`, `LoKrConfig`, `LoraConfig(use_dora=True)`, LoraConfig with conv targets), not the lycoris-lora
+package's: peft is already the training dependency (checkpoints, resume, accelerate, SDXL's text encoders all work
+as for LoRA), it is installed where the studio is (lycoris-lora is not), and its LoHa/LoKr parameters are LyCORIS'
+own, ported from it (the same names, shapes, products and factorization), so they map 1:1 onto LyCORIS' keys; only
+the scale is written as alpha / rank, and DoRA's magnitude as LyCORIS' per-output `dora_scale`."""
 
 from __future__ import annotations
 
@@ -14,10 +23,18 @@ import torch
 from torch import nn
 
 from studio.files.atomic import atomic_path
-from studio.files.networks import LORA_EXTS, kohya_metadata, peft_to_layers, save_kohya_lora
+from studio.files.networks import (
+    LORA_EXTS,
+    kohya_metadata,
+    network_metadata,
+    peft_to_layers,
+    peft_to_lycoris_layers,
+    save_kohya_lora,
+    save_kohya_network,
+)
 from studio.generation.conditioning import PromptEncoder, XLPromptEncoder
 from studio.train.data import STREAM_INIT, rng_seed
-from studio.train.job import LORA_TARGETS, TEXT_ENCODER_TARGETS, TrainJob
+from studio.train.job import LORA_TARGETS, NETWORK_LABELS, TEXT_ENCODER_TARGETS, TrainJob
 from studio.train.method import (
     CachedText,
     ParamGroup,
@@ -31,6 +48,40 @@ from studio.train.schedule import warmup_steps
 from studio.train.templates import fill_template
 
 ADAPTER = "studio_train"
+# the UNet's 3x3 convolutions a conv rank trains (LyCORIS' and kohya's conv_dim: the ResNet blocks' and the down- and
+# upsamplers'); a regex of module-name ends, as peft's rank_pattern / alpha_pattern read it
+CONV_TARGETS = ["conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv"]
+CONV_PATTERN = r"conv1|conv2|downsamplers\.0\.conv|upsamplers\.0\.conv"
+
+
+def network_config(job: TrainJob, targets: list[str], convs: bool = False, **extra):
+    """The peft config of the job's network on `targets` (module-name ends); `convs`: the UNet, where a conv rank
+    (TrainJob.conv_dims) adds the 3x3 convolutions at their own rank and alpha. `extra`: more config fields (SDXL's
+    layers_to_transform). LoHa and LoKr have no input dropout in peft: the job's dropout drops ΔW's output rows
+    there (LyCORIS' rank_dropout)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    alpha = float(job.alpha if job.alpha is not None else job.rank)
+    conv = job.conv_dims if convs else None
+    targets = list(targets)
+    if conv is not None:
+        targets += [t for t in CONV_TARGETS if t not in targets]
+        extra.update(rank_pattern={CONV_PATTERN: conv[0]}, alpha_pattern={CONV_PATTERN: conv[1]})
+    if job.network == "loha":
+        return LoHaConfig(r=job.rank, alpha=alpha, rank_dropout=job.dropout, target_modules=targets, **extra)
+    if job.network == "lokr":
+        return LoKrConfig(r=job.rank, alpha=alpha, rank_dropout=job.dropout, decompose_factor=job.lokr_factor,
+                          target_modules=targets, **extra)
+    return LoraConfig(r=job.rank, lora_alpha=alpha, lora_dropout=job.dropout, init_lora_weights="gaussian",
+                      use_dora=job.network == "dora", target_modules=targets, **extra)
+
+
+def adapter_scaling(module: nn.Module, adapter: str = ADAPTER) -> dict[str, float]:
+    """Module path -> peft's scale (alpha / r) of the adapter's layers in `module`, for peft_to_lycoris_layers."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name: float(layer.scaling[adapter]) for name, layer in module.named_modules()
+            if isinstance(layer, BaseTunerLayer) and adapter in getattr(layer, "scaling", {})}
 
 
 def caption_prompt(job: TrainJob, caption: str) -> str:
@@ -50,22 +101,18 @@ class LoraMethod(TrainMethod):
     label = "LoRA"
 
     def __init__(self, ctx: TrainContext, captions: list[str]):
-        from peft import LoraConfig
-
         super().__init__(ctx)
         job = ctx.job
         self.captions = captions
+        self.label = NETWORK_LABELS[job.network].split(" (")[0]
         alpha = job.alpha if job.alpha is not None else job.rank
         # the UNet (and text encoder) run in the mixed-precision dtype; the LoRA weights train in fp32
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(rng_seed(job.seed, STREAM_INIT))
-            self.unet.add_adapter(LoraConfig(r=job.rank, lora_alpha=alpha, lora_dropout=job.dropout,
-                                             init_lora_weights="gaussian", target_modules=LORA_TARGETS[job.lora_targets]),
+            self.unet.add_adapter(network_config(job, LORA_TARGETS[job.lora_targets], convs=True),
                                   adapter_name=ADAPTER)
             for encoder in self.encoders():
-                encoder.add_adapter(LoraConfig(r=job.rank, lora_alpha=alpha, lora_dropout=job.dropout,
-                                               init_lora_weights="gaussian", target_modules=TEXT_ENCODER_TARGETS,
-                                               **self.used_layers(encoder)),
+                encoder.add_adapter(network_config(job, TEXT_ENCODER_TARGETS, **self.used_layers(encoder)),
                                     adapter_name=ADAPTER)
         self.alpha = alpha
         self.modules = {"unet": self.unet}
@@ -185,6 +232,8 @@ class LoraMethod(TrainMethod):
             caption_tag_dropout_rate=job.tag_dropout, caption_dropout_every_n_epochs=0,
             comment=f"trained with studio ({job.method}); run {ctx.run_path.name if ctx.run_path else ''}",
             extra={**self.bucket_metadata(),
+                   **network_metadata(job.network, job.conv_dims, job.lokr_factor,
+                                      job.dropout if job.network in ("loha", "lokr") else 0.0),
                    "ss_sd_model_hash": ctx.model_hash[:10], "ss_new_sd_model_hash": ctx.model_hash,
                    "ss_network_dropout": job.dropout, "ss_max_train_steps": job.max_steps,
                    "ss_batch_size_per_device": job.batch_size, "ss_gradient_accumulation_steps": job.grad_accum,
@@ -192,6 +241,7 @@ class LoraMethod(TrainMethod):
                    "ss_noise_offset": job.noise_offset or "", "ss_prior_loss_weight": job.prior_loss_weight,
                    "ss_num_reg_images": job.class_images, "ss_gradient_checkpointing": job.gradient_checkpointing,
                    "studio.method": job.method, "studio.lora_targets": job.lora_targets,
+                   **({"studio.network": job.network} if job.network != "lora" else {}),
                    **({"studio.caption_prefix": job.caption_prefix} if job.caption_prefix else {}),
                    **({"studio.caption_suffix": job.caption_suffix} if job.caption_suffix else {}),
                    "modelspec.date": dt.date.today().isoformat()})
@@ -207,7 +257,12 @@ class LoraMethod(TrainMethod):
         from peft import get_peft_model_state_dict
 
         module = self.modules.get(name)
-        return peft_to_layers(get_peft_model_state_dict(module, adapter_name=ADAPTER), self.alpha) if module else {}
+        if module is None:
+            return {}
+        state = get_peft_model_state_dict(module, adapter_name=ADAPTER)
+        if self.job.network != "lora":  # module path -> {LyCORIS suffix: tensor}
+            return peft_to_lycoris_layers(state, adapter_scaling(module))
+        return peft_to_layers(state, self.alpha)
 
     def save(self, step: int, final: bool, run_path: Path | None) -> Path:
         job, ctx = self.job, self.ctx
@@ -216,14 +271,14 @@ class LoraMethod(TrainMethod):
         else:
             path = run_path / "loras" / f"{job.name}-{step}.safetensors"
         te_layers = self.layers("text_encoder") if job.train_text_encoder else None
+        write = save_kohya_lora if job.network == "lora" else save_kohya_network
         if self.xl:  # kohya's SDXL layout: original (SGM) UNet names, lora_te1_ / lora_te2_
             from studio.files.convert import original_unet_module_names
 
-            save_kohya_lora(path, self.layers("unet"), te_layers, self.metadata(step),
-                            text_encoder_2=self.layers("text_encoder_2"),
-                            unet_names=original_unet_module_names(self.unet))
+            write(path, self.layers("unet"), te_layers, self.metadata(step),
+                  text_encoder_2=self.layers("text_encoder_2"), unet_names=original_unet_module_names(self.unet))
         else:
-            save_kohya_lora(path, self.layers("unet"), te_layers, self.metadata(step))
+            write(path, self.layers("unet"), te_layers, self.metadata(step))
         if final and job.save_diffusers and run_path is not None:
             self.save_diffusers_copy(run_path / "diffusers")
         return path

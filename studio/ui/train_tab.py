@@ -22,12 +22,15 @@ from studio.models.tiny import TINY_NAME
 from studio.train.data import MAX_FILE_BYTES, resolve_data_dir
 from studio.train.image_encoder import DEFAULT_IMAGE_ENCODER
 from studio.train.job import (
+    CONV_NETWORKS,
     EMBEDDING_FORMATS,
     LORA_TARGETS,
     METHOD_DEFAULTS,
     METHOD_LABELS,
     METHODS,
     MIXED_PRECISION,
+    NETWORK_LABELS,
+    NETWORKS,
     OPTIMIZERS,
     TI_METHODS,
     OutputExistsError,
@@ -70,19 +73,22 @@ FORM = ("data", "method", "name", "init_word", "vectors", "template", "learning_
         "overwrite",
         # LoRA, DreamBooth, fine-tune
         "rank", "alpha", "dropout", "lora_targets", "train_text_encoder", "text_encoder_lr", "instance_prompt",
-        "save_diffusers", "class_prompt", "class_images", "prior_loss_weight", "ema", "ema_decay", "output",
+        "network", "conv_rank", "conv_alpha", "lokr_factor", "save_diffusers", "class_prompt", "class_images", "prior_loss_weight", "ema", "ema_decay", "output",
         # optimisation (every method)
         "lr_scheduler", "lr_warmup", "optimizer", "max_grad_norm", "gradient_checkpointing", "min_snr_gamma",
         "noise_offset", "compile", "lr_cycles",
         # captions (kohya's caption options; every method: TI shapes its [filewords])
         "shuffle_tags", "keep_tokens", "caption_dropout", "tag_dropout", "caption_prefix", "caption_suffix")
 INT_FIELDS = {"vectors", "batch_size", "grad_accum", "max_steps", "resolution", "seed", "repeats", "heads",
-              "experts", "top_k", "save_every", "preview_every", "rank", "class_images", "lr_cycles", "keep_tokens"}
+              "experts", "top_k", "save_every", "preview_every", "rank", "class_images", "lr_cycles", "keep_tokens",
+              "lokr_factor"}
 TEXT_FIELDS = {"data", "name", "init_word", "template", "learning_rate", "image_encoder", "preview_prompt",
                "instance_prompt", "class_prompt", "output", "caption_prefix", "caption_suffix"}
 FLOAT_FIELDS = {"aux_weight", "dropout", "prior_loss_weight", "ema_decay", "max_grad_norm", "min_snr_gamma",
                 "noise_offset", "caption_dropout", "tag_dropout"}
-OPTIONAL_FLOATS = {"alpha": "LoRA alpha", "text_encoder_lr": "text encoder learning rate"}  # empty: None
+OPTIONAL_FLOATS = {"alpha": "LoRA alpha", "text_encoder_lr": "text encoder learning rate",
+                   "conv_alpha": "conv alpha"}  # empty: None
+OPTIONAL_INTS = {"conv_rank": "conv rank"}  # empty: None
 BOOL_FIELDS = {"overwrite", "train_text_encoder", "save_diffusers", "ema", "gradient_checkpointing", "shuffle_tags"}
 LORA_AND_FINETUNE = ("lora", "finetune")
 # widgets that matter for some methods only (shown for those, ignored by the others); the rest matter for all
@@ -91,10 +97,13 @@ ONLY_FOR = {
     "image_encoder": ("ti-att", "ti-moe"), "heads": ("ti-att",), "experts": ("ti-moe",), "top_k": ("ti-moe",),
     "aux_weight": ("ti-moe",),
     **dict.fromkeys(("rank", "alpha", "dropout", "lora_targets", "train_text_encoder", "text_encoder_lr",
-                     "save_diffusers"), ("lora",)),
+                     "network", "conv_rank", "conv_alpha", "lokr_factor", "save_diffusers"), ("lora",)),
     **dict.fromkeys(("instance_prompt", "class_prompt", "class_images", "prior_loss_weight"), LORA_AND_FINETUNE),
     **dict.fromkeys(("ema", "ema_decay", "output"), ("finetune",)),
 }
+# LoRA-method widgets that matter for some networks only (TrainJob.network)
+ONLY_FOR_NETWORK = {"conv_rank": CONV_NETWORKS, "conv_alpha": CONV_NETWORKS, "lokr_factor": ("lokr",)}
+NETWORK_CHOICES = [(NETWORK_LABELS[key], key) for key in NETWORKS]
 # what switching the method resets: the fields whose usual value differs between methods (learning rate, ...)
 METHOD_RESET = tuple(k for k in FORM if any(k in d for d in METHOD_DEFAULTS.values()))
 NAME_LABELS = {"lora": "LoRA name (loras/NAME.safetensors, used as <lora:NAME:0.8>)",
@@ -115,9 +124,9 @@ SMOOTHING = 0.9  # EMA weight of the smoothed loss line (TensorBoard's slider, d
 # --- pure helpers: widgets <-> TrainJob ----------------------------------------------------------------
 
 
-def shown_for(key: str, method: str) -> bool:
-    """Whether widget `key` matters for `method` (is shown, and goes into the job)."""
-    return method in ONLY_FOR.get(key, METHODS)
+def shown_for(key: str, method: str, network: str = "lora") -> bool:
+    """Whether widget `key` matters for `method` and (LoRA) `network` (is shown, and goes into the job)."""
+    return method in ONLY_FOR.get(key, METHODS) and network in ONLY_FOR_NETWORK.get(key, NETWORKS)
 
 
 def job_from_form(values: dict, model: str, extra: dict | None = None) -> TrainJob:
@@ -127,8 +136,9 @@ def job_from_form(values: dict, model: str, extra: dict | None = None) -> TrainJ
     methods (hidden) are ignored: the job holds what the page shows."""
     job = {**TrainJob().to_dict(), **(extra or {})}
     method = values.get("method") or job["method"]
+    network = (values.get("network") or job["network"]) if shown_for("network", method) else "lora"
     for key, value in values.items():
-        if not shown_for(key, method):
+        if not shown_for(key, method, network):
             continue
         if key in TEXT_FIELDS:
             value = str(value or "").strip()
@@ -145,6 +155,9 @@ def job_from_form(values: dict, model: str, extra: dict | None = None) -> TrainJ
             value = real_number(key.replace("_", " "), value)
         elif key in OPTIONAL_FLOATS:
             value = _optional_float(value, OPTIONAL_FLOATS[key])
+        elif key in OPTIONAL_INTS:
+            value = _optional_float(value, OPTIONAL_INTS[key])
+            value = value if value is None else _whole(value, key)
         elif key == "lr_warmup" and value is not None:
             value = real_number("lr warmup", value)
             value = int(value) if value >= 1 and value.is_integer() else value  # steps, or a fraction below 1
@@ -168,7 +181,7 @@ def form_from_settings(current: dict, settings: dict) -> tuple[dict, dict]:
     without a widget). Keys the settings leave out keep their current value."""
     widget = {"repeats": lambda v: v or 0, "flip_p": lambda v: FLIP_DATASET if v is None else f"{float(v):g}",
               "buckets": lambda v: "auto" if v is None else ("on" if v else "off"),
-              **dict.fromkeys(OPTIONAL_FLOATS, _optional_text)}
+              **dict.fromkeys((*OPTIONAL_FLOATS, *OPTIONAL_INTS), _optional_text)}
     form = {**current, **{k: widget.get(k, lambda v: v)(v) for k, v in settings.items() if k in FORM}}
     extra = {k: v for k, v in settings.items() if k not in FORM and k != "model"}
     return form, extra
@@ -515,6 +528,21 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
                     dropout = gr.Number(defaults.dropout, minimum=0, maximum=0.99, step=0.05, min_width=100,
                                         label="Dropout", elem_id="tr-dropout")
                 with gr.Row(equal_height=True):
+                    network = gr.Dropdown(NETWORK_CHOICES, value=defaults.network, elem_id="tr-network",
+                                          label="Network", min_width=160,
+                                          info="LoRA: the usual · LoCon: + the ResNet convolutions · LoHa, LoKr: "
+                                               "more detail for the same size · DoRA: LoRA that also learns each "
+                                               "channel's strength")
+                    conv_rank = gr.Textbox(_optional_text(defaults.conv_rank), elem_id="tr-conv-rank",
+                                           label="Conv rank (empty: no convolutions; LoCon: the rank)",
+                                           placeholder="none", min_width=100, visible=False)
+                    conv_alpha = gr.Textbox(_optional_text(defaults.conv_alpha), elem_id="tr-conv-alpha",
+                                            label="Conv alpha (empty: the conv rank)", placeholder="the conv rank",
+                                            min_width=100, visible=False)
+                    lokr_factor = gr.Number(defaults.lokr_factor, minimum=-1, precision=0, min_width=100,
+                                            label="LoKr factor (-1: balanced)", elem_id="tr-lokr-factor",
+                                            visible=False)
+                with gr.Row(equal_height=True):
                     targets = gr.Dropdown(list(LORA_TARGETS), value=defaults.lora_targets, elem_id="tr-targets",
                                           label="UNet layers", min_width=120,
                                           info="attention: q/k/v/out · transformer: + feed-forward, proj · all: "
@@ -659,7 +687,8 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
             "mixed_precision": precision, "image_encoder": image_encoder, "heads": heads, "experts": experts,
             "top_k": top_k, "aux_weight": aux, "save_every": save_every, "preview_every": preview_every,
             "preview_prompt": preview_prompt, "embedding_format": fmt, "overwrite": overwrite,
-            "rank": rank, "alpha": alpha, "dropout": dropout, "lora_targets": targets,
+            "rank": rank, "alpha": alpha, "dropout": dropout, "lora_targets": targets, "network": network,
+            "conv_rank": conv_rank, "conv_alpha": conv_alpha, "lokr_factor": lokr_factor,
             "train_text_encoder": train_te, "text_encoder_lr": te_lr, "instance_prompt": instance_prompt,
             "save_diffusers": save_diffusers, "class_prompt": class_prompt, "class_images": class_images,
             "prior_loss_weight": prior_weight, "ema": ema, "ema_decay": ema_decay, "output": output,
@@ -769,15 +798,25 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
     # --- the method: its widgets (on every change, also from a run's settings); its defaults (when clicked)
     groups = [(lora_acc, ("lora",)), (ft_acc, ("finetune",)), (db_acc, LORA_AND_FINETUNE),
               (module_acc, ("ti-att", "ti-moe")), (template_md, TI_METHODS)]
-    method_outputs = [*[form[k] for k in ONLY_FOR], *[box for box, _ in groups], name, preset]
+    by_method = [k for k in ONLY_FOR if k not in ONLY_FOR_NETWORK]  # the network's own: show_network
+    method_outputs = [*[form[k] for k in by_method], *[box for box, _ in groups], name, preset]
 
     def show_method(m):
-        return (*[gr.update(visible=shown_for(k, m)) for k in ONLY_FOR],
+        return (*[gr.update(visible=shown_for(k, m)) for k in by_method],
                 *[gr.update(visible=m in methods) for _, methods in groups],
                 gr.update(label=NAME_LABELS.get(m, NAME_LABEL_TI)),
                 gr.update(choices=preset_choices(cfg.presets_dir, m, model_family(state)), value=None))
 
     method.change(show_method, method, method_outputs, api_visibility="private")
+
+    # --- the network: its own widgets (conv rank and alpha, LoKr factor), after the method's
+    network_widgets = [form[k] for k in ONLY_FOR_NETWORK]
+
+    def show_network(m, net):
+        return tuple(gr.update(visible=shown_for(k, m, net or "lora")) for k in ONLY_FOR_NETWORK)
+
+    method.change(show_network, [method, network], network_widgets, api_visibility="private")
+    network.change(show_network, [method, network], network_widgets, api_visibility="private")
 
     def choose_method(m):
         reset = method_defaults(m)
