@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from studio.generation import samplers
+from studio.generation.preview import Preview, approximate, latent_to_rgb
 from studio.models import speed
 
 StepFn = Callable[[int, int], None]  # (timestep index done, number of timesteps)
@@ -302,7 +303,8 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
             on_step: StepFn | None = None, cancel: threading.Event | None = None,
             control: Control | list[Control] | None = None, init_latents: torch.Tensor | None = None,
             strength: float = 1.0, inpaint: Inpaint | None = None, decode: bool = True,
-            region_mode: str = "Attention", image_prompts: list | None = None) -> DenoiseResult:
+            region_mode: str = "Attention", image_prompts: list | None = None,
+            preview: Preview | None = None) -> DenoiseResult:
     """Denoise `items` in one pass and decode them. On cancel it stops after the current step and returns the
     unfinished images with `interrupted` set. With `control` (one or several), the ControlNets' residuals, summed,
     are added to the UNet's blocks at every step where they are active (the rest of the loop is unchanged).
@@ -318,7 +320,11 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
 
     With `image_prompts` (studio.generation.ip_adapter.ImagePrompt, one per IP-Adapter already put on the UNet by
     ip_adapter.adapters_on), their image embeds go to the UNet as added_cond_kwargs["image_embeds"], stacked like
-    the text ([negative; prompt] rows), and each adapter's scale is set per step (0 outside its start/end)."""
+    the text ([negative; prompt] rows), and each adapter's scale is set per step (0 outside its start/end).
+
+    With `preview` (studio.generation.preview), every `preview.every` steps the latents go to `preview.show` as
+    approximate pictures (a linear map, no VAE decode; decoded for a VAE the map does not fit); without it the loop
+    is unchanged."""
     # 1. noise and sampler (a fresh scheduler per pass: stochastic samplers are seeded per pass)
     seeds = [item.seed for item in items]
     device = pipe._execution_device
@@ -327,6 +333,7 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
     scheduler.set_timesteps(steps, device=device)
     timesteps = scheduler.timesteps
     noise = initial_latents(pipe, seeds, width, height)
+    preview_map = latent_to_rgb(pipe.vae) if preview is not None else None  # fitted once per VAE, before step 1
     init = None if init_latents is None else _init_rows(pipe, init_latents, noise, width, height, inpaint)
     if init is None or strength >= 1:
         latents = noise * scheduler.init_noise_sigma
@@ -481,6 +488,9 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
                 latents = keep * proper + (1 - keep) * latents
             if on_step is not None:
                 on_step(i + 1, len(timesteps))
+            if preview is not None and preview.due(i + 1, len(timesteps)):
+                preview.show(approximate(latents, preview_map) if preview_map is not None
+                             else decode_latents(pipe, latents))
             if cancel is not None and cancel.is_set() and i + 1 < len(timesteps):
                 interrupted = True
                 break

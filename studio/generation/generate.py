@@ -45,6 +45,7 @@ from studio.generation.infotext import format_infotext, png_info
 from studio.generation.job import GenerateJob, resolve_seed
 from studio.generation.masking import InpaintPlan
 from studio.generation.oom import generation_advice, run_with_advice
+from studio.generation.preview import Preview
 from studio.generation.prompt_schedule import merge_schedules, prompt_schedule
 from studio.generation.prompt_syntax import extract_network_tags
 from studio.models import speed
@@ -364,7 +365,8 @@ class Generator:
 
     def run_hires_pass(self, job: GenerateJob, pipe, second: hires.HiresPass, first: DenoiseResult,
                     items: list[DenoiseItem], on_step, cancel: threading.Event | None,
-                    control: list[Control] | None = None, image_prompts: list | None = None) -> DenoiseResult:
+                    control: list[Control] | None = None, image_prompts: list | None = None,
+                    preview: Preview | None = None) -> DenoiseResult:
         """The hires fix's second pass over a finished first pass: its latents upscaled (latent upscalers) or its
         pictures upscaled and encoded again (pixel upscalers), then image to image at the target size (with
         `control`, its ControlNets, their maps at that size). A stopped first pass is returned as it is."""
@@ -389,7 +391,7 @@ class Generator:
         return denoise(pipe, items, second.sampler or job.sampler, job.schedule, second.steps or job.steps,
                        second.width, second.height, on_step=on_step, cancel=cancel, init_latents=init,
                        strength=second.denoising_strength, inpaint=inpaint, control=control,
-                       region_mode=job.region_mode, image_prompts=image_prompts)
+                       region_mode=job.region_mode, image_prompts=image_prompts, preview=preview)
 
     def load_controlnet(self, unit: ControlUnit, model: LoadedModel):
         """The unit's ControlNet on the pipe's device and dtype, compiled as the UNet is; one of another family is
@@ -430,7 +432,10 @@ class Generator:
         return inpaint
 
     def run(self, job: GenerateJob, outputs_dir: Path | None = None, on_progress: ProgressFn | None = None,
-            cancel: threading.Event | None = None) -> GenerateResult:
+            cancel: threading.Event | None = None, preview: Preview | None = None) -> GenerateResult:
+        """Run the job (every batch, both hires passes), saving PNGs to `outputs_dir`; `on_progress` per step,
+        `cancel` stops at the next step, `preview` gets approximate pictures every few steps (a UI setting, not a
+        job parameter: it changes no image)."""
         # 1. validate (the prompts' chunks are counted with the tokenizer in encode, before the text encoder runs)
         job.validate(self.manager.cfg.limits)
         if self.manager.current is None:
@@ -449,7 +454,8 @@ class Generator:
         maps = [unit.make_map(width, height, self.manager.cfg.cache_dir / "annotators") for unit in job.controls]
         pictures = [unit.pictures() for unit in job.ip_adapters]  # IP-Adapter pictures: read (checked) up front
         # out of GPU memory: memory freed, a message with what to change (studio.oom), the studio keeps serving
-        return run_with_advice(lambda: self._run(job, outputs_dir, on_progress, cancel, init, plan, maps, pictures),
+        return run_with_advice(lambda: self._run(job, outputs_dir, on_progress, cancel, init, plan, maps, pictures,
+                                                 preview),
                                "generation",
                                lambda: generation_advice(job.batch_size, job.width, job.height,
                                                          self.manager.memory))
@@ -457,7 +463,7 @@ class Generator:
     def _run(self, job: GenerateJob, outputs_dir: Path | None, on_progress: ProgressFn | None,
              cancel: threading.Event | None, init: Image.Image | None = None,
              plan: InpaintPlan | None = None, maps: list[Image.Image] | None = None,
-             pictures: list | None = None) -> GenerateResult:
+             pictures: list | None = None, preview: Preview | None = None) -> GenerateResult:
         with self.manager.lock, ExitStack() as adapters:  # `adapters`: the IP-Adapters, off the UNet at the end
             # the model is taken under the lock, so a model switch cannot come between reading it and using it
             model = self.manager.current
@@ -510,7 +516,7 @@ class Generator:
                               on_step=on_step, cancel=cancel, init_latents=init_latents,
                               strength=job.denoising_strength, inpaint=inpaint, control=controls or None,
                               region_mode=job.region_mode, image_prompts=image_prompts or None,
-                              decode=second is None or not second.in_latent_space)
+                              decode=second is None or not second.in_latent_space, preview=preview)
                 if second is not None:
                     def hires_step(done, n, done_before=done_before + run_steps, batch=batch):
                         on_step(done, n, done_before, batch, hires_steps, "hires fix, ")
@@ -520,7 +526,7 @@ class Generator:
                     hires_controls = self.controls_for(job.controls, loaded, maps or [], second.width, second.height,
                                                        pipe)
                     out = self.run_hires_pass(job, pipe, second, out, hires_items, hires_step, cancel,
-                                              hires_controls or None, image_prompts or None)
+                                              hires_controls or None, image_prompts or None, preview)
                 images, interrupted = out.images, out.interrupted
                 if plan is not None:  # the original's pixels back outside the mask (A1111's overlay)
                     images = [plan.finish(image) for image in images]

@@ -13,6 +13,7 @@ from studio.generation.infotext import parse_infotext, read_image_infotext, rng_
 from studio.generation.job import RESIZE_MODES, GenerateJob, load_init_image
 from studio.generation.paste import denoising_strength, restore_lora_names, vae_choice
 from studio.generation.presets import PresetExistsError, apply_preset, list_presets, save_preset
+from studio.generation.preview import Preview, preview_grid
 from studio.models.checkpoints import ModelLoadError
 from studio.ui import (
     control_panel,
@@ -24,7 +25,7 @@ from studio.ui import (
     send_to,
     upscale_panel,
 )
-from studio.ui.state import AppState
+from studio.ui.state import DEFAULT_PREVIEW_EVERY, AppState
 
 DEMO_BANNER = (
     "**demo-tiny is loaded: a tiny model with random weights, so its images are noise.** "
@@ -137,6 +138,11 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
                 expansions = gr.Radio([], label="Expansions", elem_id="expansions")
                 use_btn = gr.Button("Use it", elem_id="use-expansion")
         with gr.Column(scale=3):
+            with gr.Row():
+                live = gr.Image(label="Live preview (approximate colours, while it denoises)", interactive=False,
+                                height=160, elem_id="live-preview", format="png", scale=3)
+                live_every = gr.Slider(0, 20, value=DEFAULT_PREVIEW_EVERY, step=1, scale=1, elem_id="live-every",
+                                       label="Preview every N steps (0 = off)")
             gallery = gr.Gallery(label="Images", columns=2, height=520, elem_id="gallery", format="png")
             used_seed = gr.Markdown(elem_id="used-seed")
             infotext = gr.Textbox(label="Generation parameters", lines=4, interactive=False, elem_id="infotext")
@@ -211,8 +217,12 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
         def on_progress(done, total, info):
             progress((done, total), desc=info, unit="steps")
 
+        every = state.preview_every(request)
+        preview = Preview(every, lambda pictures: state.put_preview(
+            request, preview_grid(pictures, job.width, job.height))) if every else None
         try:
-            result = state.generator.run(job, state.cfg.outputs_dir, on_progress=on_progress, cancel=cancel)
+            result = state.generator.run(job, state.cfg.outputs_dir, on_progress=on_progress, cancel=cancel,
+                                         preview=preview)
         except (ValueError, RuntimeError) as e:
             raise gr.Error(str(e)) from e
         for note in result.notes:
@@ -227,10 +237,35 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
         return items, f"**Seed:** {seeds}{where}{note}", text, paths, next((p for p in paths if p), None)
 
     outputs = [gallery, used_seed, infotext, saved_paths, selected]  # the States are not part of the API's answer
-    generate_btn.click(run, all_inputs, outputs, concurrency_id="gpu", concurrency_limit=1,
-                       show_progress_on=gallery, api_name="generate")
-    prompt.submit(run, all_inputs, outputs, concurrency_id="gpu", concurrency_limit=1,
-                  show_progress_on=gallery, api_visibility="private")
+    # the live preview: a timer polls the session's newest preview while a run is on (it is a setting of the
+    # session, not an input of /generate: it changes no image)
+    timer = gr.Timer(0.5, active=False)
+
+    def set_every(every, request: gr.Request):
+        state.set_preview_every(request, every)
+
+    live_every.change(set_every, live_every, None, api_visibility="private", show_progress="hidden")
+
+    def poll(request: gr.Request):
+        image = state.take_preview(request)
+        return image if image is not None else gr.update()
+
+    timer.tick(poll, None, live, api_visibility="private", show_progress="hidden")
+    def start_previews(request: gr.Request):
+        state.take_preview(request)  # none left over from the last run
+        return gr.Timer(active=True)
+
+    def stop_previews():
+        return gr.Timer(active=False), None
+
+    runs = [generate_btn.click(run, all_inputs, outputs, concurrency_id="gpu", concurrency_limit=1,
+                               show_progress_on=gallery, api_name="generate"),
+            prompt.submit(run, all_inputs, outputs, concurrency_id="gpu", concurrency_limit=1,
+                          show_progress_on=gallery, api_visibility="private")]
+    for trigger, event in zip((generate_btn.click, prompt.submit), runs, strict=True):
+        trigger(start_previews, None, timer, api_visibility="private", show_progress="hidden",
+                concurrency_limit=None)
+        event.then(stop_previews, None, [timer, live], api_visibility="private", show_progress="hidden")
     def stop(request: gr.Request = None):
         state.cancel_for(request).set()  # this session's generation only
 

@@ -15,6 +15,8 @@ from studio.generation.generate import Generator
 from studio.models.manager import ModelManager
 from studio.train.worker import TrainingWorker
 
+DEFAULT_PREVIEW_EVERY = 5  # Generate's live preview: every 5 steps unless the session chose otherwise
+
 
 @dataclass
 class AppState:
@@ -28,6 +30,9 @@ class AppState:
     # Stop per browser session: one user's Stop never ends another's generation
     _cancels: dict = field(default_factory=dict, repr=False)
     _cancels_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # live previews per browser session: how often (steps; 0 = off) and the latest picture, until shown
+    _preview_every: dict = field(default_factory=dict, repr=False)
+    _previews: dict = field(default_factory=dict, repr=False)
 
     def cancel_for(self, request) -> threading.Event:
         """The Stop event of the session making `request` (a gr.Request; None: the shared one)."""
@@ -36,6 +41,21 @@ class AppState:
             return self.cancel
         with self._cancels_lock:
             return self._cancels.setdefault(key, threading.Event())
+
+    def preview_every(self, request) -> int:
+        """The session's live-preview setting: a preview every N steps (0 = off); DEFAULT_PREVIEW_EVERY until set."""
+        return self._preview_every.get(getattr(request, "session_hash", None), DEFAULT_PREVIEW_EVERY)
+
+    def set_preview_every(self, request, every) -> None:
+        self._preview_every[getattr(request, "session_hash", None)] = max(0, int(every or 0))
+
+    def put_preview(self, request, image) -> None:
+        """Keep the session's newest preview picture (an older one not yet shown is replaced)."""
+        self._previews[getattr(request, "session_hash", None)] = image
+
+    def take_preview(self, request):
+        """The session's newest preview not yet shown, or None."""
+        return self._previews.pop(getattr(request, "session_hash", None), None)
 
     def get_expander(self) -> PromptExpander:
         if self.expander is None:
