@@ -1,6 +1,7 @@
 """Storyboards (seed 004 §5.6): the shot list, shot types with prompt templates and LoRAs, a board-wide style and
-settings, kept as `storyboards/<name>/project.json` with references and frames beside it; CSV import, presets,
-picking and seed locking. Frames are made by runner.py, exported by export.py."""
+settings, the cast (characters drawn the same in every shot through IP-Adapter reference pictures), kept as
+`storyboards/<name>/project.json` with references and frames beside it; CSV import, presets, picking and seed
+locking. Frames are made by runner.py, exported by export.py."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import csv
 import io
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -53,7 +54,19 @@ CSV_REQUIRED = ("shot", "type", "description")
 
 
 CSV_COLUMNS = ("shot", "type", "description", "notes", "reference", "seed", "candidates", "canny_low", "canny_high",
-               "control_scale", "control_start", "control_end")
+               "control_scale", "control_start", "control_end", "cast")
+
+
+MAX_CAST = 8  # characters per board
+
+
+MAX_CHARACTER_PICTURES = 8  # reference pictures per character (ip_adapter.MAX_IMAGES: one IP-Adapter unit's)
+
+
+CHARACTER_NAME = re.compile(r"[^\W_](?:[\w' .-]{0,38}[^\W_])?")  # Sarah, Old Tom, O'Brien, Jean-Luc
+
+
+NOBODY = "-"  # a shot's cast cell that says: no character in this shot (whatever its text names)
 
 
 def _from_dict(cls, values: dict, what: str):
@@ -147,6 +160,78 @@ class Refinement:
 
 
 @dataclass
+class Character:
+    """A member of the board's cast: a shot whose description or notes name them (find_characters) gets their
+    reference pictures as an IP-Adapter image prompt and their prompt words added to its prompt."""
+
+    name: str  # as the shots name them: "Sarah", "Old Tom"
+    pictures: list[str] = field(default_factory=list)  # files under the project folder (references/cast/...)
+    ip_adapter: str = ""  # a file in ipadapter/ (without its extension); "" = the only one there
+    scale: float = 0.6  # how strongly the pictures steer (IP-Adapter scale, 0-2)
+    prompt: str = ""  # words added to the prompt of each shot they are in: "red coat, short grey hair"
+
+    def validate(self, limits: Limits | None = None) -> None:
+        limits = limits or Limits.from_env()
+        if not isinstance(self.name, str) or not CHARACTER_NAME.fullmatch(self.name):
+            shown = self.name if not isinstance(self.name, str) or len(self.name) <= 60 else self.name[:57] + "..."
+            raise ValueError(f"a character's name must be 1-40 letters, digits, spaces, ', - or . starting and "
+                             f"ending with a letter or digit (as the shots name them, e.g. Sarah), got {shown!r}")
+        where = f"character {self.name!r}"
+        try:
+            if not isinstance(self.pictures, list) or not all(isinstance(p, str) and p for p in self.pictures):
+                raise ValueError(f"pictures must be a list of files in the project, got {self.pictures!r}")
+            if len(self.pictures) > MAX_CHARACTER_PICTURES:
+                raise ValueError(f"at most {MAX_CHARACTER_PICTURES} reference pictures, got {len(self.pictures)}")
+            name = text("the IP-Adapter", self.ip_adapter).strip()
+            if name and (name.startswith(("/", "\\")) or ":" in name or ".." in re.split(r"[/\\]", name)):
+                raise ValueError(f"the IP-Adapter must be a file name in ipadapter/, got {self.ip_adapter!r}")
+            self.scale = real_number("scale", self.scale, 0, 2)
+            length = len(text("the prompt words", self.prompt))
+            limits.check("max_prompt_chars", length, f"the prompt words are {length:,} characters")
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
+def _name_pattern(name: str) -> re.Pattern:
+    body = r"\s+".join(re.escape(word) for word in name.replace("\u2019", "'").split())
+    return re.compile(rf"(?<!\w){body}(?!\w)", re.IGNORECASE)
+
+
+def find_characters(names: Iterable[str], *texts: str) -> list[str]:
+    """The names (as given) that `texts` mention, in the order of their first mention (the texts read in order:
+    a shot's notes, then its description). A name counts as a whole word in any case: "sarah", "Sarah's" and
+    "Sarah-Jane" name Sarah, "Sarahs" and "Sarahville" do not; the words of a longer name may be split by any
+    space. Where names overlap ("Sarah" and "Sarah Jane"), the longer one takes the words it covers."""
+    joined = "\n".join(t for t in texts if t).replace("\u2019", "'")
+    taken: list[tuple[int, int]] = []
+    first: dict[str, int] = {}
+    for name in sorted(dict.fromkeys(names), key=len, reverse=True):
+        for match in _name_pattern(name).finditer(joined):
+            if any(match.start() < end and start < match.end() for start, end in taken):
+                continue
+            taken.append(match.span())
+            first.setdefault(name, match.start())
+    return sorted(first, key=first.__getitem__)
+
+
+def cast_cell(cast: list[str] | None) -> str:
+    """A shot's cast as a table or CSV cell: "" (found in its text), "-" (nobody) or "Sarah, Callum"."""
+    if cast is None:
+        return ""
+    return ", ".join(cast) if cast else NOBODY
+
+
+def cast_from_cell(value: str) -> list[str] | None:
+    """cast_cell read back: "" -> None, "-" -> [], "Sarah, Callum" (or ;) -> the names."""
+    raw = text("cast", value).strip()
+    if not raw:
+        return None
+    if raw == NOBODY:
+        return []
+    return [name.strip() for name in re.split(r"[,;]", raw) if name.strip()]
+
+
+@dataclass
 class Shot:
     shot: str  # the shot's number as the script writes it: 1, 2, 12A
     type: str  # a ShotType name
@@ -163,6 +248,8 @@ class Shot:
     frames: list[Frame] = field(default_factory=list)  # the last generation's candidates and those made from them
     picked: int = 0  # index into frames
     history: list[Refinement] = field(default_factory=list)  # refinements and outpaintings, oldest first
+    # the characters in it: None = the cast's names found in its notes and description; [] = nobody; else these
+    cast: list[str] | None = None
 
     def control(self) -> ControlSettings:
         return ControlSettings(self.control_scale, self.control_start, self.control_end)
@@ -206,6 +293,10 @@ class Shot:
             if entry.action not in FRAME_ACTIONS[1:]:
                 raise ValueError(f"{where}: history entry {entry.file!r}: action must be one of "
                                  f"{', '.join(FRAME_ACTIONS[1:])}, got {entry.action!r}")
+        if self.cast is not None and (not isinstance(self.cast, list)
+                                      or not all(isinstance(n, str) and n.strip() for n in self.cast)):
+            raise ValueError(f"{where}: cast must be a list of character names (or null: found in its text), got "
+                             f"{self.cast!r}")
 
     @property
     def picked_frame(self) -> Frame | None:
@@ -285,6 +376,7 @@ class Storyboard:
     style: Style = field(default_factory=Style)
     settings: BoardSettings = field(default_factory=BoardSettings)
     model: str = ""  # the model its frames were last made with (information)
+    cast: list[Character] = field(default_factory=list)  # characters who look the same in every shot
 
     # 1. checks
 
@@ -303,6 +395,17 @@ class Storyboard:
             if st.name.lower() in names:
                 raise ValueError(f"two shot types are called {st.name!r}")
             names.add(st.name.lower())
+        if not isinstance(self.cast, list):
+            raise ValueError(f"the cast must be a list of characters, got {type(self.cast).__name__}")
+        if len(self.cast) > MAX_CAST:
+            raise ValueError(f"the cast has {len(self.cast)} characters; at most {MAX_CAST}")
+        known = {}
+        for character in self.cast:
+            character.validate(limits)
+            if character.name.lower() in known:
+                raise ValueError(f"character {character.name!r}: two characters are called "
+                                 f"{known[character.name.lower()]!r} (names are matched in any case)")
+            known[character.name.lower()] = character.name
         limits.check("max_storyboard_shots", len(self.shots), f"the storyboard has {len(self.shots):,} shots")
         seen = set()
         for shot in self.shots:
@@ -310,6 +413,7 @@ class Storyboard:
             if shot.shot in seen:
                 raise ValueError(f"shot number {shot.shot!r} appears twice")
             seen.add(shot.shot)
+            self.shot_cast(shot)  # a name in its cast column that is not in the cast
             # each piece is within the character limit, so the filled-in template stays small enough to check
             check_prompt_limits(self.prompt(shot), f"shot {shot.shot}'s prompt", limits)
 
@@ -329,14 +433,46 @@ class Storyboard:
         raise ValueError(f"no shot {number!r} in storyboard {self.name!r}; shots: "
                          f"{', '.join(s.shot for s in self.shots) or 'none'}")
 
+    def character(self, name: str, shot: str = "") -> Character:
+        """The cast member called `name` (any case); an unknown one lists the cast."""
+        for character in self.cast:
+            if character.name.lower() == (name or "").strip().lower():
+                return character
+        where = f"shot {shot}: " if shot else ""
+        raise ValueError(f"{where}character {name!r} is not in the cast (cast: "
+                         f"{', '.join(c.name for c in self.cast) or 'none'}; add them under Cast)")
+
+    def shot_cast(self, shot: Shot) -> list[Character]:
+        """The characters in `shot`: its `cast` when set, else those its notes and description name (find_characters),
+        in the order they are named."""
+        if shot.cast is not None:
+            return list({id(c): c for c in (self.character(n, shot.shot) for n in shot.cast)}.values())
+        by_name = {c.name: c for c in self.cast}
+        return [by_name[n] for n in find_characters(by_name, shot.notes, shot.description)]
+
+    def remove_character(self, name: str) -> Character:
+        """Take `name` out of the cast and out of the shots' cast lists (its picture files stay on disk)."""
+        character = self.character(name)
+        self.cast.remove(character)
+        for shot in self.shots:
+            if shot.cast is not None:
+                shot.cast = [n for n in shot.cast if n.strip().lower() != character.name.lower()]
+        return character
+
     # 2. prompts
 
-    def prompt(self, shot: Shot) -> str:
-        """The shot's studio prompt: its type's template filled in, plus the type's LoRA and the board's style."""
+    def prompt(self, shot: Shot, characters: list[Character] | None = None) -> str:
+        """The shot's studio prompt: its type's template filled in, the prompt words of its characters (`characters`,
+        default: shot_cast), plus the type's LoRA and the board's style. A shot without characters gets the prompt
+        it had before the board had a cast."""
         st = self.shot_type(shot.type, shot.shot)
         filled = (st.template.replace("[shot type]", st.name).replace("[description]", shot.description.strip())
                   .replace("[notes]", shot.notes.strip()))
         parts = [filled.strip()]
+        cast = self.shot_cast(shot) if characters is None else characters
+        words = [c.prompt.strip() for c in cast if c.prompt.strip()]
+        if words:
+            parts[0] = ", ".join([parts[0], *words])
         style = self.style.prompt_part()
         if style and self.style.kind == "embedding":
             parts[0] = f"{parts[0]}, {style}"
@@ -372,8 +508,12 @@ class Storyboard:
             types = [_from_dict(ShotType, t, "shot type") for t in data.pop("shot_types", [])] or default_shot_types()
             style = _from_dict(Style, data.pop("style", {}), "style")
             settings = _from_dict(BoardSettings, data.pop("settings", {}), "settings")
+            cast = data.pop("cast", None) or []  # a board written before the cast existed has none
+            if not isinstance(cast, list) or not all(isinstance(c, dict) for c in cast):
+                raise ValueError(f"the cast must be a list of characters, got {cast!r}")
+            cast = [_from_dict(Character, c, "character") for c in cast]
             return _from_dict(cls, {**data, "shots": shots, "shot_types": types, "style": style,
-                                    "settings": settings}, "storyboard")
+                                    "settings": settings, "cast": cast}, "storyboard")
         except TypeError as e:
             raise ValueError(f"storyboard is not valid: {e}") from None
 
@@ -459,7 +599,8 @@ def apply_board_preset(board: Storyboard, preset: BoardPreset) -> None:
 
 def shots_from_csv(content: str, source: str = "CSV", limits: Limits | None = None) -> list[Shot]:
     """Shots from CSV text with columns shot,type,description[,notes,reference,seed,candidates,canny_low,canny_high,
-    control_scale,control_start,control_end] (header row required, any order). Errors name the row and value."""
+    control_scale,control_start,control_end,cast] (header row required, any order; cast: "" = the characters its
+    text names, "-" = nobody, else "Sarah, Callum"). Errors name the row and value."""
     limits = limits or Limits.from_env()
     reader = csv.DictReader(io.StringIO(content.lstrip("\ufeff")))
     header = [h.strip().lower() for h in (reader.fieldnames or [])]
@@ -479,7 +620,8 @@ def shots_from_csv(content: str, source: str = "CSV", limits: Limits | None = No
         if not any(values.values()):
             continue  # an empty line
         shot = Shot(shot=values["shot"], type=values["type"], description=values["description"],
-                    notes=values.get("notes", ""), reference=values.get("reference", ""))
+                    notes=values.get("notes", ""), reference=values.get("reference", ""),
+                    cast=cast_from_cell(values.get("cast", "")))
         try:
             for name, default in (("seed", -1), ("candidates", 0), ("canny_low", 100), ("canny_high", 200),
                                   ("control_scale", 1.0), ("control_start", 0.0), ("control_end", 1.0)):
@@ -501,7 +643,7 @@ def shots_to_csv(shots: list[Shot]) -> str:
     writer = csv.DictWriter(out, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
     writer.writeheader()
     for shot in shots:
-        writer.writerow({c: getattr(shot, c) for c in CSV_COLUMNS})
+        writer.writerow({c: cast_cell(shot.cast) if c == "cast" else getattr(shot, c) for c in CSV_COLUMNS})
     return out.getvalue()
 
 
@@ -566,6 +708,8 @@ class StoryboardStore:
         for shot in board.shots:
             if shot.reference:
                 self.reference_path(board, shot)  # a reference must be a file inside the project
+        for character in board.cast:
+            self.character_pictures(board, character)  # and so must a character's pictures
         write_text(folder / PROJECT_FILE, json.dumps(board.to_dict(), indent=2, ensure_ascii=False) + "\n")
         return folder / PROJECT_FILE
 
@@ -575,15 +719,63 @@ class StoryboardStore:
             raise ValueError(f"shot {shot.shot}: reference {shot.reference!r} is not in the project folder")
         return path
 
+    def character_pictures(self, board: Storyboard, character: Character) -> list[Path]:
+        """The character's reference pictures, each a file inside the project (else ValueError naming them)."""
+        out = []
+        for rel in character.pictures:
+            try:
+                path = safe_child(self.path(board.name), rel)
+            except ValueError as e:
+                raise ValueError(f"character {character.name!r}: picture {rel!r}: {e}") from None
+            if not path.is_file():
+                raise ValueError(f"character {character.name!r}: picture {rel!r} is not in the project folder")
+            out.append(path)
+        return out
+
+    @staticmethod
+    def _stem(source: Path, default: str) -> str:
+        return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(source).stem)[:40] or default
+
+    def _copy_picture(self, board: Storyboard, picture, rel: str) -> None:
+        """A checked picture (read_reference's) written into the project as an RGB PNG at `rel`."""
+        with atomic_path(self.path(board.name) / rel) as tmp:
+            picture.image.save(tmp, format="PNG")
+
     def add_reference(self, board: Storyboard, shot: Shot, source: Path) -> list[str]:
         """Copy a picture into references/ as an RGB PNG and point the shot at it. Returns what was converted
         (CMYK, palette, alpha); a file that is not a usable image raises ValueError naming it."""
         ref = read_reference(Path(source))
-        rel = f"references/{shot.shot}-{re.sub(r'[^A-Za-z0-9._-]+', '-', Path(source).stem)[:40] or 'ref'}.png"
-        with atomic_path(self.path(board.name) / rel) as tmp:
-            ref.image.save(tmp, format="PNG")
+        rel = f"references/{shot.shot}-{self._stem(source, 'ref')}.png"
+        self._copy_picture(board, ref, rel)
         shot.reference = rel
         return [f"shot {shot.shot} reference {Path(source).name}: {note}" for note in ref.notes]
+
+    def add_character_pictures(self, board: Storyboard, character: Character, sources: list[Path]) -> list[str]:
+        """Copy pictures into references/cast/ as RGB PNGs (as add_reference copies a shot's) and add them to the
+        character's. Every picture is checked (its header before decoding) before any is copied; more than
+        MAX_CHARACTER_PICTURES in all raises ValueError naming the character. Returns what was converted."""
+        sources = [Path(s) for s in sources]
+        total = len(character.pictures) + len(sources)
+        if total > MAX_CHARACTER_PICTURES:
+            raise ValueError(f"character {character.name!r}: at most {MAX_CHARACTER_PICTURES} reference pictures, "
+                             f"got {total} ({len(character.pictures)} kept + {len(sources)} new)")
+        refs = []
+        for source in sources:
+            try:
+                refs.append(read_reference(source))
+            except ValueError as e:
+                raise ValueError(f"character {character.name!r}: {e}") from None
+        project = self.path(board.name)
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", character.name).strip("-.")[:40] or "character"
+        notes = []
+        for source, ref in zip(sources, refs, strict=True):
+            stem = f"references/cast/{slug}-{self._stem(source, 'picture')}"
+            rel = next(f"{stem}{'' if n == 1 else f'-{n}'}.png" for n in range(1, 10_000)
+                       if not (project / f"{stem}{'' if n == 1 else f'-{n}'}.png").exists())
+            self._copy_picture(board, ref, rel)
+            character.pictures.append(rel)
+            notes += [f"character {character.name} picture {source.name}: {note}" for note in ref.notes]
+        return notes
 
     def import_csv(self, board: Storyboard, csv_path: Path, confine: bool = True,
                    reference_dir: Path | None = None) -> list[str]:

@@ -1,10 +1,12 @@
 """Generating storyboard shots: each candidate a Generate image of the shot's prompt, following the shot's
-reference through the ControlNet when it has one; frames and the project are saved as they finish."""
+reference through the ControlNet when it has one and its characters' reference pictures through their IP-Adapters
+(the board's cast); frames and the project are saved as they finish."""
 
 from __future__ import annotations
 
 import random
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from studio.control.controlnet import ControlNetLoader
 from studio.control.preprocess import canny_map, fit_to_frame, read_reference
 from studio.files.atomic import atomic_dir, atomic_path
 from studio.files.names import safe_child
-from studio.generation import masking
+from studio.generation import ip_adapter, masking
 from studio.generation.denoise import Control, denoise, encode_init, pass_noise_is_shared
 from studio.generation.generate import Generator, build_infotext
 from studio.generation.infotext import format_infotext, parse_infotext, png_info
@@ -25,6 +27,7 @@ from studio.models import speed
 from studio.models.manager import ModelManager
 from studio.storyboard.board import (
     PER_PASS,
+    Character,
     Frame,
     ProgressFn,
     Refinement,
@@ -40,6 +43,18 @@ class ShotResult:
     frames: list[Frame]
     controlnet: bool
     canny: Path | None = None
+    characters: list[str] = field(default_factory=list)  # the cast members drawn from their pictures
+
+
+@dataclass
+class CastPlan:
+    """A shot's characters as a job takes them: an IP-Adapter unit per character with pictures (at most
+    ip_adapter.MAX_ADAPTERS) and those units' pictures, read (checked) before any model work."""
+
+    characters: list[Character] = field(default_factory=list)  # all the shot's characters (their prompt words)
+    units: list[ip_adapter.IPAdapterUnit] = field(default_factory=list)
+    pictures: list[list[Image.Image]] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # the characters of `units`, in order
 
 
 @dataclass
@@ -123,6 +138,67 @@ class StoryboardRunner:
 
             resolve_upscaler(second.upscaler, self.manager.cfg.upscalers_dir)
 
+    # the cast: characters' reference pictures through IP-Adapters ------------------------------------------------
+
+    @property
+    def ipadapter_dir(self) -> Path:
+        return self.generator.ip_adapters.folder or self.manager.cfg.ipadapter_dir
+
+    def adapter_for(self, character: Character) -> str:
+        return cast_adapter(character, self.ipadapter_dir)
+
+    def cast_plan(self, board: Storyboard, shot: Shot, pictures: dict | None = None,
+                  notes: list[str] | None = None) -> CastPlan:
+        """The shot's characters as IP-Adapter units, their adapters found and their pictures read (checked before
+        decoding; `pictures` keeps them by character across shots). A character without pictures adds only their
+        prompt words; beyond ip_adapter.MAX_ADAPTERS the first ones get units (`notes` says so)."""
+        pictures = {} if pictures is None else pictures
+        notes = [] if notes is None else notes
+        plan = CastPlan(board.shot_cast(shot))
+        with_pictures = [c for c in plan.characters if c.pictures]
+        for c in plan.characters:
+            if not c.pictures:
+                note = (f"character {c.name} has no reference pictures: only their prompt words are used (add "
+                        "pictures under Cast)")
+                if note not in notes:
+                    notes.append(note)
+        limit = ip_adapter.MAX_ADAPTERS
+        if len(with_pictures) > limit:
+            notes.append(f"shot {shot.shot}: {len(with_pictures)} characters with pictures "
+                         f"({', '.join(c.name for c in with_pictures)}); at most {limit} IP-Adapters at once, so "
+                         f"{', '.join(c.name for c in with_pictures[limit:])} only by their prompt words")
+            with_pictures = with_pictures[:limit]
+        for c in with_pictures:
+            name = self.adapter_for(c)
+            paths = self.store.character_pictures(board, c)
+            if c.name not in pictures:
+                try:
+                    pictures[c.name] = ip_adapter.IPAdapterUnit(name, [str(p) for p in paths]).pictures()
+                except ValueError as e:
+                    raise ValueError(f"cast: character {c.name!r}: {e}") from None
+            plan.units.append(ip_adapter.IPAdapterUnit(name, [str(p) for p in paths], c.scale))
+            plan.pictures.append(pictures[c.name])
+            plan.names.append(c.name)
+        try:
+            ip_adapter.check_units(plan.units)
+        except ValueError as e:
+            raise ValueError(f"shot {shot.shot}: {e}") from None
+        return plan
+
+    def check_adapters(self, plans: list[CastPlan], unet) -> None:
+        """Every adapter the plans use opened against the loaded UNet (its family, layers and image encoder),
+        before any shot runs; an error names the characters."""
+        seen = {}
+        for plan in plans:
+            for unit, name in zip(plan.units, plan.names, strict=True):
+                seen.setdefault(unit.name, []).append(name)
+        for adapter, names in seen.items():
+            try:
+                self.generator.ip_adapters.open(adapter, unet)
+            except ip_adapter.IPAdapterError as e:
+                who = ", ".join(dict.fromkeys(names))
+                raise ip_adapter.IPAdapterError(f"cast: character {who}: {e}") from None
+
     def run(self, board: Storyboard, shots: list[str] | None = None, only_missing: bool = False,
             on_progress: ProgressFn | None = None, cancel: threading.Event | None = None,
             rng: random.Random | None = None) -> StoryboardResult:
@@ -154,6 +230,9 @@ class StoryboardRunner:
         if not chosen:
             result.message = "nothing to generate"
             return result
+        # the cast: each shot's characters' adapters (file and image encoder) and pictures, before any shot runs
+        pictures: dict[str, list] = {}
+        plans = {shot.shot: self.cast_plan(board, shot, pictures, result.notes) for shot in chosen}
         s = board.settings
         total = sum(self.board_steps(board, shot) for shot in chosen)
         done = 0
@@ -168,7 +247,9 @@ class StoryboardRunner:
                     self.generator.check_chunks(s.job(board.prompt(shot), 0), model)
                 except LimitExceeded as e:
                     raise LimitExceeded(e.name, e.limit, f"shot {shot.shot}: {e.what}") from None
-            # 2. the ControlNet for this model, before any denoising: a missing one fails now, not after half the board
+            # 2. the IP-Adapters and the ControlNet for this model, before any denoising: a missing or unfitting one
+            # fails now, not after half the board
+            self.check_adapters(list(plans.values()), model.pipe.unet)
             controlnet = None
             if any(shot.reference for shot in chosen):
                 controlnet = self.controlnets.load(s.controlnet, model.pipe._execution_device, model.pipe.unet.dtype,
@@ -188,7 +269,7 @@ class StoryboardRunner:
                     shot_result, done = run_with_advice(
                         lambda shot=shot, label=label, done=done: self._run_shot(
                             board, shot, model, model_hash, controlnet, label, done, total, on_progress, cancel, rng,
-                            result.notes),
+                            result.notes, plans[shot.shot]),
                         f"shot {shot.shot}", lambda n=n, per_pass=per_pass: generation_advice(
                             min(n, per_pass), s.width, s.height, self.manager.memory, "number of candidates",
                             f"a shot's candidates are denoised up to {per_pass} at a time"))
@@ -228,7 +309,9 @@ class StoryboardRunner:
         style stay), the candidate's seed (`seed` None; -1: a random one) and the shot's ControlNet when it has a
         reference. The result is added as a new candidate (the others stay) and recorded in the shot's history."""
         shot, k, frame, path = self.source_frame(board, shot_number, index)
-        prompt = board.prompt(replace(shot, description=description) if (description or "").strip() else shot)
+        # the shot's characters stay (their prompt words and pictures) when the description is replaced
+        prompt = board.prompt(replace(shot, description=description) if (description or "").strip() else shot,
+                              board.shot_cast(shot))
         job = self._frame_job(board, prompt, frame, path, seed)
         job.denoising_strength = strength
         job.mask = mask
@@ -277,6 +360,9 @@ class StoryboardRunner:
                 cancel: threading.Event | None) -> RefineResult:
         limits = self.manager.cfg.limits
         board.validate(limits)
+        notes: list[str] = []
+        plan = self.cast_plan(board, shot, notes=notes)  # the shot's characters, as its generated frames have them
+        job.ip_adapters = list(plan.units)
         job.validate(limits)
         n = len(shot.frames) + 1
         limits.check("max_storyboard_candidates", n, f"shot {shot.shot} would have {n:,} candidates")
@@ -285,20 +371,22 @@ class StoryboardRunner:
         if use_control and shot.reference:
             self.store.reference_path(board, shot)
         # the init, mask and the picture the sampler sees, read before any model work (as Generate does)
-        plan = job.inpaint_plan()
-        init = plan.picture if plan is not None else job.init_picture()
+        inpaint_plan = job.inpaint_plan()
+        init = inpaint_plan.picture if inpaint_plan is not None else job.init_picture()
         mask = masking.binary_mask(load_mask(job.mask)) if job.mask is not None else None
         width, height = job.frame_size()
-        return run_with_advice(
-            lambda: self._derive_locked(board, shot, k, source, job, action, use_control, plan, init, mask,
-                                        on_progress, cancel),
+        result = run_with_advice(
+            lambda: self._derive_locked(board, shot, k, source, job, action, use_control, inpaint_plan, init, mask,
+                                        on_progress, cancel, plan),
             f"shot {shot.shot}", lambda: generation_advice(1, width, height, self.manager.memory))
+        result.notes = notes + [note for note in result.notes if note not in notes]
+        return result
 
     def _derive_locked(self, board, shot, k, source, job, action, use_control, plan, init, mask, on_progress,
-                       cancel) -> RefineResult:
+                       cancel, cast: CastPlan) -> RefineResult:
         result = RefineResult(board, shot.shot, None, None)
         width, height = job.frame_size()
-        with self.manager.lock:
+        with self.manager.lock, ExitStack() as adapters:  # `adapters`: the cast's IP-Adapters, off at the end
             model = self.manager.current
             if model is None:
                 raise RuntimeError("no model is loaded; load one first")
@@ -312,6 +400,7 @@ class StoryboardRunner:
                 controlnet = self.controlnets.load(board.settings.controlnet, pipe._execution_device, pipe.unet.dtype,
                                                    pipe.unet.config.cross_attention_dim, self.allow_paths,
                                                    compile_as=speed.compiled_as(pipe.unet), xl=model.is_xl)
+            self.check_adapters([cast], pipe.unet)
             model_hash = self.manager.model_hash(model)
             # the shot's prompt encoded as Generate encodes it (this applies its LoRAs)
             cond, uncond, nets = self.generator.encode(job, model)
@@ -329,6 +418,12 @@ class StoryboardRunner:
                 control = Control(controlnet.model, processor.preprocess(canny, height=height, width=width), c.scale,
                                   c.start, c.end)
                 extra = controlnet_fields(controlnet.name, controlnet.hash, shot, width, height)
+            # the shot's characters: their pictures encoded once, their adapters on the UNet for this frame only
+            image_prompts = None
+            if cast.units:
+                ip_loaded, image_prompts = self.generator.ip_adapters.prompts(cast.units, pipe, cast.pictures)
+                adapters.enter_context(ip_adapter.adapters_on(pipe, ip_loaded))
+                extra = {**extra, **ip_adapter.infotext_fields(cast.units, ip_loaded)}
             init_latents = encode_init(pipe, init)
             inpaint = self.generator.inpaint_for(job, pipe, plan, width, height)
             steps = job.denoise_steps()
@@ -344,7 +439,8 @@ class StoryboardRunner:
                 on_progress(0, steps, f"{what}: {note}")
             out = denoise(pipe, [nets.item(cond, uncond, job.cfg_scale, job.seed)], job.sampler, job.schedule,
                           job.steps, width, height, on_step=on_step, cancel=cancel, control=control,
-                          init_latents=init_latents, strength=job.denoising_strength, inpaint=inpaint)
+                          init_latents=init_latents, strength=job.denoising_strength, inpaint=inpaint,
+                          image_prompts=image_prompts)
             if out.interrupted:
                 result.interrupted = True
                 result.message = f"stopped: shot {shot.shot} keeps its candidates as they were"
@@ -391,12 +487,20 @@ class StoryboardRunner:
         return (board.settings.steps + hires_steps(board)) * -(-n // per_pass)
 
     def _run_shot(self, board, shot, model, model_hash, controlnet, label, done, total, on_progress, cancel, rng,
-                  notes) -> tuple[ShotResult | None, int]:
+                  notes, cast: CastPlan | None = None) -> tuple[ShotResult | None, int]:
+        cast = cast or CastPlan()
+        with ExitStack() as adapters:  # the shot's IP-Adapters, on the UNet for this shot only
+            return self._run_shot_with(board, shot, model, model_hash, controlnet, label, done, total, on_progress,
+                                       cancel, rng, notes, cast, adapters)
+
+    def _run_shot_with(self, board, shot, model, model_hash, controlnet, label, done, total, on_progress, cancel,
+                       rng, notes, cast: CastPlan, adapters: ExitStack) -> tuple[ShotResult | None, int]:
         s = board.settings
         n = board.candidates_of(shot)
         seeds = shot_seeds(shot, n, rng)
         # 3. the shot's prompt, encoded as Generate encodes it (this applies its LoRAs)
-        job = s.job(board.prompt(shot), seeds[0])
+        job = s.job(board.prompt(shot, cast.characters), seeds[0])
+        job.ip_adapters = list(cast.units)
         cond, uncond, nets = self.generator.encode(job, model)
         for note in nets.notes:
             if note not in notes:
@@ -413,6 +517,12 @@ class StoryboardRunner:
             c = shot.control()
             control = Control(controlnet.model, tensor, c.scale, c.start, c.end)
             extra = controlnet_fields(controlnet.name, controlnet.hash, shot, s.width, s.height)
+        # the shot's characters: their pictures encoded once, their IP-Adapters on the UNet (Generate's fields)
+        image_prompts = None
+        if cast.units:
+            ip_loaded, image_prompts = self.generator.ip_adapters.prompts(cast.units, model.pipe, cast.pictures)
+            adapters.enter_context(ip_adapter.adapters_on(model.pipe, ip_loaded))
+            extra.update(ip_adapter.infotext_fields(cast.units, ip_loaded))
         # 5. denoise the candidates in passes and write them into a fresh shot folder, swapped in at the end
         folder = self.store.path(board.name) / "shots" / shot.shot
         per_pass = 1 if pass_noise_is_shared(s.sampler) else self.per_pass
@@ -436,7 +546,7 @@ class StoryboardRunner:
                 out = denoise(model.pipe, items, s.sampler, s.schedule, s.steps, s.width, s.height, on_step=on_step,
                               cancel=cancel, control=control,
                               inpaint=self.generator.inpaint_for(job, model.pipe, None, s.width, s.height),
-                              decode=second is None or not second.in_latent_space)
+                              decode=second is None or not second.in_latent_space, image_prompts=image_prompts)
                 if out.interrupted:
                     raise _Stopped()  # leaves the old folder in place (atomic_dir drops tmp)
                 done += s.steps
@@ -452,7 +562,8 @@ class StoryboardRunner:
 
                     hnets = self.generator.hires_prompts(job, model, nets, cond, uncond)
                     hitems = [hnets.item(hnets.cond, hnets.uncond, s.cfg_scale, seed) for seed in pass_seeds]
-                    out = self.generator.run_hires_pass(job, model.pipe, second, out, hitems, on_hires, cancel)
+                    out = self.generator.run_hires_pass(job, model.pipe, second, out, hitems, on_hires, cancel,
+                                                        image_prompts=image_prompts)
                     if out.interrupted:
                         raise _Stopped()
                     done += extra_steps
@@ -473,7 +584,35 @@ class StoryboardRunner:
         shot.frames = frames
         shot.picked = 0
         return ShotResult(shot.shot, frames, control is not None,
-                          folder / "canny.png" if canny is not None else None), done
+                          folder / "canny.png" if canny is not None else None, list(cast.names)), done
+
+
+def cast_adapter(character: Character, folder: Path) -> str:
+    """The character's IP-Adapter file name: their own, or (when they name none) the only one in `folder`
+    (ipadapter/). The file and its image encoder must be there: else IPAdapterError naming the character and the
+    folder (the command line checks this before it loads a model)."""
+    folder = Path(folder)
+    name = character.ip_adapter.strip()
+    where = f"cast: character {character.name!r}"
+    if not name:
+        found = ip_adapter.list_ip_adapters(folder)
+        if len(found) != 1:
+            raise ip_adapter.IPAdapterError(
+                f"{where} has reference pictures but no IP-Adapter, and {folder} has "
+                + (f"several ({', '.join(found)}): pick one for them under Cast" if found else
+                   "none: put an IP-Adapter file there (e.g. ip-adapter_sd15.safetensors from h94/IP-Adapter's "
+                   f"models/) with its image encoder folder in {folder / ip_adapter.ENCODER_FOLDER}"))
+        name = found[0]
+    try:
+        path = ip_adapter.resolve_ip_adapter(name, folder)
+    except (ip_adapter.IPAdapterError, ValueError) as e:
+        raise ip_adapter.IPAdapterError(f"{where}: {e}") from None
+    if ip_adapter.find_image_encoder(path, folder) is None:
+        raise ip_adapter.IPAdapterError(
+            f"{where}: IP-Adapter {name} needs its CLIP image encoder, which is not in {folder} (it is never "
+            f"downloaded): put a transformers CLIPVisionModelWithProjection folder (config.json and weights) at "
+            f"{folder / ip_adapter.ENCODER_FOLDER}")
+    return name
 
 
 def hires_steps(board: Storyboard) -> int:

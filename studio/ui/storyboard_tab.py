@@ -1,7 +1,8 @@
 """The Storyboard tab: a project's shot list as an editable table (CSV import/export), shot types and style, per
 shot a reference with a live canny preview and the ControlNet's scale and guidance, candidates to pick from,
 regenerate one shot, lock its seed, refine a candidate (image to image or inpainting) or outpaint it to the board's
-aspect as a new candidate, a board hires fix, and export as PDF and contact sheet."""
+aspect as a new candidate, a board hires fix, the cast (characters drawn from their reference pictures through
+IP-Adapters in every shot that names them), and export as PDF and contact sheet."""
 
 from __future__ import annotations
 
@@ -14,15 +15,21 @@ from studio.control.controlnet import controlnet_choices, default_controlnet
 from studio.control.preprocess import canny_map, fit_to_frame, read_reference
 from studio.files.names import UnsafeNameError
 from studio.generation import samplers
+from studio.generation.ip_adapter import list_ip_adapters
 from studio.models.checkpoints import ModelLoadError
 from studio.storyboard.board import (
+    MAX_CAST,
+    MAX_CHARACTER_PICTURES,
     BoardSettings,
+    Character,
     Shot,
     ShotType,
     Storyboard,
     StoryboardStore,
     Style,
     apply_board_preset,
+    cast_cell,
+    cast_from_cell,
     check_board_name,
     list_board_presets,
     lock_seed,
@@ -36,7 +43,9 @@ from studio.ui import hires_panel, inpaint_panel, send_to
 from studio.ui.checked_editor import CheckedImageEditor
 from studio.ui.state import AppState
 
-SHOT_COLUMNS = ["shot", "type", "description", "characters / notes", "reference", "seed", "candidates"]
+SHOT_COLUMNS = ["shot", "type", "description", "characters / notes", "reference", "seed", "candidates",
+                "cast (empty = the names in its text, - = nobody)"]
+CAST_COLUMNS = ["character", "prompt words", "IP-Adapter", "scale", "pictures"]
 TYPE_COLUMNS = ["shot type", "prompt template", "LoRA", "LoRA weight"]
 SETTING_NAMES = ["negative_prompt", "sampler", "schedule", "steps", "cfg_scale", "width", "height", "clip_skip",
                  "candidates", "controlnet", "aspect", "hires_fix", "hires_scale", "hires_upscaler", "hires_steps",
@@ -58,7 +67,36 @@ def board_preset_choices(presets) -> list[tuple[str, str]]:
 
 
 def shot_rows(board: Storyboard) -> list[list]:
-    return [[s.shot, s.type, s.description, s.notes, s.reference, s.seed, s.candidates] for s in board.shots]
+    return [[s.shot, s.type, s.description, s.notes, s.reference, s.seed, s.candidates, cast_cell(s.cast)]
+            for s in board.shots]
+
+
+def cast_rows(board: Storyboard) -> list[list]:
+    """The cast table: each character's name, prompt words, adapter ("" = the only one in ipadapter/), scale and
+    number of pictures."""
+    return [[c.name, c.prompt, c.ip_adapter or "(the only one in ipadapter/)", c.scale, len(c.pictures)]
+            for c in board.cast]
+
+
+def set_character(board: Storyboard, name, words, adapter, scale) -> Character:
+    """The character called `name` (any case) with these prompt words, adapter and scale; a new name adds a
+    character to the cast. Checked as the board file checks it (ValueError naming the character)."""
+    name = name.strip() if isinstance(name, str) else ""
+    if not name:
+        raise ValueError("type the character's name first (as the shots name them, e.g. Sarah)")
+    try:
+        character, new = board.character(name), False
+    except ValueError:
+        if len(board.cast) >= MAX_CAST:
+            raise ValueError(f"the cast has {len(board.cast)} characters already; at most {MAX_CAST}") from None
+        character, new = Character(name), True
+    character.prompt = (words or "").strip()
+    character.ip_adapter = (adapter or "").strip()
+    character.scale = 0.6 if scale is None else scale
+    character.validate()
+    if new:
+        board.cast.append(character)
+    return character
 
 
 def type_rows(board: Storyboard) -> list[list]:
@@ -91,7 +129,7 @@ def board_from_form(base: Storyboard, shots_table, types_table, style_kind, styl
     shots = []
     for i, row in enumerate(_rows(shots_table), start=1):
         row = (row + [""] * len(SHOT_COLUMNS))[: len(SHOT_COLUMNS)]
-        number, kind, description, notes, reference, seed, candidates = row
+        number, kind, description, notes, reference, seed, candidates, cast = row
         shot = old.get(number) or Shot(number, kind, description)
         shot.shot, shot.type, shot.description, shot.notes, shot.reference = number, kind, description, notes, reference
         try:
@@ -99,7 +137,9 @@ def board_from_form(base: Storyboard, shots_table, types_table, style_kind, styl
             shot.seed = number_from_text(f"shot {number}: seed", seed, whole=True) if seed != "" else -1
             shot.candidates = (number_from_text(f"shot {number}: candidates", candidates, whole=True)
                                if candidates != "" else 0)
+            shot.cast = cast_from_cell(cast)
             shot.validate(limits)
+            board.shot_cast(shot)  # a name that is not in the cast
         except ValueError as e:
             raise ValueError(f"shot list row {i}: {e}") from None
         shots.append(shot)
@@ -210,7 +250,7 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
         csv_in = gr.File(label="Import shot list (CSV: shot,type,description[,notes,reference,seed,...])",
                          file_types=[".csv"], type="filepath", scale=3, elem_id="sb-csv")
     shots = gr.Dataframe(value=[], headers=SHOT_COLUMNS, type="array", interactive=True, wrap=True,
-                         datatype=["str", "str", "str", "str", "str", "number", "number"],
+                         datatype=["str", "str", "str", "str", "str", "number", "number", "str"],
                          column_count=len(SHOT_COLUMNS), max_height=420, elem_id="sb-shots",
                          label="Shot list: edit cells, add rows; seed -1 = new random seeds each time, "
                                "candidates 0 = the board's default")
@@ -229,6 +269,39 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
             style_kind = gr.Radio(["none", "embedding", "lora"], value="none", label="Style of the whole board")
             style_name = gr.Textbox(label="Embedding or LoRA name")
             style_weight = gr.Number(value=1.0, label="Weight")
+    adapters = list_ip_adapters(cfg.ipadapter_dir)
+    with gr.Accordion("Cast: characters who look the same in every shot", open=False, elem_id="sb-cast"):
+        gr.Markdown("A character named in a shot's description or *characters / notes* (as a whole word, any case: "
+                    "*Sarah*, *Sarah's*) is drawn from their reference pictures in that shot, and their prompt words "
+                    "are added to its prompt. The pictures steer through an IP-Adapter: put an adapter file of the "
+                    f"model's family in `{state.shown(cfg.ipadapter_dir)}` with its `image_encoder/` folder (↻ "
+                    "rescans). The shot list's *cast* column overrides the names found (`-` = nobody). Up to "
+                    f"{MAX_CAST} characters, {MAX_CHARACTER_PICTURES} pictures each, 4 with pictures per shot.")
+        cast_table = gr.Dataframe(value=[], headers=CAST_COLUMNS, type="array", interactive=False,
+                                  column_count=len(CAST_COLUMNS), elem_id="sb-cast-table",
+                                  label="Cast (pick a character below to change them)")
+        with gr.Row():
+            cast_pick = gr.Dropdown([], value=None, allow_custom_value=True, scale=2, elem_id="sb-cast-pick",
+                                    label="Character (pick one, or type a new name)")
+            cast_words = gr.Textbox(label="Prompt words (added to the shots they are in)", scale=3,
+                                    placeholder="red coat, short grey hair", elem_id="sb-cast-words")
+        with gr.Row():
+            cast_adapter = gr.Dropdown(adapters, value=adapters[0] if adapters else "", allow_custom_value=True,
+                                       label="IP-Adapter (a file in ipadapter/)", scale=3, elem_id="sb-cast-adapter")
+            cast_refresh = gr.Button("↻", scale=0, min_width=40, elem_id="sb-cast-refresh")
+            cast_scale = gr.Slider(0, 2, value=0.6, step=0.05, scale=3, elem_id="sb-cast-scale",
+                                   label="Scale (how strongly the pictures steer; 0.5-0.8 leaves the prompt room)")
+        with gr.Row():
+            # files, not gr.Image: gr.Image decodes an upload before any check
+            cast_upload = gr.File(label="Add reference pictures of the character (PNG, JPEG, WebP)",
+                                  file_types=["image"], file_count="multiple", height=90, scale=1,
+                                  elem_id="sb-cast-upload")
+            cast_gallery = gr.Gallery(label="Their reference pictures", interactive=False, columns=4, height=180,
+                                      scale=2, elem_id="sb-cast-gallery")
+        with gr.Row():
+            cast_save_btn = gr.Button("Add or update this character", elem_id="sb-cast-save")
+            cast_clear_btn = gr.Button("Remove their pictures", elem_id="sb-cast-clear")
+            cast_remove_btn = gr.Button("Remove this character", elem_id="sb-cast-remove")
     with gr.Accordion("Generation settings and ControlNet", open=False):
         with gr.Row():
             negative = gr.Textbox(label="Negative prompt", scale=3)
@@ -369,15 +442,33 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
     shot_outputs = [shot_pick, reference, reference_view, low, high, edges, scale, start, end, gallery,
                     refine_editor]
 
+    def cast_view(board: Storyboard, who: str | None = None):
+        """The cast table, the character picker and `who`'s (default: the first character's) fields and pictures."""
+        names = [c.name for c in board.cast]
+        chosen = next((c for c in board.cast if c.name.lower() == (who or "").strip().lower()),
+                      board.cast[0] if board.cast else None)
+        try:
+            pictures = [str(p) for p in store.character_pictures(board, chosen)] if chosen else []
+        except ERRORS:
+            pictures = []
+        default = (list_ip_adapters(cfg.ipadapter_dir) or [""])[0]
+        return (cast_rows(board), gr.update(choices=names, value=chosen.name if chosen else None),
+                chosen.prompt if chosen else "", chosen.ip_adapter if chosen else default,
+                chosen.scale if chosen else 0.6, pictures)
+
+    cast_outputs = [cast_table, cast_pick, cast_words, cast_adapter, cast_scale, cast_gallery]
+
     def everything(board: Storyboard, number: str | None = None):
         values = settings_values(board)
         values[SETTING_NAMES.index("controlnet")] = gr.update(choices=controlnet_choices(cfg.controlnet_dir, cfg.assets_dir, state.manager.current),
                                value=board.settings.controlnet)
         return (board.name, gr.update(choices=store.names(), value=board.name), shot_rows(board), type_rows(board),
-                board.style.kind, board.style.name, board.style.weight, *values, *shot_view(board, number))
+                board.style.kind, board.style.name, board.style.weight, *values, *shot_view(board, number),
+                *cast_view(board))
 
+    # the form's outputs in the form's order after [current, project]; the cast's after the shot's
     all_outputs = [current, project, shots, types, style_kind, style_name, style_weight, *setting_inputs,
-                   *shot_outputs]
+                   *shot_outputs, *cast_outputs]
 
     # projects ------------------------------------------------------------------------------------------------
 
@@ -641,6 +732,84 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
     unlock_btn.click(lambda name, number: lock(name, number, True), [current, shot_pick], [status, shots],
                      api_visibility="private")
 
+    # the cast: characters, their prompt words, adapter, scale and reference pictures ------------------------------
+
+    def pick_character(name, who):
+        if not name:
+            return (gr.skip(),) * 4
+        board = load(name)
+        if not any(c.name.lower() == (who or "").strip().lower() for c in board.cast):
+            return gr.skip(), gr.skip(), gr.skip(), []  # a new name: its fields as typed, no pictures yet
+        return cast_view(board, who)[2:]
+
+    cast_pick.input(pick_character, [current, cast_pick], [cast_words, cast_adapter, cast_scale, cast_gallery],
+                    api_visibility="private")
+
+    def save_character(name, who, words, adapter, weight, *values):
+        board = from_form(name, *values)
+        try:
+            character = set_character(board, who, words, adapter, weight)
+            store.save(board)
+        except ERRORS as e:
+            raise gr.Error(str(e)) from e
+        return (f"character {character.name}: saved ({len(character.pictures)} reference picture"
+                f"{'s' if len(character.pictures) != 1 else ''})", shot_rows(board), *cast_view(board, character.name))
+
+    cast_inputs = [current, cast_pick, cast_words, cast_adapter, cast_scale]
+    cast_save_btn.click(save_character, [*cast_inputs, *form], [status, shots, *cast_outputs],
+                        api_name="storyboard_character")
+
+    def add_character_pictures(name, who, words, adapter, weight, files, *values):
+        paths = [str(getattr(f, "name", None) or (f.get("path") if isinstance(f, dict) else f))
+                 for f in (files if isinstance(files, (list, tuple)) else [files] if files else [])]
+        if not paths:
+            return (gr.skip(),) * (len(cast_outputs) + 3)
+        board = from_form(name, *values)
+        try:
+            character = set_character(board, who, words, adapter, weight)
+            # each picture checked before decoding, as a shot's reference is, and copied into references/cast/
+            notes = store.add_character_pictures(board, character, [Path(p) for p in paths])
+            store.save(board)
+        except ERRORS as e:
+            raise gr.Error(str(e)) from e
+        for note in notes:
+            gr.Info(note)
+        return (f"character {character.name}: {len(paths)} picture{'s' if len(paths) != 1 else ''} added "
+                f"({len(character.pictures)} in all)", shot_rows(board), None, *cast_view(board, character.name))
+
+    cast_upload.upload(add_character_pictures, [*cast_inputs, cast_upload, *form],
+                       [status, shots, cast_upload, *cast_outputs], api_visibility="private")
+
+    def change_character(name, who, how, *values):
+        board = from_form(name, *values)
+        try:
+            character = board.character(who or "")
+            if how == "remove":
+                board.remove_character(character.name)
+                text = f"character {character.name} removed from the cast (their pictures stay in references/cast/)"
+            else:
+                character.pictures = []
+                text = f"character {character.name}: pictures removed (only their prompt words are used)"
+            store.save(board)
+        except ERRORS as e:
+            raise gr.Error(str(e)) from e
+        return text, shot_rows(board), *cast_view(board, None if how == "remove" else character.name)
+
+    def remove_character(name, who, *values):
+        return change_character(name, who, "remove", *values)
+
+    def clear_character_pictures(name, who, *values):
+        return change_character(name, who, "clear", *values)
+
+    def refresh_adapters():
+        return gr.update(choices=list_ip_adapters(cfg.ipadapter_dir))
+
+    cast_remove_btn.click(remove_character, [current, cast_pick, *form], [status, shots, *cast_outputs],
+                          api_visibility="private")
+    cast_clear_btn.click(clear_character_pictures, [current, cast_pick, *form], [status, shots, *cast_outputs],
+                         api_visibility="private")
+    cast_refresh.click(refresh_adapters, None, cast_adapter, api_visibility="private")
+
     # export ----------------------------------------------------------------------------------------------------
 
     def export(name, *values):
@@ -661,7 +830,9 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
         """The lists that name files, read again (on page load): boards, presets and ControlNets made since the
         studio started."""
         return (gr.update(choices=store.names()), gr.update(choices=board_preset_choices(list_board_presets(cfg.presets_dir))),
-                gr.update(choices=controlnet_choices(cfg.controlnet_dir, cfg.assets_dir, state.manager.current)))
+                gr.update(choices=controlnet_choices(cfg.controlnet_dir, cfg.assets_dir, state.manager.current)),
+                gr.update(choices=list_ip_adapters(cfg.ipadapter_dir)))
 
     return {"project": project, "open": open_btn, "shots": shots, "generate": generate_btn, "export": export_btn,
-            "gallery": gallery, "form": form, "lists": lists, "list_outputs": [project, preset, controlnet]}
+            "gallery": gallery, "form": form, "lists": lists,
+            "list_outputs": [project, preset, controlnet, cast_adapter]}
