@@ -706,32 +706,20 @@ def save_kohya_lora(path: Path, unet: Mapping[str, LoraLayer] | None = None,
 
     SDXL: pass `text_encoder_2` (the text encoders become `lora_te1_*`/`lora_te2_*`, even when one is empty) and
     `unet_names`, diffusers UNet module path -> original module path, for kohya's SGM names of the UNet layers."""
-    xl = text_encoder_2 is not None
-    tensors: dict[str, torch.Tensor] = {}
-    parts = (("unet", unet or {}), ("text_encoder", text_encoder or {}), ("text_encoder_2", text_encoder_2 or {}))
-    for component, layers in parts:
+    def as_parts(layers: Mapping[str, LoraLayer] | None) -> dict[str, dict[str, torch.Tensor]] | None:
+        if layers is None:
+            return None
+        out = {}
         for module, layer in layers.items():
-            if component == "unet" and unet_names is not None:
-                if module not in unet_names:
-                    raise ValueError(f"{module}: no original (SGM) name for this UNet layer")
-                module = unet_names[module]
-            base = kohya_name(component, module, xl)
             rank = layer.down.shape[0]
             if layer.up.shape[1] != rank:
                 raise ValueError(f"{module}: up has rank {layer.up.shape[1]}, down has rank {rank}")
-            tensors[f"{base}.lora_down.weight"] = layer.down.detach().to("cpu", dtype).contiguous()
-            tensors[f"{base}.lora_up.weight"] = layer.up.detach().to("cpu", dtype).contiguous()
-            tensors[f"{base}.alpha"] = torch.tensor(float(layer.alpha), dtype=dtype)
-    if not tensors:
-        raise ValueError("a LoRA needs at least one layer")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {k: str(v) for k, v in (metadata or {}).items()}
-    # the file's own hashes, as kohya writes them: A1111 takes sshs_model_hash as the LoRA's hash
-    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = addnet_hashes(tensors, meta)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-    return path
+            out[module] = {"lora_down.weight": layer.down, "lora_up.weight": layer.up,
+                           "alpha": torch.tensor(float(layer.alpha))}
+        return out
+
+    return save_kohya_network(path, as_parts(unet), as_parts(text_encoder), metadata, dtype,
+                              as_parts(text_encoder_2), unet_names)
 
 
 def save_kohya_network(path: Path, unet: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
@@ -755,7 +743,7 @@ def save_kohya_network(path: Path, unet: Mapping[str, Mapping[str, torch.Tensor]
             for suffix, tensor in layer.items():
                 tensors[f"{base}.{suffix}"] = tensor.detach().to("cpu", dtype).contiguous()
     if not tensors:
-        raise ValueError("a network needs at least one layer")
+        raise ValueError("a LoRA needs at least one layer")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: str(v) for k, v in (metadata or {}).items()}
