@@ -1,5 +1,7 @@
 """Generation on the GPU, studio vs plain diffusers in the same run: 512², 25 steps, DPM++ 2M Karras, CFG 7,
-batch 1 (issue #10 items 1, 3 and 7). Usage: python bench/bench_generate.py [--repeats 5] [--work DIR] [--compile MODE]"""
+batch 1 or more (issue #10 items 1, 3 and 7; issue 25). The studio's default path replays the UNet from CUDA graphs
+(studio.models.cuda_graphs); *studio_no_graphs* is its plain eager loop.
+Usage: python bench/bench_generate.py [--repeats 5] [--batch 1] [--work DIR] [--compile MODE]"""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +56,7 @@ def make_kohya_lora(unet, text_encoder, path: Path, rank: int, seed: int) -> Pat
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=1, help="images per pass (batch size)")
     parser.add_argument("--work", default=None, help="folder for the random model and LoRAs (default: temp)")
     parser.add_argument("--compile", default="reduce-overhead", help="compile mode of the studio_compiled contenders "
                         "(studio.models.speed.COMPILE_MODES; 'off' leaves them out)")
@@ -68,8 +72,9 @@ def main() -> None:
     from studio.models.manager import ModelManager
 
     folder = build_sd15_folder(work / "sd15-random")
+    batch = args.batch
     results = {"env": environment(), "settings": {"steps": STEPS, "cfg": CFG, "size": SIZE, "sampler":
-                                                  "DPM++ 2M Karras", "batch": 1, "dtype": "fp16"}}
+                                                  "DPM++ 2M Karras", "batch": batch, "dtype": "fp16"}}
 
     # every contender resident on the GPU at once, timed round-robin: these runs are launch-bound and the
     # machine's speed drifts by tens of percent over a minute, so interleaving is what makes ratios fair
@@ -95,6 +100,9 @@ def main() -> None:
     manager.load(str(folder))
     manager.current.pipe.set_progress_bar_config(disable=True)
     gen = Generator(manager)
+    eager_manager = ModelManager(replace(cfg, cuda_graphs=False))
+    eager_manager.load(str(folder))
+    eager_gen = Generator(eager_manager)
     compiled_gen = None
     if args.compile != "off":
         compiled_manager = ModelManager(StudioConfig.from_env(device="cuda", precision="fp16", compile=args.compile))
@@ -102,15 +110,22 @@ def main() -> None:
         compiled_manager.current.pipe.set_progress_bar_config(disable=True)
         compiled_gen = Generator(compiled_manager)
     job = GenerateJob(prompt=PROMPT, negative_prompt=NEGATIVE, sampler="DPM++ 2M", schedule="Karras", steps=STEPS,
-                      cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE)
+                      cfg_scale=CFG, seed=SEED, width=SIZE, height=SIZE, batch_size=batch)
     lora_job = GenerateJob(**{**job.to_dict(), "prompt": PROMPT + " <lora:style_a:0.7> <lora:style_b:0.4>"})
 
     def call(p):
         return lambda: p(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG,
-                         width=SIZE, height=SIZE, generator=torch.Generator("cuda").manual_seed(SEED))
+                         width=SIZE, height=SIZE, num_images_per_prompt=batch,
+                         generator=torch.Generator("cuda").manual_seed(SEED))
 
-    runs = {"plain": call(plain), "studio": lambda: gen.run(job), "plain_two_loras": call(plain_lora),
-            "studio_two_loras": lambda: gen.run(lora_job)}
+    runs = {"plain": call(plain), "studio": lambda: gen.run(job), "studio_no_graphs": lambda: eager_gen.run(job),
+            "plain_two_loras": call(plain_lora), "studio_two_loras": lambda: gen.run(lora_job),
+            "studio_no_graphs_two_loras": lambda: eager_gen.run(lora_job)}
+    # the default path's images against the plain eager loop's (CUDA graphs replay the same kernels)
+    for key, j in (("graphs", job), ("graphs_two_loras", lora_job)):
+        a = np.asarray(gen.run(j).images[-1].image, dtype=np.int16)
+        b = np.asarray(eager_gen.run(j).images[-1].image, dtype=np.int16)
+        results[f"{key}_max_pixel_diff_vs_no_graphs"] = int(np.abs(a - b).max())
     if compiled_gen is not None:
         # the first call at a shape compiles: timed on its own, then the compiled images are checked against eager
         for key, j in (("studio_compiled", job), ("studio_compiled_two_loras", lora_job)):
@@ -127,21 +142,23 @@ def main() -> None:
                       for p in m.parameters()) / 2**30
     results["weights_gib"] = weights_gib
     for key in runs:
-        results[key] = {"s_per_image": median(times[key]), "times": times[key],
+        # a call makes `batch` images
+        results[key] = {"s_per_image": median(times[key]) / batch, "times": times[key],
                         "peak_gib": weights_gib + activation_peak[key]}
         r = results[key]
-        r["steps_per_s"] = STEPS / r["s_per_image"]
-        # UNet work only (the 25 CFG passes dominate; VAE decode and text encoder not counted)
+        r["steps_per_s"] = STEPS / r["s_per_image"]  # image-steps per second
+        # UNet work only (the 25 CFG passes dominate; VAE decode and text encoder not counted); flops_step is one
+        # image's CFG step
         r["unet_tflops_per_s"] = flops_step * STEPS / r["s_per_image"] / 1e12
     results["unet_tflop_per_cfg_step"] = flops_step / 1e12
     results["ratio_studio_over_plain"] = results["studio"]["s_per_image"] / results["plain"]["s_per_image"]
     results["ratio_loras_studio_over_plain"] = (results["studio_two_loras"]["s_per_image"]
                                                 / results["plain_two_loras"]["s_per_image"])
-    path = write_report("generate", results)
-    print(f"{'run':<18}{'s/image':>9}{'steps/s':>9}{'peak GiB':>10}{'UNet TFLOP/s':>14}")
+    path = write_report(f"generate_bs{batch}" if batch > 1 else "generate", results)
+    print(f"{'run':<28}{'s/image':>9}{'steps/s':>9}{'peak GiB':>10}{'UNet TFLOP/s':>14}")
     for key in runs:
         r = results[key]
-        print(f"{key:<18}{r['s_per_image']:>9.3f}{r['steps_per_s']:>9.1f}{r['peak_gib']:>10.2f}"
+        print(f"{key:<28}{r['s_per_image']:>9.3f}{r['steps_per_s']:>9.1f}{r['peak_gib']:>10.2f}"
               f"{r['unet_tflops_per_s']:>14.1f}")
     print(f"studio/plain: {results['ratio_studio_over_plain']:.3f}; with two LoRAs: "
           f"{results['ratio_loras_studio_over_plain']:.3f}  -> {path}")

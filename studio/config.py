@@ -157,6 +157,9 @@ class StudioConfig:
     cpu_offload: bool = False
     # torch.compile the UNet (studio.models.speed.COMPILE_MODES); CUDA only: faster after the first image at each size
     compile: str = "off"
+    # eager sampling replays the UNet's forward as a CUDA graph after recording it once per size (studio.models.
+    # cuda_graphs); CUDA only, the same images; STUDIO_CUDA_GRAPHS=0 turns it off
+    cuda_graphs: bool = True
     # A1111's "Clip skip SDXL: apply to CLIP-L": off, clip skip leaves SDXL alone (both encoders' penultimate layer, as
     # A1111 and ComfyUI by default); on, CLIP-L takes the layer clip skip names (STUDIO_SDXL_CLIP_L_SKIP=1)
     sdxl_clip_l_skip: bool = False
@@ -185,6 +188,8 @@ class StudioConfig:
         cfg = replace(cfg, **{k: v for k, v in env.items() if v})
         if os.environ.get("STUDIO_SDXL_CLIP_L_SKIP", "").strip().lower() in ("1", "true", "yes", "on"):
             cfg = replace(cfg, sdxl_clip_l_skip=True)
+        if os.environ.get("STUDIO_CUDA_GRAPHS", "").strip().lower() in ("0", "false", "no", "off"):
+            cfg = replace(cfg, cuda_graphs=False)
         return replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
     def with_home(self, home: Path) -> StudioConfig:

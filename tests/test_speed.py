@@ -6,6 +6,8 @@ and AOTAutograd traces it, so a capture that dropped a hook or read stale weight
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -146,3 +148,14 @@ def test_grid_progress_says_when_a_pass_compiles(pair):
                                   schedule="Automatic", cfg_scale=5.0), x=AxisSpec.parse("Seed: 1, 2"))
         GridRunner(gen.manager, gen).run(job, on_progress=lambda done, total, m, out=messages: out.append(m))
         assert sum(speed.COMPILE_NOTE in m for m in messages) == expected, messages
+
+
+def test_compile_caches_go_to_the_studio_cache_folder_unless_the_user_chose_one(tmp_path, monkeypatch):
+    monkeypatch.delenv(speed.COMPILE_CACHE_ENV, raising=False)
+    folder = speed.use_compile_cache(tmp_path / "torch-compile")
+    assert folder == tmp_path / "torch-compile" and folder.is_dir()
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    assert Path(cache_dir()) == folder  # where inductor will write its FX graphs and kernels
+    monkeypatch.setenv(speed.COMPILE_CACHE_ENV, str(tmp_path / "mine"))
+    assert speed.use_compile_cache(tmp_path / "torch-compile") == tmp_path / "mine"

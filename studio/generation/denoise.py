@@ -19,7 +19,7 @@ from PIL import Image
 
 from studio.generation import samplers
 from studio.generation.preview import Preview, approximate, latent_to_rgb
-from studio.models import speed
+from studio.models import cuda_graphs, speed
 
 StepFn = Callable[[int, int], None]  # (timestep index done, number of timesteps)
 
@@ -298,6 +298,20 @@ def _guided(noise_pred: torch.Tensor, items: list[DenoiseItem], any_cfg: bool) -
     return torch.cat(rows)
 
 
+def _unet_call(unet, plain: bool):
+    """The UNet, or for a `plain` pass (nothing added to its call: no ControlNet residuals, image prompts or
+    regional processors) its forward replayed from CUDA graphs where the model manager allows it
+    (studio.models.cuda_graphs). Taken after the pass's hooks are on, so the recording includes them."""
+    if not plain or not cuda_graphs.usable(unet):
+        return unet
+    replay = cuda_graphs.recorder(unet)
+
+    def call(sample, t, encoder_hidden_states, added_cond_kwargs=None, **_):
+        return (replay(sample, t, encoder_hidden_states, added_cond_kwargs),)
+
+    return call
+
+
 @torch.no_grad()
 def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: int, width: int, height: int,
             on_step: StepFn | None = None, cancel: threading.Event | None = None,
@@ -437,6 +451,7 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
             hooks.enter_context(regional_attention(pipe.unet, items[0].regions))
         for c in controls:
             hooks.enter_context(batch_invariant_time_embedding(c.model))
+        unet = _unet_call(pipe.unet, not controls and image_embeds is None and not attention_regions)
         for i, t in enumerate(timesteps):
             if scheduled:
                 now = tuple(item.span(i) for item in items)
@@ -469,9 +484,9 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
                     pipe.set_ip_adapter_scale(scales)
                     ip_scales = scales
                 unet_added = {**(added or {}), "image_embeds": image_embeds}
-            noise_pred = pipe.unet(unet_input, t, encoder_hidden_states=embeds, timestep_cond=None,
-                                   cross_attention_kwargs=None, added_cond_kwargs=unet_added, return_dict=False,
-                                   **residuals)[0]
+            noise_pred = unet(unet_input, t, encoder_hidden_states=embeds, timestep_cond=None,
+                              cross_attention_kwargs=None, added_cond_kwargs=unet_added, return_dict=False,
+                              **residuals)[0]
             if pad:
                 noise_pred = noise_pred[:1]
             if region_masks is not None:  # each region's prediction where its mask is

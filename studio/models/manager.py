@@ -25,7 +25,7 @@ from studio.files.adapters import LoraSlot
 from studio.files.hashes import sha256_file, sha256_folder
 from studio.files.names import safe_child
 from studio.files.pickles import hostile_pickle_in, unpickling_refusal
-from studio.models import speed
+from studio.models import cuda_graphs, speed
 from studio.models.builtin import MICRO_NAME, micro_available, micro_dir
 from studio.models.checkpoints import (
     XL_REFINER_MESSAGE,
@@ -376,7 +376,15 @@ class ModelManager:
         # compiling is for CUDA (elsewhere inductor needs a C++ toolchain and gains little); offloaded modules move
         # between devices every call, which compiled graphs do not follow
         if self.device.type == "cuda" and not self.memory["cpu_offload"] and not speed.is_compiled(pipe.unet):
+            if self.memory["compile"] != "off":
+                speed.use_compile_cache(self.cfg.cache_dir / "torch-compile")
             speed.compile_unet(pipe.unet, self.memory["compile"])
+        for part in pipe.components.values():  # inference (models built in code start in training mode)
+            if isinstance(part, torch.nn.Module):
+                part.eval()
+        # eager passes replay the UNet as CUDA graphs (studio.models.cuda_graphs) where nothing else moves it
+        cuda_graphs.enable(pipe.unet, self.cfg.cuda_graphs and self.device.type == "cuda"
+                           and not self.memory["cpu_offload"] and not speed.is_compiled(pipe.unet))
 
     def set_memory_options(self, attention_slicing: bool, vae_tiling: bool, cpu_offload: bool,
                            compile: str | None = None) -> str:

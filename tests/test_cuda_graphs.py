@@ -1,0 +1,164 @@
+"""The UNet replayed from CUDA graphs gives the eager images (issue 25: optimized paths stay equivalent).
+
+On the CPU a stand-in records nothing and replays by running the forward on the recording's static inputs, which
+is what a graph replay computes: an input not copied in at a step (the timestep, a prompt edit's new text, SDXL's
+added conditioning, img2img's start) would change the image, and the key tests say when a pass records anew. The
+tests marked cuda run the real recordings on a GPU (the device bench runs them); there a LoRA merged after
+recording must reach the replay through the same weight storage."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from test_networks import make_kohya_lora
+
+from studio.config import StudioConfig
+from studio.generation.generate import Generator
+from studio.generation.job import GenerateJob
+from studio.models import cuda_graphs, speed
+from studio.models.manager import ModelManager
+
+
+class ReplayedOnCPU(cuda_graphs.Recorded):
+    """A recording that replays by running the UNet's forward on its static inputs (no CUDA needed)."""
+
+    recorded = 0
+
+    @staticmethod
+    def warm_up(unet, sample, timestep, text, added):
+        return cuda_graphs.unet_forward(unet, sample, timestep, text, added)
+
+    def record(self):
+        ReplayedOnCPU.recorded += 1
+        return cuda_graphs.unet_forward(self.unet, self.sample, self.timestep, self.text, self.added)
+
+    def replay(self):
+        self.out.copy_(cuda_graphs.unet_forward(self.unet, self.sample, self.timestep, self.text, self.added))
+
+
+def _studio(home, model: str, graphs: bool, device: str = "cpu"):
+    cfg = replace(StudioConfig(device=device).with_home(home), cuda_graphs=graphs)
+    cfg.ensure_dirs()
+    manager = ModelManager(cfg)
+    manager.load(model)
+    if graphs and device == "cpu":
+        cuda_graphs.enable(manager.current.pipe.unet, True, record=ReplayedOnCPU)
+    save_file(make_kohya_lora(manager.current.pipe, 1), str(cfg.loras_dir / "inkwash.safetensors"))
+    return Generator(manager)
+
+
+def _images(gen, prompt, **kw) -> np.ndarray:
+    job = GenerateJob(**{"prompt": prompt, "negative_prompt": "blurry", "steps": 5, "width": 64, "height": 64,
+                         "seed": 11, "sampler": "DPM++ 2M", "schedule": "Karras", "cfg_scale": 6.0, **kw})
+    return np.stack([np.asarray(r.image).astype(np.int16) for r in gen.run(job).images])
+
+
+def _recordings(gen) -> int:
+    graphs = getattr(gen.manager.current.pipe.unet, "_studio_cuda_graphs", None)
+    return 0 if graphs is None else len(graphs.graphs)
+
+
+CASES = [
+    ("a lighthouse at dusk", {}),
+    ("a lighthouse at dusk", {"batch_size": 2, "cfg_scale": 1.0}),  # no CFG: the padded batch of one
+    ("a [lighthouse:castle:0.5] at dusk", {"sampler": "Euler"}),  # the text changes mid-pass
+    ("a lighthouse at dusk", {"init_image": Image.new("RGB", (64, 64), (200, 40, 40)), "denoising_strength": 0.6}),
+]
+
+
+@pytest.fixture(scope="module", params=["demo-tiny", "demo-tiny-xl"])
+def pair(request, tmp_path_factory):
+    model = request.param
+    return (_studio(tmp_path_factory.mktemp("eager"), model, graphs=False),
+            _studio(tmp_path_factory.mktemp("graphs"), model, graphs=True))
+
+
+@pytest.mark.parametrize("prompt,kw", CASES, ids=["plain", "no-cfg-batch", "prompt-edit", "img2img"])
+def test_replayed_unet_gives_the_eager_images(pair, prompt, kw):
+    eager, graphed = pair
+    kw = {**kw, "init_image": kw["init_image"].copy()} if "init_image" in kw else kw
+    assert not cuda_graphs.usable(eager.manager.current.pipe.unet)
+    assert cuda_graphs.usable(graphed.manager.current.pipe.unet)
+    a = _images(eager, prompt, **kw)
+    b = _images(graphed, prompt, **kw)
+    assert np.array_equal(a, b)
+    assert _recordings(graphed) >= 1  # the second pass at this shape replayed (the first one warmed up)
+    assert np.array_equal(_images(graphed, prompt, **kw), a)
+
+
+def test_recordings_are_kept_per_shape_and_redone_when_the_unet_changes(tmp_path):
+    gen = _studio(tmp_path, "demo-tiny", graphs=True)
+    unet = gen.manager.current.pipe.unet
+    cuda_graphs.release(unet)
+    start = ReplayedOnCPU.recorded
+    _images(gen, "a lighthouse")  # warm-up at step 1, recorded at step 2, replayed after
+    assert ReplayedOnCPU.recorded == start + 1
+    _images(gen, "a lighthouse <lora:inkwash:1>")  # a kohya file's first use adds peft layers: a new UNet
+    assert ReplayedOnCPU.recorded == start + 2
+    _images(gen, "a lighthouse <lora:inkwash:0.5>")  # merges in place: the same storage, the same recording
+    _images(gen, "a lighthouse")
+    assert ReplayedOnCPU.recorded == start + 2
+    _images(gen, "a lighthouse", width=96)  # another shape: its own recording, the last one kept
+    assert ReplayedOnCPU.recorded == start + 3 and _recordings(gen) == 2
+    _images(gen, "a lighthouse", width=128)  # a third: the oldest goes (MAX_GRAPHS)
+    assert _recordings(gen) == cuda_graphs.MAX_GRAPHS
+    key = cuda_graphs.module_key(unet)
+    gen.manager.set_memory_options(attention_slicing=True, vae_tiling=False, cpu_offload=False)  # new processors
+    assert cuda_graphs.module_key(unet) != key
+    assert _recordings(gen) == 0  # the manager's setting applied again: recordings dropped (off on a CPU)
+    cuda_graphs.enable(unet, True, record=ReplayedOnCPU)
+    before = ReplayedOnCPU.recorded
+    _images(gen, "a lighthouse")
+    assert ReplayedOnCPU.recorded == before + 1
+
+
+def test_the_manager_turns_recording_on_only_where_it_applies(tmp_path):
+    cfg = StudioConfig(device="cpu").with_home(tmp_path)
+    manager = ModelManager(cfg)
+    manager.load("demo-tiny")
+    unet = manager.current.pipe.unet
+    assert not cuda_graphs.usable(unet)  # a CPU UNet: no CUDA graphs
+    cuda_graphs.enable(unet, True)
+    assert not cuda_graphs.usable(unet)  # enabled, but the real recorder needs CUDA
+    cuda_graphs.enable(unet, True, record=ReplayedOnCPU)
+    assert cuda_graphs.usable(unet)
+    unet.train()
+    assert not cuda_graphs.usable(unet)  # training previews and the trainer run it eagerly
+    unet.eval()
+    assert speed.compile_unet(unet, "default", backend="eager")
+    assert not cuda_graphs.usable(unet)  # compiled: reduce-overhead records its own graphs
+    assert StudioConfig.from_env().cuda_graphs
+
+
+def test_studio_cuda_graphs_0_turns_it_off(monkeypatch):
+    monkeypatch.setenv("STUDIO_CUDA_GRAPHS", "0")
+    assert not StudioConfig.from_env().cuda_graphs
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device bench runs these)")
+
+
+@cuda
+@pytest.mark.parametrize("model", ["demo-tiny", "demo-tiny-xl"])
+def test_cuda_replays_give_the_eager_images_and_see_lora_merges(tmp_path, model):
+    eager = _studio(tmp_path / "a", model, graphs=False, device="cuda")
+    graphed = _studio(tmp_path / "b", model, graphs=True, device="cuda")
+    assert cuda_graphs.usable(graphed.manager.current.pipe.unet)
+    for prompt, kw in CASES:
+        kw = {**kw, "init_image": kw["init_image"].copy()} if "init_image" in kw else kw
+        a = _images(eager, prompt, **kw)
+        assert np.array_equal(_images(graphed, prompt, **kw), a), prompt
+        assert np.array_equal(_images(graphed, prompt, **kw), a), prompt  # replayed from the recording
+    # recorded without the LoRA, replayed with it merged (and unmerged) in place
+    plain = _images(eager, "a lighthouse at dusk")
+    assert np.array_equal(_images(graphed, "a lighthouse at dusk"), plain)
+    with_lora = _images(eager, "a lighthouse at dusk <lora:inkwash:1>")
+    assert not np.array_equal(with_lora, plain)
+    assert np.array_equal(_images(graphed, "a lighthouse at dusk <lora:inkwash:1>"), with_lora)
+    assert np.array_equal(_images(graphed, "a lighthouse at dusk"), plain)
+    assert _recordings(graphed) >= 1
