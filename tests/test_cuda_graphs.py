@@ -13,11 +13,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from safetensors.torch import save_file
+from test_generate_control import tiny_controlnet
 from test_networks import make_kohya_lora
 
 from studio.config import StudioConfig
+from studio.control.controlnet import save_controlnet_file
+from studio.generation.controls import ControlUnit
 from studio.generation.generate import Generator
 from studio.generation.job import GenerateJob
 from studio.models import cuda_graphs, speed
@@ -25,20 +28,20 @@ from studio.models.manager import ModelManager
 
 
 class ReplayedOnCPU(cuda_graphs.Recorded):
-    """A recording that replays by running the UNet's forward on its static inputs (no CUDA needed)."""
+    """A recording that replays by running the recorded function on its static inputs (no CUDA needed)."""
 
     recorded = 0
 
     @staticmethod
-    def warm_up(unet, sample, timestep, text, added):
-        return cuda_graphs.unet_forward(unet, sample, timestep, text, added)
+    def warm_up(fn, args):
+        return fn(*args)
 
     def record(self):
         ReplayedOnCPU.recorded += 1
-        return cuda_graphs.unet_forward(self.unet, self.sample, self.timestep, self.text, self.added)
+        return self.fn(*self.args)
 
     def replay(self):
-        self.out.copy_(cuda_graphs.unet_forward(self.unet, self.sample, self.timestep, self.text, self.added))
+        self.out.copy_(self.fn(*self.args))
 
 
 def _studio(home, model: str, graphs: bool, device: str = "cpu"):
@@ -49,6 +52,10 @@ def _studio(home, model: str, graphs: bool, device: str = "cpu"):
     if graphs and device == "cpu":
         cuda_graphs.enable(manager.current.pipe.unet, True, record=ReplayedOnCPU)
     save_file(make_kohya_lora(manager.current.pipe, 1), str(cfg.loras_dir / "inkwash.safetensors"))
+    if model == "demo-tiny":
+        for seed, name in ((0, "edges"), (1, "shapes")):
+            net = tiny_controlnet(manager.current.pipe.unet, seed)
+            save_controlnet_file(net, cfg.controlnet_dir / f"{name}.safetensors")
     return Generator(manager)
 
 
@@ -63,6 +70,19 @@ def _recordings(gen) -> int:
     return 0 if graphs is None else len(graphs.graphs)
 
 
+def _reference() -> Image.Image:
+    picture = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(picture).ellipse((10, 12, 50, 56), fill=(200, 40, 40), outline="black", width=3)
+    return picture
+
+
+CONTROLS = [  # demo-tiny only: ControlNets built from its UNet
+    ("a red circle", {"controls": [ControlUnit("edges", _reference(), "canny", 0.9, params={"low": 50, "high": 150})]}),
+    ("a red circle", {"controls": [  # two at once, the second off after 75 % of the steps and weighting its mode
+        ControlUnit("edges", _reference(), "canny", 0.9, params={"low": 50, "high": 150}),
+        ControlUnit("shapes", _reference(), "invert", 0.5, 0.0, 0.75, resize_mode="Just Resize",
+                    mode="ControlNet is more important")]}),
+]
 CASES = [
     ("a lighthouse at dusk", {}),
     ("a lighthouse at dusk", {"batch_size": 2, "cfg_scale": 1.0}),  # no CFG: the padded batch of one
@@ -78,17 +98,34 @@ def pair(request, tmp_path_factory):
             _studio(tmp_path_factory.mktemp("graphs"), model, graphs=True))
 
 
-@pytest.mark.parametrize("prompt,kw", CASES, ids=["plain", "no-cfg-batch", "prompt-edit", "img2img"])
+@pytest.mark.parametrize("prompt,kw", CASES + CONTROLS,
+                         ids=["plain", "no-cfg-batch", "prompt-edit", "img2img", "controlnet", "two-controlnets"])
 def test_replayed_unet_gives_the_eager_images(pair, prompt, kw):
     eager, graphed = pair
+    if "controls" in kw and eager.manager.current.family != "sd1":
+        pytest.skip("the test ControlNets are built from demo-tiny's UNet")
     kw = {**kw, "init_image": kw["init_image"].copy()} if "init_image" in kw else kw
     assert not cuda_graphs.usable(eager.manager.current.pipe.unet)
     assert cuda_graphs.usable(graphed.manager.current.pipe.unet)
     a = _images(eager, prompt, **kw)
+    before = ReplayedOnCPU.recorded
     b = _images(graphed, prompt, **kw)
     assert np.array_equal(a, b)
+    if "controls" in kw:  # the ControlNets were recorded with the UNet (not left to the eager path)
+        assert ReplayedOnCPU.recorded > before
     assert _recordings(graphed) >= 1  # the second pass at this shape replayed (the first one warmed up)
     assert np.array_equal(_images(graphed, prompt, **kw), a)
+
+
+def test_a_recording_is_not_replayed_for_another_control_mode_or_weight(pair):
+    eager, graphed = pair
+    if eager.manager.current.family != "sd1":
+        pytest.skip("the test ControlNets are built from demo-tiny's UNet")
+    for mode, weight in (("Balanced", 0.9), ("Balanced", 0.9), ("My prompt is more important", 0.9),
+                         ("Balanced", 0.4)):  # the same ControlNet and input shapes each time
+        kw = {"controls": [ControlUnit("edges", _reference(), "canny", weight, params={"low": 50, "high": 150},
+                                       mode=mode)]}
+        assert np.array_equal(_images(graphed, "a red circle", **kw), _images(eager, "a red circle", **kw)), mode
 
 
 def test_recordings_are_kept_per_shape_and_redone_when_the_unet_changes(tmp_path):
@@ -149,7 +186,7 @@ def test_cuda_replays_give_the_eager_images_and_see_lora_merges(tmp_path, model)
     eager = _studio(tmp_path / "a", model, graphs=False, device="cuda")
     graphed = _studio(tmp_path / "b", model, graphs=True, device="cuda")
     assert cuda_graphs.usable(graphed.manager.current.pipe.unet)
-    for prompt, kw in CASES:
+    for prompt, kw in CASES + (CONTROLS if model == "demo-tiny" else []):
         kw = {**kw, "init_image": kw["init_image"].copy()} if "init_image" in kw else kw
         a = _images(eager, prompt, **kw)
         assert np.array_equal(_images(graphed, prompt, **kw), a), prompt

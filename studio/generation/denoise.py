@@ -76,10 +76,10 @@ class Control:
         off = i / n < self.start or (i + 1) / n > self.end
         return 0.0 if off else self.scale
 
-    def residuals(self, model_input: torch.Tensor, t, embeds: torch.Tensor, added: dict | None, i: int, n: int,
+    def residuals(self, model_input: torch.Tensor, t, embeds: torch.Tensor, added: dict | None, scale: float,
                   uncond_rows: int, image: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """This ControlNet's (down, mid) residuals at step `i` of `n` for the pass's UNet input (its first
-        `uncond_rows` rows are the negative prompt's)."""
+        """This ControlNet's (down, mid) residuals at `scale` (scale_at's for the step) for the pass's UNet input
+        (its first `uncond_rows` rows are the negative prompt's)."""
         extra = {"added_cond_kwargs": added} if added is not None else {}
         cond_only = self.mode == CONTROL_MODES[2] and uncond_rows > 0
         if cond_only:  # the prompt's rows only: the negative prompt's rows get no control
@@ -88,7 +88,7 @@ class Control:
             if added is not None:
                 extra = {"added_cond_kwargs": {k: v[half:] for k, v in added.items()}}
         down, mid = self.model(model_input, t, encoder_hidden_states=embeds, controlnet_cond=image,
-                               conditioning_scale=self.scale_at(i, n), return_dict=False, **extra)
+                               conditioning_scale=scale, return_dict=False, **extra)
         if self.mode != CONTROL_MODES[0]:
             last = len(down)
             down = [d * SOFT_DECAY ** (last - k) for k, d in enumerate(down)]
@@ -298,20 +298,6 @@ def _guided(noise_pred: torch.Tensor, items: list[DenoiseItem], any_cfg: bool) -
     return torch.cat(rows)
 
 
-def _unet_call(unet, plain: bool):
-    """The UNet, or for a `plain` pass (nothing added to its call: no ControlNet residuals, image prompts or
-    regional processors) its forward replayed from CUDA graphs where the model manager allows it
-    (studio.models.cuda_graphs). Taken after the pass's hooks are on, so the recording includes them."""
-    if not plain or not cuda_graphs.usable(unet):
-        return unet
-    replay = cuda_graphs.recorder(unet)
-
-    def call(sample, t, encoder_hidden_states, added_cond_kwargs=None, **_):
-        return (replay(sample, t, encoder_hidden_states, added_cond_kwargs),)
-
-    return call
-
-
 @torch.no_grad()
 def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: int, width: int, height: int,
             on_step: StepFn | None = None, cancel: threading.Event | None = None,
@@ -444,6 +430,20 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
         if c.mode not in CONTROL_MODES:
             raise ValueError(f"control mode must be one of {', '.join(CONTROL_MODES)}, got {c.mode!r}")
     compiled = speed.is_compiled(pipe.unet) or any(speed.is_compiled(c.model) for c in controls)
+    uncond_rows = len(items) if any_cfg else 0
+
+    def predict(unet_input, model_input, t, embeds, added, images, scales) -> torch.Tensor:
+        """The UNet's noise prediction, with the ControlNets' residuals (summed, as MultiControlNetModel sums
+        them) at their `scales` for this step."""
+        down = mid = None
+        for c, image, scale in zip(controls, images, scales, strict=True):
+            d, m = c.residuals(model_input, t, embeds, added, scale, uncond_rows, image)
+            down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d, strict=True)], mid + m)
+        residuals = {}
+        if down is not None:
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        return pipe.unet(unet_input, t, encoder_hidden_states=embeds, timestep_cond=None, cross_attention_kwargs=None,
+                         added_cond_kwargs=added, return_dict=False, **residuals)[0]
     control_images = [c.image.to(device, c.model.dtype).expand(embeds.shape[0], -1, -1, -1) for c in controls]
     with ExitStack() as hooks:
         hooks.enter_context(batch_invariant_time_embedding(pipe.unet))
@@ -451,7 +451,13 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
             hooks.enter_context(regional_attention(pipe.unet, items[0].regions))
         for c in controls:
             hooks.enter_context(batch_invariant_time_embedding(c.model))
-        unet = _unet_call(pipe.unet, not controls and image_embeds is None and not attention_regions)
+        # the step's UNet call (and ControlNets'), replayed from CUDA graphs where the pass adds nothing else to
+        # it (studio.models.cuda_graphs); taken after the hooks are on, so recordings include them
+        replay = None
+        models = [c.model for c in controls]
+        if image_embeds is None and not attention_regions and cuda_graphs.usable(pipe.unet, *models):
+            replay = cuda_graphs.recorder(pipe.unet, *models)
+        modes = tuple(c.mode for c in controls)
         for i, t in enumerate(timesteps):
             if scheduled:
                 now = tuple(item.span(i) for item in items)
@@ -465,28 +471,29 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
                 model_input = torch.cat([model_input, model_input])
             if compiled:
                 speed.mark_step()
-            residuals = {}
             unet_input = model_input
             if extra_in is not None:  # a 9-channel inpainting UNet: latents, mask, masked picture's latents
                 unet_input = torch.cat([model_input, extra_in.expand(model_input.shape[0], -1, -1, -1)], dim=1)
-            down = mid = None
-            for c, image in zip(controls, control_images, strict=True):
-                d, m = c.residuals(model_input, t, embeds, added, i, len(timesteps),
-                                   len(items) if any_cfg else 0, image)
-                # summed as MultiControlNetModel sums them
-                down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d, strict=True)], mid + m)
-            if down is not None:
-                residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            scales = tuple(c.scale_at(i, len(timesteps)) for c in controls)
             unet_added = added
             if image_embeds is not None:  # IP-Adapters: their scales at this step, their embeds beside the text
-                scales = [p.scale_at(i, len(timesteps)) for p in image_prompts]
-                if scales != ip_scales:
-                    pipe.set_ip_adapter_scale(scales)
-                    ip_scales = scales
+                ip_now = [p.scale_at(i, len(timesteps)) for p in image_prompts]
+                if ip_now != ip_scales:
+                    pipe.set_ip_adapter_scale(ip_now)
+                    ip_scales = ip_now
                 unet_added = {**(added or {}), "image_embeds": image_embeds}
-            noise_pred = unet(unet_input, t, encoder_hidden_states=embeds, timestep_cond=None,
-                              cross_attention_kwargs=None, added_cond_kwargs=unet_added, return_dict=False,
-                              **residuals)[0]
+            if replay is None:
+                noise_pred = predict(unet_input, model_input, t, embeds, unet_added, control_images, scales)
+            else:  # the same call, replayed from a recording (its Python values in the key)
+                names = tuple(sorted(added or {}))
+                timestep = t if torch.is_tensor(t) else torch.tensor(t, device=device)
+
+                def step(unet_input, model_input, t, embeds, *rest, names=names, scales=scales):
+                    added = dict(zip(names, rest[: len(names)], strict=True)) or None
+                    return predict(unet_input, model_input, t, embeds, added, rest[len(names):], scales)
+
+                noise_pred = replay(step, (unet_input, model_input, timestep, embeds, *[added[k] for k in names],
+                                           *control_images), (names, scales, modes, uncond_rows))
             if pad:
                 noise_pred = noise_pred[:1]
             if region_masks is not None:  # each region's prediction where its mask is
