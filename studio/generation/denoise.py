@@ -437,6 +437,7 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
         them) at their `scales` for this step."""
         down = mid = None
         for c, image, scale in zip(controls, images, scales, strict=True):
+            image = image.expand(model_input.shape[0], -1, -1, -1)  # inside a recording too: the same strides
             d, m = c.residuals(model_input, t, embeds, added, scale, uncond_rows, image)
             down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d, strict=True)], mid + m)
         residuals = {}
@@ -444,7 +445,7 @@ def denoise(pipe, items: list[DenoiseItem], sampler: str, schedule: str, steps: 
             residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
         return pipe.unet(unet_input, t, encoder_hidden_states=embeds, timestep_cond=None, cross_attention_kwargs=None,
                          added_cond_kwargs=added, return_dict=False, **residuals)[0]
-    control_images = [c.image.to(device, c.model.dtype).expand(embeds.shape[0], -1, -1, -1) for c in controls]
+    control_images = [c.image.to(device, c.model.dtype) for c in controls]  # [1, 3, H, W], expanded per call
     with ExitStack() as hooks:
         hooks.enter_context(batch_invariant_time_embedding(pipe.unet))
         if attention_regions:

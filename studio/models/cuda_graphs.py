@@ -18,6 +18,11 @@ def _signature(t: torch.Tensor) -> tuple:
     return (tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """No dimension broadcast by a zero stride (expand): clone() keeps such a tensor's strides exactly."""
+    return all(stride != 0 or size == 1 for size, stride in zip(t.shape, t.stride(), strict=True))
+
+
 def module_key(module: torch.nn.Module) -> tuple:
     """What a recorded forward depends on in a model: its attention processors (attention slicing, regions and
     IP-Adapters replace them) and where every parameter lives (a LoRA merge writes into the same storage; a reload,
@@ -84,6 +89,8 @@ class UNetGraphs:
     def call(self, key: tuple, fn, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """fn(*args), replayed from the recording of `key` plus the inputs' layout where there is one. `key` must
         name everything else `fn` reads (its models' module_keys, Python values such as a ControlNet's scale)."""
+        if not all(_dense(a) for a in args):  # a recording's clone would not keep a broadcast input's strides
+            return fn(*args)
         key = (key, input_key(args))
         recorded = self.graphs.get(key)
         if recorded is None and key not in self.warmed:
