@@ -97,7 +97,8 @@ TRAIN_FLAGS = {"model": "model", "data": "data", "name": "name", "method": "meth
                "noise_offset": "noise_offset", "max_grad_norm": "max_grad_norm", "save_diffusers": "save_diffusers",
                "ema": "ema", "ema_decay": "ema_decay", "out": "output", "compile": "compile",
                "keep_tokens": "keep_tokens", "caption_dropout": "caption_dropout", "tag_dropout": "tag_dropout",
-               "caption_prefix": "caption_prefix", "caption_suffix": "caption_suffix", "lr_cycles": "lr_cycles"}
+               "caption_prefix": "caption_prefix", "caption_suffix": "caption_suffix", "lr_cycles": "lr_cycles",
+               "masked_loss": "masked_loss", "unmasked_weight": "unmasked_weight"}
 
 
 def train_job_from_args(args):
@@ -161,6 +162,10 @@ def _kind_parser(tsub, kind: str, help_text: str) -> argparse.ArgumentParser:
                    help="drop each tag (after the kept ones) at this rate (kohya --caption_tag_dropout_rate)")
     p.add_argument("--caption-prefix", metavar="TEXT", help="a tag before every caption, never shuffled")
     p.add_argument("--caption-suffix", metavar="TEXT", help="a tag after every caption, never shuffled")
+    p.add_argument("--masked-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight the loss by each image's NAME.mask.png or alpha channel (kohya --masked_loss)")
+    p.add_argument("--unmasked-weight", type=float, metavar="W",
+                   help="with --masked-loss: the loss's weight outside the masks (0..1, default 0)")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps")
     p.add_argument("--preview-every", type=int, help="preview image every N steps (0: none)")
     p.add_argument("--preview-prompt", help="preview prompt; [name] is the output's name")

@@ -25,6 +25,19 @@ DATASET_FILES = ("metadata.jsonl", "dataset.json", "report.json")
 KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
 
 
+MASK_SUFFIX = ".mask"  # cat.png's mask is cat.mask.png (any image type)
+
+
+def is_mask_name(stem: str) -> bool:
+    """Whether a file stem names a mask (`cat.mask`), not a training image."""
+    return stem.lower().endswith(MASK_SUFFIX)
+
+
+def image_stem_of_mask(stem: str) -> str:
+    """The stem of the image a mask belongs to (`photos/cat.mask` -> `photos/cat`)."""
+    return stem[: -len(MASK_SUFFIX)]
+
+
 def scan_inputs(inputs: Iterable[Path | str], max_bytes: int) -> list[tuple[Source, str]]:
     """(source, reason) per file found: folders recursively, zips member by member, single files together.
 
@@ -127,18 +140,26 @@ def _group(entries: list[tuple[str, Path, str | None]], label_of: Callable[[str]
                 sidecars[key] = (text.strip(), p.name)
         elif p.name == "metadata.jsonl":
             metadata.update(_read_metadata(text_of(path, member) or "", p.parent))
+    masks: dict[str, Source] = {}  # "folder/stem" of an image -> its NAME.mask.png (masked training)
+    for rel, path, member in entries:
+        p = PurePosixPath(rel)
+        if p.suffix.lower() in IMAGE_EXTS and is_mask_name(str(p.with_suffix(""))):
+            masks[image_stem_of_mask(str(p.with_suffix("")))] = Source(label_of(rel), path, member)
     found = []
     for rel, path, member in entries:
         p = PurePosixPath(rel)
         suffix = p.suffix.lower()
         if suffix in CAPTION_EXTS or p.name in DATASET_FILES:
             continue
+        if suffix in IMAGE_EXTS and is_mask_name(str(p.with_suffix(""))):
+            continue  # a mask beside its image, not an image to train on
         source = Source(label_of(rel), path, member)
         if suffix not in IMAGE_EXTS:
             found.append((source, f"not a supported image type ({suffix or 'no extension'}); supported: "
                                   f"{' '.join(IMAGE_EXTS)}"))
             continue
         stem = str(p.with_suffix(""))
+        source.mask = masks.get(stem)
         if stem in sidecars:
             source.caption, source.caption_file = sidecars[stem]
         elif str(p) in metadata:

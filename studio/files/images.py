@@ -39,6 +39,7 @@ class Source:
     caption: str | None = None  # from a sidecar .txt/.caption or metadata.jsonl
     caption_file: str | None = None
     repeats: int | None = None  # from a kohya "<repeats>_<name>" folder
+    mask: Source | None = None  # a NAME.mask.png beside it (masked training, studio.train.masks)
 
     def read(self, limit: int) -> bytes:
         """The file's bytes, never more than `limit` + 1 (the caller refuses a larger file)."""
@@ -75,6 +76,7 @@ class Decoded:
     original_mode: str
     original_size: tuple[int, int]  # after EXIF rotation
     notes: list[str] = field(default_factory=list)
+    alpha: Image.Image | None = None  # the alpha channel (L, upright) of a picture that has one
 
 
 @contextmanager
@@ -153,9 +155,12 @@ def load_image(source: Source, min_side: int, max_pixels: int, max_bytes: int,
             notes.append(f"EXIF orientation {orientation} applied")
         if min(im.size) < min_side:
             raise SkipImage(f"too small: {im.width}x{im.height}, shorter side below the minimum of {min_side} px")
+        alpha = None
+        if im.mode in ALPHA_MODES or (im.mode == "P" and "transparency" in im.info):
+            alpha = im.convert("RGBA").getchannel("A")
         rgb = to_rgb(im, notes, prune_gray=prune_gray, deep=deep)
         pixel_hash = hashlib.sha256(f"{rgb.size}".encode() + rgb.tobytes()).hexdigest()
-    return Decoded(rgb, hashlib.sha256(data).hexdigest(), pixel_hash, mode, rgb.size, notes)
+    return Decoded(rgb, hashlib.sha256(data).hexdigest(), pixel_hash, mode, rgb.size, notes, alpha)
 
 
 def _is_high_bit_depth(im: Image.Image) -> bool:
@@ -164,6 +169,9 @@ def _is_high_bit_depth(im: Image.Image) -> bool:
         return True
     rawmodes = [t.args[0] if isinstance(t.args, tuple) else t.args for t in (getattr(im, "tile", None) or [])]
     return any(isinstance(r, str) and "16" in r for r in rawmodes)
+
+
+ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
 
 def to_rgb(im: Image.Image, notes: list[str], prune_gray: bool = False, deep: bool = False) -> Image.Image:
@@ -178,7 +186,7 @@ def to_rgb(im: Image.Image, notes: list[str], prune_gray: bool = False, deep: bo
         gray = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
         notes.append(f"converted from {mode} ({'16-bit ' if top > 255 else ''}grayscale) to 8-bit RGB")
         return gray.convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in im.info):
+    if mode in ALPHA_MODES or (mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         flat.alpha_composite(rgba)

@@ -18,6 +18,7 @@ from studio.dataset.curate import MANIFEST, read_manifest
 from studio.dataset.sources import scan_inputs
 from studio.files.images import SkipImage, load_image
 from studio.files.names import UnsafeNameError, safe_child
+from studio.train.masks import as_mask, useful_alpha
 
 MAX_FILE_BYTES = 200_000_000
 MAX_PIXELS = 64_000_000
@@ -35,6 +36,7 @@ class TrainImage:
     original_size: tuple[int, int] = (0, 0)  # (height, width) of the decoded source image
     crop_top_left: tuple[int, int] = (0, 0)  # (top, left) of the crop in the source scaled to cover the target
     scaled_size: tuple[int, int] = (0, 0)  # (height, width) of the source scaled to cover the target
+    mask: Image.Image | None = None  # L, the crop of its mask (white: the loss counts; studio.train.masks)
 
     @property
     def bucket(self) -> tuple[int, int]:
@@ -129,11 +131,26 @@ def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> tuple[Image.Im
     return crop, top_left, scaled
 
 
-def train_image(name: str, image: Image.Image, caption: str, buckets: list[tuple[int, int]]) -> TrainImage:
-    """One training image fitted to the bucket closest to its aspect ratio, with its size and crop recorded."""
+def train_image(name: str, image: Image.Image, caption: str, buckets: list[tuple[int, int]],
+                mask: Image.Image | None = None) -> TrainImage:
+    """One training image fitted to the bucket closest to its aspect ratio, with its size and crop recorded (and
+    its mask, the image's size, cropped the same way)."""
     bucket = pick_bucket(image.width, image.height, buckets) if len(buckets) > 1 else buckets[0]
     crop, top_left, scaled = fit_to_bucket(image, bucket)
-    return TrainImage(name, crop, caption, (image.height, image.width), top_left, scaled)
+    fitted_mask = None if mask is None else fit_to_bucket(mask, bucket)[0]
+    return TrainImage(name, crop, caption, (image.height, image.width), top_left, scaled, fitted_mask)
+
+
+def read_mask(source, decoded) -> Image.Image | None:
+    """The image's mask: its NAME.mask.png (decoded as safely as images, scaled to the image's size), else its alpha
+    channel when that is not fully opaque, else None. A mask file that cannot be read is an error naming it."""
+    if source.mask is not None:
+        try:
+            picture = load_image(source.mask, min_side=1, max_pixels=MAX_PIXELS, max_bytes=MAX_FILE_BYTES).image
+        except SkipImage as e:
+            raise ValueError(f"mask {source.mask.label} of {source.label}: {e}") from e
+        return as_mask(picture, decoded.image.size)
+    return useful_alpha(decoded.alpha)
 
 
 def load_train_data(folder: Path, resolution: int, repeats: int | None = None,
@@ -155,7 +172,8 @@ def load_train_data(folder: Path, resolution: int, repeats: int | None = None,
             skipped[source.label] = str(e)
             continue
         sizes = bucket_sizes(resolution) if buckets else [(resolution, resolution)]
-        images.append(train_image(source.label, decoded.image, source.caption or "", sizes))
+        images.append(train_image(source.label, decoded.image, source.caption or "", sizes,
+                                  read_mask(source, decoded)))
     if not images:
         why = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:5])
         raise ValueError(f"no usable training images in {folder}" + (f" ({why})" if why else ""))

@@ -77,6 +77,11 @@ class TrainJob:
     tag_dropout: float = 0.0  # drop each tag after the kept ones at this rate (kohya caption_tag_dropout_rate)
     caption_prefix: str = ""  # a tag put before every caption, never shuffled (kohya caption_prefix)
     caption_suffix: str = ""  # a tag put after every caption, never shuffled (kohya caption_suffix)
+    # --- masked training (studio.train.masks): each image's NAME.mask.png, or its alpha channel, weights the loss:
+    # 1 where the mask is white, `unmasked_weight` where it is black (kohya --masked_loss; OneTrainer's unmasked
+    # weight). Images without a mask count everywhere ---
+    masked_loss: bool = False
+    unmasked_weight: float = 0.0
     # --- optimisation ---
     learning_rate: str = "0.005"  # a number or an A1111 schedule "0.005:100, 1e-3:1000" (LoRA: the UNet's)
     text_encoder_lr: float | None = None  # LoRA with the text encoder: its rate (None: the same as the UNet's)
@@ -219,7 +224,7 @@ class TrainJob:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not 0 < real_number("Prodigy d_coef", self.prodigy_d_coef) <= 100:
             raise ValueError(f"Prodigy d_coef must be in (0, 100], got {self.prodigy_d_coef!r}")
-        for name in ("prodigy_safeguard_warmup", "prodigy_bias_correction", "shuffle_tags"):
+        for name in ("prodigy_safeguard_warmup", "prodigy_bias_correction", "shuffle_tags", "masked_loss"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name.replace('_', ' ')} must be true or false, got {getattr(self, name)!r}")
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -227,7 +232,8 @@ class TrainJob:
                              f"got {self.lr_scheduler!r}")
         floats = {"lr_warmup": (0, 1e9), "max_grad_norm": (0, 1e9), "min_snr_gamma": (0, 1e6),
                   "noise_offset": (0, 1), "dropout": (0, 0.99), "prior_loss_weight": (0, 1e6),
-                  "ema_decay": (0, 1), "caption_dropout": (0, 1), "tag_dropout": (0, 1)}
+                  "ema_decay": (0, 1), "caption_dropout": (0, 1), "tag_dropout": (0, 1),
+                  "unmasked_weight": (0, 1)}
         for name, (lo, hi) in floats.items():
             real_number(name.replace("_", " "), getattr(self, name), lo, hi)
         if self.alpha is not None and real_number("LoRA alpha (or empty for the rank)", self.alpha) <= 0:

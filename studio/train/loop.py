@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torch.nn import functional as F
 
 from studio.config import StudioConfig
 from studio.files.networks import save_preview
@@ -38,6 +37,7 @@ from studio.train.data import (
     rng_seed,
 )
 from studio.train.job import METHOD_LABELS, TrainJob, check_train_settings
+from studio.train.masks import latent_mask, loss_weights, weighted_losses
 from studio.train.method import TrainContext, TrainMethod, base_prompt_encoder, text_encoders
 from studio.train.run_folder import RunFolder
 
@@ -52,6 +52,7 @@ class LatentBatch:
     x0: torch.Tensor
     prompts: list[str]
     time_ids: list[list[int]]
+    weights: torch.Tensor | None = None  # masked training: per-pixel loss weights [B, 1, h, w] (None: all 1)
 
 
 def merge_same_shape(parts: list[LatentBatch]) -> list[LatentBatch]:
@@ -59,8 +60,12 @@ def merge_same_shape(parts: list[LatentBatch]) -> list[LatentBatch]:
     a bucket of another shape than the class images gets a pass of its own."""
     if len(parts) < 2 or any(p.x0.shape[1:] != parts[0].x0.shape[1:] for p in parts):
         return parts
+    weights = None
+    if any(p.weights is not None for p in parts):
+        weights = torch.cat([p.weights if p.weights is not None else p.x0.new_ones((len(p.x0), 1, *p.x0.shape[2:]))
+                             for p in parts])
     return [LatentBatch(torch.cat([p.x0 for p in parts]), [q for p in parts for q in p.prompts],
-                        [t for p in parts for t in p.time_ids])]
+                        [t for p in parts for t in p.time_ids], weights)]
 
 
 @dataclass
@@ -167,6 +172,7 @@ class Trainer:
         self.on_progress = on_progress
         self.on_event = on_event or (lambda kind, info: None)
         self.cancel = cancel or threading.Event()
+        self.latent_masks: list | None = None  # masked training: per image, [unflipped, flipped] latent masks
 
     # --- entry points ---------------------------------------------------------------------------
 
@@ -194,6 +200,13 @@ class Trainer:
         data = load_train_data(data_dir, job.resolution, job.repeats, job.flip_p, buckets=bool(job.buckets))
         for name, reason in data.skipped.items():
             self._log(f"skipped {name}: {reason}")
+        if job.masked_loss:
+            masked = sum(item.mask is not None for item in data.images)
+            if not masked:
+                raise ValueError("masked training is on, but no image has a mask: put NAME.mask.png beside NAME.png "
+                                 "(white where the loss counts) or give the images an alpha channel")
+            self._log(f"masked training: {masked} of {len(data.images)} images have a mask (the others count "
+                      f"everywhere); outside the masks the loss weighs {job.unmasked_weight:g}")
 
         # 2. model, device, precision; everything frozen until the method says what trains
         accelerator = make_accelerator(job.mixed_precision, self.cfg.device)
@@ -245,6 +258,7 @@ class Trainer:
         # 4. cached inputs: VAE latents of every image (and its mirror), class images, CLIP image embeddings
         self._progress(0, job.max_steps, "encoding training images")
         latents = self._encode_latents([item.image for item in data.images], data.flip_p > 0)
+        self.latent_masks = self._latent_masks(data, latents) if job.masked_loss else None
         class_latents = None
         if job.class_images:
             class_images = self._class_images(job, run)
@@ -413,8 +427,12 @@ class Trainer:
         rng = random.Random(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
         prompts = method.batch_prompts([data.images[i].caption for i in idx], rng, index, idx)
         x0, flips = self._sample_latents(latents, idx, data.flip_p, g)
+        weights = None
+        if self.latent_masks is not None:
+            masks = torch.stack([self.latent_masks[i][f] for i, f in zip(idx, flips, strict=True)])
+            weights = loss_weights(masks, job.unmasked_weight).to(self.device)
         parts = [LatentBatch(x0, prompts, [data.images[i].time_ids(bool(f)) for i, f in zip(idx, flips,
-                                                                                            strict=True)])]
+                                                                                            strict=True)], weights)]
         if class_latents is not None:  # DreamBooth: as many class examples as instance examples
             class_idx = batch_indices(rng_seed(job.seed, STREAM_CLASS), index, job.batch_size,
                                       len(class_latents[0]), 1)[:len(idx)]
@@ -463,7 +481,7 @@ class Trainer:
                 extra["added_cond_kwargs"] = {"text_embeds": pooled.to(self.weight_dtype), "time_ids": time_ids}
             pred = method.denoiser()(noisy.to(self.weight_dtype), timesteps,
                                      encoder_hidden_states=cond.to(self.weight_dtype), **extra).sample
-        per_item = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        per_item = weighted_losses(pred, target, part.weights)
         return per_item, timesteps, time_ids
 
     def _sample_latents(self, cache, idx: list[int], flip_p: float, g: torch.Generator
@@ -492,6 +510,13 @@ class Trainer:
             means.append([m[0], m[-1]])
             stds.append([s[0], s[-1]])
         return means, stds
+
+    @staticmethod
+    def _latent_masks(data: TrainData, latents) -> list[list[torch.Tensor]]:
+        """Per image: [unflipped, flipped] masks at its latents' size (all ones without a mask)."""
+        means = latents[0]
+        return [[latent_mask(item.mask, tuple(means[i][0].shape[-2:]), flipped) for flipped in (False, True)]
+                for i, item in enumerate(data.images)]
 
     @torch.no_grad()
     def _class_images(self, job: TrainJob, run: RunFolder | None) -> list:

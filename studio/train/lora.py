@@ -235,6 +235,8 @@ class LoraMethod(TrainMethod):
                    **network_metadata(job.network, job.conv_dims, job.lokr_factor,
                                       job.dropout if job.network in ("loha", "lokr") else 0.0),
                    "ss_sd_model_hash": ctx.model_hash[:10], "ss_new_sd_model_hash": ctx.model_hash,
+                   "ss_masked_loss": job.masked_loss,  # kohya's key; the unmasked weight is the studio's
+                   **({"ss_unmasked_weight": job.unmasked_weight} if job.masked_loss else {}),
                    "ss_network_dropout": job.dropout, "ss_max_train_steps": job.max_steps,
                    "ss_batch_size_per_device": job.batch_size, "ss_gradient_accumulation_steps": job.grad_accum,
                    "ss_mixed_precision": job.mixed_precision, "ss_min_snr_gamma": job.min_snr_gamma or "",

@@ -78,18 +78,21 @@ FORM = ("data", "method", "name", "init_word", "vectors", "template", "learning_
         "lr_scheduler", "lr_warmup", "optimizer", "max_grad_norm", "gradient_checkpointing", "min_snr_gamma",
         "noise_offset", "compile", "lr_cycles",
         # captions (kohya's caption options; every method: TI shapes its [filewords])
-        "shuffle_tags", "keep_tokens", "caption_dropout", "tag_dropout", "caption_prefix", "caption_suffix")
+        "shuffle_tags", "keep_tokens", "caption_dropout", "tag_dropout", "caption_prefix", "caption_suffix",
+        # masked training (every method)
+        "masked_loss", "unmasked_weight")
 INT_FIELDS = {"vectors", "batch_size", "grad_accum", "max_steps", "resolution", "seed", "repeats", "heads",
               "experts", "top_k", "save_every", "preview_every", "rank", "class_images", "lr_cycles", "keep_tokens",
               "lokr_factor"}
 TEXT_FIELDS = {"data", "name", "init_word", "template", "learning_rate", "image_encoder", "preview_prompt",
                "instance_prompt", "class_prompt", "output", "caption_prefix", "caption_suffix"}
 FLOAT_FIELDS = {"aux_weight", "dropout", "prior_loss_weight", "ema_decay", "max_grad_norm", "min_snr_gamma",
-                "noise_offset", "caption_dropout", "tag_dropout"}
+                "noise_offset", "caption_dropout", "tag_dropout", "unmasked_weight"}
 OPTIONAL_FLOATS = {"alpha": "LoRA alpha", "text_encoder_lr": "text encoder learning rate",
                    "conv_alpha": "conv alpha"}  # empty: None
 OPTIONAL_INTS = {"conv_rank": "conv rank"}  # empty: None
-BOOL_FIELDS = {"overwrite", "train_text_encoder", "save_diffusers", "ema", "gradient_checkpointing", "shuffle_tags"}
+BOOL_FIELDS = {"overwrite", "train_text_encoder", "save_diffusers", "ema", "gradient_checkpointing", "shuffle_tags",
+               "masked_loss"}
 LORA_AND_FINETUNE = ("lora", "finetune")
 # widgets that matter for some methods only (shown for those, ignored by the others); the rest matter for all
 ONLY_FOR = {
@@ -641,6 +644,18 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
                     caption_suffix = gr.Textbox(defaults.caption_suffix, label="Caption suffix",
                                                 elem_id="tr-caption-suffix", placeholder="e.g. high quality",
                                                 info="a tag after every caption, never shuffled")
+            with gr.Accordion("Masked training", open=False, elem_id="tr-masks"):
+                gr.Markdown("Teach only part of each picture: a mask beside an image (`cat.mask.png` for `cat.png`, "
+                            "white where it counts) or the image's transparency weights the loss, as kohya's "
+                            "masked loss and OneTrainer's masked training do. Images without a mask count "
+                            "everywhere.")
+                with gr.Row(equal_height=True):
+                    masked_loss = gr.Checkbox(defaults.masked_loss, label="Masked training", elem_id="tr-masked",
+                                              info="the loss counts inside the masks")
+                    unmasked_weight = gr.Number(defaults.unmasked_weight, minimum=0, maximum=1, step=0.05,
+                                                min_width=100, label="Weight outside the masks",
+                                                elem_id="tr-unmasked-weight",
+                                                info="0 ignores the rest of the picture; 0.1 keeps a little of it")
             with gr.Accordion("Run settings", open=False):
                 with gr.Row():
                     save_every = gr.Number(defaults.save_every, minimum=1,
@@ -696,7 +711,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
             "gradient_checkpointing": checkpointing, "min_snr_gamma": snr, "noise_offset": noise_offset,
             "compile": compile_mode, "lr_cycles": cycles, "shuffle_tags": shuffle_tags, "keep_tokens": keep_tokens,
             "caption_dropout": caption_dropout, "tag_dropout": tag_dropout, "caption_prefix": caption_prefix,
-            "caption_suffix": caption_suffix}
+            "caption_suffix": caption_suffix, "masked_loss": masked_loss, "unmasked_weight": unmasked_weight}
     widgets = [form[key] for key in FORM]
     networks_outputs = list(networks_outputs)
     view_outputs = [shown, timer, status, progress, plot, previews, log, runs, model_dropdown, *networks_outputs]
