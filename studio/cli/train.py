@@ -98,7 +98,9 @@ TRAIN_FLAGS = {"model": "model", "data": "data", "name": "name", "method": "meth
                "ema": "ema", "ema_decay": "ema_decay", "out": "output", "compile": "compile",
                "keep_tokens": "keep_tokens", "caption_dropout": "caption_dropout", "tag_dropout": "tag_dropout",
                "caption_prefix": "caption_prefix", "caption_suffix": "caption_suffix", "lr_cycles": "lr_cycles",
-               "masked_loss": "masked_loss", "unmasked_weight": "unmasked_weight"}
+               "masked_loss": "masked_loss", "unmasked_weight": "unmasked_weight",
+               "bucket_min_side": "bucket_min_side", "bucket_max_side": "bucket_max_side", "bucket_step": "bucket_step",
+               "bucket_no_upscale": "bucket_no_upscale"}
 
 
 def train_job_from_args(args):
@@ -114,9 +116,11 @@ def train_job_from_args(args):
     # `is not`, not `in (None, False)`: 0 == False, and `--preview-every 0`, `--seed 0`, `--dropout 0` are values
     values.update({field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()
                    if getattr(args, flag, None) is not None and getattr(args, flag) is not False})
-    for flag, field in (("buckets", "buckets"), ("shuffle_tags", "shuffle_tags")):
+    for flag, field in (("buckets", "buckets"), ("shuffle_tags", "shuffle_tags"), ("masked_loss", "masked_loss")):
         if getattr(args, flag, None) is not None:
             values[field] = getattr(args, flag)  # --no-buckets is a value too (False), which the loop above skips
+    if getattr(args, "sample_prompts", None):  # kohya's --sample_prompts: a text file, one prompt per line
+        values["sample_prompts"] = Path(args.sample_prompts).read_text(encoding="utf-8")
     if getattr(args, "te_lr", None) is not None:
         values["train_text_encoder"] = True  # a text-encoder rate means: train it
     if args.kind != "ti" and values["method"] != args.kind:
@@ -139,6 +143,14 @@ def _kind_parser(tsub, kind: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("--buckets", action=argparse.BooleanOptionalAction, default=None,
                    help="aspect-ratio buckets at SDXL's resolutions scaled to --resolution (default: on for SDXL "
                         "models, off for the others, whose images are center-cropped squares)")
+    p.add_argument("--bucket-min-side", type=int, metavar="PX",
+                   help="kohya's buckets: the shortest bucket side (kohya --min_bucket_reso, 256)")
+    p.add_argument("--bucket-max-side", type=int, metavar="PX",
+                   help="kohya's buckets: the longest bucket side (kohya --max_bucket_reso, 1024)")
+    p.add_argument("--bucket-step", type=int, metavar="PX", help="kohya's buckets: the side step (kohya "
+                   "--bucket_reso_steps, 64)")
+    p.add_argument("--bucket-no-upscale", action="store_true",
+                   help="each image in a bucket of its own size, never enlarged (kohya --bucket_no_upscale)")
     p.add_argument("--repeats", type=int, help="repeats per epoch (default: the dataset's)")
     p.add_argument("--flip-p", type=float, help="horizontal flip probability (default: the dataset's)")
     p.add_argument("--seed", type=int)
@@ -169,6 +181,9 @@ def _kind_parser(tsub, kind: str, help_text: str) -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, help="checkpoint every N steps")
     p.add_argument("--preview-every", type=int, help="preview image every N steps (0: none)")
     p.add_argument("--preview-prompt", help="preview prompt; [name] is the output's name")
+    p.add_argument("--sample-prompts", metavar="FILE",
+                   help="a text file of preview prompts, one per line with kohya's options (--n negative, --w/--h "
+                        "size, --d seed, --l CFG, --s steps); each is a preview image")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output of that name")
     p.add_argument("--preset", help="a training preset (name, file stem or .yaml path) from presets/training/")
     p.add_argument("--config", help="a run's config.yaml: repeat that run")

@@ -119,6 +119,56 @@ def bucket_sizes(resolution: int) -> list[tuple[int, int]]:
     return out
 
 
+@dataclass(frozen=True)
+class BucketRule:
+    """How aspect-ratio buckets are made. No sides or step given: SDXL's resolutions scaled to the training
+    resolution (bucket_sizes). Any of them given: kohya's rule (kohya_bucket_sizes). `no_upscale`: kohya's
+    bucket_no_upscale, each image in a bucket of its own size (shrunk to the area if larger), never enlarged."""
+
+    min_side: int | None = None
+    max_side: int | None = None
+    step: int | None = None
+    no_upscale: bool = False
+
+    @property
+    def kohya(self) -> bool:
+        return (self.min_side, self.max_side, self.step) != (None, None, None)
+
+    def sizes(self, resolution: int) -> list[tuple[int, int]]:
+        if not self.kohya:
+            return bucket_sizes(resolution)
+        return kohya_bucket_sizes(resolution, self.min_side or 256, self.max_side or 1024, self.step or 64)
+
+    def bucket_for(self, width: int, height: int, resolution: int) -> tuple[int, int]:
+        """The bucket an image of this size trains in."""
+        if self.no_upscale:
+            return own_size_bucket(width, height, resolution * resolution, self.step or 64)
+        return pick_bucket(width, height, self.sizes(resolution))
+
+
+def kohya_bucket_sizes(resolution: int, min_side: int, max_side: int, step: int) -> list[tuple[int, int]]:
+    """kohya's bucket set: the largest square of the training area (resolution²) on the step, and for every
+    width from `min_side` to `max_side` in steps the tallest height on the step within the area and `max_side`
+    (both orientations), keeping those whose sides are at least `min_side`. Sorted, no duplicates."""
+    area = resolution * resolution
+    square = max(step, int(resolution // step) * step)
+    sizes = {(square, square)}
+    for width in range(min_side, max_side + 1, step):
+        height = min(max_side, int(area // width // step) * step)
+        if height >= min_side:
+            sizes.update({(width, height), (height, width)})
+    return sorted(sizes)
+
+
+def own_size_bucket(width: int, height: int, area: int, step: int) -> tuple[int, int]:
+    """kohya's no-upscale bucket: the image's own size, scaled down (aspect kept) when above `area`, each side then
+    cut down to the step (at least one step)."""
+    if width * height > area:
+        scale = math.sqrt(area / (width * height))
+        width, height = width * scale, height * scale
+    return (max(step, int(width) // step * step), max(step, int(height) // step * step))
+
+
 def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> tuple[Image.Image, tuple[int, int],
                                                                          tuple[int, int]]:
     """The image scaled to cover `bucket` (width, height) and centre-cropped to it: (crop, its top-left in the
@@ -132,10 +182,11 @@ def fit_to_bucket(image: Image.Image, bucket: tuple[int, int]) -> tuple[Image.Im
 
 
 def train_image(name: str, image: Image.Image, caption: str, buckets: list[tuple[int, int]],
-                mask: Image.Image | None = None) -> TrainImage:
-    """One training image fitted to the bucket closest to its aspect ratio, with its size and crop recorded (and
-    its mask, the image's size, cropped the same way)."""
-    bucket = pick_bucket(image.width, image.height, buckets) if len(buckets) > 1 else buckets[0]
+                mask: Image.Image | None = None, bucket: tuple[int, int] | None = None) -> TrainImage:
+    """One training image fitted to `bucket`, or to the one of `buckets` closest to its aspect ratio, with its size
+    and crop recorded (and its mask, the image's size, cropped the same way)."""
+    if bucket is None:
+        bucket = pick_bucket(image.width, image.height, buckets) if len(buckets) > 1 else buckets[0]
     crop, top_left, scaled = fit_to_bucket(image, bucket)
     fitted_mask = None if mask is None else fit_to_bucket(mask, bucket)[0]
     return TrainImage(name, crop, caption, (image.height, image.width), top_left, scaled, fitted_mask)
@@ -154,10 +205,11 @@ def read_mask(source, decoded) -> Image.Image | None:
 
 
 def load_train_data(folder: Path, resolution: int, repeats: int | None = None,
-                    flip_p: float | None = None, buckets: bool = False) -> TrainData:
+                    flip_p: float | None = None, buckets: bool = False, rule: BucketRule | None = None) -> TrainData:
     """Read every image (and its caption) of a dataset folder: centre-cropped squares, or with `buckets` each in
-    the SDXL bucket nearest its aspect ratio. Unusable files are skipped with the reason; no usable image at all
-    is an error that lists them."""
+    the bucket `rule` gives it (default: the SDXL bucket nearest its aspect ratio). Unusable files are skipped with
+    the reason; no usable image at all is an error that lists them."""
+    rule = rule or BucketRule()
     folder = Path(folder)
     manifest = read_manifest(folder) if (folder / MANIFEST).is_file() else {}
     training = manifest.get("training", {})
@@ -171,9 +223,10 @@ def load_train_data(folder: Path, resolution: int, repeats: int | None = None,
         except SkipImage as e:
             skipped[source.label] = str(e)
             continue
-        sizes = bucket_sizes(resolution) if buckets else [(resolution, resolution)]
-        images.append(train_image(source.label, decoded.image, source.caption or "", sizes,
-                                  read_mask(source, decoded)))
+        image = decoded.image
+        bucket = rule.bucket_for(image.width, image.height, resolution) if buckets else (resolution, resolution)
+        images.append(train_image(source.label, image, source.caption or "", [bucket], read_mask(source, decoded),
+                                  bucket))
     if not images:
         why = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:5])
         raise ValueError(f"no usable training images in {folder}" + (f" ({why})" if why else ""))

@@ -66,6 +66,13 @@ class TrainJob:
     # aspect-ratio buckets: each image goes to the bucket of SDXL's resolutions (scaled to `resolution`) nearest its
     # aspect ratio, scaled to cover and centre-cropped; a batch holds one bucket. None: on for SDXL, off otherwise
     buckets: bool | None = None
+    # kohya's bucket rules (studio.train.data.BucketRule): with any of these set, the buckets are kohya's (every width
+    # from the min side to the max side on the step, the tallest height within resolution²), not SDXL's list; None:
+    # kohya's 256 / 1024 / 64 once one is given. No upscale: each image in a bucket of its own size, never enlarged
+    bucket_min_side: int | None = None
+    bucket_max_side: int | None = None
+    bucket_step: int | None = None
+    bucket_no_upscale: bool = False
     repeats: int | None = None  # times each image is seen per epoch; None: the dataset's (dataset.json), else 1
     flip_p: float | None = None  # probability of a horizontal flip; None: the dataset's setting, else 0
     # --- the captions (kohya's caption options, studio.train.captions; all off by default). They shape each
@@ -148,6 +155,9 @@ class TrainJob:
     preview_prompt: str = "a painting in the style of [name]"  # [name]: the name; empty: the first image's prompt
     preview_seed: int = 1
     preview_steps: int = 20
+    # kohya-style sample prompts (studio.train.samples): one per line, with --n negative, --w/--h size, --d seed,
+    # --l CFG, --s steps; each line is a preview image at every preview step. Empty: the preview prompt alone
+    sample_prompts: str = ""
     embedding_format: str = "a1111"  # a1111 (.safetensors emb_params) | diffusers | a1111-pt (.pt)
     overwrite: bool = False  # replace an existing output (embedding, LoRA, checkpoint) of the same name
 
@@ -170,6 +180,17 @@ class TrainJob:
     def replace(self, **changes) -> TrainJob:
         return TrainJob.from_dict({**self.to_dict(), **{k: v for k, v in changes.items() if v is not None}})
 
+    def samples(self) -> list:
+        """The previews' prompts (studio.train.samples.SamplePrompt): each sample line, or the preview prompt at
+        the training resolution, preview seed and steps ([name] becomes the name in both)."""
+        from studio.train.samples import SamplePrompt, parse_sample_prompts
+
+        defaults = SamplePrompt(self.preview_prompt, "", self.resolution, self.resolution, self.preview_seed, 7.0,
+                                self.preview_steps)
+        lines = parse_sample_prompts(self.sample_prompts.replace("[name]", self.name), defaults)
+        return lines or [SamplePrompt(self.preview_prompt.replace("[name]", self.name), "", self.resolution,
+                                      self.resolution, self.preview_seed, 7.0, self.preview_steps)]
+
     # 2. checking
 
     def validate(self, limits: Limits | None = None) -> None:
@@ -178,7 +199,8 @@ class TrainJob:
         limits = limits or Limits.from_env()
         for name in ("method", "model", "name", "init_word", "template", "lr_scheduler", "optimizer",
                      "mixed_precision", "compile", "lora_targets", "network", "instance_prompt", "class_prompt", "output",
-                     "image_encoder", "preview_prompt", "embedding_format", "caption_prefix", "caption_suffix"):
+                     "image_encoder", "preview_prompt", "embedding_format", "caption_prefix", "caption_suffix",
+                     "sample_prompts"):
             text(name.replace("_", " "), getattr(self, name))
         for name in ("preview_prompt", "instance_prompt", "class_prompt", "caption_prefix", "caption_suffix"):
             check_prompt_limits(getattr(self, name), name.replace("_", " "), limits)
@@ -204,6 +226,18 @@ class TrainJob:
                              f"(try {self.resolution - self.resolution % 8})")
         if self.buckets is not None and not isinstance(self.buckets, bool):
             raise ValueError(f"buckets must be true, false or empty (on for SDXL models), got {self.buckets!r}")
+        for name in ("bucket_min_side", "bucket_max_side", "bucket_step"):
+            if getattr(self, name) is not None:
+                setattr(self, name, whole_number(name.replace("_", " "), getattr(self, name), 8, 8192))
+        if self.bucket_step is not None and self.bucket_step % 8:
+            raise ValueError(f"bucket step must be a multiple of 8 (64 as kohya), got {self.bucket_step}")
+        rule = self.bucket_rule()
+        low, high = rule.min_side or 256, rule.max_side or 1024
+        if rule.kohya and low > high:
+            raise ValueError(f"bucket min side ({low}) must not be above the max side ({high})")
+        if rule.kohya and high * high < self.resolution * self.resolution // 4:
+            raise ValueError(f"bucket max side {high} is far below the resolution {self.resolution}: no bucket would "
+                             "hold the training area")
         if self.repeats is not None:
             self.repeats = whole_number("repeats (or empty for the dataset's)", self.repeats, 1, 10_000)
         if self.flip_p is not None:
@@ -224,7 +258,8 @@ class TrainJob:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if not 0 < real_number("Prodigy d_coef", self.prodigy_d_coef) <= 100:
             raise ValueError(f"Prodigy d_coef must be in (0, 100], got {self.prodigy_d_coef!r}")
-        for name in ("prodigy_safeguard_warmup", "prodigy_bias_correction", "shuffle_tags", "masked_loss"):
+        for name in ("prodigy_safeguard_warmup", "prodigy_bias_correction", "shuffle_tags", "masked_loss",
+                     "bucket_no_upscale"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name.replace('_', ' ')} must be true or false, got {getattr(self, name)!r}")
         if self.lr_scheduler not in LR_SCHEDULERS:
@@ -243,6 +278,9 @@ class TrainJob:
             raise ValueError(f"text encoder learning rate must be positive, got {self.text_encoder_lr!r}")
         if self.lora_targets not in LORA_TARGETS:
             raise ValueError(f"LoRA targets must be one of {', '.join(LORA_TARGETS)}, got {self.lora_targets!r}")
+        for sample in self.samples():  # raises naming the line
+            check_prompt_limits(sample.prompt, "sample prompt", limits)
+            check_prompt_limits(sample.negative, "sample negative prompt", limits)
         self._check_network()
         if bool(self.class_prompt.strip()) != (self.class_images > 0):
             raise ValueError("prior preservation needs both a class prompt and a number of class images "
@@ -301,6 +339,12 @@ class TrainJob:
         return {"adamw": "torch.optim.adamw.AdamW", "adamw8bit": "bitsandbytes.optim.adamw.AdamW8bit",
                 "adafactor": "transformers.optimization.Adafactor(scale_parameter=False,relative_step=False,"
                              "warmup_init=False)"}.get(self.optimizer, self.optimizer)
+
+    def bucket_rule(self):
+        """The job's studio.train.data.BucketRule."""
+        from studio.train.data import BucketRule
+
+        return BucketRule(self.bucket_min_side, self.bucket_max_side, self.bucket_step, self.bucket_no_upscale)
 
     def uses_buckets(self, family: str, dataset_buckets: bool = False) -> bool:
         """Whether this job trains on aspect-ratio buckets with a model of `family`: as set, else on for SDXL and for

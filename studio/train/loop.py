@@ -40,6 +40,7 @@ from studio.train.job import METHOD_LABELS, TrainJob, check_train_settings
 from studio.train.masks import latent_mask, loss_weights, weighted_losses
 from studio.train.method import TrainContext, TrainMethod, base_prompt_encoder, text_encoders
 from studio.train.run_folder import RunFolder
+from studio.train.samples import SamplePrompt
 
 ProgressFn = Callable[[int, int, str], None]
 EventFn = Callable[[str, dict], None]  # ("loss" | "preview" | "checkpoint" | "log" | "run" | "done", details)
@@ -197,7 +198,8 @@ class Trainer:
         # 1. data (before any model loads: bad input fails fast)
         self._log(f"reading dataset {job.data}")
         data_dir = resolve_data_dir(job.data, self.cfg.datasets_dir)
-        data = load_train_data(data_dir, job.resolution, job.repeats, job.flip_p, buckets=bool(job.buckets))
+        data = load_train_data(data_dir, job.resolution, job.repeats, job.flip_p, buckets=bool(job.buckets),
+                               rule=job.bucket_rule())
         for name, reason in data.skipped.items():
             self._log(f"skipped {name}: {reason}")
         if job.masked_loss:
@@ -219,7 +221,8 @@ class Trainer:
         self._scheduler_config = dict(pipe.scheduler.config)  # previews swap pipe.scheduler; keep the original
         method_class(job).check_model(pipe, job)
         if job.uses_buckets(model.family, data.dataset_buckets) and not data.bucketed:  # SDXL's, a bucket dataset's
-            data = load_train_data(data_dir, job.resolution, job.repeats, job.flip_p, buckets=True)
+            data = load_train_data(data_dir, job.resolution, job.repeats, job.flip_p, buckets=True,
+                                   rule=job.bucket_rule())
         if data.bucketed:
             self._log("aspect-ratio buckets: " + ", ".join(f"{w}x{h}: {len(members)}"
                                                            for (w, h), members in data.buckets().items()))
@@ -534,7 +537,8 @@ class Trainer:
                 continue
             self._progress(i, job.class_images, f"class image {i + 1}/{job.class_images}: {job.class_prompt}")
             seed = rng_seed(job.seed, STREAM_CLASS, i) % 2**32
-            image = self._render(encoder, job.class_prompt, seed, job.preview_steps, job.resolution)
+            image = self._render(encoder, SamplePrompt(job.class_prompt, "", job.resolution, job.resolution, seed,
+                                                       7.0, job.preview_steps))
             if path is not None:
                 from studio.generation.generate import save_png
 
@@ -580,24 +584,26 @@ class Trainer:
         self.on_event("checkpoint", {"step": step, "path": str(path)})
 
     @torch.no_grad()
-    def _render(self, encoder, prompt: str, seed: int, steps: int, size: int):
-        """One image with DPM++ 2M Karras, CFG 7, drawn like Generate draws it (CPU noise from the seed)."""
+    def _render(self, encoder, sample: SamplePrompt):
+        """One image of `sample` (prompt, negative prompt, size, seed, CFG, steps) with DPM++ 2M Karras, drawn like
+        Generate draws it (CPU noise from the seed)."""
         from studio.generation.conditioning import encode_pair
         from studio.generation.denoise import initial_latents
 
         pipe = self.pipe
+        prompt, seed, width, height = sample.prompt, sample.seed, sample.width, sample.height
         if self.model.is_xl:  # and the pooled embeddings; the pipeline adds the size conditioning
-            cond, uncond, _ = encode_pair(encoder, prompt, "")
+            cond, uncond, _ = encode_pair(encoder, prompt, sample.negative)
             embeds = {"prompt_embeds": cond.embeds, "negative_prompt_embeds": uncond.embeds,
                       "pooled_prompt_embeds": cond.pooled, "negative_pooled_prompt_embeds": uncond.pooled}
         else:
-            cond, uncond, _ = encoder.encode_pair(prompt, "")
+            cond, uncond, _ = encoder.encode_pair(prompt, sample.negative)
             embeds = {"prompt_embeds": cond, "negative_prompt_embeds": uncond}
         pipe.scheduler = samplers.make_scheduler("DPM++ 2M", "Karras", dict(self._scheduler_config), seed=seed)
-        latents = initial_latents(pipe, [seed], size, size)
+        latents = initial_latents(pipe, [seed], width, height)
         with self.accelerator.autocast():
-            return pipe(**embeds, num_inference_steps=steps, guidance_scale=7.0, width=size, height=size,
-                        latents=latents).images[0]
+            return pipe(**embeds, num_inference_steps=sample.steps, guidance_scale=sample.cfg, width=width,
+                        height=height, latents=latents).images[0]
 
     @staticmethod
     def _card_picture(run: RunFolder, step: int, output: Path) -> None:
@@ -608,27 +614,29 @@ class Trainer:
                 save_preview(output, im)
 
     def _preview(self, job: TrainJob, run: RunFolder, method: TrainMethod, step: int) -> Path:
-        """One image from the fixed preview prompt and seed with what the method has learned so far."""
+        """The preview images of `step`: each sample prompt (or the fixed preview prompt) with its seed, drawn with
+        what the method has learned so far. Returns the first one's path (the output's card picture)."""
         from studio.generation.generate import save_png
 
-        prompt = job.preview_prompt.replace("[name]", job.name) or self._first_prompt
         modules = [m for m in (self.pipe.unet, *text_encoders(self.pipe)) if m.training]
         for m in modules:
             m.eval()  # no dropout in previews
+        paths = []
         try:
-            with speed.uncompiled(self.pipe.unet):  # previews run eagerly: no inference graph to compile
-                image = self._render(method.preview_encoder(), prompt, job.preview_seed, job.preview_steps,
-                                     job.resolution)
+            for k, sample in enumerate(job.samples(), 1):
+                sample = dataclasses.replace(sample, prompt=sample.prompt or self._first_prompt)
+                with speed.uncompiled(self.pipe.unet):  # previews run eagerly: no inference graph to compile
+                    image = self._render(method.preview_encoder(), sample)
+                info = format_infotext(sample.prompt, sample.negative, {
+                    "Steps": sample.steps, "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": sample.cfg,
+                    "Seed": sample.seed, "Size": f"{sample.width}x{sample.height}", "Model": self.model.name,
+                    "Training step": step})
+                paths.append(save_png(image, info, run.preview_path(step, k)))
+                self.on_event("preview", {"step": step, "path": str(paths[-1]), "sample": k})
         finally:
             for m in modules:
                 m.train()
-        info = format_infotext(prompt, "", {"Steps": job.preview_steps, "Sampler": "DPM++ 2M",
-                                            "Schedule type": "Karras", "CFG scale": 7.0, "Seed": job.preview_seed,
-                                            "Size": f"{job.resolution}x{job.resolution}", "Model": self.model.name,
-                                            "Training step": step})
-        path = save_png(image, info, run.preview_path(step))
-        self.on_event("preview", {"step": step, "path": str(path)})
-        return path
+        return paths[0]
 
     # --- reporting --------------------------------------------------------------------------------
 

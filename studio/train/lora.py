@@ -252,7 +252,11 @@ class LoraMethod(TrainMethod):
         """kohya's bucket keys (`ss_enable_bucket`, `ss_bucket_info`), for runs on aspect-ratio buckets."""
         if not self.ctx.bucketed:
             return {}
-        return {"ss_enable_bucket": "True", "ss_bucket_no_upscale": "False"}
+        rule = self.job.bucket_rule()
+        out = {"ss_enable_bucket": "True", "ss_bucket_no_upscale": str(bool(rule.no_upscale))}
+        if rule.kohya:  # kohya's own keys for its bucket rule
+            out.update({"ss_min_bucket_reso": str(rule.min_side or 256), "ss_max_bucket_reso": str(rule.max_side or 1024)})
+        return out
 
     def layers(self, name: str) -> dict:
         """Module path -> LoraLayer of one trained module (empty when it has no adapter)."""

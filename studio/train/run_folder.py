@@ -182,11 +182,17 @@ class RunFolder:
 
     # 5. previews
 
-    def preview_path(self, step: int) -> Path:
-        return self.path / "previews" / f"step-{step:08d}.png"
+    def preview_path(self, step: int, sample: int = 1) -> Path:
+        """previews/step-NNNNNNNN.png for the first sample prompt, step-NNNNNNNN-K.png for sample K > 1."""
+        return self.path / "previews" / (f"step-{step:08d}.png" if sample == 1 else f"step-{step:08d}-{sample}.png")
 
     def previews(self) -> list[Path]:
-        return sorted((self.path / "previews").glob("step-*.png"))
+        """Every preview, by step, then sample."""
+        def order(path: Path) -> tuple[int, int]:
+            step, _, sample = path.stem.removeprefix("step-").partition("-")
+            return (int(step) if step.isdigit() else -1, int(sample) if sample.isdigit() else 1)
+
+        return sorted((self.path / "previews").glob("step-*.png"), key=order)
 
 
 def _load_pickle(path: Path):

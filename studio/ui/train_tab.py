@@ -68,8 +68,10 @@ TEMPLATE_LABELS = {
 }
 # TrainJob fields that have a widget, in the order the handlers receive them
 FORM = ("data", "method", "name", "init_word", "vectors", "template", "learning_rate", "batch_size", "grad_accum",
-        "max_steps", "resolution", "buckets", "seed", "repeats", "flip_p", "mixed_precision", "image_encoder",
-        "heads", "experts", "top_k", "aux_weight", "save_every", "preview_every", "preview_prompt", "embedding_format",
+        "max_steps", "resolution", "buckets", "bucket_min_side", "bucket_max_side", "bucket_step", "bucket_no_upscale",
+        "seed", "repeats", "flip_p", "mixed_precision", "image_encoder",
+        "heads", "experts", "top_k", "aux_weight", "save_every", "preview_every", "preview_prompt", "sample_prompts",
+        "embedding_format",
         "overwrite",
         # LoRA, DreamBooth, fine-tune
         "rank", "alpha", "dropout", "lora_targets", "train_text_encoder", "text_encoder_lr", "instance_prompt",
@@ -85,14 +87,16 @@ INT_FIELDS = {"vectors", "batch_size", "grad_accum", "max_steps", "resolution", 
               "experts", "top_k", "save_every", "preview_every", "rank", "class_images", "lr_cycles", "keep_tokens",
               "lokr_factor"}
 TEXT_FIELDS = {"data", "name", "init_word", "template", "learning_rate", "image_encoder", "preview_prompt",
+               "sample_prompts",
                "instance_prompt", "class_prompt", "output", "caption_prefix", "caption_suffix"}
 FLOAT_FIELDS = {"aux_weight", "dropout", "prior_loss_weight", "ema_decay", "max_grad_norm", "min_snr_gamma",
                 "noise_offset", "caption_dropout", "tag_dropout", "unmasked_weight"}
 OPTIONAL_FLOATS = {"alpha": "LoRA alpha", "text_encoder_lr": "text encoder learning rate",
                    "conv_alpha": "conv alpha"}  # empty: None
-OPTIONAL_INTS = {"conv_rank": "conv rank"}  # empty: None
+OPTIONAL_INTS = {"conv_rank": "conv rank", "bucket_min_side": "bucket min side", "bucket_max_side": "bucket max side",
+                 "bucket_step": "bucket step"}  # empty: None
 BOOL_FIELDS = {"overwrite", "train_text_encoder", "save_diffusers", "ema", "gradient_checkpointing", "shuffle_tags",
-               "masked_loss"}
+               "masked_loss", "bucket_no_upscale"}
 LORA_AND_FINETUNE = ("lora", "finetune")
 # widgets that matter for some methods only (shown for those, ignored by the others); the rest matter for all
 ONLY_FOR = {
@@ -297,11 +301,15 @@ def loss_frame(losses: list[tuple[int, float]], max_points: int = 1500) -> pd.Da
 
 
 def preview_items(paths: list[str]) -> list[tuple[str, str]]:
-    """Gallery items, oldest first, captioned with the training step (from previews/step-NNNNNNNN.png)."""
+    """Gallery items, oldest first, captioned with the training step (from previews/step-NNNNNNNN.png) and, for
+    sample prompts after the first, the sample's number (step-NNNNNNNN-K.png)."""
     items = []
     for path in paths:
-        m = re.search(r"step-(\d+)", Path(path).stem)
-        items.append((str(path), f"step {int(m.group(1))}" if m else Path(path).stem))
+        m = re.search(r"step-(\d+)(?:-(\d+))?", Path(path).stem)
+        label = Path(path).stem
+        if m:
+            label = f"step {int(m.group(1))}" + (f" · sample {int(m.group(2))}" if m.group(2) else "")
+        items.append((str(path), label))
     return items
 
 
@@ -514,6 +522,18 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
                                       elem_id="tr-buckets", info="SDXL's resolutions at this size, a batch per "
                                       "bucket; off: center-cropped squares")
                 seed = gr.Number(defaults.seed, minimum=0, label="Seed", min_width=100, elem_id="tr-seed")
+            with gr.Accordion("Bucket rules (kohya)", open=False, elem_id="tr-bucket-rules"):
+                gr.Markdown("Leave the sides and step empty for SDXL's resolutions scaled to this size. Give any of "
+                            "them for kohya's buckets: every width from the min side to the max side on the step, "
+                            "each with the tallest height that keeps the training area (resolution²).")
+                with gr.Row(equal_height=True):
+                    bucket_min = gr.Textbox("", label="Min side (px; kohya 256)", elem_id="tr-bucket-min",
+                                            min_width=100)
+                    bucket_max = gr.Textbox("", label="Max side (px; kohya 1024)", elem_id="tr-bucket-max",
+                                            min_width=100)
+                    bucket_step = gr.Textbox("", label="Step (px; kohya 64)", elem_id="tr-bucket-step", min_width=100)
+                    no_upscale = gr.Checkbox(defaults.bucket_no_upscale, label="No upscale", elem_id="tr-no-upscale",
+                                             info="each image in a bucket of its own size, never enlarged")
             with gr.Row():
                 repeats = gr.Number(0, minimum=0, label="Repeats per epoch (0: the dataset's)",
                                     elem_id="tr-repeats")
@@ -666,6 +686,13 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
                 preview_prompt = gr.Textbox(defaults.preview_prompt, elem_id="tr-preview-prompt",
                                             label="Preview prompt ([name] is the name; empty: the first image's "
                                                   "prompt)")
+                sample_prompts = gr.Textbox(defaults.sample_prompts, elem_id="tr-sample-prompts", lines=3,
+                                            label="Sample prompts (instead of the preview prompt: one per line, each "
+                                                  "a preview image)",
+                                            placeholder="[name], a castle at dusk --n blurry --w 512 --h 768 --d 7 "
+                                                        "--l 6 --s 25",
+                                            info="kohya's sample-prompt lines: --n negative prompt, --w/--h size, "
+                                                 "--d seed, --l CFG scale, --s steps; # starts a comment")
                 with gr.Row():
                     fmt = gr.Dropdown(list(EMBEDDING_FORMATS), value=defaults.embedding_format,
                                       label="Embedding file format", elem_id="tr-format")
@@ -697,11 +724,12 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
 
     form = {"data": data, "method": method, "name": name, "init_word": init_word, "vectors": vectors,
             "template": template, "learning_rate": lr, "batch_size": batch, "grad_accum": accum,
-            "max_steps": steps, "resolution": resolution, "buckets": buckets, "seed": seed, "repeats": repeats,
-            "flip_p": flip_p,
+            "max_steps": steps, "resolution": resolution, "buckets": buckets, "bucket_min_side": bucket_min,
+            "bucket_max_side": bucket_max, "bucket_step": bucket_step, "bucket_no_upscale": no_upscale, "seed": seed,
+            "repeats": repeats, "flip_p": flip_p,
             "mixed_precision": precision, "image_encoder": image_encoder, "heads": heads, "experts": experts,
             "top_k": top_k, "aux_weight": aux, "save_every": save_every, "preview_every": preview_every,
-            "preview_prompt": preview_prompt, "embedding_format": fmt, "overwrite": overwrite,
+            "preview_prompt": preview_prompt, "sample_prompts": sample_prompts, "embedding_format": fmt, "overwrite": overwrite,
             "rank": rank, "alpha": alpha, "dropout": dropout, "lora_targets": targets, "network": network,
             "conv_rank": conv_rank, "conv_alpha": conv_alpha, "lokr_factor": lokr_factor,
             "train_text_encoder": train_te, "text_encoder_lr": te_lr, "instance_prompt": instance_prompt,
