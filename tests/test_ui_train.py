@@ -344,14 +344,21 @@ def test_browser_train_to_the_end_reload_and_stop(app, browser):
     finished = status(page)
     page.screenshot(path=str(ARTIFACTS / "train_tab.png"), full_page=True)
 
-    # 2. a reload shows the finished run again: status, plot and previews
+    # 2. a reload shows the finished run again: status, plot and previews, and the form holds its settings
     page.reload()
     page.get_by_role("tab", name="Train").click()
     wait_status(page, "blue-style", 60_000)
     reloaded = status(page)
     page.wait_for_function("() => document.querySelectorAll('#tr-previews img').length >= 3", timeout=30_000)
+    from playwright.sync_api import expect
 
-    # 3. a long run, stopped by hand: it keeps what it learned so far (the reload emptied the form)
+    expect(page.locator("#tr-name input, #tr-name textarea").first).to_have_value("blue-style", timeout=30_000)
+    expect(page.locator("#tr-steps input").first).to_have_value("20")
+    expect(page.locator("#tr-resolution input").first).to_have_value("64")
+    expect(page.locator("#tr-dataset input").first).to_have_value("tiny-set")
+    assert "settings of the last run" in page.locator("#tr-preset-info").inner_text()
+
+    # 3. a long run, stopped by hand: it keeps what it learned so far
     fill(page, "tr-dataset", "tiny-set", "Enter")
     fill(page, "tr-name", "blue-stop")
     fill(page, "tr-steps", 100_000)

@@ -882,9 +882,29 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
         _, size, enc = model_defaults(state)
         return model_note(state), size, enc
 
-    def on_page_load():
-        return (*render(worker.view(), None), gr.update(choices=dataset_choices(cfg.datasets_dir)))
+    def last_run_form(view: RunView) -> tuple | None:
+        """The form's values (then extra settings and the note) with the shown run's settings, so a reloaded page
+        shows what that run was trained with; None when there is no run or its config cannot be read."""
+        if not view.run_dir:
+            return None
+        try:
+            job = RunFolder.open(Path(view.run_dir)).job()
+        except (ValueError, OSError):
+            return None
+        settings = {k: v for k, v in job.to_dict().items() if k != "overwrite"}
+        built = [form[k].value for k in FORM]  # what a fresh page shows, the base the settings go over
+        return fill(settings, f"settings of the last run, `{Path(view.run_dir).name}` (trained on {job.model})",
+                    None, *built)
 
-    return {"on_page_load": on_page_load, "page_outputs": [*view_outputs, data], "on_model_loaded":
-            on_model_loaded, "model_outputs": [model_md, resolution, image_encoder], "lists": lists,
-            "list_outputs": [data, runs]}
+    def on_page_load():
+        view = worker.view()
+        filled = last_run_form(view)
+        values = list(filled) if filled is not None else [gr.skip()] * (len(FORM) + 2)
+        at = FORM.index("data")  # the dataset list is read again, with the run's dataset picked
+        picked = {"value": filled[at]} if filled is not None else {}
+        values[at] = gr.update(choices=dataset_choices(cfg.datasets_dir), **picked)
+        return (*render(view, None), *values)
+
+    return {"on_page_load": on_page_load, "page_outputs": [*view_outputs, *widgets, extra, preset_md],
+            "on_model_loaded": on_model_loaded, "model_outputs": [model_md, resolution, image_encoder],
+            "lists": lists, "list_outputs": [data, runs]}
