@@ -15,6 +15,7 @@ from studio.explorer.syntax import AXIS_TYPES, NONE_VALUE, NOTHING, lora_tags
 from studio.generation import hires, samplers
 from studio.generation.job import RESIZE_MODES, GenerateJob, load_init_image
 from studio.ui import send_to
+from studio.ui.progress import StepProgress
 from studio.ui.state import AppState
 
 AXIS_NAMES = list(AXIS_TYPES)
@@ -236,8 +237,7 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
         cancel.clear()
         progress((0, plan.total_steps), desc=plan.summary(), unit="steps")
 
-        def on_progress(done, total, info):
-            progress((done, total), desc=info, unit="steps")
+        on_progress = StepProgress(progress)  # the bar, with the speed so far and an ETA
 
         try:
             result = runner.run(plan, state.cfg.outputs_dir, on_progress=on_progress, cancel=cancel)

@@ -25,6 +25,7 @@ from studio.ui import (
     send_to,
     upscale_panel,
 )
+from studio.ui.progress import StepProgress
 from studio.ui.state import DEFAULT_PREVIEW_EVERY, AppState
 
 DEMO_BANNER = (
@@ -214,8 +215,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
         cancel.clear()
         progress((0, job.steps * job.batch_count), desc="starting", unit="steps")
 
-        def on_progress(done, total, info):
-            progress((done, total), desc=info, unit="steps")
+        on_progress = StepProgress(progress)  # the bar, with the speed so far and an ETA
 
         every = state.preview_every(request)
         preview = Preview(every, lambda pictures: state.put_preview(

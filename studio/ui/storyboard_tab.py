@@ -41,6 +41,7 @@ from studio.storyboard.export import export_board
 from studio.storyboard.runner import StoryboardRunner
 from studio.ui import hires_panel, inpaint_panel, send_to
 from studio.ui.checked_editor import CheckedImageEditor
+from studio.ui.progress import StepProgress
 from studio.ui.state import AppState
 
 SHOT_COLUMNS = ["shot", "type", "description", "characters / notes", "reference", "seed", "candidates",
@@ -536,8 +537,7 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
         cancel = state.cancel_for(request)  # Stop ends this browser session's run only
         cancel.clear()
 
-        def on_progress(done, total, info):
-            progress((done, total), desc=info, unit="steps")
+        on_progress = StepProgress(progress)  # the bar, with the speed so far and an ETA
 
         try:
             result = runner.run(board, [number] if number else None, only_missing=only_missing,
@@ -590,8 +590,7 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
         cancel = state.cancel_for(request)
         cancel.clear()
 
-        def on_progress(done, total, info):
-            progress((done, total), desc=info, unit="steps")
+        on_progress = StepProgress(progress)  # the bar, with the speed so far and an ETA
 
         try:
             result = how(board, on_progress, cancel)
