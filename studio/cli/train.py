@@ -100,7 +100,8 @@ TRAIN_FLAGS = {"model": "model", "data": "data", "name": "name", "method": "meth
                "caption_prefix": "caption_prefix", "caption_suffix": "caption_suffix", "lr_cycles": "lr_cycles",
                "masked_loss": "masked_loss", "unmasked_weight": "unmasked_weight",
                "bucket_min_side": "bucket_min_side", "bucket_max_side": "bucket_max_side", "bucket_step": "bucket_step",
-               "bucket_no_upscale": "bucket_no_upscale"}
+               "bucket_no_upscale": "bucket_no_upscale", "validation_split": "validation_split",
+               "validate_every": "validate_every"}
 
 
 def train_job_from_args(args):
@@ -178,6 +179,9 @@ def _kind_parser(tsub, kind: str, help_text: str) -> argparse.ArgumentParser:
                    help="weight the loss by each image's NAME.mask.png or alpha channel (kohya --masked_loss)")
     p.add_argument("--unmasked-weight", type=float, metavar="W",
                    help="with --masked-loss: the loss's weight outside the masks (0..1, default 0)")
+    p.add_argument("--validation-split", type=float, metavar="F",
+                   help="hold out this share of the images (0..0.5) and log their loss (kohya --validation_split)")
+    p.add_argument("--validate-every", type=int, metavar="N", help="with --validation-split: every N steps (50)")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps")
     p.add_argument("--preview-every", type=int, help="preview image every N steps (0: none)")
     p.add_argument("--preview-prompt", help="preview prompt; [name] is the output's name")

@@ -4,6 +4,7 @@ and served as a deterministic stream (the same seed gives the same batches, also
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -237,6 +238,22 @@ def load_train_data(folder: Path, resolution: int, repeats: int | None = None,
                      dataset_buckets=bool(training.get("buckets", False)))
 
 
+def split_validation(data: TrainData, fraction: float, seed: int) -> tuple[TrainData, list[TrainImage]]:
+    """Hold out round(fraction x images) of them (at least one when fraction > 0), picked from the seed, for the
+    validation loss (kohya's validation_split): (the data without them, the held-out images in dataset order). At
+    least one image must stay for training."""
+    if fraction <= 0:
+        return data, []
+    n = len(data.images)
+    held = max(1, round(fraction * n))
+    if held >= n:
+        raise ValueError(f"a validation split of {fraction:g} holds out {held} of {n} images and leaves none to train "
+                         "on: use a smaller split or more images")
+    picked = set(np.random.default_rng(rng_seed(seed, STREAM_VALIDATION)).permutation(n)[:held].tolist())
+    kept = [item for i, item in enumerate(data.images) if i not in picked]
+    return dataclasses.replace(data, images=kept), [item for i, item in enumerate(data.images) if i in picked]
+
+
 # --- deterministic randomness ------------------------------------------------------------------------
 
 
@@ -246,6 +263,7 @@ def rng_seed(*parts: int) -> int:
 
 
 STREAM_ORDER, STREAM_BATCH, STREAM_INIT, STREAM_CLASS, STREAM_DROPOUT, STREAM_BUCKETS = 1, 2, 3, 4, 5, 6
+STREAM_VALIDATION = 7
 
 
 def epoch_order(seed: int, epoch: int, n_images: int, repeats: int) -> np.ndarray:

@@ -89,6 +89,10 @@ class TrainJob:
     # weight). Images without a mask count everywhere ---
     masked_loss: bool = False
     unmasked_weight: float = 0.0
+    # --- validation (kohya's validation_split): this fraction of the images is held out of training, and every
+    # `validate_every` steps their loss at fixed noise and timesteps is logged and plotted beside the training loss
+    validation_split: float = 0.0
+    validate_every: int = 50
     # --- optimisation ---
     learning_rate: str = "0.005"  # a number or an A1111 schedule "0.005:100, 1e-3:1000" (LoRA: the UNet's)
     text_encoder_lr: float | None = None  # LoRA with the text encoder: its rate (None: the same as the UNet's)
@@ -218,7 +222,7 @@ class TrainJob:
                 "save_every": (1, 1_000_000), "keep_checkpoints": (1, 1000), "preview_every": (0, 1_000_000),
                 "preview_seed": (0, 2**32 - 1), "preview_steps": (1, 150),
                 "overfit_batches": (0, 1000), "rank": (1, 1024), "class_images": (0, 100_000),
-                "keep_tokens": (0, 1000), "lr_cycles": (1, 100_000)}
+                "keep_tokens": (0, 1000), "lr_cycles": (1, 100_000), "validate_every": (1, 1_000_000)}
         for name, (lo, hi) in ints.items():
             setattr(self, name, whole_number(name.replace("_", " "), getattr(self, name), lo, hi))  # 4.0 is 4
         if self.resolution % 8:
@@ -268,7 +272,7 @@ class TrainJob:
         floats = {"lr_warmup": (0, 1e9), "max_grad_norm": (0, 1e9), "min_snr_gamma": (0, 1e6),
                   "noise_offset": (0, 1), "dropout": (0, 0.99), "prior_loss_weight": (0, 1e6),
                   "ema_decay": (0, 1), "caption_dropout": (0, 1), "tag_dropout": (0, 1),
-                  "unmasked_weight": (0, 1)}
+                  "unmasked_weight": (0, 1), "validation_split": (0, 0.5)}
         for name, (lo, hi) in floats.items():
             real_number(name.replace("_", " "), getattr(self, name), lo, hi)
         if self.alpha is not None and real_number("LoRA alpha (or empty for the rank)", self.alpha) <= 0:
@@ -278,6 +282,9 @@ class TrainJob:
             raise ValueError(f"text encoder learning rate must be positive, got {self.text_encoder_lr!r}")
         if self.lora_targets not in LORA_TARGETS:
             raise ValueError(f"LoRA targets must be one of {', '.join(LORA_TARGETS)}, got {self.lora_targets!r}")
+        if self.validation_split and self.method in ("ti-att", "ti-moe"):
+            raise ValueError("a validation split is for LoRA, fine-tune and standard Textual Inversion runs: the "
+                             "TI-Att and TI-MoE modules read every training image's features")
         for sample in self.samples():  # raises naming the line
             check_prompt_limits(sample.prompt, "sample prompt", limits)
             check_prompt_limits(sample.negative, "sample negative prompt", limits)

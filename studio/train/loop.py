@@ -28,6 +28,7 @@ from studio.models.manager import ModelManager
 from studio.train.data import (
     STREAM_CLASS,
     STREAM_DROPOUT,
+    STREAM_VALIDATION,
     TrainData,
     batch_generator,
     batch_indices,
@@ -35,6 +36,7 @@ from studio.train.data import (
     load_train_data,
     resolve_data_dir,
     rng_seed,
+    split_validation,
 )
 from studio.train.job import METHOD_LABELS, TrainJob, check_train_settings
 from studio.train.masks import latent_mask, loss_weights, weighted_losses
@@ -43,6 +45,7 @@ from studio.train.run_folder import RunFolder
 from studio.train.samples import SamplePrompt
 
 ProgressFn = Callable[[int, int, str], None]
+VALIDATION_DRAWS = 4  # noises and timesteps per held-out image at each validation
 EventFn = Callable[[str, dict], None]  # ("loss" | "preview" | "checkpoint" | "log" | "run" | "done", details)
 
 
@@ -174,6 +177,7 @@ class Trainer:
         self.on_event = on_event or (lambda kind, info: None)
         self.cancel = cancel or threading.Event()
         self.latent_masks: list | None = None  # masked training: per image, [unflipped, flipped] latent masks
+        self.validation: list | None = None  # held-out images: (latents [1, C, h, w], TrainImage)
 
     # --- entry points ---------------------------------------------------------------------------
 
@@ -223,6 +227,11 @@ class Trainer:
         if job.uses_buckets(model.family, data.dataset_buckets) and not data.bucketed:  # SDXL's, a bucket dataset's
             data = load_train_data(data_dir, job.resolution, job.repeats, job.flip_p, buckets=True,
                                    rule=job.bucket_rule())
+        data, held_out = split_validation(data, job.validation_split, job.seed)
+        if held_out:
+            self._log(f"validation: {len(held_out)} images held out of training ("
+                      + ", ".join(item.name for item in held_out[:5]) + (", ..." if len(held_out) > 5 else "")
+                      + f"), their loss every {job.validate_every} steps")
         if data.bucketed:
             self._log("aspect-ratio buckets: " + ", ".join(f"{w}x{h}: {len(members)}"
                                                            for (w, h), members in data.buckets().items()))
@@ -262,6 +271,11 @@ class Trainer:
         self._progress(0, job.max_steps, "encoding training images")
         latents = self._encode_latents([item.image for item in data.images], data.flip_p > 0)
         self.latent_masks = self._latent_masks(data, latents) if job.masked_loss else None
+        self.validation = None
+        if held_out:  # their latents' means (no sampling: the same inputs at every validation)
+            means, _ = self._encode_latents([item.image for item in held_out], False)
+            self.validation = [(means[i][0][None] * self.pipe.vae.config.scaling_factor, item)
+                               for i, item in enumerate(held_out)]
         class_latents = None
         if job.class_images:
             class_images = self._class_images(job, run)
@@ -365,10 +379,14 @@ class Trainer:
                 method.after_step()
                 mean_loss = float(accelerator.reduce(step_loss, reduction="mean"))
                 losses.append(mean_loss)
+                val_loss = None
+                if self.validation and (step % job.validate_every == 0 or step == job.max_steps):
+                    val_loss = self._validation_loss(job, method, noise_scheduler, self.validation)
                 pending_rows.append({"step": step, "loss": f"{mean_loss:.6g}", "lr": f"{rates[0]:.6g}",
                                      "aux_loss": f"{float(step_aux):.6g}" if job.method == "ti-moe" else "",
-                                     "seconds": f"{time.monotonic() - t0:.2f}"})
-                self.on_event("loss", {"step": step, "loss": mean_loss, "lr": rates[0]})
+                                     "seconds": f"{time.monotonic() - t0:.2f}",
+                                     "val_loss": "" if val_loss is None else f"{val_loss:.6g}"})
+                self.on_event("loss", {"step": step, "loss": mean_loss, "lr": rates[0], "val_loss": val_loss})
                 self._progress(step, job.max_steps, self._progress_text(step, *rate_from, job.max_steps,
                                                                         mean_loss))
                 if compiled and step == start_step + 1:
@@ -486,6 +504,27 @@ class Trainer:
                                      encoder_hidden_states=cond.to(self.weight_dtype), **extra).sample
         per_item = weighted_losses(pred, target, part.weights)
         return per_item, timesteps, time_ids
+
+    @torch.no_grad()
+    def _validation_loss(self, job, method, noise_scheduler, validation) -> float:
+        """The held-out images' mean loss, each at VALIDATION_DRAWS noises and timesteps from its own fixed
+        generator, so two validations differ only by what the model learned; modules in eval mode (no dropout)."""
+        modules = [m for m in (self.pipe.unet, *text_encoders(self.pipe)) if m.training]
+        for m in modules:
+            m.eval()
+        try:
+            losses = []
+            for i, (x0, item) in enumerate(validation):
+                g = torch.Generator().manual_seed(rng_seed(job.seed, STREAM_VALIDATION, i))
+                part = LatentBatch(x0.repeat(VALIDATION_DRAWS, 1, 1, 1).to(self.device),
+                                   [method.first_prompt(item.caption)] * VALIDATION_DRAWS,
+                                   [item.time_ids()] * VALIDATION_DRAWS)
+                per_item, _, _ = self._pass_losses(job, method, noise_scheduler, part, g)
+                losses.append(per_item.mean())
+            return float(torch.stack(losses).mean())
+        finally:
+            for m in modules:
+                m.train()
 
     def _sample_latents(self, cache, idx: list[int], flip_p: float, g: torch.Generator
                         ) -> tuple[torch.Tensor, list[int]]:

@@ -24,7 +24,7 @@ from studio.files.pickles import unpickling_refusal
 from studio.train.job import TrainJob, job_from_yaml, job_to_yaml
 
 CONFIG, LOSS, STATUS = "config.yaml", "loss.csv", "status.json"
-LOSS_FIELDS = ("step", "loss", "lr", "aux_loss", "seconds")
+LOSS_FIELDS = ("step", "loss", "lr", "aux_loss", "seconds", "val_loss")  # val_loss: at validation steps only
 CHECKPOINT_RE = re.compile(r"^step-(\d{8})$")
 
 
@@ -95,7 +95,8 @@ class RunFolder:
         for row in csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))):
             try:
                 rows.append({"step": int(row["step"]), "loss": float(row["loss"]), "lr": float(row["lr"] or 0),
-                             "aux_loss": float(row["aux_loss"]) if row.get("aux_loss") else None})
+                             "aux_loss": float(row["aux_loss"]) if row.get("aux_loss") else None,
+                             "val_loss": float(row["val_loss"]) if row.get("val_loss") else None})
             except (TypeError, ValueError, KeyError):
                 continue  # a line cut by a crash
         return rows

@@ -34,6 +34,7 @@ class RunView:
     max_steps: int = 0
     progress: str = ""  # "step 120/1000 · loss 0.1234 · 3.1 steps/s · ETA 4:43"
     losses: list[tuple[int, float]] = field(default_factory=list)
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # the held-out images' loss, when validated
     previews: list[str] = field(default_factory=list)  # image paths, oldest first
     log: list[str] = field(default_factory=list)
     message: str = ""
@@ -61,6 +62,7 @@ def view_from_folder(run: RunFolder, live: bool = False) -> RunView:
     return RunView(state=state, run_dir=str(run.path), name=job.name, method=job.method,
                    step=int(status.get("step", 0)), max_steps=job.max_steps, progress="",
                    losses=[(r["step"], r["loss"]) for r in run.losses()],
+                   val_losses=[(r["step"], r["val_loss"]) for r in run.losses() if r.get("val_loss") is not None],
                    previews=[str(p) for p in run.previews()], log=log, message=message,
                    embedding=status.get("output") or status.get("embedding"))
 
@@ -151,6 +153,7 @@ class TrainingWorker:
             if run_dir is not None:
                 old = view_from_folder(RunFolder(run_dir), live=True)
                 self._view.losses, self._view.previews = old.losses, old.previews
+                self._view.val_losses = old.val_losses
             trainer = Trainer(self.cfg, on_progress=self._on_progress, on_event=self._on_event, cancel=self._cancel)
             self._thread = threading.Thread(target=self._work, args=(work, trainer), name="studio-training",
                                             daemon=True)
@@ -182,6 +185,8 @@ class TrainingWorker:
             view = self._view
             if kind == "loss":
                 view.losses.append((info["step"], info["loss"]))
+                if info.get("val_loss") is not None:
+                    view.val_losses.append((info["step"], info["val_loss"]))
                 view.state = "running"
             elif kind == "preview":
                 view.previews.append(info["path"])
@@ -194,5 +199,5 @@ class TrainingWorker:
 
 
 def _copy(view: RunView) -> RunView:
-    return RunView(**{**view.__dict__, "losses": list(view.losses), "previews": list(view.previews),
-                      "log": list(view.log)})
+    return RunView(**{**view.__dict__, "losses": list(view.losses), "val_losses": list(view.val_losses),
+                      "previews": list(view.previews), "log": list(view.log)})

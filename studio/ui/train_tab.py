@@ -82,15 +82,17 @@ FORM = ("data", "method", "name", "init_word", "vectors", "template", "learning_
         # captions (kohya's caption options; every method: TI shapes its [filewords])
         "shuffle_tags", "keep_tokens", "caption_dropout", "tag_dropout", "caption_prefix", "caption_suffix",
         # masked training (every method)
-        "masked_loss", "unmasked_weight")
+        "masked_loss", "unmasked_weight",
+        # validation
+        "validation_split", "validate_every")
 INT_FIELDS = {"vectors", "batch_size", "grad_accum", "max_steps", "resolution", "seed", "repeats", "heads",
               "experts", "top_k", "save_every", "preview_every", "rank", "class_images", "lr_cycles", "keep_tokens",
-              "lokr_factor"}
+              "lokr_factor", "validate_every"}
 TEXT_FIELDS = {"data", "name", "init_word", "template", "learning_rate", "image_encoder", "preview_prompt",
                "sample_prompts",
                "instance_prompt", "class_prompt", "output", "caption_prefix", "caption_suffix"}
 FLOAT_FIELDS = {"aux_weight", "dropout", "prior_loss_weight", "ema_decay", "max_grad_norm", "min_snr_gamma",
-                "noise_offset", "caption_dropout", "tag_dropout", "unmasked_weight"}
+                "noise_offset", "caption_dropout", "tag_dropout", "unmasked_weight", "validation_split"}
 OPTIONAL_FLOATS = {"alpha": "LoRA alpha", "text_encoder_lr": "text encoder learning rate",
                    "conv_alpha": "conv alpha"}  # empty: None
 OPTIONAL_INTS = {"conv_rank": "conv rank", "bucket_min_side": "bucket min side", "bucket_max_side": "bucket max side",
@@ -282,10 +284,12 @@ def _whole(value, key: str) -> int:
 # --- pure helpers: RunView -> what the tab shows --------------------------------------------------------
 
 
-def loss_frame(losses: list[tuple[int, float]], max_points: int = 1500) -> pd.DataFrame | None:
-    """step / loss / series rows for the plot: every step's loss and a smoothed line (debiased EMA); long runs
-    are thinned to about `max_points` steps so the page stays light. None before the first step: a LinePlot
-    given an empty frame draws no lines for the data that comes later (Gradio 6.31)."""
+def loss_frame(losses: list[tuple[int, float]], max_points: int = 1500,
+               val_losses: list[tuple[int, float]] | None = None) -> pd.DataFrame | None:
+    """step / loss / series rows for the plot: every step's loss and a smoothed line (debiased EMA), and the
+    held-out images' loss where the run validates; long runs are thinned to about `max_points` steps so the page
+    stays light. None before the first step: a LinePlot given an empty frame draws no lines for the data that
+    comes later (Gradio 6.31)."""
     if not losses:
         return None
     rows = []
@@ -297,6 +301,7 @@ def loss_frame(losses: list[tuple[int, float]], max_points: int = 1500) -> pd.Da
         if i % stride == 0 or i == len(losses) - 1:
             rows.append((step, loss, "loss"))
             rows.append((step, ema / weight, "smoothed"))
+    rows += [(step, loss, "validation") for step, loss in (val_losses or [])]
     return pd.DataFrame(rows, columns=["step", "loss", "series"])
 
 
@@ -694,6 +699,14 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
                                             info="kohya's sample-prompt lines: --n negative prompt, --w/--h size, "
                                                  "--d seed, --l CFG scale, --s steps; # starts a comment")
                 with gr.Row():
+                    validation_split = gr.Number(defaults.validation_split, minimum=0, maximum=0.5, step=0.05,
+                                                 min_width=100, label="Validation split (0: none)",
+                                                 elem_id="tr-validation-split",
+                                                 info="this share of the images is kept out of training; their "
+                                                      "loss is plotted beside the training loss")
+                    validate_every = gr.Number(defaults.validate_every, minimum=1, precision=0, min_width=100,
+                                               label="Validate every N steps", elem_id="tr-validate-every")
+                with gr.Row():
                     fmt = gr.Dropdown(list(EMBEDDING_FORMATS), value=defaults.embedding_format,
                                       label="Embedding file format", elem_id="tr-format")
                     overwrite = gr.Checkbox(defaults.overwrite, label=OVERWRITE_LABEL,
@@ -715,7 +728,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
             status = gr.Markdown(status_text(RunView()), elem_id="tr-status")
             progress = gr.HTML(progress_html(RunView()), elem_id="tr-progress")
             plot = gr.LinePlot(None, x="step", y="loss", color="series", title="Training loss",
-                               color_map={"loss": "#9ec5fe", "smoothed": "#1d4ed8"}, height=260,
+                               color_map={"loss": "#9ec5fe", "smoothed": "#1d4ed8", "validation": "#d97706"}, height=260,
                                elem_id="tr-loss-plot")
             previews = gr.Gallery(label="Previews (fixed prompt and seed; newest last)", columns=4, height=280,
                                   object_fit="contain", elem_id="tr-previews", format="png")
@@ -739,7 +752,8 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
             "gradient_checkpointing": checkpointing, "min_snr_gamma": snr, "noise_offset": noise_offset,
             "compile": compile_mode, "lr_cycles": cycles, "shuffle_tags": shuffle_tags, "keep_tokens": keep_tokens,
             "caption_dropout": caption_dropout, "tag_dropout": tag_dropout, "caption_prefix": caption_prefix,
-            "caption_suffix": caption_suffix, "masked_loss": masked_loss, "unmasked_weight": unmasked_weight}
+            "caption_suffix": caption_suffix, "masked_loss": masked_loss, "unmasked_weight": unmasked_weight,
+            "validation_split": validation_split, "validate_every": validate_every}
     widgets = [form[key] for key in FORM]
     networks_outputs = list(networks_outputs)
     view_outputs = [shown, timer, status, progress, plot, previews, log, runs, model_dropdown, *networks_outputs]
@@ -761,7 +775,8 @@ def build(state: AppState, model_dropdown: gr.Dropdown, networks_refresh=None, n
                 gr.Timer(active=view.active) if changed or not before else skip,
                 status_text(view, cfg.models_dir) if now != before else skip,
                 progress_html(view) if now != before else skip,
-                loss_frame(view.losses) if changed or before.get("losses") != now["losses"] else skip,
+                loss_frame(view.losses, val_losses=view.val_losses)
+                if changed or before.get("losses") != now["losses"] else skip,
                 preview_items(view.previews) if changed or before.get("previews") != now["previews"] else skip,
                 log_text(view) if changed or before.get("log") != now["log"] else skip,
                 gr.update(choices=run_choices(worker.runs())) if ended or not before else skip,
