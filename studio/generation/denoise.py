@@ -222,24 +222,38 @@ def regional_attention(unet, regions: tuple):
         unet.set_attn_processor(original)
 
 
+def _each_row(module, args, output):
+    # SDXL's text-time MLP gets a different row per image (pooled text, sizes): run it one row at a time, so
+    # its matmuls take the kernels of a batch of one whatever the pass's batch (the batched output is dropped)
+    sample = args[0]
+    if sample.shape[0] == 1:
+        return output
+    return torch.cat([type(module).forward(module, sample[i : i + 1]) for i in range(sample.shape[0])])
+
+
 @contextmanager
 def batch_invariant_time_embedding(unet):
-    """While active, the UNet's timestep embedding is computed on one row and broadcast over the batch.
+    """While active, the UNet's timestep embedding is computed on one row and broadcast over the batch, and SDXL's
+    text-time embedding row by row.
 
     Only for UNet calls with one timestep for the whole batch (denoise's). A plain SD UNet adds the embedding to
-    each ResNet block's features by broadcasting, so the images are the same; the small matmuls of the MLP are the
-    part of the UNet whose CPU kernels change with the batch size."""
+    each ResNet block's features by broadcasting, so the images are the same; the small matmuls of these MLPs are
+    the part of the UNet whose kernels change with the batch size."""
     if unet is None:
         yield
         return
     config = getattr(unet, "config", {})
     plain = (getattr(unet, "time_embedding", None) is not None and config.get("class_embed_type") is None
-             and config.get("addition_embed_type") is None and config.get("time_cond_proj_dim") is None)
-    handle = unet.time_embedding.register_forward_pre_hook(_first_row) if plain else None
+             and config.get("time_cond_proj_dim") is None)
+    handles = []
+    if plain and config.get("addition_embed_type") in (None, "text_time"):
+        handles.append(unet.time_embedding.register_forward_pre_hook(_first_row))
+    if plain and config.get("addition_embed_type") == "text_time" and getattr(unet, "add_embedding", None) is not None:
+        handles.append(unet.add_embedding.register_forward_hook(_each_row))
     try:
         yield
     finally:
-        if handle is not None:
+        for handle in handles:
             handle.remove()
 
 
