@@ -148,6 +148,10 @@ def test_folder_evaluation_groups_by_prompt_and_matches_the_metric_functions(tmp
     assert report["metrics"]["clip_i"] == pytest.approx(expected_i, abs=1e-5)
     assert {"dino", "fid", "kid_mean", "kid_std"} <= set(report["metrics"])
     assert any("not reliable" in w for w in report["warnings"])  # 4 images are far too few for FID
+    # every score from a demo-tiny encoder says its weights are random (issue 28: CLIP-I 0.96 meant nothing)
+    demo = [w for w in report["warnings"] if "demo-tiny" in w]
+    assert len(demo) == 3 and all("random weights" in w for w in demo)
+    assert any(w.startswith("CLIP-I and CLIP-T") for w in demo) and any(w.startswith("FID and KID") for w in demo)
 
 
 def test_evaluation_refuses_what_it_cannot_do(tmp_path):

@@ -252,9 +252,19 @@ def evaluate_folders(job: EvaluateJob, cache_dir: Path, on_progress: ProgressFn 
             row["caption"] = caption
         report["models"]["captioner"] = job.caption_model
     progress(len(steps), len(steps), "done")
+    report["warnings"] += demo_warnings(report["models"])
     report["per_prompt"] = list(rows.values())
     report["images"] = per_image
     return report
+
+
+def demo_warnings(models: dict) -> list[str]:
+    """A warning for each score made with a built-in demo-tiny encoder: its weights are random, so the number
+    says the pipeline ran, not how good the images are."""
+    labels = {"clip": "CLIP-I and CLIP-T", "dino": "DINO", "fid_features": "FID and KID", "captioner": "the captions"}
+    return [f"{labels.get(kind, kind)} come from demo-tiny, a {kind.replace('_features', '')} model with random "
+            "weights: the numbers only show that scoring works, not how good the images are; choose a real model "
+            "for scores that mean something" for kind, name in models.items() if str(name) == "demo-tiny"]
 
 
 def write_report(report: dict, path: Path) -> Path:
