@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 from pathlib import Path
 
 import gradio as gr
@@ -140,8 +141,18 @@ def test_browser_shot_list_generate_pick_and_export(app, browser, tmp_path):
         number = page.locator(f"{slider} input[type=number]")
         number.fill(value)
         number.press("Enter")
+    # shot 2 is selected while all shots render: it stays selected afterwards (it used to jump back to shot 1)
+    from playwright.sync_api import expect
+
+    shot = page.locator("#sb-shot input")
+    shot.fill("2")
+    shot.press("Enter")
     page.locator("#sb-generate").click()
     page.locator("#sb-status").get_by_text("generated shots: 1, 2").wait_for(timeout=120_000)
+    expect(shot).to_have_value(re.compile(r"^2\b"), timeout=10_000)
+    shot.fill("1")
+    shot.press("Enter")
+    page.locator("#sb-gallery .thumbnail-item").nth(1).wait_for(timeout=30_000)
     page.locator("#sb-gallery .thumbnail-item").nth(1).click()
     page.locator("#sb-status").get_by_text("candidate #1").wait_for(timeout=30_000)
     page.locator("#sb-export").click()

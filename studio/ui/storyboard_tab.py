@@ -529,7 +529,9 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
 
     # generating ----------------------------------------------------------------------------------------------
 
-    def generate(request, name, number, only_missing, *values, progress=gr.Progress()):
+    def generate(request, name, number, only_missing, *values, progress=gr.Progress(), keep=None):
+        """Render shot `number` (or every shot); the shot shown afterwards is `number`, else the one the user had
+        selected (`keep`), else the first rendered."""
         board = from_form(name, *values)
         save(board)
         if state.manager.current is None:
@@ -550,15 +552,16 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
         text = f"generated shots: {done} on {board.model}"
         if result.interrupted or result.message:
             text = f"⚠ {result.message} · {text}"
-        shown = number or (result.shots[0].shot if result.shots else None)
+        numbers = [shot.shot for shot in board.shots]
+        shown = number or (keep if keep in numbers else None) or (result.shots[0].shot if result.shots else None)
         return text, *everything(board, shown)
 
     # `request` first: Gradio passes it only to parameters before *values (it names the browser session)
-    def generate_all(request: gr.Request, name, *values, progress=gr.Progress()):
-        return generate(request, name, None, False, *values, progress=progress)
+    def generate_all(request: gr.Request, name, selected, *values, progress=gr.Progress()):
+        return generate(request, name, None, False, *values, progress=progress, keep=selected)
 
-    def generate_missing(request: gr.Request, name, *values, progress=gr.Progress()):
-        return generate(request, name, None, True, *values, progress=progress)
+    def generate_missing(request: gr.Request, name, selected, *values, progress=gr.Progress()):
+        return generate(request, name, None, True, *values, progress=progress, keep=selected)
 
     def regenerate(request: gr.Request, name, number, *values, progress=gr.Progress()):
         if not number:
@@ -570,10 +573,11 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
 
     gen_outputs = [status, *all_outputs]
     # progress in one place (the status line), not as an overlay over each of the ~25 outputs
-    generate_btn.click(generate_all, [current, *form], gen_outputs, concurrency_id="gpu", concurrency_limit=1,
-                       api_name="storyboard_generate", show_progress_on=status)
-    missing_btn.click(generate_missing, [current, *form], gen_outputs, concurrency_id="gpu", concurrency_limit=1,
-                      api_visibility="private", show_progress_on=status)
+    # the shot the user is looking at stays selected after the run
+    generate_btn.click(generate_all, [current, shot_pick, *form], gen_outputs, concurrency_id="gpu",
+                       concurrency_limit=1, api_name="storyboard_generate", show_progress_on=status)
+    missing_btn.click(generate_missing, [current, shot_pick, *form], gen_outputs, concurrency_id="gpu",
+                      concurrency_limit=1, api_visibility="private", show_progress_on=status)
     regen_btn.click(regenerate, [current, shot_pick, *form], gen_outputs, concurrency_id="gpu", concurrency_limit=1,
                     api_name="storyboard_regenerate", show_progress_on=status)
     stop_btn.click(stop, None, None, concurrency_limit=None, api_visibility="private")
