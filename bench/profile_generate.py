@@ -20,7 +20,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import SDXL_CONFIGS, build_sd15_folder, environment, median, sync, write_report  # noqa: E402
+from bench.common import (  # noqa: E402
+    SDXL_CONFIGS,
+    build_sd15_folder,
+    environment,
+    median,
+    sync,
+    timed,
+    write_report,
+)
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting, highly detailed"
 NEGATIVE = "blurry, lowres"
@@ -143,16 +151,8 @@ def profile(folder: Path, results: dict) -> None:
 
 
 def unet_timing(call, n: int = 30) -> float:
-    for _ in range(3):
-        call()
-    times = []
-    for _ in range(n):
-        sync()
-        t = time.perf_counter()
-        call()
-        sync()
-        times.append(time.perf_counter() - t)
-    return median(times)
+    """Median seconds of `n` calls after three warm-up calls."""
+    return median(timed(call, n, warmup=3))
 
 
 @torch.no_grad()
