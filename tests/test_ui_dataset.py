@@ -145,3 +145,25 @@ def test_tab_views_and_choices_round_trip(tmp_path):
     rows[0][5] = "neither"
     with pytest.raises(gr.Error, match="keep must be a, b or both"):
         tab._apply_dup_rows(curation, rows)
+
+
+def test_size_defaults_follow_the_loaded_model(tmp_path):
+    """Issue 28: with micro (64 px) the defaults 512 / 256 skipped every picture; they follow the model now, at
+    start-up and after a model is loaded from the menu."""
+    from studio.config import StudioConfig
+    from studio.ui import build_ui
+    from studio.ui.dataset_tab import size_defaults
+    from studio.ui.state import AppState
+
+    state = AppState.create(StudioConfig().with_home(tmp_path / "home"))
+    assert size_defaults(state) == (512, 256)  # nothing loaded yet
+    state.manager.load("demo-tiny")
+    native = state.manager.current.native_size
+    assert size_defaults(state) == (native, native // 2)
+    demo = build_ui(state)
+    boxes = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None) in ("ds-size", "ds-min-side")}
+    assert (boxes["ds-size"].value, boxes["ds-min-side"].value) == (native, native // 2)
+    load = next(fn for fn in demo.fns.values() if fn.api_name == "load_model")
+    outputs = dict(zip((getattr(b, "elem_id", None) for b in load.outputs), load.fn("demo-tiny-xl"), strict=True))
+    xl = state.manager.current.native_size
+    assert (outputs["ds-size"], outputs["ds-min-side"]) == (xl, xl // 2)  # the load sets them too

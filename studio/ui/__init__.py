@@ -47,7 +47,7 @@ def build_ui(state: AppState) -> gr.Blocks:
             with gr.Tab("Models", id="models"):
                 models_tab.build(state, model_dd)
             with gr.Tab("Dataset", id="dataset"):
-                dataset_tab.build(state)
+                dataset = dataset_tab.build(state)
             with gr.Tab("Train", id="train") as train_page:
                 train = train_tab.build(state, model_dd, gen["networks_refresh"], gen["networks_outputs"])
             with gr.Tab("Evaluate", id="evaluate"):
@@ -61,10 +61,10 @@ def build_ui(state: AppState) -> gr.Blocks:
                 raise gr.Error(str(e)) from e
             size = model.native_size
             return (banner_text(state), gr.update(value=size), gr.update(value=size),
-                    *gen["networks_refresh"](), *train["on_model_loaded"]())
+                    *gen["networks_refresh"](), *train["on_model_loaded"](), *dataset["on_model_loaded"]())
 
         model_dd.input(load, model_dd, [banner, gen["width"], gen["height"], *gen["networks_outputs"],
-                                        *train["model_outputs"]],
+                                        *train["model_outputs"], *dataset["model_outputs"]],
                        concurrency_id="gpu", concurrency_limit=1, api_name="load_model", show_progress_on=banner)
         # cards are read when the page opens, so files added while the studio runs show up on reload
         demo.load(gen["networks_refresh"], None, gen["networks_outputs"], api_visibility="private")

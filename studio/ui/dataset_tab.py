@@ -27,8 +27,17 @@ GRID_HEADERS = ["image", "file", "keep", "caption", "CLIP score", "note"]
 DUP_HEADERS = ["pair", "A", "B", "kind", "similarity", "keep (a / b / both)"]
 
 
+def size_defaults(state: AppState) -> tuple[int, int]:
+    """(training size, smallest shorter side kept) for the loaded model: its native size and half of it (micro's
+    64-px pictures are not skipped as too small for SD's 512); 512 and 256 with no model loaded."""
+    model = state.manager.current
+    native = model.native_size if model is not None else 512
+    return native, max(8, native // 2)
+
+
 def build(state: AppState):
-    """Lay out the tab and wire it to the engine (studio.dataset)."""
+    """Lay out the tab and wire it to the engine (studio.dataset). Returns its hook for a model load (the size
+    defaults follow the model)."""
     cancel = threading.Event()
     gr.Markdown(INTRO)
     session = gr.State(None)  # this browser tab's ds.Curation
@@ -39,10 +48,11 @@ def build(state: AppState):
             upload = gr.File(label="…or upload images, captions (.txt) or a .zip", file_count="multiple",
                              elem_id="ds-upload", height=120)
         with gr.Column(scale=2):
+            native, smallest = size_defaults(state)
             with gr.Row():
-                size = gr.Number(value=512, precision=0, elem_id="ds-size",
-                                 label="Training size (512: SD 1.x, 768: SD 2.x 768-v)")
-                min_side = gr.Number(value=256, precision=0, label="Skip images whose shorter side is below",
+                size = gr.Number(value=native, precision=0, elem_id="ds-size",
+                                 label="Training size (the loaded model's native size; 512: SD 1.x, 1024: SDXL)")
+                min_side = gr.Number(value=smallest, precision=0, label="Skip images whose shorter side is below",
                                      elem_id="ds-min-side")
             crop = gr.Radio([(CROP_HELP[m], m) for m in CROP_MODES], value="center", label="Crop",
                             elem_id="ds-crop")
@@ -279,7 +289,7 @@ def build(state: AppState):
     save_btn.click(do_save,
                    [session, grid, dup_table, name, repeats, flip, flip_p, drop_low, threshold, kohya, replace_ds],
                    [session, *views, saved, replace_ds], show_progress_on=summary, api_visibility="private")
-    return {"session": session}
+    return {"session": session, "on_model_loaded": lambda: size_defaults(state), "model_outputs": [size, min_side]}
 
 
 # --- views: pure functions of a Curation -------------------------------------------------------------
