@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -427,6 +428,9 @@ class Trainer:
                 self._card_picture(run, step, output)
                 if state == "finished":
                     message = f"finished {step} steps; saved {output.name}"
+                    moved = preview_change(run.preview_path(0), run.preview_path(step))
+                    if moved is not None:
+                        message += "; " + moved_note(moved)
                 else:
                     message += f"; the result of step {step} is saved as {output.name} (resume to continue)"
             run.write_status(state=state, step=step, max_steps=job.max_steps, method=job.method, name=job.name,
@@ -724,6 +728,30 @@ def _training_scheduler(pipe, prediction_type: str):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+
+
+BARELY_MOVED = 3.0  # mean levels of 255: below this the result hardly changed the preview
+
+
+def preview_change(first: Path, last: Path) -> float | None:
+    """How far training moved the preview: the mean absolute pixel difference (0..255) between the step-0
+    preview (the untrained model) and the last one; None without both."""
+    if first == last or not first.is_file() or not last.is_file():
+        return None
+    with Image.open(first) as a, Image.open(last) as b:
+        if a.size != b.size:
+            return None
+        return float(np.abs(np.asarray(a.convert("RGB"), dtype=np.float32)
+                            - np.asarray(b.convert("RGB"), dtype=np.float32)).mean())
+
+
+def moved_note(change: float) -> str:
+    """What the preview's change says: how far the result moved the model, and what to try when it barely did."""
+    note = f"it changed the preview by {change:.1f}/255 on average from the untrained model's"
+    if change < BARELY_MOVED:
+        note += (" - barely: the result is close to the base model; train more steps or raise the learning "
+                 "rate")
+    return note
 
 
 def _clock(seconds: float) -> str:
