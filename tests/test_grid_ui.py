@@ -64,3 +64,16 @@ def test_helpers_fill_value_lists(state):
     assert explorer_tab.helper_choices(state, "Seed") is None
     html = explorer_tab.zoom_html("/tmp/x grid.png", 300, 200)
     assert "width:600px" in html and "pixelated" in html and "/gradio_api/file=/tmp/x grid.png" in html
+
+
+def test_the_explorer_can_take_the_generate_tab_s_prompt(state):
+    """Issue 28: the Explorer's prompt was separate from Generate's; one button copies both prompts over."""
+    from studio.ui import build_ui
+
+    demo = build_ui(state)
+    take = next(fn for fn in demo.fns.values()
+                if any(getattr(demo.blocks.get(target), "elem_id", None) == "explorer-take-prompt"
+                       for target, _ in fn.targets))
+    assert [b.elem_id for b in take.inputs] == ["prompt", "negative-prompt"]
+    assert [b.elem_id for b in take.outputs] == ["explorer-prompt", "explorer-negative"]
+    assert take.fn("a castle at dusk", "blurry") == ("a castle at dusk", "blurry")

@@ -123,6 +123,11 @@ def build(state: AppState, gen: dict | None = None, tabs: gr.Tabs | None = None)
         with gr.Column(scale=1, min_width=160):
             run_btn = gr.Button("Run grid", variant="primary", elem_id="explorer-run")
             stop_btn = gr.Button("Stop", variant="stop", elem_id="explorer-stop")
+            take_btn = gr.Button("Take Generate's prompt", size="sm", elem_id="explorer-take-prompt",
+                                 visible=gen is not None and "prompt" in gen)
+    if gen is not None and "prompt" in gen:  # the prompts typed in the Generate tab, copied here
+        take_btn.click(lambda p, n: (p, n), [gen["prompt"], gen["negative"]], [prompt, negative],
+                       api_visibility="private", show_progress="hidden")
     with gr.Row():
         with gr.Column(scale=2):
             with gr.Accordion("Settings of every cell (the axes change some of them)", open=False):

@@ -432,7 +432,7 @@ def build(state: AppState, model_dropdown: gr.Dropdown):
     png_in.change(read_png, png_in, [prompt, negative, sampler, schedule, steps, cfg_scale, seed, width, height,
                                      clip_skip, strength, *pasted, png_text, png_preview], api_visibility="private")
 
-    return {"width": width, "height": height, "gallery": gallery, "upscale": upscale, "inpaint": inpaint,
+    return {"prompt": prompt, "negative": negative, "width": width, "height": height, "gallery": gallery, "upscale": upscale, "inpaint": inpaint,
             "hires": hires_fix, "selected": selected, "vae": vae, "networks_refresh": networks_refresh,
             "networks_outputs": networks_outputs, "png_info": png_in, "png_accordion": png_acc,
             "init_image": init_in, "img2img_accordion": img2img_acc, "control": control,
