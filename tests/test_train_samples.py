@@ -27,6 +27,8 @@ def test_kohya_lines_with_options_and_defaults():
     first, second = parse_sample_prompts(text, DEFAULTS)
     assert first == SamplePrompt("a castle at dusk", "blurry, lowres", 96, 128, 42, 5.5, 12)
     assert second == SamplePrompt("a portrait of a cat", "", 64, 64, 7, 7.0, 20)
+    # a kohya file naming its sampler (--ss) loads; the previews keep their own sampler
+    assert parse_sample_prompts("a cat --ss euler_a --d 3", DEFAULTS) == [SamplePrompt("a cat", "", 64, 64, 3, 7.0, 20)]
     assert parse_sample_prompts("", DEFAULTS) == [] and parse_sample_prompts("# only a comment", DEFAULTS) == []
     # an option's value runs to the next option: commas and dashes inside prompts stay
     (line,) = parse_sample_prompts("well-lit, high-key photo --n semi-transparent, over-exposed", DEFAULTS)

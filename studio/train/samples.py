@@ -10,6 +10,7 @@ from dataclasses import dataclass
 MAX_SAMPLES = 16  # lines per preview: each costs a full sampling pass
 OPTION = re.compile(r"\s--([a-z]+)\s+")
 KNOWN = {"n": "negative prompt", "w": "width", "h": "height", "d": "seed", "l": "CFG scale", "s": "steps"}
+IGNORED = {"ss"}  # kohya's sampler option: read and left out, previews use DPM++ 2M Karras (a shared file still loads)
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ def parse_line(line: str, line_no: int, defaults: SamplePrompt) -> SamplePrompt:
     """One kohya sample line: the prompt, then `--key value` options (a value runs to the next option)."""
     parts = OPTION.split(" " + line.strip())
     prompt, values = parts[0].strip(), dict(zip(parts[1::2], (v.strip() for v in parts[2::2]), strict=True))
-    unknown = sorted(set(values) - set(KNOWN))
+    unknown = sorted(set(values) - set(KNOWN) - IGNORED)
     if unknown:
         raise ValueError(f"sample prompt line {line_no}: unknown option --{unknown[0]} (known: "
                          + ", ".join(f"--{k} {v}" for k, v in KNOWN.items()) + ")")
