@@ -66,10 +66,13 @@ def test_masks_are_paired_with_their_images_cropped_like_them_or_read_from_alpha
     clear.putalpha(half_mask((64, 64), left=False))
     clear.save(folder / "clear.png")
     Image.new("RGB", (64, 64), (10, 200, 10)).save(folder / "plain.png")
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(folder / "onetrainer.png")
+    half_mask((64, 64)).save(folder / "onetrainer-masklabel.png")  # OneTrainer's mask name
     Image.new("L", (32, 16), 255).save(folder / "plain-small.mask.png")  # no image of that name: ignored
     data = load_train_data(folder, 32)
     by_name = {item.name.split("/")[-1]: item for item in data.images}
-    assert sorted(by_name) == ["clear.png", "plain.png", "wide.png"]  # masks are not training images
+    assert sorted(by_name) == ["clear.png", "onetrainer.png", "plain.png", "wide.png"]  # masks are not images
+    assert np.array_equal(np.asarray(by_name["onetrainer.png"].mask) > 127, np.asarray(half_mask((32, 32))) > 127)
     assert by_name["plain.png"].mask is None
     assert by_name["wide.png"].mask.size == (32, 32)  # centre-cropped and scaled as the image was
     assert np.array_equal(np.asarray(by_name["wide.png"].mask) > 127, np.asarray(half_mask((32, 32))) > 127)

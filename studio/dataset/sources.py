@@ -25,17 +25,19 @@ DATASET_FILES = ("metadata.jsonl", "dataset.json", "report.json")
 KOHYA_DIR = re.compile(r"^(\d+)_(.+)$")
 
 
-MASK_SUFFIX = ".mask"  # cat.png's mask is cat.mask.png (any image type)
+# cat.png's mask: cat.mask.png, or OneTrainer's cat-masklabel.png (any image type)
+MASK_SUFFIXES = (".mask", "-masklabel")
 
 
 def is_mask_name(stem: str) -> bool:
-    """Whether a file stem names a mask (`cat.mask`), not a training image."""
-    return stem.lower().endswith(MASK_SUFFIX)
+    """Whether a file stem names a mask (`cat.mask`, `cat-masklabel`), not a training image."""
+    return stem.lower().endswith(MASK_SUFFIXES)
 
 
 def image_stem_of_mask(stem: str) -> str:
     """The stem of the image a mask belongs to (`photos/cat.mask` -> `photos/cat`)."""
-    return stem[: -len(MASK_SUFFIX)]
+    suffix = next(x for x in MASK_SUFFIXES if stem.lower().endswith(x))
+    return stem[: -len(suffix)]
 
 
 def scan_inputs(inputs: Iterable[Path | str], max_bytes: int) -> list[tuple[Source, str]]:
